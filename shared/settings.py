@@ -1,0 +1,150 @@
+"""All configuration, read from `KILN_*` environment variables (and `.env`).
+
+Groups are nested models; `KILN_<GROUP>_<FIELD>` sets a field, e.g. `KILN_DATABASE_URL`,
+`KILN_LIMITS_GENERATIONS_PER_HOUR`. Nothing here connects to anything.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "kiln-embedded-insecure-secret-key"  # noqa: S105 - refused outside embedded mode
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). Empty: embedded server under var/.",
+    )
+    pool_size: int = Field(default=10, description="Connections kept open per process.")
+    max_overflow: int = Field(default=10, description="Extra connections allowed under burst.")
+    statement_timeout_ms: int = Field(default=10_000, description="Server-side timeout per statement.")
+
+
+class RedisSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="Redis URL for broker, rate limits and pub/sub. Empty: embedded server under var/.",
+    )
+    broker_url: str | None = Field(default=None, description="Celery broker URL if not the Redis above.")
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local", "s3"] = Field(default="local", description="`local` directory or `s3`.")
+    local_dir: Path = Field(default=Path("var/storage"), description="Directory for the local backend.")
+    s3_bucket: str = Field(default="kiln", description="Bucket for the s3 backend (created if missing).")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, R2); empty: AWS.")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key (else boto3's chain).")
+    s3_secret_access_key: str | None = Field(default=None, description="S3 secret key.")
+    public_base_url: str | None = Field(
+        default=None,
+        description="If set, storageUrl is this + object key (public bucket or CDN); else an API URL.",
+    )
+
+
+class ServerSettings(BaseModel):
+    host: str = Field(default="127.0.0.1", description="API bind address.")
+    port: int = Field(default=8000, description="API port.")
+    workers: int = Field(default=1, description="API server processes.")
+    public_url: str | None = Field(
+        default=None, description="Base URL clients reach the API at (for image URLs). Default: http://host:port."
+    )
+    max_body_bytes: int = Field(default=1_048_576, description="Largest JSON body accepted (413 above).")
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+class LimitSettings(BaseModel):
+    generations_per_hour: int = Field(default=100, description="Generation budget per API key per hour.")
+    reads_per_hour: int = Field(default=6000, description="Read (poll/list) budget per API key per hour.")
+    max_in_flight_per_project: int = Field(
+        default=100, description="Pending+processing generations per project (0: no cap)."
+    )
+
+
+class GenerationSettings(BaseModel):
+    default_provider: str = Field(default="placeholder", description="Provider used when none is chosen.")
+    deadline_seconds: int = Field(default=3600, description="A generation not finished by then fails.")
+    lease_seconds: int = Field(default=60, description="A worker's claim on a job; renewed while it runs.")
+    max_attempts: int = Field(default=3, description="Worker attempts (claims) before a job fails.")
+    provider_timeout_seconds: float = Field(default=120.0, description="Timeout of one provider call.")
+    provider_retries: int = Field(default=3, description="Retries of retryable provider errors per attempt.")
+    retry_max_wait_seconds: float = Field(default=30.0, description="Longest wait between provider retries.")
+
+
+class WorkerSettings(BaseModel):
+    concurrency: int = Field(default=2, description="Celery worker processes.")
+    queue: str = Field(default="kiln.generations", description="Queue generation tasks go to.")
+    sweep_interval_seconds: float = Field(default=5.0, description="How often the sweeper runs.")
+    requeue_after_seconds: float = Field(
+        default=10.0, description="A pending job not picked up for this long is re-enqueued."
+    )
+
+
+class EmbeddedSettings(BaseModel):
+    data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
+    postgres_port: int = Field(default=54329, description="TCP port of the embedded PostgreSQL.")
+    redis_port: int = Field(default=63799, description="TCP port of the embedded Redis.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KILN_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        env_file=".env",
+        extra="ignore",
+    )
+
+    mode: Literal["embedded", "production"] = Field(
+        default="embedded", description="`production` refuses default secrets."
+    )
+    secret_key: str = Field(default=DEFAULT_SECRET_KEY, description="Secret for encryption and tokens.")
+    log_level: str = Field(default="INFO", description="Log level.")
+    log_json: bool = Field(default=False, description="JSON logs (else readable console lines).")
+    database: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    storage: StorageSettings = StorageSettings()
+    server: ServerSettings = ServerSettings()
+    limits: LimitSettings = LimitSettings()
+    generation: GenerationSettings = GenerationSettings()
+    worker: WorkerSettings = WorkerSettings()
+    embedded: EmbeddedSettings = EmbeddedSettings()
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.mode == "production" and self.secret_key == DEFAULT_SECRET_KEY:
+            raise ValueError("KILN_SECRET_KEY must be set to a real secret when KILN_MODE=production")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        url = self.redis.broker_url or self.redis.url
+        if not url:
+            raise RuntimeError("no broker: set KILN_REDIS_URL (or run `kiln dev` for the embedded one)")
+        return url
+
+    @property
+    def database_url(self) -> str:
+        if not self.database.url:
+            raise RuntimeError("no database: set KILN_DATABASE_URL (or run `kiln dev` for the embedded one)")
+        return self.database.url
+
+    @property
+    def redis_url(self) -> str:
+        if not self.redis.url:
+            raise RuntimeError("no Redis: set KILN_REDIS_URL (or run `kiln dev` for the embedded one)")
+        return self.redis.url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
