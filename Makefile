@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format migrate bench install clean
+
+$(UV):
+	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+install: $(VENV)/.installed
+
+## Start the whole platform (embedded PostgreSQL + Redis unless KILN_DATABASE_URL / KILN_REDIS_URL are set).
+run: install
+	$(VENV)/bin/kiln dev
+
+## The whole test suite: unit, integration on real services, end-to-end with real processes.
+test: install
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check api worker shared tests
+	$(VENV)/bin/ruff format --check api worker shared tests
+	$(VENV)/bin/mypy api worker shared
+
+format: install
+	$(VENV)/bin/ruff check --fix api worker shared tests
+	$(VENV)/bin/ruff format api worker shared tests
+
+## Apply migrations to KILN_DATABASE_URL.
+migrate: install
+	$(VENV)/bin/kiln migrate
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

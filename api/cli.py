@@ -1,0 +1,352 @@
+"""The `kiln` command: the embedded platform (`kiln dev`), production processes, admin, and a client.
+
+Server commands exec the real server process (uvicorn / celery) so signals reach it directly.
+The worker is only ever started as a process by command line: api never imports worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from shared.settings import Settings, get_settings
+
+app = typer.Typer(help="Kiln: self-hostable image generation. `kiln dev` starts everything.", no_args_is_help=True)
+projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(projects_app, name="projects")
+app.add_typer(keys_app, name="keys")
+
+T = TypeVar("T")
+DEMO_PROJECT_SLUG = "demo"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic's message names the bad KILN_* variable
+        raise _fail(f"bad configuration: {exc}") from exc
+
+
+def _exec(argv: list[str]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)  # noqa: S606 - replace this process with the server
+
+
+# --- production processes -------------------------------------------------------------------
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (KILN_SERVER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (KILN_SERVER_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes (KILN_SERVER_WORKERS).")] = None,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    s = _settings()
+    _exec([
+        sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+        "--host", host or s.server.host, "--port", str(port or s.server.port),
+        "--workers", str(workers or s.server.workers),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
+    ])
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Processes (KILN_WORKER_CONCURRENCY).")] = None,
+    queues: Annotated[str | None, typer.Option(help="Comma list of queues (default KILN_WORKER_QUEUE).")] = None,
+) -> None:
+    """Run a Celery worker for generation jobs."""
+    s = _settings()
+    _exec([
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", queues or s.worker.queue, "-c", str(concurrency or s.worker.concurrency),
+        "--loglevel", s.log_level, "--without-gossip", "--without-mingle",
+    ])
+
+
+@app.command()
+def beat() -> None:
+    """Run the Celery beat scheduler (the sweeper). Run exactly one per deployment."""
+    s = _settings()
+    schedule = s.embedded.data_dir / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    _exec([sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "-s", str(schedule),
+           "--loglevel", s.log_level])
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (Alembic) up to the newest."""
+    from shared.migrations import migrate as run_migrations  # noqa: PLC0415
+
+    run_migrations(_settings().database_url)
+    typer.echo("database is up to date")
+
+
+# --- admin: the same service functions the admin API uses ---------------------------------
+
+
+def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(session)` in one transaction against the configured database."""
+    from shared.db import create_engine, create_sessionmaker, transaction  # noqa: PLC0415
+
+    async def main() -> T:
+        engine = create_engine(_settings(), pool_size=1)
+        try:
+            async with transaction(create_sessionmaker(engine)) as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+async def _project_by_ref(session: Any, ref: str) -> Any:
+    from sqlmodel import select  # noqa: PLC0415
+
+    from shared.models import Project  # noqa: PLC0415
+
+    try:
+        condition = Project.id == uuid.UUID(ref)  # type: ignore[arg-type]
+    except ValueError:
+        condition = Project.slug == ref  # type: ignore[arg-type]
+    project = (await session.execute(select(Project).where(condition))).scalar_one_or_none()
+    if project is None:
+        raise _fail(f"no project {ref!r}: see `kiln projects list`")
+    return project
+
+
+def _echo(data: Any, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(data, default=str) if as_json else text)
+
+
+@projects_app.command("create")
+def projects_create(
+    name: str,
+    slug: Annotated[str | None, typer.Option(help="URL-safe short name (default: from the name).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a project."""
+    from api.admin.service import create_project  # noqa: PLC0415
+
+    project = _run_db(lambda s: create_project(s, name, slug))
+    _echo({"id": project.id, "name": project.name, "slug": project.slug}, as_json,
+          f"project {project.slug} created: {project.id}")
+
+
+@projects_app.command("list")
+def projects_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List projects."""
+    from api.admin.service import list_projects  # noqa: PLC0415
+
+    projects = _run_db(list_projects)
+    rows = [{"id": p.id, "name": p.name, "slug": p.slug} for p in projects]
+    _echo(rows, as_json, "\n".join(f"{p.id}  {p.slug}  {p.name}" for p in projects) or "no projects")
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[str | None, typer.Option(help="Project id or slug (omit with --admin).")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="An admin key (manages projects and keys).")] = False,
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    generations_per_hour: Annotated[int | None, typer.Option(help="Override the generation budget.")] = None,
+    reads_per_hour: Annotated[int | None, typer.Option(help="Override the read budget.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create an API key. The key is printed once and never stored."""
+    from api.admin.service import create_api_key  # noqa: PLC0415
+    from shared.models import ApiKeyKind  # noqa: PLC0415
+
+    if admin == (project is not None):
+        raise _fail("give either --project <id|slug> or --admin")
+
+    async def work(session: Any) -> tuple[Any, str]:
+        project_id = (await _project_by_ref(session, project)).id if project else None
+        kind = ApiKeyKind.ADMIN if admin else ApiKeyKind.PROJECT
+        return await create_api_key(session, project_id, kind, name, generations_per_hour, reads_per_hour)
+
+    key, plain = _run_db(work)
+    _echo({"id": key.id, "key": plain, "prefix": key.prefix, "kind": key.kind, "projectId": key.project_id},
+          as_json, f"{plain}\n(key id {key.id}; shown once, store it now)")
+
+
+@keys_app.command("list")
+def keys_list(
+    project: Annotated[str, typer.Option(help="Project id or slug.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List a project's keys (prefixes only)."""
+    from api.admin.service import list_api_keys  # noqa: PLC0415
+
+    async def work(session: Any) -> list[Any]:
+        return list(await list_api_keys(session, (await _project_by_ref(session, project)).id))
+
+    keys = _run_db(work)
+    rows = [{"id": k.id, "prefix": k.prefix, "name": k.name, "revokedAt": k.revoked_at} for k in keys]
+    _echo(rows, as_json, "\n".join(
+        f"{k.id}  {k.prefix}…  {k.name or '-'}  {'revoked' if k.revoked_at else 'active'}" for k in keys
+    ) or "no keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key: it answers 401 at once."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from api.admin.service import revoke_api_key  # noqa: PLC0415
+    from api.security.auth import invalidate_cached_key  # noqa: PLC0415
+    from shared.errors import NotFound  # noqa: PLC0415
+
+    try:
+        kid = uuid.UUID(key_id)
+    except ValueError as exc:
+        raise _fail(f"{key_id!r} is not a key id (see `kiln keys list`)") from exc
+    try:
+        key = _run_db(lambda s: revoke_api_key(s, kid))
+    except NotFound as exc:
+        raise _fail(f"no key {key_id}") from exc
+
+    async def invalidate() -> None:
+        client = aioredis.Redis.from_url(_settings().redis_url)
+        try:
+            await invalidate_cached_key(client, key.digest)
+        finally:
+            await client.aclose()
+
+    asyncio.run(invalidate())
+    typer.echo(f"key {key.prefix}… revoked")
+
+
+# --- client ---------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: str,
+    aspect_ratio: Annotated[str, typer.Option("--aspect-ratio", "-a")] = "1:1",
+    template: Annotated[str, typer.Option(help="Enhancement template.")] = "general",
+    enhance: Annotated[bool, typer.Option("--enhance/--no-enhance", help="Prompt enhancement.")] = True,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the result and save it.")] = True,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to save the image.")] = None,
+    parameters: Annotated[str | None, typer.Option(help="Provider parameters as JSON.")] = None,
+    url: Annotated[str | None, typer.Option(envvar="KILN_API_URL", help="API base URL.")] = None,
+    key: Annotated[str | None, typer.Option(envvar="KILN_API_KEY", help="Project API key.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 600,
+) -> None:
+    """Create a generation; with --wait, show progress until it finishes and save the image."""
+    import httpx  # noqa: PLC0415
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console(stderr=True)
+    base = (url or _settings().server.base_url).rstrip("/")
+    if not key:
+        raise _fail("no API key: pass --key or set KILN_API_KEY (`kiln dev` prints a demo key)")
+    body: dict[str, Any] = {"prompt": prompt, "aspectRatio": aspect_ratio, "autoEnhance": enhance,
+                            "enhancementOptions": {"template": template}}
+    if parameters:
+        try:
+            body["parameters"] = json.loads(parameters)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"--parameters is not JSON: {exc}") from exc
+    with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=30) as http:
+        try:
+            created = http.post("/api/v1/generations", json=body)
+        except httpx.HTTPError as exc:
+            raise _fail(f"cannot reach {base}: {exc} (is `kiln dev` or `kiln api` running?)") from exc
+        if created.status_code != 201:
+            raise _fail(_describe_error(created))
+        record = created.json()["data"]
+        console.print(f"generation [bold]{record['id']}[/] {record['status']}: {record['prompt'][:100]}")
+        if not wait:
+            typer.echo(json.dumps(record))
+            return
+        record = _poll_with_progress(http, record, timeout, console)
+        if record["status"] != "success":
+            raise _fail(f"generation {record['status']}: {record.get('errorCode')}: {record.get('errorMessage')}")
+        image = record["outputImage"]
+        content = http.get(image["storageUrl"])
+        if content.status_code != 200:
+            content = http.get(image["publicUrl"])
+        ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(image["mimeType"], "img")
+        target = output or Path(f"kiln-{record['id']}.{ext}")
+        target.write_bytes(content.content)
+        console.print(f"saved {target} ({image['width']}x{image['height']}, {image['fileSize']} bytes) "
+                      f"in {record.get('processingTimeMs')} ms")
+        typer.echo(str(target))
+
+
+def _describe_error(response: Any) -> str:
+    try:
+        err = response.json()["error"]
+        details = "; ".join(f"{d['field']}: {d['message']}" for d in err.get("details") or [])
+        return f"{response.status_code} {err['code']}: {err['message']}" + (f" ({details})" if details else "")
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code}: {response.text[:200]}"
+
+
+def _poll_with_progress(http: Any, record: dict[str, Any], timeout: float, console: Any) -> dict[str, Any]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(record["status"])
+        while record["status"] in ("pending", "processing"):
+            if time.monotonic() > deadline:
+                raise _fail(f"still {record['status']} after {timeout:.0f}s; poll GET /api/v1/generations/{record['id']}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+            response = http.get(f"/api/v1/generations/{record['id']}")
+            if response.status_code == 429:
+                time.sleep(float(response.headers.get("Retry-After", "5")))
+                continue
+            if response.status_code != 200:
+                raise _fail(_describe_error(response))
+            record = response.json()["data"]
+            retries = f", {record['retryCount']} retries" if record.get("retryCount") else ""
+            progress.update(task, description=f"{record['status']}{retries}")
+    return record
+
+
+# --- the embedded platform ------------------------------------------------------------------
+
+
+@app.command()
+def dev(
+    host: Annotated[str | None, typer.Option(help="API bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="API port.")] = None,
+) -> None:
+    """Start everything: PostgreSQL + Redis (embedded unless KILN_DATABASE_URL / KILN_REDIS_URL are
+    set), migrations, a demo project and key, the API, a worker and beat. Ctrl-C stops it all."""
+    from api.dev import run_dev  # noqa: PLC0415
+
+    raise typer.Exit(run_dev(_settings(), host=host, port=port))
+
+
+def main() -> None:
+    # Children of `kiln dev` get SIGTERM; make it behave like Ctrl-C for the parent's cleanup.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    app()
+
+
+if __name__ == "__main__":
+    main()

