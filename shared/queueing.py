@@ -18,7 +18,9 @@ SWEEP_TASK = "kiln.sweep"
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
-    task_time_limit = int(settings.generation.provider_timeout_seconds * (settings.generation.provider_retries + 1)) + 60
+    g = settings.generation
+    # Every provider try may take the full timeout, plus the waits between tries, plus storage.
+    task_time_limit = int(g.provider_timeout_seconds * (g.provider_retries + 1) + g.retry_max_wait_seconds * g.provider_retries) + 60
     return {
         "broker_url": settings.broker_url,
         "task_default_queue": settings.worker.queue,

@@ -1,0 +1,59 @@
+"""Generation status events on Redis pub/sub: the worker publishes, the API long-polls / streams SSE.
+
+Events are a latency optimisation, never the source of truth: a lost event costs a client one extra
+poll of the database, so publishing is best-effort and never fails the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def generation_channel(generation_id: uuid.UUID | str) -> str:
+    return f"kiln:generation:{generation_id}"
+
+
+def api_timestamp(value: datetime) -> str:
+    """ISO 8601 UTC with milliseconds, as the API writes times: 2025-11-28T10:00:00.000Z."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def status_event(
+    generation_id: uuid.UUID | str, project_id: uuid.UUID | str, status: str, updated_at: datetime
+) -> str:
+    return json.dumps(
+        {
+            "id": str(generation_id),
+            "projectId": str(project_id),
+            "status": status,
+            "updatedAt": api_timestamp(updated_at),
+        },
+        separators=(",", ":"),
+    )
+
+
+async def publish_status(
+    redis: aioredis.Redis,
+    generation_id: uuid.UUID | str,
+    project_id: uuid.UUID | str,
+    status: str,
+    updated_at: datetime,
+) -> None:
+    """Publish `{"id","projectId","status","updatedAt"}` on the generation's channel; never raises."""
+    try:
+        await redis.publish(
+            generation_channel(generation_id), status_event(generation_id, project_id, status, updated_at)
+        )
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "status event not published", generation_id=str(generation_id), status=status, error=str(exc)
+        )

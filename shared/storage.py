@@ -1,0 +1,408 @@
+"""Object storage for originals and thumbnails: a local directory or any S3-compatible service.
+
+Both backends behave the same (one test suite runs against both). Keys are `/`-separated relative
+names; both backends refuse the same unsafe keys so a key that works locally works on S3 and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import quote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+_TMP_PREFIX = ".kiln-tmp-"  # local temp files; keys may not use it, list_keys skips it
+_S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
+
+
+class ObjectMissing(KeyError):
+    """No object under this key."""
+
+
+class ObjectStorage(Protocol):
+    async def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, keys: Sequence[str]) -> None: ...
+
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def list_keys(self, prefix: str) -> list[str]: ...
+
+    async def ping(self) -> None: ...
+
+    def direct_url(self, key: str) -> str | None: ...
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape the root or mean different objects on different backends."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("storage key must be a non-empty string")
+    _check_path_text(key, "key")
+    if key.endswith("/"):
+        raise ValueError(f"storage key must not end with '/': {key!r}")
+    return key
+
+
+def _is_valid_key(key: str) -> bool:
+    """False for files someone else put under the root with names no key can have."""
+    try:
+        validate_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_prefix(prefix: str) -> str:
+    """Like a key, but may be empty (everything) or end with '/'."""
+    if prefix:
+        _check_path_text(prefix.removesuffix("/"), "prefix")
+    return prefix
+
+
+def _check_path_text(text: str, what: str) -> None:
+    if "\x00" in text or "\\" in text:
+        raise ValueError(f"storage {what} must not contain NUL or backslash: {text!r}")
+    if text.startswith("/"):
+        raise ValueError(f"storage {what} must be relative: {text!r}")
+    for part in text.split("/"):
+        # Empty and "." segments would be normalized away on disk but not on S3: refuse both.
+        if part in ("", ".", ".."):
+            raise ValueError(f"storage {what} has an empty, '.' or '..' segment: {text!r}")
+        if part.startswith(_TMP_PREFIX):
+            raise ValueError(f"storage {what} segments must not start with {_TMP_PREFIX!r}: {text!r}")
+
+
+def _join_url(base: str | None, key: str) -> str | None:
+    if not base:
+        return None
+    return base.rstrip("/") + "/" + quote(key, safe="/~")
+
+
+# --- local directory --------------------------------------------------------------------------
+
+
+class LocalStorage:
+    """Files under `root`. Writes are atomic (temp file + os.replace): a reader never sees half a file."""
+
+    def __init__(self, root: Path, public_base_url: str | None = None) -> None:
+        self.root = Path(root)
+        self.public_base_url = public_base_url
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        # The content type is not kept on disk: the database row holds the mime type.
+        await asyncio.to_thread(self._put, self._path(key), data)
+
+    def _put(self, path: Path, data: bytes) -> None:
+        for attempt in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+                break
+            except FileNotFoundError:
+                # A concurrent delete pruned a directory of this path while we made it: again.
+                if attempt == 2:
+                    raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the row that points here is committed after: the bytes must be on disk
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a web server in front may need to read it
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectMissing(key) from None
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).is_file)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        paths = [self._path(k) for k in keys]  # validate all before deleting any
+        await asyncio.to_thread(self._delete_paths, paths)
+
+    def _delete_paths(self, paths: Sequence[Path]) -> int:
+        deleted = 0
+        for path in paths:
+            try:
+                path.unlink()
+                deleted += 1
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                continue
+            self._prune(path.parent)
+        return deleted
+
+    def _prune(self, directory: Path) -> None:
+        """Remove directories left empty, up to the root, so deleted generations leave no trail."""
+        root = self.root.resolve()
+        current = directory
+        while current.resolve() != root and root in current.resolve().parents:
+            try:
+                current.rmdir()  # fails unless empty, which is the point
+            except OSError:
+                return
+            current = current.parent
+
+    async def delete_prefix(self, prefix: str) -> int:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(
+            lambda: self._delete_paths([self._path(k) for k in self._list(prefix)])
+        )
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list, prefix)
+
+    def _list(self, prefix: str) -> list[str]:
+        # S3 semantics: a plain string prefix. Walk only the deepest directory the prefix names.
+        directory, _, _ = prefix.rpartition("/")
+        start = self.root.joinpath(*directory.split("/")) if directory else self.root
+        if not start.is_dir():
+            return []
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix) and _is_valid_key(key):
+                    keys.append(key)
+        return sorted(keys)
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self._ping)
+
+    def _ping(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PermissionError(f"storage directory {self.root} is not writable")
+
+    def direct_url(self, key: str) -> str | None:
+        return _join_url(self.public_base_url, key)
+
+    async def close(self) -> None:
+        """Nothing to release; here so both backends can be closed the same way."""
+
+
+# --- S3-compatible service --------------------------------------------------------------------
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_missing(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status == 404 or _error_code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+class S3Storage:
+    """Any S3 endpoint (AWS, MinIO, R2, ...) through boto3; every call runs in a thread."""
+
+    def __init__(
+        self,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        public_base_url: str | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.bucket = bucket
+        self.region = region
+        self.public_base_url = public_base_url
+        # A session of our own: boto3's default session is not safe to create clients from in threads.
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key, region_name=region
+        )
+        # MinIO and most self-hosted endpoints need path-style addressing; AWS picks its own.
+        addressing: Literal["path", "auto"] = "path" if endpoint_url else "auto"
+        # Checksums only where S3 requires them: several S3-compatible services reject the
+        # CRC32 headers that botocore sends by default since 1.36.
+        compat: dict[str, Any] = {
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=20,
+            s3={"addressing_style": addressing},
+            **compat,
+        )
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # /ready must answer fast when storage is down: one try, short timeouts.
+        ping_config = Config(
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=2,
+            read_timeout=3,
+            max_pool_connections=2,
+            s3={"addressing_style": addressing},
+            **compat,
+        )
+        self._ping_client = session.client("s3", endpoint_url=endpoint_url, config=ping_config)
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (first start against a fresh MinIO, tests)."""
+        await asyncio.to_thread(self._ensure_bucket)
+
+    def _ensure_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if not _is_missing(exc):
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        validate_key(key)
+        await asyncio.to_thread(
+            self._client.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+        )
+
+    async def get(self, key: str) -> bytes:
+        validate_key(key)
+        return await asyncio.to_thread(self._get, key)
+
+    def _get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is_missing(exc):
+                raise ObjectMissing(key) from None
+            raise
+        with contextlib.closing(response["Body"]) as body:
+            return bytes(body.read())
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        return await asyncio.to_thread(self._exists, key)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if _is_missing(exc):
+                return False
+            raise
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            validate_key(key)
+        if keys:
+            await asyncio.to_thread(self._delete, list(keys))
+
+    def _delete(self, keys: list[str]) -> int:
+        deleted = 0
+        for i in range(0, len(keys), _S3_DELETE_BATCH):
+            batch = keys[i : i + _S3_DELETE_BATCH]
+            response = self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise RuntimeError(
+                    f"S3 refused to delete {len(errors)} object(s), e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
+            deleted += len(batch)
+        return deleted
+
+    async def delete_prefix(self, prefix: str) -> int:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._delete_prefix, prefix)
+
+    def _delete_prefix(self, prefix: str) -> int:
+        # Each listing page holds at most 1000 keys: exactly one DeleteObjects batch.
+        deleted = 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys = [obj["Key"] for obj in page.get("Contents", [])]
+            if keys:
+                deleted += self._delete(keys)
+        return deleted
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list, prefix)
+
+    def _list(self, prefix: str) -> list[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        keys = [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
+        return sorted(keys)
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self._ping_client.head_bucket, Bucket=self.bucket)
+
+    def direct_url(self, key: str) -> str | None:
+        return _join_url(self.public_base_url, key)
+
+    async def close(self) -> None:
+        """Close the HTTP connection pools (on shutdown)."""
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        self._client.close()
+        self._ping_client.close()
+
+
+def create_storage(settings: Settings) -> ObjectStorage:
+    """The backend the settings choose. Connects to nothing; call `ensure_bucket()` on S3 at startup."""
+    cfg = settings.storage
+    if cfg.backend == "local":
+        return LocalStorage(cfg.local_dir, public_base_url=cfg.public_base_url)
+    if cfg.backend == "s3":
+        return S3Storage(
+            bucket=cfg.s3_bucket,
+            endpoint_url=cfg.s3_endpoint_url,
+            region=cfg.s3_region,
+            access_key_id=cfg.s3_access_key_id,
+            secret_access_key=cfg.s3_secret_access_key,
+            public_base_url=cfg.public_base_url,
+        )
+    raise ValueError(f"unknown storage backend {cfg.backend!r}")

@@ -1,0 +1,179 @@
+"""The Celery app, and the resources one worker process shares across its tasks.
+
+    celery -A worker.celery_app worker -Q kiln.generations
+    celery -A worker.celery_app beat
+
+Each worker process owns one asyncio event loop, one database engine, one Redis client, one HTTP
+client and one storage client, opened on `worker_process_init` (or lazily on first use: solo pool,
+tests) and closed on `worker_process_shutdown`. Tasks run their coroutine on that loop; never
+`asyncio.run` per task, which would strand the engine's connections on a dead loop. Hence the prefork
+(default) and solo pools only: a threads/gevent pool would drive one loop from several tasks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aioredis
+from celery import Celery, signals
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.db import create_engine, create_sessionmaker
+from shared.logging import configure_logging, get_logger
+from shared.queueing import SWEEP_TASK, celery_config
+from shared.settings import Settings, get_settings
+from shared.storage import ObjectStorage, S3Storage, create_storage
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# One task runs at a time per process; the heartbeat and a retry-count update may overlap with it.
+PROCESS_DB_POOL_SIZE = 3
+
+
+def worker_config(settings: Settings) -> dict[str, Any]:
+    interval = settings.worker.sweep_interval_seconds
+    return {
+        **celery_config(settings),
+        "worker_concurrency": settings.worker.concurrency,  # `-c` on the command line still wins
+        "beat_schedule": {
+            "sweep-generations": {
+                "task": SWEEP_TASK,
+                "schedule": interval,
+                # A sweep nobody picked up in time is superseded by the next one: don't let them pile up.
+                "options": {"queue": settings.worker.queue, "expires": max(interval, 1.0)},
+            }
+        },
+    }
+
+
+app = Celery("kiln", include=["worker.generations.tasks", "worker.sweeper.tasks"])
+# Read lazily: importing this module needs no environment, only starting a worker or beat does.
+app.add_defaults(lambda: worker_config(get_settings()))
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    pid: int
+    thread_id: int
+    loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    broker_redis: aioredis.Redis
+    http: httpx.AsyncClient
+    storage: ObjectStorage
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a task's coroutine to completion on the process loop."""
+        task = self.loop.create_task(coro)
+        try:
+            return self.loop.run_until_complete(task)
+        except BaseException:
+            # Interrupted from outside (soft time limit, signal): don't leave the task half-run on the
+            # loop, or it would resume inside the next task's run.
+            if not task.done():
+                task.cancel()
+                with suppress(BaseException):
+                    self.loop.run_until_complete(task)
+            raise
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, opened on first use."""
+    global _runtime
+    if _runtime is not None and _runtime.pid == os.getpid():
+        if _runtime.thread_id != threading.get_ident():
+            raise RuntimeError("kiln tasks need the prefork or solo pool (one event loop per process)")
+        return _runtime
+    # A runtime inherited through fork shares sockets with the parent: leave it alone, make our own.
+    settings = get_settings()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engine = create_engine(settings, pool_size=PROCESS_DB_POOL_SIZE)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    broker_redis = (
+        redis if settings.broker_url == settings.redis_url else aioredis.Redis.from_url(settings.broker_url)
+    )
+    storage = create_storage(settings)
+    _runtime = WorkerRuntime(
+        settings=settings,
+        pid=os.getpid(),
+        thread_id=threading.get_ident(),
+        loop=loop,
+        engine=engine,
+        sessions=create_sessionmaker(engine),
+        redis=redis,
+        broker_redis=broker_redis,
+        http=httpx.AsyncClient(timeout=httpx.Timeout(settings.generation.provider_timeout_seconds)),
+        storage=storage,
+    )
+    if isinstance(storage, S3Storage):
+        try:
+            loop.run_until_complete(storage.ensure_bucket())
+        except Exception as exc:  # storage may come up later; puts will say so then
+            log.warning("could not make sure the bucket exists", error=str(exc))
+    log.debug("worker process resources opened", pid=os.getpid())
+    return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    runtime, _runtime = _runtime, None
+    if runtime is None or runtime.pid != os.getpid():
+        return
+    loop = runtime.loop
+
+    async def close_all() -> None:
+        closers: list[Coroutine[Any, Any, Any]] = [runtime.engine.dispose(), runtime.redis.aclose()]
+        if runtime.broker_redis is not runtime.redis:
+            closers.append(runtime.broker_redis.aclose())
+        closers.append(runtime.http.aclose())
+        close_storage = getattr(
+            runtime.storage, "close", None
+        )  # both backends have one; the protocol doesn't
+        if close_storage is not None:
+            closers.append(close_storage())
+        for outcome in await asyncio.gather(*closers, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.warning("error closing a worker resource", error=str(outcome))
+
+    try:
+        loop.run_until_complete(close_all())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    # Connecting this signal also stops Celery from installing its own handlers (worker and beat).
+    configure_logging(get_settings())
+
+
+@signals.worker_process_init.connect
+def _open_process_resources(**_: Any) -> None:
+    get_runtime()
+
+
+@signals.worker_process_shutdown.connect
+def _close_process_resources(**_: Any) -> None:
+    close_runtime()
+
+
+@signals.worker_shutdown.connect
+def _close_solo_resources(**_: Any) -> None:
+    # The solo pool runs tasks in the main process, where worker_process_shutdown is not sent.
+    close_runtime()

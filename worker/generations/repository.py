@@ -1,0 +1,264 @@
+"""Every query of the generation pipeline: SQLAlchemy Core statements on the caller's session.
+
+Each write that follows the claim is guarded by `status='processing' AND attempts=:attempt AND
+version=:version`, so only the attempt that currently owns the row can change it: a stale worker,
+a cancelled job or a row taken back by the sweeper all make the write match nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import GenerationStatus, metadata
+
+generations = metadata.tables["generations"]
+images = metadata.tables["images"]
+
+ERROR_MESSAGE_MAX_CHARS = 500
+PENDING = GenerationStatus.PENDING.value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedGeneration:
+    """What the pipeline needs of a row it has just claimed."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    prompt: str
+    negative_prompt: str | None
+    aspect_ratio: str
+    provider: str
+    model: str | None
+    parameters: dict[str, Any]
+    seed: int | None
+    attempt: int  # `attempts` after this claim: identifies the attempt in every guard and storage key
+    version: int
+    deadline_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A committed status transition, to publish as an event."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    status: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewImage:
+    id: uuid.UUID
+    project_id: uuid.UUID
+    generation_id: uuid.UUID
+    storage_key: str
+    thumb_sm_key: str
+    thumb_lg_key: str
+    mime_type: str
+    width: int
+    height: int
+    file_size: int
+    public_token: str
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationState:
+    status: str
+    past_deadline: bool
+
+
+_STATUS_CHANGE_COLUMNS = (
+    generations.c.id,
+    generations.c.project_id,
+    generations.c.status,
+    generations.c.updated_at,
+)
+
+
+def _status_change(row: Any) -> StatusChange | None:
+    if row is None:
+        return None
+    return StatusChange(id=row.id, project_id=row.project_id, status=row.status, updated_at=row.updated_at)
+
+
+def _owned_by(generation_id: uuid.UUID, attempt: int, version: int) -> ColumnElement[bool]:
+    return and_(
+        generations.c.id == generation_id,
+        generations.c.status == GenerationStatus.PROCESSING.value,
+        generations.c.attempts == attempt,
+        generations.c.version == version,
+    )
+
+
+class GenerationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def claim(self, generation_id: uuid.UUID, lease_seconds: float) -> ClaimedGeneration | None:
+        """pending → processing in one statement; None when not pending, past its deadline, or absent."""
+        g = generations.c
+        claimable = and_(g.id == generation_id, g.status == PENDING, g.deadline_at > func.now())
+        stmt = (
+            update(generations)
+            .where(claimable)
+            .values(
+                status=GenerationStatus.PROCESSING.value,
+                attempts=g.attempts + 1,
+                lease_until=func.now() + timedelta(seconds=lease_seconds),
+                started_at=func.coalesce(g.started_at, func.now()),
+                updated_at=func.now(),
+            )
+            .returning(
+                g.id, g.project_id, g.prompt, g.negative_prompt, g.aspect_ratio, g.provider, g.model,
+                g.parameters, g.seed, g.attempts, g.version, g.deadline_at, g.updated_at,
+            )
+        )  # fmt: skip
+        row = (await self.session.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return ClaimedGeneration(
+            id=row.id,
+            project_id=row.project_id,
+            prompt=row.prompt,
+            negative_prompt=row.negative_prompt,
+            aspect_ratio=row.aspect_ratio,
+            provider=row.provider,
+            model=row.model,
+            parameters=dict(row.parameters or {}),
+            seed=row.seed,
+            attempt=row.attempts,
+            version=row.version,
+            deadline_at=row.deadline_at,
+            updated_at=row.updated_at,
+        )
+
+    async def get_state(self, generation_id: uuid.UUID) -> GenerationState | None:
+        g = generations.c
+        row = (
+            await self.session.execute(
+                select(g.status, (g.deadline_at <= func.now()).label("past_deadline")).where(
+                    g.id == generation_id
+                )
+            )
+        ).one_or_none()
+        return None if row is None else GenerationState(status=row.status, past_deadline=row.past_deadline)
+
+    async def fail_pending_past_deadline(self, generation_id: uuid.UUID, message: str) -> StatusChange | None:
+        g = generations.c
+        stmt = (
+            update(generations)
+            .where(
+                g.id == generation_id, g.status == GenerationStatus.PENDING.value, g.deadline_at <= func.now()
+            )
+            .values(
+                status=GenerationStatus.FAILED.value,
+                error_code="DEADLINE_EXCEEDED",
+                error_message=message[:ERROR_MESSAGE_MAX_CHARS],
+                completed_at=func.now(),
+                lease_until=None,
+                updated_at=func.now(),
+            )
+            .returning(*_STATUS_CHANGE_COLUMNS)
+        )
+        return _status_change((await self.session.execute(stmt)).one_or_none())
+
+    async def renew_lease(
+        self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
+    ) -> bool:
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
+        )
+        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+
+    async def count_provider_retry(self, generation_id: uuid.UUID, attempt: int, version: int) -> bool:
+        """retry_count + 1 (clients polling see it); False when this attempt no longer owns the row."""
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(retry_count=generations.c.retry_count + 1, updated_at=func.now())
+        )
+        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+
+    async def expire_lease(self, generation_id: uuid.UUID, attempt: int, version: int) -> None:
+        """Hand the row to the sweeper's next pass now instead of after the full lease."""
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(lease_until=func.now())
+        )
+        await self.session.execute(stmt)
+
+    async def insert_image(self, image: NewImage) -> None:
+        await self.session.execute(
+            insert(images).values(
+                id=image.id,
+                project_id=image.project_id,
+                generation_id=image.generation_id,
+                source="generated",
+                storage_key=image.storage_key,
+                thumb_sm_key=image.thumb_sm_key,
+                thumb_lg_key=image.thumb_lg_key,
+                mime_type=image.mime_type,
+                width=image.width,
+                height=image.height,
+                file_size=image.file_size,
+                public_token=image.public_token,
+                meta=image.meta,
+            )
+        )
+
+    async def mark_succeeded(
+        self,
+        generation_id: uuid.UUID,
+        attempt: int,
+        version: int,
+        *,
+        output_image_id: uuid.UUID,
+        processing_time_ms: int,
+        seed: int | None,
+    ) -> StatusChange | None:
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(
+                status=GenerationStatus.SUCCESS.value,
+                output_image_id=output_image_id,
+                processing_time_ms=processing_time_ms,
+                seed=seed,
+                error_code=None,
+                error_message=None,
+                completed_at=func.now(),
+                lease_until=None,
+                updated_at=func.now(),
+            )
+            .returning(*_STATUS_CHANGE_COLUMNS)
+        )
+        return _status_change((await self.session.execute(stmt)).one_or_none())
+
+    async def mark_failed(
+        self, generation_id: uuid.UUID, attempt: int, version: int, *, error_code: str, error_message: str
+    ) -> StatusChange | None:
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(
+                status=GenerationStatus.FAILED.value,
+                error_code=error_code,
+                error_message=error_message[:ERROR_MESSAGE_MAX_CHARS],
+                completed_at=func.now(),
+                lease_until=None,
+                updated_at=func.now(),
+            )
+            .returning(*_STATUS_CHANGE_COLUMNS)
+        )
+        return _status_change((await self.session.execute(stmt)).one_or_none())

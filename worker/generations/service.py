@@ -1,0 +1,412 @@
+"""The generation pipeline: claim → provider call (retried, under a renewed lease) → store → finalize.
+
+The database row is the source of truth. Every write after the claim is guarded by the attempt that
+made it, so a redelivered task, a second worker, a cancelled job or a row the sweeper took back can
+never produce a second success: the losing attempt's writes match no row and its objects are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from shared.db import is_connection_error, transaction
+from shared.errors import ProviderPermanent, ProviderRetryable
+from shared.events import publish_status
+from shared.imaging import ImageInfo, InvalidImage, inspect_image, make_thumbnails
+from shared.logging import get_logger
+from shared.models import GenerationStatus, new_id
+from shared.providers import ImageProvider, ProviderRequest, ProviderResult
+from shared.settings import Settings
+from shared.storage import ObjectStorage
+from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage, StatusChange
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# Resolves a generation's `provider` name to an adapter. The worker passes `get_provider` bound to its
+# process-wide HTTP client; tests pass their own scripted providers.
+ProviderFactory = Callable[[str], ImageProvider]
+
+
+def attempt_storage_prefix(
+    project_id: uuid.UUID, generation_id: uuid.UUID, version: int, attempt: int
+) -> str:
+    """Objects of one attempt of one version: never shared, so a CDN never sees a key change content."""
+    return f"projects/{project_id}/generations/{generation_id}/v{version}/a{attempt}/"
+
+
+class PipelineOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not claimable: someone else owns it, or it is already finished
+    ABANDONED = "abandoned"  # this attempt lost the row (cancelled / taken back) before it could finish
+
+
+@dataclass(frozen=True)
+class PipelineDependencies:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    storage: ObjectStorage
+    provider_for: ProviderFactory
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    keys: tuple[str, str, str]  # original, thumb-sm, thumb-lg
+    info: ImageInfo
+    result: ProviderResult
+    processing_time_ms: int
+
+
+class GenerationFailure(Exception):
+    """Ends the attempt as `failed` with this errorCode and a short, client-safe message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class LeaseLost(Exception):
+    """This attempt no longer owns the row (cancelled, taken back by the sweeper, or finished elsewhere)."""
+
+
+class ProviderCallTimedOut(ProviderRetryable):
+    """Our own bound on one provider call ran out; retried like any transient provider failure."""
+
+
+async def run_generation(generation_id: uuid.UUID, deps: PipelineDependencies) -> PipelineOutcome:
+    with structlog.contextvars.bound_contextvars(generation_id=str(generation_id)):
+        return await GenerationPipeline(deps).run(generation_id)
+
+
+class GenerationPipeline:
+    def __init__(self, deps: PipelineDependencies) -> None:
+        self.deps = deps
+        self.settings = deps.settings.generation
+
+    async def run(self, generation_id: uuid.UUID) -> PipelineOutcome:
+        claim = await self._claim(generation_id)
+        if claim is None:
+            return await self._end_unclaimable(generation_id)
+        with structlog.contextvars.bound_contextvars(attempt=claim.attempt, version=claim.version):
+            return await self._run_claimed(claim)
+
+    async def _run_claimed(self, claim: ClaimedGeneration) -> PipelineOutcome:
+        if claim.attempt > self.settings.max_attempts:
+            interrupted = claim.attempt - 1
+            return await self._fail(claim, "WORKER_LOST", f"the job was interrupted {interrupted} times")
+        await self._publish(
+            StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+        )
+        log.info("generation claimed", provider=claim.provider, model=claim.model)
+
+        prefix = attempt_storage_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
+        try:
+            stored = await self._under_lease(claim, self._produce(claim, prefix))
+        except LeaseLost:
+            log.info("generation abandoned: this attempt no longer owns the row")
+            await self._discard_objects(prefix)
+            return PipelineOutcome.ABANDONED
+        except GenerationFailure as failure:  # raised before anything is stored
+            return await self._fail(claim, failure.code, failure.message)
+        except Exception as exc:
+            # Infrastructure trouble (storage down, database gone): the row stays `processing` and the
+            # sweeper retries it once the lease is gone. Give the lease back now so that is soon.
+            if not is_connection_error(exc):
+                log.exception("generation attempt crashed; releasing its lease for the sweeper")
+                await self._discard_objects(prefix)
+                await self._expire_lease(claim)
+            raise
+        return await self._finalize(claim, stored, prefix)
+
+    # --- claim --------------------------------------------------------------------------------
+
+    async def _claim(self, generation_id: uuid.UUID) -> ClaimedGeneration | None:
+        async with transaction(self.deps.sessions) as session:
+            return await GenerationRepository(session).claim(generation_id, self.settings.lease_seconds)
+
+    async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
+        """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
+        async with transaction(self.deps.sessions) as session:
+            repository = GenerationRepository(session)
+            state = await repository.get_state(generation_id)
+            change = None
+            if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
+                change = await repository.fail_pending_past_deadline(
+                    generation_id, "the generation did not start before its deadline"
+                )
+        if change is None:
+            log.info("generation not claimable; nothing to do", status=state.status if state else None)
+            return PipelineOutcome.SKIPPED
+        log.info("generation failed", error_code="DEADLINE_EXCEEDED")
+        await self._publish(change)
+        return PipelineOutcome.FAILED
+
+    # --- the work, under a renewed lease ------------------------------------------------------
+
+    async def _under_lease(self, claim: ClaimedGeneration, work: Awaitable[T]) -> T:
+        """Run `work` while renewing the lease; cancel it and raise LeaseLost if the row is taken away."""
+        work_task = asyncio.ensure_future(work)
+        heartbeat = asyncio.ensure_future(self._keep_lease(claim))
+        try:
+            await asyncio.wait({work_task, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work_task, heartbeat):
+                task.cancel()
+            await asyncio.gather(work_task, heartbeat, return_exceptions=True)
+        if work_task.done() and not work_task.cancelled():
+            return work_task.result()
+        raise LeaseLost
+
+    async def _keep_lease(self, claim: ClaimedGeneration) -> None:
+        """Returns only when a renewal matches no row; transient database errors are retried."""
+        interval = max(self.settings.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with transaction(self.deps.sessions) as session:
+                    renewed = await GenerationRepository(session).renew_lease(
+                        claim.id, claim.attempt, claim.version, self.settings.lease_seconds
+                    )
+            except Exception as exc:
+                log.warning("lease renewal failed; will try again", error=str(exc))
+                continue
+            if not renewed:
+                return
+
+    async def _produce(self, claim: ClaimedGeneration, prefix: str) -> StoredImage:
+        started = time.monotonic()
+        result = await self._call_provider(claim)
+        if not result.images:
+            raise GenerationFailure("INVALID_PROVIDER_OUTPUT", "the provider returned no image")
+        original = result.images[0]
+        try:
+            info, thumbnails = await asyncio.to_thread(_inspect_and_thumbnail, original)
+        except InvalidImage as exc:
+            raise GenerationFailure(
+                "INVALID_PROVIDER_OUTPUT", f"the provider returned an unusable image: {exc}"
+            ) from exc
+        keys = (f"{prefix}original.{info.extension}", f"{prefix}thumb-sm.webp", f"{prefix}thumb-lg.webp")
+        storage = self.deps.storage
+        # A TaskGroup cancels the sibling puts if one fails, so cleanup never races a put still in flight.
+        async with asyncio.TaskGroup() as puts:
+            puts.create_task(storage.put(keys[0], original, info.mime_type))  # the bytes as they came
+            puts.create_task(storage.put(keys[1], thumbnails["sm"], "image/webp"))
+            puts.create_task(storage.put(keys[2], thumbnails["lg"], "image/webp"))
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        return StoredImage(keys=keys, info=info, result=result, processing_time_ms=elapsed_ms)
+
+    # --- provider call ------------------------------------------------------------------------
+
+    async def _call_provider(self, claim: ClaimedGeneration) -> ProviderResult:
+        try:
+            provider = self.deps.provider_for(claim.provider)
+            width, height = provider.size_for(claim.aspect_ratio, claim.model)
+        except ProviderPermanent as exc:
+            raise GenerationFailure(exc.code, exc.message) from exc
+        except (LookupError, ValueError) as exc:
+            raise GenerationFailure("PROVIDER_NOT_AVAILABLE", str(exc)) from exc
+        request = ProviderRequest(
+            prompt=claim.prompt,
+            negative_prompt=claim.negative_prompt,
+            width=width,
+            height=height,
+            aspect_ratio=claim.aspect_ratio,
+            seed=claim.seed,
+            model=claim.model,
+            parameters=claim.parameters,
+        )
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(ProviderRetryable),
+            stop=stop_after_attempt(self.settings.provider_retries + 1),
+            wait=self._retry_wait(claim),
+            before_sleep=self._record_retry(claim),
+            reraise=True,
+        )
+        try:
+            return await retrying(self._call_provider_once, provider, request, claim.deadline_at)
+        except ProviderCallTimedOut as exc:
+            raise GenerationFailure("PROVIDER_TIMEOUT", exc.message) from exc
+        except ProviderRetryable as exc:
+            raise GenerationFailure("PROVIDER_UNAVAILABLE", exc.message) from exc
+        except ProviderPermanent as exc:
+            raise GenerationFailure(exc.code, exc.message) from exc
+
+    async def _call_provider_once(
+        self, provider: ImageProvider, request: ProviderRequest, deadline_at: datetime
+    ) -> ProviderResult:
+        timeout = self.settings.provider_timeout_seconds
+        remaining = (deadline_at - datetime.now(UTC)).total_seconds()
+        if remaining <= 0:
+            raise GenerationFailure("DEADLINE_EXCEEDED", "the generation did not finish before its deadline")
+        limit = min(timeout, remaining)
+        try:
+            async with asyncio.timeout(limit) as bound:
+                return await provider.generate(request)
+        except TimeoutError as exc:
+            if not bound.expired():
+                raise GenerationFailure(
+                    "PROVIDER_ERROR", "the provider adapter timed out internally"
+                ) from exc
+            if limit < timeout:
+                raise GenerationFailure(
+                    "DEADLINE_EXCEEDED", "the generation did not finish before its deadline"
+                ) from exc
+            raise ProviderCallTimedOut(f"the provider did not answer within {timeout:g} s") from exc
+        except (ProviderRetryable, ProviderPermanent):
+            raise
+        except Exception as exc:
+            # Adapters should raise only the two provider errors; a bug would repeat on every attempt.
+            log.exception("provider adapter raised an unexpected error")
+            raise GenerationFailure("PROVIDER_ERROR", "the provider adapter failed unexpectedly") from exc
+
+    def _retry_wait(self, claim: ClaimedGeneration) -> Callable[[RetryCallState], float]:
+        cap = self.settings.retry_max_wait_seconds
+        backoff = wait_exponential(multiplier=0.5, max=cap)
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, ProviderRetryable) and error.retry_after is not None:
+                requested = error.retry_after  # the provider said when: trust it (up to our cap)
+            else:
+                requested = backoff(state)
+            # Never sleep past the deadline: the next call then ends the job as DEADLINE_EXCEEDED.
+            until_deadline = (claim.deadline_at - datetime.now(UTC)).total_seconds()
+            return max(0.0, min(requested, cap, until_deadline))
+
+        return wait
+
+    def _record_retry(self, claim: ClaimedGeneration) -> Callable[[RetryCallState], Awaitable[None]]:
+        async def record(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.info(
+                "provider call failed; retrying",
+                retry=state.attempt_number,
+                wait_seconds=round(state.upcoming_sleep, 3),
+                error=str(error),
+            )
+            try:
+                async with transaction(self.deps.sessions) as session:
+                    owned = await GenerationRepository(session).count_provider_retry(
+                        claim.id, claim.attempt, claim.version
+                    )
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                log.warning("retry count not recorded: database unreachable", error=str(exc))
+                return
+            if not owned:
+                raise LeaseLost
+
+        return record
+
+    # --- endings ------------------------------------------------------------------------------
+
+    async def _finalize(self, claim: ClaimedGeneration, stored: StoredImage, prefix: str) -> PipelineOutcome:
+        """Image row + success in one transaction, guarded by the attempt; refused → objects deleted."""
+        result, info = stored.result, stored.info
+        image = NewImage(
+            id=new_id(),
+            project_id=claim.project_id,
+            generation_id=claim.id,
+            storage_key=stored.keys[0],
+            thumb_sm_key=stored.keys[1],
+            thumb_lg_key=stored.keys[2],
+            mime_type=info.mime_type,
+            width=info.width,
+            height=info.height,
+            file_size=info.size,
+            public_token=secrets.token_urlsafe(24),
+            meta={
+                "provider": claim.provider,
+                "model": claim.model,
+                "revisedPrompt": result.revised_prompt,
+                "providerMeta": result.raw_meta or {},
+            },
+        )
+        try:
+            async with transaction(self.deps.sessions) as session:
+                repository = GenerationRepository(session)
+                await repository.insert_image(image)
+                change = await repository.mark_succeeded(
+                    claim.id,
+                    claim.attempt,
+                    claim.version,
+                    output_image_id=image.id,
+                    processing_time_ms=stored.processing_time_ms,
+                    seed=result.seed if result.seed is not None else claim.seed,
+                )
+                if change is None:
+                    raise LeaseLost  # rolls the image row back
+        except LeaseLost:
+            log.info("finalize refused: this attempt no longer owns the row; deleting its objects")
+            await self._discard_objects(prefix)
+            return PipelineOutcome.ABANDONED
+        # Any other error (e.g. the connection dropped around COMMIT) leaves the objects: the commit may
+        # have landed. If it did not, the sweeper takes the lease back and deletes this attempt's prefix.
+        log.info(
+            "generation succeeded",
+            image_id=str(image.id),
+            processing_time_ms=stored.processing_time_ms,
+            width=info.width,
+            height=info.height,
+        )
+        await self._publish(change)
+        return PipelineOutcome.SUCCEEDED
+
+    async def _fail(self, claim: ClaimedGeneration, code: str, message: str) -> PipelineOutcome:
+        async with transaction(self.deps.sessions) as session:
+            change = await GenerationRepository(session).mark_failed(
+                claim.id, claim.attempt, claim.version, error_code=code, error_message=message
+            )
+        if change is None:
+            log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
+            return PipelineOutcome.ABANDONED
+        log.info("generation failed", error_code=code, error_message=message)
+        await self._publish(change)
+        return PipelineOutcome.FAILED
+
+    async def _expire_lease(self, claim: ClaimedGeneration) -> None:
+        try:
+            async with transaction(self.deps.sessions) as session:
+                await GenerationRepository(session).expire_lease(claim.id, claim.attempt, claim.version)
+        except Exception as exc:
+            log.warning(
+                "could not release the lease; the sweeper will take it back when it expires", error=str(exc)
+            )
+
+    async def _discard_objects(self, prefix: str) -> None:
+        try:
+            await self.deps.storage.delete_prefix(prefix)
+        except Exception as exc:
+            log.warning("could not delete this attempt's objects", prefix=prefix, error=str(exc))
+
+    async def _publish(self, change: StatusChange) -> None:
+        await publish_status(self.deps.redis, change.id, change.project_id, change.status, change.updated_at)
+
+
+def _inspect_and_thumbnail(data: bytes) -> tuple[ImageInfo, dict[str, bytes]]:
+    """One thread hop for both CPU-bound steps."""
+    return inspect_image(data), make_thumbnails(data)

@@ -1,0 +1,154 @@
+"""Every query of the sweeper. Each pass picks a bounded batch with `FOR UPDATE SKIP LOCKED` and
+changes it in the same statement, so two sweepers running at once never handle the same row twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import GenerationStatus, metadata
+
+generations = metadata.tables["generations"]
+
+PENDING = GenerationStatus.PENDING.value
+PROCESSING = GenerationStatus.PROCESSING.value
+FAILED = GenerationStatus.FAILED.value
+
+
+@dataclass(frozen=True, slots=True)
+class SweptGeneration:
+    id: uuid.UUID
+    project_id: uuid.UUID
+    version: int
+    attempts: int
+    previous_status: str
+    status: str
+    updated_at: datetime
+
+
+class SweepRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def _change(self, due: Select[Any], values: dict[str, Any]) -> list[SweptGeneration]:
+        """UPDATE the rows `due` selects (locked, skipping rows another sweeper holds); return them."""
+        picked = due.with_for_update(skip_locked=True).cte("picked")
+        g = generations.c
+        stmt = (
+            update(generations)
+            .where(g.id == picked.c.id)
+            .values(**values, updated_at=func.now())
+            .returning(
+                g.id, g.project_id, g.version, g.attempts, picked.c.previous_status, g.status, g.updated_at
+            )
+        )
+        rows = (await self.session.execute(stmt)).all()
+        return [
+            SweptGeneration(
+                id=row.id,
+                project_id=row.project_id,
+                version=row.version,
+                attempts=row.attempts,
+                previous_status=row.previous_status,
+                status=row.status,
+                updated_at=row.updated_at,
+            )
+            for row in rows
+        ]
+
+    async def fail_past_deadline(self, limit: int, message: str) -> list[SweptGeneration]:
+        """pending/processing rows whose deadline passed → failed DEADLINE_EXCEEDED."""
+        g = generations.c
+        due = (
+            select(g.id, g.status.label("previous_status"))
+            .where(g.status.in_((PENDING, PROCESSING)), g.deadline_at <= func.now())
+            .order_by(g.deadline_at)
+            .limit(limit)
+        )
+        return await self._change(
+            due,
+            {
+                "status": FAILED,
+                "error_code": "DEADLINE_EXCEEDED",
+                "error_message": message,
+                "completed_at": func.now(),
+                "lease_until": None,
+            },
+        )
+
+    def _lease_expired(self) -> ColumnElement[bool]:
+        g = generations.c
+        return and_(g.status == PROCESSING, g.lease_until < func.now(), g.deadline_at > func.now())
+
+    async def fail_lost_leases(self, max_attempts: int, limit: int) -> list[SweptGeneration]:
+        """Expired leases that used up their attempts → failed WORKER_LOST."""
+        g = generations.c
+        due = (
+            select(g.id, g.status.label("previous_status"))
+            .where(self._lease_expired(), g.attempts >= max_attempts)
+            .order_by(g.lease_until)
+            .limit(limit)
+        )
+        message = func.concat("the job was interrupted ", g.attempts, " times")
+        return await self._change(
+            due,
+            {
+                "status": FAILED,
+                "error_code": "WORKER_LOST",
+                "error_message": message,
+                "completed_at": func.now(),
+                "lease_until": None,
+            },
+        )
+
+    async def requeue_lost_leases(self, max_attempts: int, limit: int) -> list[SweptGeneration]:
+        """Expired leases with attempts left → pending again, marked enqueued (the caller sends them)."""
+        g = generations.c
+        due = (
+            select(g.id, g.status.label("previous_status"))
+            .where(self._lease_expired(), g.attempts < max_attempts)
+            .order_by(g.lease_until)
+            .limit(limit)
+        )
+        return await self._change(due, {"status": PENDING, "lease_until": None, "enqueued_at": func.now()})
+
+    async def mark_lost_pending_for_enqueue(
+        self, *, requeue_after_seconds: float, stale_enqueue_seconds: float, limit: int
+    ) -> list[SweptGeneration]:
+        """Pending rows whose message never reached, or no longer is in, the broker → enqueued_at = now().
+
+        Never enqueued (enqueue after commit failed): created over `requeue_after_seconds` ago.
+        Enqueued but still pending after `stale_enqueue_seconds` (the caller lowers it when the broker
+        queue is empty: a Redis restart without persistence lost the messages).
+        Setting enqueued_at in the same statement is what stops a concurrent sweep from sending them too.
+        """
+        g = generations.c
+        never_enqueued = and_(
+            g.enqueued_at.is_(null()), g.created_at < func.now() - timedelta(seconds=requeue_after_seconds)
+        )
+        enqueue_stale = g.enqueued_at < func.now() - timedelta(seconds=stale_enqueue_seconds)
+        due = (
+            select(g.id, g.status.label("previous_status"))
+            .where(g.status == PENDING, g.deadline_at > func.now(), or_(never_enqueued, enqueue_stale))
+            .order_by(g.created_at)
+            .limit(limit)
+        )
+        return await self._change(due, {"enqueued_at": func.now()})
+
+    async def forget_enqueue(self, generation_ids: Sequence[uuid.UUID]) -> None:
+        """The send failed: enqueued_at back to NULL so the next sweep tries again soon."""
+        if not generation_ids:
+            return
+        g = generations.c
+        await self.session.execute(
+            update(generations)
+            .where(g.id.in_(list(generation_ids)), g.status == PENDING)
+            .values(enqueued_at=None)
+        )
