@@ -21,7 +21,9 @@ import typer
 
 from shared.settings import Settings, get_settings
 
-app = typer.Typer(help="Kiln: self-hostable image generation. `kiln dev` starts everything.", no_args_is_help=True)
+app = typer.Typer(
+    help="Kiln: self-hostable image generation. `kiln dev` starts everything.", no_args_is_help=True
+)
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
@@ -60,26 +62,57 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn)."""
     s = _settings()
-    _exec([
-        sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
-        "--host", host or s.server.host, "--port", str(port or s.server.port),
-        "--workers", str(workers or s.server.workers),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
-    ])
+    _exec(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.app:create_app",
+            "--host",
+            host or s.server.host,
+            "--port",
+            str(port or s.server.port),
+            "--workers",
+            str(workers or s.server.workers),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--timeout-graceful-shutdown",
+            "10",
+        ]
+    )
 
 
 @app.command()
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Processes (KILN_WORKER_CONCURRENCY).")] = None,
-    queues: Annotated[str | None, typer.Option(help="Comma list of queues (default KILN_WORKER_QUEUE).")] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma list of queues (default KILN_WORKER_QUEUE).")
+    ] = None,
 ) -> None:
     """Run a Celery worker for generation jobs."""
     s = _settings()
-    _exec([
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-Q", queues or s.worker.queue, "-c", str(concurrency or s.worker.concurrency),
-        "--loglevel", s.log_level, "--without-gossip", "--without-mingle",
-    ])
+    _exec(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            queues or s.worker.queue,
+            "-c",
+            str(concurrency or s.worker.concurrency),
+            "--loglevel",
+            s.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @app.command()
@@ -88,14 +121,26 @@ def beat() -> None:
     s = _settings()
     schedule = s.embedded.data_dir / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    _exec([sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "-s", str(schedule),
-           "--loglevel", s.log_level])
+    _exec(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "beat",
+            "-s",
+            str(schedule),
+            "--loglevel",
+            s.log_level,
+        ]
+    )
 
 
 @app.command()
 def migrate() -> None:
     """Apply database migrations (Alembic) up to the newest."""
-    from shared.migrations import migrate as run_migrations  # noqa: PLC0415
+    from shared.migrations import migrate as run_migrations
 
     run_migrations(_settings().database_url)
     typer.echo("database is up to date")
@@ -106,7 +151,7 @@ def migrate() -> None:
 
 def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(session)` in one transaction against the configured database."""
-    from shared.db import create_engine, create_sessionmaker, transaction  # noqa: PLC0415
+    from shared.db import create_engine, create_sessionmaker, transaction
 
     async def main() -> T:
         engine = create_engine(_settings(), pool_size=1)
@@ -120,9 +165,9 @@ def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
 
 
 async def _project_by_ref(session: Any, ref: str) -> Any:
-    from sqlmodel import select  # noqa: PLC0415
+    from sqlmodel import select
 
-    from shared.models import Project  # noqa: PLC0415
+    from shared.models import Project
 
     try:
         condition = Project.id == uuid.UUID(ref)  # type: ignore[arg-type]
@@ -145,17 +190,20 @@ def projects_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a project."""
-    from api.admin.service import create_project  # noqa: PLC0415
+    from api.admin.service import create_project
 
     project = _run_db(lambda s: create_project(s, name, slug))
-    _echo({"id": project.id, "name": project.name, "slug": project.slug}, as_json,
-          f"project {project.slug} created: {project.id}")
+    _echo(
+        {"id": project.id, "name": project.name, "slug": project.slug},
+        as_json,
+        f"project {project.slug} created: {project.id}",
+    )
 
 
 @projects_app.command("list")
 def projects_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List projects."""
-    from api.admin.service import list_projects  # noqa: PLC0415
+    from api.admin.service import list_projects
 
     projects = _run_db(list_projects)
     rows = [{"id": p.id, "name": p.name, "slug": p.slug} for p in projects]
@@ -172,8 +220,8 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create an API key. The key is printed once and never stored."""
-    from api.admin.service import create_api_key  # noqa: PLC0415
-    from shared.models import ApiKeyKind  # noqa: PLC0415
+    from api.admin.service import create_api_key
+    from shared.models import ApiKeyKind
 
     if admin == (project is not None):
         raise _fail("give either --project <id|slug> or --admin")
@@ -184,8 +232,11 @@ def keys_create(
         return await create_api_key(session, project_id, kind, name, generations_per_hour, reads_per_hour)
 
     key, plain = _run_db(work)
-    _echo({"id": key.id, "key": plain, "prefix": key.prefix, "kind": key.kind, "projectId": key.project_id},
-          as_json, f"{plain}\n(key id {key.id}; shown once, store it now)")
+    _echo(
+        {"id": key.id, "key": plain, "prefix": key.prefix, "kind": key.kind, "projectId": key.project_id},
+        as_json,
+        f"{plain}\n(key id {key.id}; shown once, store it now)",
+    )
 
 
 @keys_app.command("list")
@@ -194,26 +245,31 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List a project's keys (prefixes only)."""
-    from api.admin.service import list_api_keys  # noqa: PLC0415
+    from api.admin.service import list_api_keys
 
     async def work(session: Any) -> list[Any]:
         return list(await list_api_keys(session, (await _project_by_ref(session, project)).id))
 
     keys = _run_db(work)
     rows = [{"id": k.id, "prefix": k.prefix, "name": k.name, "revokedAt": k.revoked_at} for k in keys]
-    _echo(rows, as_json, "\n".join(
-        f"{k.id}  {k.prefix}…  {k.name or '-'}  {'revoked' if k.revoked_at else 'active'}" for k in keys
-    ) or "no keys")
+    _echo(
+        rows,
+        as_json,
+        "\n".join(
+            f"{k.id}  {k.prefix}…  {k.name or '-'}  {'revoked' if k.revoked_at else 'active'}" for k in keys
+        )
+        or "no keys",
+    )
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key: it answers 401 at once."""
-    import redis.asyncio as aioredis  # noqa: PLC0415
+    import redis.asyncio as aioredis
 
-    from api.admin.service import revoke_api_key  # noqa: PLC0415
-    from api.security.auth import invalidate_cached_key  # noqa: PLC0415
-    from shared.errors import NotFound  # noqa: PLC0415
+    from api.admin.service import revoke_api_key
+    from api.security.auth import invalidate_cached_key
+    from shared.errors import NotFound
 
     try:
         kid = uuid.UUID(key_id)
@@ -252,15 +308,19 @@ def generate(
     timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 600,
 ) -> None:
     """Create a generation; with --wait, show progress until it finishes and save the image."""
-    import httpx  # noqa: PLC0415
-    from rich.console import Console  # noqa: PLC0415
+    import httpx
+    from rich.console import Console
 
     console = Console(stderr=True)
     base = (url or _settings().server.base_url).rstrip("/")
     if not key:
         raise _fail("no API key: pass --key or set KILN_API_KEY (`kiln dev` prints a demo key)")
-    body: dict[str, Any] = {"prompt": prompt, "aspectRatio": aspect_ratio, "autoEnhance": enhance,
-                            "enhancementOptions": {"template": template}}
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "aspectRatio": aspect_ratio,
+        "autoEnhance": enhance,
+        "enhancementOptions": {"template": template},
+    }
     if parameters:
         try:
             body["parameters"] = json.loads(parameters)
@@ -280,7 +340,9 @@ def generate(
             return
         record = _poll_with_progress(http, record, timeout, console)
         if record["status"] != "success":
-            raise _fail(f"generation {record['status']}: {record.get('errorCode')}: {record.get('errorMessage')}")
+            raise _fail(
+                f"generation {record['status']}: {record.get('errorCode')}: {record.get('errorMessage')}"
+            )
         image = record["outputImage"]
         content = http.get(image["storageUrl"])
         if content.status_code != 200:
@@ -288,8 +350,10 @@ def generate(
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(image["mimeType"], "img")
         target = output or Path(f"kiln-{record['id']}.{ext}")
         target.write_bytes(content.content)
-        console.print(f"saved {target} ({image['width']}x{image['height']}, {image['fileSize']} bytes) "
-                      f"in {record.get('processingTimeMs')} ms")
+        console.print(
+            f"saved {target} ({image['width']}x{image['height']}, {image['fileSize']} bytes) "
+            f"in {record.get('processingTimeMs')} ms"
+        )
         typer.echo(str(target))
 
 
@@ -297,22 +361,30 @@ def _describe_error(response: Any) -> str:
     try:
         err = response.json()["error"]
         details = "; ".join(f"{d['field']}: {d['message']}" for d in err.get("details") or [])
-        return f"{response.status_code} {err['code']}: {err['message']}" + (f" ({details})" if details else "")
+        return f"{response.status_code} {err['code']}: {err['message']}" + (
+            f" ({details})" if details else ""
+        )
     except (ValueError, KeyError, TypeError):
         return f"{response.status_code}: {response.text[:200]}"
 
 
 def _poll_with_progress(http: Any, record: dict[str, Any], timeout: float, console: Any) -> dict[str, Any]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout
     delay = 0.2
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task(record["status"])
         while record["status"] in ("pending", "processing"):
             if time.monotonic() > deadline:
-                raise _fail(f"still {record['status']} after {timeout:.0f}s; poll GET /api/v1/generations/{record['id']}")
+                where = f"/api/v1/generations/{record['id']}"
+                raise _fail(f"still {record['status']} after {timeout:.0f}s; poll GET {where}")
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
             response = http.get(f"/api/v1/generations/{record['id']}")
@@ -337,7 +409,7 @@ def dev(
 ) -> None:
     """Start everything: PostgreSQL + Redis (embedded unless KILN_DATABASE_URL / KILN_REDIS_URL are
     set), migrations, a demo project and key, the API, a worker and beat. Ctrl-C stops it all."""
-    from api.dev import run_dev  # noqa: PLC0415
+    from api.dev import run_dev
 
     raise typer.Exit(run_dev(_settings(), host=host, port=port))
 

@@ -34,8 +34,8 @@ def _say(message: str) -> None:
     print(f"[kiln dev] {message}", flush=True)
 
 
-async def _ensure_demo_key(settings: Settings, key_file: Path) -> str:
-    """The demo project's key: reuse the one saved under var/ while it is still active, else make one."""
+async def _ensure_demo_key(settings: Settings, saved: str | None) -> str:
+    """The demo project's key: the saved one while it is still active, else a new one."""
     from sqlmodel import select
 
     from api.admin.service import create_api_key, create_project
@@ -45,15 +45,10 @@ async def _ensure_demo_key(settings: Settings, key_file: Path) -> str:
     engine = create_engine(settings, pool_size=1)
     try:
         async with transaction(create_sessionmaker(engine)) as session:
-            if key_file.exists():
-                plain = key_file.read_text().strip()
-                found = (
-                    await session.execute(
-                        select(ApiKey).where(ApiKey.digest == digest_key(plain), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
-                    )
-                ).scalar_one_or_none()
-                if found is not None:
-                    return plain
+            if saved:
+                active = ApiKey.digest == digest_key(saved), ApiKey.revoked_at.is_(None)  # type: ignore[union-attr]
+                if (await session.execute(select(ApiKey).where(*active))).scalar_one_or_none():
+                    return saved
             project = (
                 await session.execute(select(Project).where(Project.slug == DEMO_PROJECT_SLUG))
             ).scalar_one_or_none()
@@ -62,9 +57,17 @@ async def _ensure_demo_key(settings: Settings, key_file: Path) -> str:
             _, plain = await create_api_key(session, project.id, ApiKeyKind.PROJECT, "demo key (kiln dev)")
     finally:
         await engine.dispose()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(plain + "\n")
-    key_file.chmod(0o600)
+    return plain
+
+
+def demo_key(settings: Settings, key_file: Path) -> str:
+    """The demo key, kept in var/ (plain keys are never stored in the database) to print it on every start."""
+    saved = key_file.read_text().strip() if key_file.exists() else None
+    plain = asyncio.run(_ensure_demo_key(settings, saved))
+    if plain != saved:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(plain + "\n")
+        key_file.chmod(0o600)
     return plain
 
 
@@ -73,7 +76,9 @@ def _wait_healthy(base_url: str, children: dict[str, subprocess.Popen[bytes]], t
     while time.monotonic() < deadline:
         for name, proc in children.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"`kiln {name}` exited with code {proc.returncode} while starting (see above)")
+                raise RuntimeError(
+                    f"`kiln {name}` exited with code {proc.returncode} while starting (see above)"
+                )
         try:
             if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
                 return
@@ -110,30 +115,34 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
             pg = EmbeddedPostgres(data_dir / "postgres", settings.embedded.postgres_port).start()
             servers.append(pg)
             database_url = pg.create_database("kiln")
-            _say(f"embedded PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})")
+            _say(f"embedded PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.home})")
         redis_url = settings.redis.url
         if not redis_url:
             rd = EmbeddedRedis(data_dir / "redis", settings.embedded.redis_port).start()
             servers.append(rd)
             redis_url = rd.url
             _say(f"embedded Redis on 127.0.0.1:{rd.port}")
-        env.update({
-            "KILN_DATABASE_URL": database_url,
-            "KILN_REDIS_URL": redis_url,
-            "KILN_EMBEDDED_DATA_DIR": str(data_dir),
-            "KILN_STORAGE_LOCAL_DIR": str(settings.storage.local_dir.resolve()),
-            "KILN_SERVER_HOST": host or settings.server.host,
-            "KILN_SERVER_PORT": str(port or settings.server.port),
-        })
-        child_settings = settings.model_copy(update={
-            "database": settings.database.model_copy(update={"url": database_url}),
-            "redis": settings.redis.model_copy(update={"url": redis_url}),
-            "server": settings.server.model_copy(
-                update={"host": env["KILN_SERVER_HOST"], "port": int(env["KILN_SERVER_PORT"])}
-            ),
-        })
+        env.update(
+            {
+                "KILN_DATABASE_URL": database_url,
+                "KILN_REDIS_URL": redis_url,
+                "KILN_EMBEDDED_DATA_DIR": str(data_dir),
+                "KILN_STORAGE_LOCAL_DIR": str(settings.storage.local_dir.resolve()),
+                "KILN_SERVER_HOST": host or settings.server.host,
+                "KILN_SERVER_PORT": str(port or settings.server.port),
+            }
+        )
+        child_settings = settings.model_copy(
+            update={
+                "database": settings.database.model_copy(update={"url": database_url}),
+                "redis": settings.redis.model_copy(update={"url": redis_url}),
+                "server": settings.server.model_copy(
+                    update={"host": env["KILN_SERVER_HOST"], "port": int(env["KILN_SERVER_PORT"])}
+                ),
+            }
+        )
         migrate(database_url)
-        demo_key = asyncio.run(_ensure_demo_key(child_settings, data_dir / DEMO_KEY_FILE))
+        key = demo_key(child_settings, data_dir / DEMO_KEY_FILE)
 
         for name in ("api", "worker", "beat"):
             children[name] = subprocess.Popen([sys.executable, "-m", "api.cli", name], env=env)  # noqa: S603
@@ -142,9 +151,9 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
         print(
             "\n"
             f"  Kiln is running at {base_url}\n"
-            f"  Demo API key:      {demo_key}\n"
+            f"  Demo API key:      {key}\n"
             f"  OpenAPI docs:      {base_url}/schema/swagger\n\n"
-            f"  curl -s -X POST {base_url}/api/v1/generations -H 'X-API-Key: {demo_key}' \\\n"
+            f"  curl -s -X POST {base_url}/api/v1/generations -H 'X-API-Key: {key}' \\\n"
             "       -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'\n\n"
             "  Press Ctrl-C to stop.\n",
             flush=True,

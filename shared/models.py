@@ -77,7 +77,9 @@ class ApiKey(SQLModel, table=True):
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
-    project_id: uuid.UUID | None = Field(default=None, foreign_key="projects.id", ondelete="CASCADE", index=True)
+    project_id: uuid.UUID | None = Field(
+        default=None, foreign_key="projects.id", ondelete="CASCADE", index=True
+    )
     kind: str = Field(default=ApiKeyKind.PROJECT.value, sa_type=Text)  # type: ignore[call-overload]
     name: str = Field(default="", sa_type=Text)  # type: ignore[call-overload]
     prefix: str = Field(sa_type=Text)  # type: ignore[call-overload]
@@ -114,7 +116,8 @@ class Generation(SQLModel, table=True):
     __tablename__ = "generations"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('pending', 'processing', 'success', 'failed', 'cancelled')", name="ck_generations_status"
+            "status IN ('pending', 'processing', 'success', 'failed', 'cancelled')",
+            name="ck_generations_status",
         ),
         # Newest-first lists, with and without a status filter, keyset on (created_at, id).
         Index("ix_generations_project_created", "project_id", text("created_at DESC"), text("id DESC")),

@@ -20,7 +20,13 @@ SWEEP_TASK = "kiln.sweep"
 def celery_config(settings: Settings) -> dict[str, object]:
     g = settings.generation
     # Every provider try may take the full timeout, plus the waits between tries, plus storage.
-    task_time_limit = int(g.provider_timeout_seconds * (g.provider_retries + 1) + g.retry_max_wait_seconds * g.provider_retries) + 60
+    task_time_limit = (
+        int(
+            g.provider_timeout_seconds * (g.provider_retries + 1)
+            + g.retry_max_wait_seconds * g.provider_retries
+        )
+        + 60
+    )
     return {
         "broker_url": settings.broker_url,
         "task_default_queue": settings.worker.queue,
@@ -51,6 +57,4 @@ def create_producer(settings: Settings) -> Celery:
 
 async def enqueue_generation(app: Celery, generation_id: uuid.UUID, queue: str) -> None:
     """Publish `kiln.generate(id)`. Celery's publish blocks, so it runs in a thread."""
-    await asyncio.to_thread(
-        app.send_task, GENERATE_TASK, args=[str(generation_id)], queue=queue, retry=False
-    )
+    await asyncio.to_thread(app.send_task, GENERATE_TASK, args=[str(generation_id)], queue=queue, retry=False)

@@ -19,7 +19,7 @@ DEFAULT_SECRET_KEY = "kiln-embedded-insecure-secret-key"  # noqa: S105 - refused
 class DatabaseSettings(BaseModel):
     url: str | None = Field(
         default=None,
-        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). Empty: embedded server under var/.",
+        description="PostgreSQL URL (postgresql://user:pass@host/db). Empty: embedded server under var/.",
     )
     pool_size: int = Field(default=10, description="Connections kept open per process.")
     max_overflow: int = Field(default=10, description="Extra connections allowed under burst.")
@@ -53,7 +53,8 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8000, description="API port.")
     workers: int = Field(default=1, description="API server processes.")
     public_url: str | None = Field(
-        default=None, description="Base URL clients reach the API at (for image URLs). Default: http://host:port."
+        default=None,
+        description="Base URL clients reach the API at (for image URLs). Default: http://host:port.",
     )
     max_body_bytes: int = Field(default=1_048_576, description="Largest JSON body accepted (413 above).")
 

@@ -24,7 +24,7 @@ from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_ope
 
 def docker_answers() -> bool:
     try:
-        import docker  # noqa: PLC0415
+        import docker
 
         docker.from_env(timeout=2).ping()
         return True
@@ -38,7 +38,7 @@ def postgres_server() -> Iterator[str]:
     if url := os.environ.get("KILN_TEST_DATABASE_URL"):
         yield url
     elif docker_answers():
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield pg.get_connection_url()
@@ -56,7 +56,7 @@ def redis_server() -> Iterator[str]:
     if url := os.environ.get("KILN_TEST_REDIS_URL"):
         yield url
     elif docker_answers():
-        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+        from testcontainers.redis import RedisContainer
 
         with RedisContainer("redis:7-alpine") as r:
             yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
@@ -71,8 +71,8 @@ def redis_server() -> Iterator[str]:
 
 def create_database(admin_url: str, prefix: str = "kiln_test") -> str:
     """A new, empty database on the server of `admin_url`; returns its URL."""
-    import psycopg  # noqa: PLC0415
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    import psycopg
+    from sqlalchemy.engine import make_url
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     u = make_url(admin_url)
@@ -85,7 +85,7 @@ def create_database(admin_url: str, prefix: str = "kiln_test") -> str:
 def moto_s3_server() -> Iterator[str]:
     """moto in server mode: a real S3 endpoint over HTTP on a local port."""
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,0 +1,1 @@
+"""Projects and API keys (admin keys only; the CLI calls the same service functions)."""

@@ -1,0 +1,106 @@
+"""HTTP routes of /api/v1/admin (admin keys only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath
+
+from api.admin import service
+from api.admin.schemas import (
+    ApiKeyEnvelope,
+    ApiKeyListEnvelope,
+    CreateApiKeyRequest,
+    CreatedApiKeyEnvelope,
+    CreateProjectRequest,
+    ProjectEnvelope,
+    ProjectListEnvelope,
+    api_key_record,
+    created_api_key_record,
+    project_record,
+)
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.parsing import decode_body, parse_uuid
+from api.resources import resources_of
+from api.security.auth import invalidate_cached_key
+from api.security.guards import require_admin, require_api_key
+from shared.db import transaction
+from shared.models import ApiKeyKind
+
+AnyRequest = Request[Any, Any, Any]
+
+
+class AdminController(Controller):
+    path = "/api/v1/admin"
+    guards = [require_api_key, require_admin]
+    security = API_KEY_SECURITY
+    tags = ["admin"]
+
+    @post(
+        "/projects",
+        status_code=201,
+        operation_class=json_body(CreateProjectRequest),
+        summary="Create a project",
+        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def create_project(self, request: AnyRequest) -> ProjectEnvelope:
+        body = decode_body(await request.body(), CreateProjectRequest)
+        async with transaction(resources_of(request).sessions) as session:
+            project = await service.create_project(session, body.name, body.slug)
+        return ProjectEnvelope(data=project_record(project))
+
+    @get("/projects", summary="List projects", responses=error_responses(403, *AUTHENTICATED_ERRORS))
+    async def list_projects(self, request: AnyRequest) -> ProjectListEnvelope:
+        async with resources_of(request).sessions() as session:
+            projects = await service.list_projects(session)
+        return ProjectListEnvelope(data=[project_record(p) for p in projects])
+
+    @post(
+        "/projects/{project_id:str}/keys",
+        status_code=201,
+        operation_class=json_body(CreateApiKeyRequest),
+        summary="Create a project key (the plain key is in this response only)",
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def create_api_key(self, request: AnyRequest, project_id: FromPath[str]) -> CreatedApiKeyEnvelope:
+        project_uuid = parse_uuid(project_id, "projectId")
+        raw = await request.body()
+        # An empty body means "all defaults".
+        body = decode_body(raw, CreateApiKeyRequest) if raw.strip() else CreateApiKeyRequest()
+        async with transaction(resources_of(request).sessions) as session:
+            key, plain = await service.create_api_key(
+                session,
+                project_uuid,
+                ApiKeyKind.PROJECT,
+                name=body.name,
+                generations_per_hour=body.generations_per_hour,
+                reads_per_hour=body.reads_per_hour,
+            )
+        return CreatedApiKeyEnvelope(data=created_api_key_record(key, plain))
+
+    @get(
+        "/projects/{project_id:str}/keys",
+        summary="List a project's keys (prefixes only)",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def list_api_keys(self, request: AnyRequest, project_id: FromPath[str]) -> ApiKeyListEnvelope:
+        project_uuid = parse_uuid(project_id, "projectId")
+        async with resources_of(request).sessions() as session:
+            keys = await service.list_api_keys(session, project_uuid)
+        return ApiKeyListEnvelope(data=[api_key_record(k) for k in keys])
+
+    @delete(
+        "/keys/{key_id:str}",
+        status_code=200,
+        summary="Revoke a key (refused at once)",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def revoke_api_key(self, request: AnyRequest, key_id: FromPath[str]) -> ApiKeyEnvelope:
+        resources = resources_of(request)
+        key_uuid = parse_uuid(key_id, "keyId")
+        async with transaction(resources.sessions) as session:
+            key = await service.revoke_api_key(session, key_uuid)
+            # Tombstone before the commit: if Redis is down the revoke fails whole, not half.
+            await invalidate_cached_key(resources.redis, key.digest)
+        return ApiKeyEnvelope(data=api_key_record(key))

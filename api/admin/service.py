@@ -1,0 +1,132 @@
+"""Projects and API keys. The admin routes and the CLI (`kiln projects|keys ...`) call these.
+
+Every function takes the session and leaves the transaction to the caller
+(`async with shared.db.transaction(sessions) as session: ...`). After revoking a key, also call
+`api.security.auth.invalidate_cached_key(redis, key.digest)` so that API processes refuse it at
+once instead of when its cache entry expires (the admin route does both).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.admin import repository
+from shared.apikeys import generate_api_key
+from shared.errors import NotFound, ValidationFailed
+from shared.models import ApiKey, ApiKeyKind, Project, utcnow
+
+NAME_MAX_LENGTH = 200
+HOURLY_LIMIT_MAX = 10_000_000
+_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64].strip("-")
+    return slug or "project"
+
+
+def _check_name(name: str, field: str, *, required: bool) -> str:
+    name = name.strip()
+    if required and not name:
+        raise ValidationFailed.field(field, "must not be empty")
+    if len(name) > NAME_MAX_LENGTH:
+        raise ValidationFailed.field(field, f"must be at most {NAME_MAX_LENGTH} characters")
+    if "\x00" in name:
+        raise ValidationFailed.field(field, "must not contain NUL characters")
+    return name
+
+
+def _check_limit(value: int | None, field: str) -> int | None:
+    if value is not None and not 1 <= value <= HOURLY_LIMIT_MAX:
+        raise ValidationFailed.field(field, f"must be between 1 and {HOURLY_LIMIT_MAX}")
+    return value
+
+
+async def create_project(session: AsyncSession, name: str, slug: str | None = None) -> Project:
+    name = _check_name(name, "name", required=True)
+    if slug is None:
+        slug = base = slugify(name)
+        while await repository.slug_taken(session, slug):  # a derived slug never fails: suffix it
+            slug = f"{base[:57]}-{secrets.token_hex(3)}"
+    else:
+        if not _SLUG.match(slug):
+            raise ValidationFailed.field(
+                "slug", "must be 1-64 lowercase letters, digits or dashes, starting and ending alphanumeric"
+            )
+        if await repository.slug_taken(session, slug):
+            raise ValidationFailed.field("slug", f"{slug!r} is already in use")
+    # created_at is set here: a server default would need a refresh before it can be read.
+    project = Project(name=name, slug=slug, created_at=utcnow())
+    session.add(project)
+    try:
+        await session.flush()
+    except sa_exc.IntegrityError:  # a concurrent create took the slug between check and insert
+        raise ValidationFailed.field("slug", f"{slug!r} is already in use") from None
+    return project
+
+
+async def list_projects(session: AsyncSession) -> Sequence[Project]:
+    return await repository.list_projects(session)
+
+
+async def get_project(session: AsyncSession, project_id: uuid.UUID) -> Project:
+    project = await repository.get_project(session, project_id)
+    if project is None:
+        raise NotFound("Project not found")
+    return project
+
+
+async def create_api_key(
+    session: AsyncSession,
+    project_id: uuid.UUID | None,
+    kind: ApiKeyKind,
+    name: str = "",
+    generations_per_hour: int | None = None,
+    reads_per_hour: int | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key and its plain text, which is never stored (only its SHA-256 digest is)."""
+    kind = ApiKeyKind(kind)
+    if kind is ApiKeyKind.ADMIN and project_id is not None:
+        raise ValidationFailed.field("projectId", "admin keys belong to no project")
+    if kind is ApiKeyKind.PROJECT:
+        if project_id is None:
+            raise ValidationFailed.field("projectId", "project keys need a project")
+        await get_project(session, project_id)
+    new = generate_api_key()
+    key = ApiKey(
+        project_id=project_id,
+        kind=kind.value,
+        name=_check_name(name, "name", required=False),
+        prefix=new.prefix,
+        digest=new.digest,
+        generations_per_hour=_check_limit(generations_per_hour, "generationsPerHour"),
+        reads_per_hour=_check_limit(reads_per_hour, "readsPerHour"),
+        created_at=utcnow(),
+    )
+    session.add(key)
+    await session.flush()
+    return key, new.plain
+
+
+async def list_api_keys(session: AsyncSession, project_id: uuid.UUID | None) -> list[ApiKey]:
+    """Keys of a project (None: the admin keys)."""
+    if project_id is not None:
+        await get_project(session, project_id)
+    return list(await repository.list_api_keys(session, project_id))
+
+
+async def revoke_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey:
+    """Mark the key revoked (idempotent: a second revoke keeps the first time)."""
+    key = await repository.get_api_key(session, key_id)
+    if key is None:
+        raise NotFound("API key not found")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        await session.flush()
+    return key

@@ -1,0 +1,68 @@
+"""The Litestar application.
+
+Run it with `uvicorn api.app:app` (the module attribute is built on first access, from the
+environment's settings) or `uvicorn --factory api.app:create_app`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from api.admin.controller import AdminController
+from api.errors import handle_exception
+from api.generations.controller import GenerationController
+from api.health.controller import HealthController
+from api.images.controller import ImageController, PublicImageController
+from api.middleware import RequestContextMiddleware
+from api.openapi import API_KEY_SCHEME
+from api.resources import resources_lifespan
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or get_settings()
+    configure_logging(settings)
+    app = Litestar(
+        route_handlers=[
+            GenerationController,
+            ImageController,
+            PublicImageController,
+            AdminController,
+            HealthController,
+        ],
+        lifespan=[resources_lifespan],
+        middleware=[RequestContextMiddleware],
+        exception_handlers={Exception: handle_exception},
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Kiln",
+            version="0.1.0",
+            description="Self-hostable image generation: create a generation, poll it, fetch the image.",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    API_KEY_SCHEME: SecurityScheme(
+                        type="apiKey", name="X-API-Key", security_scheme_in="header"
+                    )
+                }
+            ),
+        ),
+        logging_config=None,  # structlog (configure_logging) owns logging; errors are logged by the handler
+        debug=False,
+    )
+    app.state.settings = settings
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn api.app:app` without building an app (and reading settings) at import time.
+    if name == "app":
+        built = create_app()
+        globals()["app"] = built
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

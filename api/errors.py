@@ -1,0 +1,115 @@
+"""One exception handler: every error leaves the API in the envelope, with a stable code.
+
+KilnError subclasses carry their own status, code and headers. Litestar's own errors (unknown route,
+wrong method, body too large, parameter validation) are translated to the same envelope. A database or
+Redis that cannot be reached answers 503 with Retry-After; anything else is a logged 500 whose body
+never carries a stack trace.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from redis import exceptions as redis_errors
+from sqlalchemy import exc as sa_exc
+
+from api.compiled_query import DATABASE_UNAVAILABLE
+from api.envelope import ErrorBody, ErrorEnvelope
+from api.middleware import REQUEST_ID_STATE_KEY, incoming_request_id
+from shared.db import is_connection_error
+from shared.errors import KilnError
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_RETRY_AFTER_SECONDS = "5"
+
+_CODES_BY_STATUS = {
+    400: "VALIDATION_ERROR",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "RATE_LIMIT_EXCEEDED",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    body = msgspec.json.encode(ErrorEnvelope(error=ErrorBody(code=code, message=message, details=details)))
+    return Response(content=body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _is_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, sa_exc.TimeoutError)):
+        return True  # Redis unreachable, or no pooled database connection came free in time
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        return True  # from queries run on the driver directly (api.compiled_query)
+    return is_connection_error(exc)
+
+
+def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    code = _CODES_BY_STATUS.get(status) or HTTPStatus(status).name
+    headers = dict(exc.headers or {})
+    details = None
+    if status == 404:
+        message = f"No route for {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    elif status == 413:
+        limit = request.app.state.settings.server.max_body_bytes
+        message = f"Request body larger than {limit} bytes"
+    elif isinstance(exc, ValidationException):
+        message = "Invalid parameters"
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        details = [
+            {"field": str(item.get("key") or "body"), "message": str(item.get("message") or exc.detail)}
+            for item in extra
+            if isinstance(item, dict)
+        ] or [{"field": "body", "message": exc.detail}]
+    else:
+        message = exc.detail
+    if status >= 500:
+        log.error("server error", method=request.method, path=request.url.path, exc_info=exc)
+    if status == 503:
+        headers.setdefault("Retry-After", _RETRY_AFTER_SECONDS)
+    return error_response(status, code, message, details=details, headers=headers)
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, KilnError):
+        response = error_response(
+            exc.status_code, exc.code, exc.message, details=exc.details, headers=exc.headers or None
+        )
+    elif isinstance(exc, HTTPException):
+        response = _from_litestar(request, exc)
+    elif _is_unavailable(exc):
+        log.warning("backing service unavailable", path=request.url.path, error=repr(exc))
+        response = error_response(
+            503,
+            "SERVICE_UNAVAILABLE",
+            "A backing service (database or Redis) is unavailable; retry later",
+            headers={"Retry-After": _RETRY_AFTER_SECONDS},
+        )
+    else:
+        log.error("unhandled error", method=request.method, path=request.url.path, exc_info=exc)
+        response = error_response(500, "INTERNAL_ERROR", "Internal error")
+    # Requests that never reached a route (404/405) skipped the middleware that echoes the id.
+    state = request.scope.get("state") or {}
+    if REQUEST_ID_STATE_KEY not in state and (request_id := incoming_request_id(request.scope)):
+        response.headers["X-Request-ID"] = request_id
+    return response

@@ -1,0 +1,1 @@
+"""Generations: create, read, list, delete."""

@@ -1,0 +1,44 @@
+"""Liveness and readiness, unauthenticated, outside the envelope (load balancers read the status)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, get
+from litestar.openapi import ResponseSpec
+
+from api.health import service
+from api.resources import resources_of
+
+
+class HealthStatus(msgspec.Struct):
+    status: str
+
+
+class ReadyStatus(msgspec.Struct):
+    status: str
+    checks: dict[str, str]
+
+
+class HealthController(Controller):
+    tags = ["operations"]
+
+    @get("/health", summary="The process is up (checks no dependency)")
+    async def health(self) -> HealthStatus:
+        return HealthStatus(status="ok")
+
+    @get(
+        "/ready",
+        summary="Database, Redis, broker and storage are reachable (else 503)",
+        responses={
+            503: ResponseSpec(data_container=ReadyStatus, description="A dependency failed (see checks)")
+        },
+    )
+    async def ready(self, request: Request[Any, Any, Any]) -> Response[ReadyStatus]:
+        checks = await service.readiness(resources_of(request))
+        if all(result == "ok" for result in checks.values()):
+            return Response(ReadyStatus(status="ok", checks=checks))
+        return Response(
+            ReadyStatus(status="unavailable", checks=checks), status_code=503, headers={"Retry-After": "5"}
+        )

@@ -1,0 +1,1 @@
+"""Images: metadata, content and the public /i/{token} URLs."""

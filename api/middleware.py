@@ -1,0 +1,49 @@
+"""Per-request context: a request id (honoured from X-Request-ID, echoed back, bound to the logs) and
+the rate-limit headers of the budget the request used (left in the scope state by the auth guard)."""
+
+from __future__ import annotations
+
+import uuid
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bound_contextvars
+
+from api.security.auth import RATE_LIMIT_STATE_KEY
+
+REQUEST_ID_STATE_KEY = "kiln_request_id"
+_MAX_REQUEST_ID_LENGTH = 128
+
+
+def incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            # Echoed and logged: accept only short printable ASCII, else mint our own.
+            if 0 < len(value) <= _MAX_REQUEST_ID_LENGTH and value.isascii() and value.decode().isprintable():
+                return value.decode()
+            return None
+    return None
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = incoming_request_id(scope) or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state[REQUEST_ID_STATE_KEY] = request_id
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", request_id.encode()))
+                if (rate := state.get(RATE_LIMIT_STATE_KEY)) is not None:
+                    headers.extend(rate.headers())
+                message["headers"] = headers
+            await send(message)
+
+        with bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_headers)

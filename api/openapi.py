@@ -1,0 +1,80 @@
+"""OpenAPI documentation of the JSON bodies that handlers decode themselves.
+
+Handlers read raw bytes (so every decode error is ours to word), which hides the body from Litestar's
+schema generation. `json_body(Struct)` gives a route an Operation class that documents the body with
+the JSON Schema msgspec derives from the same Struct the handler decodes with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody
+
+from api.envelope import ErrorEnvelope
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    # A body schema sits inside an operation, where "#/$defs/..." would point at the document root.
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    schema = msgspec.json.schema(struct)
+    return _inline_refs(schema, schema.get("$defs", {}))
+
+
+def json_body(
+    struct: type[msgspec.Struct], properties: dict[str, dict[str, Any]] | None = None
+) -> type[Operation]:
+    """`properties` adds the rules checked in code (enums, lengths) to the documented property schemas."""
+    schema = body_schema(struct)
+    for name, rules in (properties or {}).items():
+        schema["properties"][name].update(rules)
+
+    @dataclass
+    class JsonBodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                content={"application/json": OpenAPIMediaType(schema=schema)},  # type: ignore[arg-type]
+                required=True,
+            )
+
+    return JsonBodyOperation
+
+
+API_KEY_SCHEME = "ApiKey"
+# For controllers whose routes need the X-API-Key header.
+API_KEY_SECURITY: list[dict[str, list[str]]] = [{API_KEY_SCHEME: []}]
+
+_ERROR_DESCRIPTIONS = {
+    400: "VALIDATION_ERROR: `details` names each bad field",
+    401: "UNAUTHORIZED: missing, unknown or revoked X-API-Key",
+    403: "FORBIDDEN: the key may not do this",
+    404: "Not found (or another project's id)",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "RATE_LIMIT_EXCEEDED or CONCURRENCY_LIMIT_EXCEEDED; Retry-After set",
+    503: "SERVICE_UNAVAILABLE: database or Redis unreachable; Retry-After set",
+}
+# Every authenticated route can answer these.
+AUTHENTICATED_ERRORS = (401, 429, 503)
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """Document error statuses with the error envelope (instead of Litestar's own error shape)."""
+    return {
+        status: ResponseSpec(
+            data_container=ErrorEnvelope, description=_ERROR_DESCRIPTIONS[status], generate_examples=False
+        )
+        for status in sorted(set(statuses))
+    }

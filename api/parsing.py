@@ -1,0 +1,119 @@
+"""Turn untrusted request input (JSON bodies, path ids, query strings) into typed values.
+
+Every failure becomes a 400 VALIDATION_ERROR whose details name the field, so no input can reach a
+500. Bodies are decoded with msgspec directly (strict types, unknown fields refused, camelCase names).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.errors import ValidationFailed
+
+T = TypeVar("T")
+
+_AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_FIELD_IN_MESSAGE = re.compile(r"(?:unknown|missing required) field `(?P<name>[^`]+)`")
+_JSON_DEPTH_LIMIT = 32
+
+
+def _field_of(message: str) -> tuple[str, str]:
+    """msgspec's "Expected `str`, got `int` - at `$.meta.x`" → ("meta.x", "Expected `str`, got `int`")."""
+    match = _AT_PATH.match(message)
+    assert match is not None  # the pattern matches any string
+    text, path = match["message"], (match["path"] or "").lstrip(".")
+    if named := _FIELD_IN_MESSAGE.search(text):
+        path = f"{path}.{named['name']}" if path else named["name"]
+    return path or "body", text
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    if not body.strip():
+        raise ValidationFailed.field("body", "a JSON object is required")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        field, message = _field_of(str(exc))
+        raise ValidationFailed.field(field, message) from None
+    except msgspec.DecodeError as exc:
+        raise ValidationFailed.field("body", f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ValidationFailed.field("body", "malformed JSON: not valid UTF-8") from None
+    except RecursionError:
+        raise ValidationFailed.field("body", "JSON nested too deeply") from None
+
+
+def parse_uuid(value: str, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationFailed.field(field, "must be a UUID") from None
+
+
+def check_text(value: str | None, field: str, *, max_length: int, required: bool = False) -> str | None:
+    """Trimmed text within limits; NUL is refused because PostgreSQL text cannot hold it."""
+    if value is None:
+        return None
+    value = value.strip()
+    if required and not value:
+        raise ValidationFailed.field(field, "must not be empty")
+    if len(value) > max_length:
+        raise ValidationFailed.field(field, f"must be at most {max_length} characters (got {len(value)})")
+    if "\x00" in value:
+        raise ValidationFailed.field(field, "must not contain NUL characters")
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def check_json_object(value: dict[str, Any], field: str, *, max_bytes: int) -> dict[str, Any]:
+    """A free-form JSON object that PostgreSQL's jsonb will store as sent."""
+    encoded = msgspec.json.encode(value)
+    if len(encoded) > max_bytes:
+        raise ValidationFailed.field(field, f"must be at most {max_bytes} bytes as JSON (got {len(encoded)})")
+    if b"\\u0000" in encoded:
+        raise ValidationFailed.field(field, "must not contain NUL characters")
+    if _depth(value) > _JSON_DEPTH_LIMIT:
+        raise ValidationFailed.field(field, f"must not nest deeper than {_JSON_DEPTH_LIMIT} levels")
+    return value
+
+
+def parse_int(
+    value: str | None, field: str, *, default: int, minimum: int, maximum: int | None = None, hint: str = ""
+) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValidationFailed.field(field, "must be an integer") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ValidationFailed.field(field, f"must be {bounds}{hint}")
+    return number
+
+
+def parse_bool(value: str | None, field: str, *, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValidationFailed.field(field, "must be true or false")

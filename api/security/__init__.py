@@ -1,0 +1,1 @@
+"""Authentication (X-API-Key) and rate limiting."""

@@ -1,0 +1,190 @@
+"""The API on the real PostgreSQL + Redis of the session, local storage in a temp dir, in-process HTTP."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.admin.service import create_api_key, create_project
+from api.app import create_app
+from shared.db import transaction
+from shared.models import ApiKeyKind, metadata, new_id
+from shared.settings import Settings
+from shared.storage import ObjectStorage, create_storage
+
+generations = metadata.tables["generations"]
+images = metadata.tables["images"]
+
+BASE_URL = "http://kiln.test"
+
+
+def with_limits(settings: Settings, **limits: Any) -> Settings:
+    return settings.model_copy(update={"limits": settings.limits.model_copy(update=limits)})
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    """A fresh app (lifespan run) on `settings`."""
+    async with AsyncTestClient(app=create_app(settings), base_url=BASE_URL, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def api_settings(settings: Settings) -> Settings:
+    # Limits high enough that only the tests about limits ever meet them.
+    return with_limits(
+        settings.model_copy(update={"server": settings.server.model_copy(update={"public_url": BASE_URL})}),
+        generations_per_hour=100_000,
+        reads_per_hour=100_000,
+        max_in_flight_per_project=0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def client(api_settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with api_client(api_settings) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def storage(api_settings: Settings) -> ObjectStorage:
+    return create_storage(api_settings)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    project_id: uuid.UUID
+    key: str
+    key_id: uuid.UUID
+    digest: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+
+async def make_tenant(
+    sessions: async_sessionmaker[AsyncSession], name: str | None = None, **key_options: Any
+) -> Tenant:
+    async with transaction(sessions) as session:
+        project = await create_project(session, name or f"project {secrets.token_hex(3)}")
+        key, plain = await create_api_key(session, project.id, ApiKeyKind.PROJECT, "test", **key_options)
+    return Tenant(project.id, plain, key.id, key.digest)
+
+
+async def make_admin_key(sessions: async_sessionmaker[AsyncSession]) -> str:
+    async with transaction(sessions) as session:
+        _, plain = await create_api_key(session, None, ApiKeyKind.ADMIN, "admin")
+    return plain
+
+
+@pytest.fixture
+async def tenant(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> Tenant:
+    return await make_tenant(sessions, "Tenant A")
+
+
+@pytest.fixture
+async def other_tenant(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> Tenant:
+    return await make_tenant(sessions, "Tenant B")
+
+
+@pytest.fixture
+async def admin_headers(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    return {"X-API-Key": await make_admin_key(sessions)}
+
+
+async def insert_generation(
+    engine: AsyncEngine,
+    project_id: uuid.UUID,
+    *,
+    status: str = "pending",
+    created_at: datetime | None = None,
+    **values: Any,
+) -> uuid.UUID:
+    """A row written directly (as the worker would leave it), for read/list/delete tests."""
+    generation_id = values.pop("id", None) or new_id()
+    now = created_at or datetime.now(UTC)
+    row = {
+        "id": generation_id,
+        "project_id": project_id,
+        "prompt": "a prompt",
+        "original_prompt": "a prompt",
+        "auto_enhance": False,
+        "aspect_ratio": "1:1",
+        "status": status,
+        "provider": "placeholder",
+        "parameters": {},
+        "meta": {},
+        "retry_count": 0,
+        "attempts": 0,
+        "version": 1,
+        "deadline_at": now + timedelta(hours=1),
+        "created_at": now,
+        "updated_at": now,
+        **values,
+    }
+    async with engine.begin() as conn:
+        await conn.execute(insert(generations).values(**row))
+    return generation_id
+
+
+async def insert_image(
+    engine: AsyncEngine,
+    storage: ObjectStorage,
+    project_id: uuid.UUID,
+    generation_id: uuid.UUID | None,
+    *,
+    original: bytes = b"\x89PNG original bytes",
+    alias: str | None = None,
+) -> dict[str, Any]:
+    """An image row plus its three objects under the generation's prefix, as the worker writes them."""
+    image_id = new_id()
+    # One folder per image version, as the worker writes a new key set per version.
+    prefix = f"projects/{project_id}/generations/{generation_id or 'none'}/{image_id}"
+    row = {
+        "id": image_id,
+        "project_id": project_id,
+        "generation_id": generation_id,
+        "source": "generated",
+        "storage_key": f"{prefix}/original.png",
+        "thumb_sm_key": f"{prefix}/thumb-sm.webp",
+        "thumb_lg_key": f"{prefix}/thumb-lg.webp",
+        "mime_type": "image/png",
+        "width": 64,
+        "height": 48,
+        "file_size": len(original),
+        "public_token": secrets.token_urlsafe(24),
+        "alias": alias,
+        "meta": {},
+    }
+    await storage.put(row["storage_key"], original, "image/png")
+    await storage.put(row["thumb_sm_key"], b"RIFF small webp", "image/webp")
+    await storage.put(row["thumb_lg_key"], b"RIFF large webp", "image/webp")
+    async with engine.begin() as conn:
+        await conn.execute(insert(images).values(**row))
+    return row
+
+
+async def insert_finished_generation(
+    engine: AsyncEngine, storage: ObjectStorage, project_id: uuid.UUID, **values: Any
+) -> tuple[uuid.UUID, dict[str, Any]]:
+    """A `success` generation with its output image."""
+    generation_id = await insert_generation(engine, project_id, status="pending", **values)
+    image = await insert_image(engine, storage, project_id, generation_id)
+    async with engine.begin() as conn:
+        await conn.execute(
+            generations.update()
+            .where(generations.c.id == generation_id)
+            .values(status="success", output_image_id=image["id"], processing_time_ms=1234, attempts=1)
+        )
+    return generation_id, image

@@ -1,0 +1,247 @@
+"""API keys (401, revocation at once, tenancy) and the per-key sliding-window budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from api.admin.service import revoke_api_key
+from api.app import create_app
+from api.resources import resources_lifespan
+from api.security.auth import authenticate, invalidate_cached_key
+from api.security.ratelimit import Budget
+from shared.db import transaction
+from tests.integration.api.conftest import (
+    api_client,
+    generations,
+    insert_generation,
+    make_tenant,
+    with_limits,
+)
+
+CREATE = "/api/v1/generations"
+RATE_HEADERS = (
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+)
+
+
+async def generation_rows(engine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(generations))).scalar_one())
+
+
+def assert_rate_headers(response, limit: int) -> tuple[int, int]:
+    """Checks the header set of the budget used; returns (remaining, reset)."""
+    headers = response.headers
+    for name in RATE_HEADERS:
+        assert name in headers, f"{name} missing on {response.status_code}"
+    assert int(headers["x-ratelimit-limit"]) == limit
+    remaining, reset = int(headers["x-ratelimit-remaining"]), int(headers["x-ratelimit-reset"])
+    assert 0 <= remaining <= limit
+    assert 0 <= reset <= 3600
+    assert headers["ratelimit-policy"] == f"{limit};w=3600"
+    assert headers["ratelimit"] == f"limit={limit}, remaining={remaining}, reset={reset}"
+    return remaining, reset
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-API-Key": ""},
+        {"X-API-Key": "not-a-kiln-key"},
+        {"X-API-Key": "kiln_" + "A" * 40},  # well-formed, unknown
+        {"Authorization": "Bearer kiln_" + "A" * 40},  # wrong header
+    ],
+    ids=["missing", "empty", "malformed", "unknown", "wrong-header"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", CREATE),
+        ("get", CREATE),
+        ("get", f"{CREATE}/{uuid.uuid4()}"),
+        ("delete", f"{CREATE}/{uuid.uuid4()}"),
+        ("get", f"/api/v1/images/{uuid.uuid4()}"),
+        ("get", "/api/v1/admin/projects"),
+    ],
+)
+async def test_requests_without_a_valid_key_answer_401(client, tenant, engine, headers, method, path):
+    kwargs = {"json": {"prompt": "x"}} if method == "post" else {}
+    r = await getattr(client, method)(path, headers=headers, **kwargs)
+    assert r.status_code == 401
+    assert r.json() == {
+        "success": False,
+        "error": {"code": "UNAUTHORIZED", "message": r.json()["error"]["message"]},
+    }
+    assert "x-ratelimit-limit" not in r.headers  # nothing was spent
+    assert await generation_rows(engine) == 0
+
+
+async def test_a_key_revoked_through_the_service_answers_401_at_once(client, tenant, sessions, redis_client):
+    ok = await client.get(CREATE, headers=tenant.headers)
+    assert ok.status_code == 200  # the key record is now cached
+    # What the CLI does: revoke in the database, then drop the cached record.
+    async with transaction(sessions) as session:
+        key = await revoke_api_key(session, tenant.key_id)
+    await invalidate_cached_key(redis_client, key.digest)
+    r = await client.get(CREATE, headers=tenant.headers)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
+    r = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert r.status_code == 401
+
+
+async def test_a_key_revoked_over_http_answers_401_at_once(client, tenant, admin_headers):
+    assert (await client.get(CREATE, headers=tenant.headers)).status_code == 200
+    r = await client.delete(f"/api/v1/admin/keys/{tenant.key_id}", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["data"]["revokedAt"]
+    assert (await client.get(CREATE, headers=tenant.headers)).status_code == 401
+
+
+async def test_revocation_survives_the_cache_expiring(client, tenant, sessions, redis_client):
+    async with transaction(sessions) as session:
+        await revoke_api_key(session, tenant.key_id)
+    await redis_client.flushdb()  # no cache at all: the database answers
+    assert (await client.get(CREATE, headers=tenant.headers)).status_code == 401
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+async def test_another_projects_generation_is_not_found(client, tenant, other_tenant, engine, method):
+    theirs = await insert_generation(engine, other_tenant.project_id)
+    r = await getattr(client, method)(f"{CREATE}/{theirs}", headers=tenant.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "GENERATION_NOT_FOUND"
+    assert (await client.get(f"{CREATE}/{theirs}", headers=other_tenant.headers)).status_code == 200
+    listed = await client.get(CREATE, headers=tenant.headers)
+    assert listed.json()["data"] == [] and listed.json()["pagination"]["total"] == 0
+
+
+async def test_admin_keys_read_every_project(client, tenant, other_tenant, engine, admin_headers):
+    mine = await insert_generation(engine, tenant.project_id)
+    theirs = await insert_generation(engine, other_tenant.project_id)
+    for generation_id in (mine, theirs):
+        r = await client.get(f"{CREATE}/{generation_id}", headers=admin_headers)
+        assert r.status_code == 200 and r.json()["data"]["id"] == str(generation_id)
+    listed = await client.get(CREATE, headers=admin_headers)
+    assert {g["id"] for g in listed.json()["data"]} == {str(mine), str(theirs)}
+
+
+# --- rate limits ------------------------------------------------------------------------------
+
+
+async def test_exactly_100_of_200_concurrent_creates_are_admitted(api_settings, tenant, engine):
+    settings = with_limits(api_settings, generations_per_hour=100, max_in_flight_per_project=0)
+    async with api_client(settings) as client:
+        responses = await asyncio.gather(
+            *(client.post(CREATE, json={"prompt": f"p{i}"}, headers=tenant.headers) for i in range(200))
+        )
+    admitted = [r for r in responses if r.status_code == 201]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(admitted) == 100 and len(refused) == 100
+    assert await generation_rows(engine) == 100
+    # Atomic: each admitted request saw a different count.
+    assert sorted(assert_rate_headers(r, 100)[0] for r in admitted) == list(range(100))
+    for r in refused:
+        assert r.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+        remaining, reset = assert_rate_headers(r, 100)
+        assert remaining == 0 and reset >= 1
+        assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_headers_count_down_and_429_carries_retry_after(api_settings, tenant):
+    async with api_client(with_limits(api_settings, generations_per_hour=3)) as client:
+        seen = []
+        for _ in range(3):
+            r = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+            assert r.status_code == 201
+            seen.append(assert_rate_headers(r, 3))
+        assert [remaining for remaining, _ in seen] == [2, 1, 0]
+        assert all(3590 <= reset <= 3600 for _, reset in seen)  # the first admission frees a slot in 1 h
+        r = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert r.status_code == 429
+    assert r.json()["success"] is False and r.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    remaining, reset = assert_rate_headers(r, 3)
+    assert remaining == 0 and 3590 <= reset <= 3600
+    assert int(r.headers["retry-after"]) == reset
+
+
+async def test_reads_do_not_consume_the_generate_budget(api_settings, tenant):
+    settings = with_limits(api_settings, generations_per_hour=2, reads_per_hour=50)
+    async with api_client(settings) as client:
+        for i in range(10):
+            r = await client.get(CREATE, headers=tenant.headers)
+            assert r.status_code == 200
+            assert assert_rate_headers(r, 50)[0] == 50 - i - 1
+        for expected in (1, 0):
+            r = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+            assert r.status_code == 201 and assert_rate_headers(r, 2)[0] == expected
+        assert (await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)).status_code == 429
+        # ...and spent generations leave reads alone.
+        r = await client.get(CREATE, headers=tenant.headers)
+        assert r.status_code == 200 and assert_rate_headers(r, 50)[0] == 39
+
+
+async def test_the_read_budget_is_enforced_too(api_settings, tenant):
+    async with api_client(with_limits(api_settings, reads_per_hour=2)) as client:
+        statuses = [(await client.get(CREATE, headers=tenant.headers)).status_code for _ in range(3)]
+        r = await client.get(f"{CREATE}/{uuid.uuid4()}", headers=tenant.headers)
+    assert statuses == [200, 200, 429]
+    assert r.status_code == 429 and r.headers["retry-after"]
+
+
+async def test_errors_after_authentication_carry_the_headers(client, tenant):
+    not_found = await client.get(f"{CREATE}/{uuid.uuid4()}", headers=tenant.headers)
+    invalid = await client.post(CREATE, json={"prompt": ""}, headers=tenant.headers)
+    assert not_found.status_code == 404 and invalid.status_code == 400
+    assert_rate_headers(not_found, 100_000)
+    assert_rate_headers(invalid, 100_000)
+
+
+async def test_a_per_key_override_replaces_the_default(api_settings, sessions, clean_state):
+    limited = await make_tenant(sessions, generations_per_hour=2, reads_per_hour=4)
+    regular = await make_tenant(sessions)
+    async with api_client(with_limits(api_settings, generations_per_hour=100, reads_per_hour=100)) as client:
+        codes = [(await client.post(CREATE, json={"prompt": "x"}, headers=limited.headers)) for _ in range(3)]
+        assert [r.status_code for r in codes] == [201, 201, 429]
+        assert_rate_headers(codes[-1], 2)
+        reads = [(await client.get(CREATE, headers=limited.headers)).status_code for _ in range(5)]
+        assert reads == [200, 200, 200, 200, 429]
+        # Budgets are per key: another key keeps the default.
+        r = await client.post(CREATE, json={"prompt": "x"}, headers=regular.headers)
+        assert r.status_code == 201 and assert_rate_headers(r, 100)[0] == 99
+
+
+async def test_redis_down_answers_503_with_retry_after_and_writes_nothing(api_settings, tenant, engine):
+    dead = api_settings.model_copy(
+        update={"redis": api_settings.redis.model_copy(update={"url": "redis://127.0.0.1:1/0"})}
+    )
+    async with api_client(dead) as client:
+        r = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+        read = await client.get(CREATE, headers=tenant.headers)
+    for response in (r, read):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert re.fullmatch(r"\d+", response.headers["retry-after"])
+    assert await generation_rows(engine) == 0
+
+
+async def test_a_burst_larger_than_the_redis_pool_waits_instead_of_failing(api_settings, tenant):
+    # Straight on the resources: the in-process test client does not overlap requests this much.
+    app = create_app(api_settings)
+    async with resources_lifespan(app):
+        resources = app.state.resources
+        results = await asyncio.gather(
+            *(authenticate(resources, tenant.key, Budget.READ) for _ in range(300)), return_exceptions=True
+        )
+    assert [type(r).__name__ for r in results if not isinstance(r, tuple)] == []
+    assert sorted(rate.remaining for _, rate in results) == list(range(100_000 - 300, 100_000))
