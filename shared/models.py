@@ -166,10 +166,104 @@ class Generation(SQLModel, table=True):
     started_at: datetime | None = _ts()
     completed_at: datetime | None = _ts()
     cancelled_at: datetime | None = _ts()
+    webhook_url: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
     # Set when the output image was soft-deleted through the images API (hidden unless includeDeleted).
     deleted_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False, default_now=True)
     updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class Connection(SQLModel, table=True):
+    """A project's provider profile: which engine, where, with which key and default parameters."""
+
+    __tablename__ = "connections"
+    __table_args__ = (
+        Index("ix_connections_project_created", "project_id", "created_at", "id"),
+        # At most one default per project.
+        Index(
+            "ux_connections_project_default", "project_id", unique=True, postgresql_where=text("is_default")
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    name: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    provider: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    api_url: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    api_key_encrypted: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    model: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    is_default: bool = False
+    default_parameters: dict[str, Any] = _json()
+    # Provider-specific settings that are not generation parameters (ComfyUI workflow + node mapping,
+    # Gemini method, Azure api-version, A1111 auth user): free-form, validated by the adapter.
+    meta: dict[str, Any] = _json()
+    timeout_seconds: float | None = Field(default=None)
+    max_concurrency: int | None = Field(default=None)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The first response to an `Idempotency-Key`, kept 24 h, so a retried POST returns it again."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        Index("ux_idempotency_project_key", "project_id", "key", unique=True),
+        Index("ix_idempotency_expires", "expires_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    key: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    request_hash: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    state: str = Field(default="in_progress", sa_type=Text)  # type: ignore[call-overload]  # or completed
+    response_status: int | None = Field(default=None)
+    response_body: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    expires_at: datetime = _ts(nullable=False)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_project", "project_id", "created_at"),)
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    url: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    description: str = Field(default="", sa_type=Text)  # type: ignore[call-overload]
+    secret_encrypted: str = Field(sa_type=Text)  # type: ignore[call-overload]  # `whsec_...`, encrypted
+    events: list[str] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False, server_default=text("'[]'"))
+    )
+    enabled: bool = True
+    disabled_reason: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    created_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
+    # NULL for a generation's own `webhookUrl` (no endpoint row).
+    endpoint_id: uuid.UUID | None = Field(
+        default=None, foreign_key="webhook_endpoints.id", ondelete="CASCADE"
+    )
+    generation_id: uuid.UUID | None = Field(default=None, index=True)
+    event: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    url: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    payload: dict[str, Any] = _json()
+    status: str = Field(default="pending", sa_type=Text)  # type: ignore[call-overload]  # delivered | failed
+    attempts: int = Field(default=0)
+    next_attempt_at: datetime | None = _ts()
+    last_status_code: int | None = Field(default=None)
+    last_error: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    delivered_at: datetime | None = _ts()
 
 
 metadata = SQLModel.metadata

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.netguard import OutboundPolicy
+
 DEFAULT_SECRET_KEY = "kiln-embedded-insecure-secret-key"  # noqa: S105 - refused outside embedded mode
 
 
@@ -90,6 +92,21 @@ class WorkerSettings(BaseModel):
     )
 
 
+class NetworkSettings(BaseModel):
+    allow_link_local: bool = Field(
+        default=False, description="Let provider/webhook URLs reach link-local and cloud-metadata addresses."
+    )
+    allow_private: bool = Field(
+        default=True, description="Let provider/webhook URLs reach private LAN addresses."
+    )
+    allow_loopback: bool = Field(
+        default=True, description="Let provider/webhook URLs reach 127.0.0.0/8 and ::1."
+    )
+
+    def policy(self) -> OutboundPolicy:
+        return OutboundPolicy(self.allow_link_local, self.allow_private, self.allow_loopback)
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     postgres_port: int = Field(default=54329, description="TCP port of the embedded PostgreSQL.")
@@ -118,6 +135,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     generation: GenerationSettings = GenerationSettings()
     worker: WorkerSettings = WorkerSettings()
+    network: NetworkSettings = NetworkSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

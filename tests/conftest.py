@@ -90,5 +90,10 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 async def clean_state(engine: AsyncEngine, redis_client: aioredis.Redis) -> None:
     """Empty tables and Redis before a test that needs a blank slate."""
     async with engine.begin() as conn:
-        await conn.execute(text("TRUNCATE projects, api_keys, images, generations CASCADE"))
+        await conn.execute(
+            text(
+                "TRUNCATE projects, api_keys, images, generations, connections, idempotency_keys,"
+                " webhook_endpoints, webhook_deliveries CASCADE"
+            )
+        )
     await redis_client.flushdb()
