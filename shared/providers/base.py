@@ -135,3 +135,101 @@ def check_parameters(
                     {"field": f"parameters.{other}", "message": f"must be given together with {name}"}
                 )
     return clean, errors
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    label: str
+
+
+@dataclass(frozen=True)
+class ProviderCapabilities:
+    """What `GET /api/v1/providers` publishes for one provider."""
+
+    name: str  # display name
+    parameters: dict[str, ParameterSpec]
+    api_key_required: bool
+    model_list_style: Literal["static", "dynamic", "google"]
+    static_models: tuple[ModelInfo, ...] = ()
+    default_url: str | None = None
+    default_model: str | None = None
+
+
+@dataclass(frozen=True)
+class ProviderConnection:
+    """What an adapter gets from a connection profile (or the server default), secrets decrypted.
+
+    `settings` holds provider-specific configuration that is not a generation parameter (ComfyUI
+    workflow + node mapping, Gemini method, Azure api-version, A1111 basic-auth, ...).
+    """
+
+    api_url: str | None = None  # None: the provider's default URL
+    api_key: str | None = None
+    model: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timeout_seconds: float = 120.0
+
+
+# Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
+_FORBIDDEN_OVERRIDE_KEYS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "key",
+        "authorization",
+        "auth",
+        "token",
+        "access_token",
+        "password",
+        "secret",
+        "url",
+        "base_url",
+        "baseurl",
+        "api_url",
+        "endpoint",
+        "host",
+        "headers",
+        "header",
+        "cookie",
+        "cookies",
+        "x-goog-api-key",
+        "api-key",
+    }
+)
+
+
+def strip_override(value: Any) -> Any:
+    """Drop credential, URL and header keys (at any depth, case-insensitively) from an override."""
+    if isinstance(value, dict):
+        return {
+            k: strip_override(v) for k, v in value.items() if str(k).lower() not in _FORBIDDEN_OVERRIDE_KEYS
+        }
+    if isinstance(value, list):
+        return [strip_override(v) for v in value]
+    return value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Objects merge key by key; arrays and scalars in `override` replace those in `base`."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_raw_request_override(body: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """Merge `parameters.rawRequestOverride` (an object, or a JSON string of one) into a vendor body."""
+    import json
+
+    raw = parameters.get("rawRequestOverride")
+    if raw is None:
+        return body
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if not isinstance(raw, dict):
+        return body
+    return deep_merge(body, strip_override(raw))
