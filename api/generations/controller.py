@@ -72,7 +72,7 @@ class GenerationController(Controller):
             raise Forbidden("Admin keys cannot create generations; use a project key")
         resources = resources_of(request)
         body = decode_body(await request.body(), CreateGenerationRequest)
-        valid = service.validate_create(body, resources.settings.generation.default_provider)
+        valid = service.validate_create(body)
         record = await service.create_generation(
             resources, principal.project_id, principal.max_in_flight, valid
         )

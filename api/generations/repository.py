@@ -121,6 +121,7 @@ INSERT_COLUMNS = (
     "status",
     "provider",
     "model",
+    "connection_id",
     "parameters",
     "seed",
     "meta",
@@ -240,7 +241,7 @@ async def cancel_unfinished(conn: AsyncConnection, generation_id: uuid.UUID, now
 
 
 async def mark_not_enqueued(conn: AsyncConnection, generation_id: uuid.UUID) -> None:
-    """The sweeper re-enqueues rows with no `enqueued_at` within seconds (not only when the queue is empty)."""
+    """The sweeper re-enqueues rows without `enqueued_at` within seconds, not only on an empty queue."""
     await conn.execute(
         update(generations)
         .where(generations.c.id == generation_id, generations.c.status == GenerationStatus.PENDING.value)

@@ -31,6 +31,7 @@ class CreateGenerationRequest(msgspec.Struct, forbid_unknown_fields=True, rename
     model: str | None = None
     parameters: dict[str, Any] | None = None
     seed: int | None = None
+    connection_id: str | None = None
 
 
 class GenerationRecord(msgspec.Struct, rename="camel"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from api.connections.service import resolve_generation_target
 from api.envelope import Pagination
 from api.generations import repository
 from api.generations.schemas import (
@@ -33,7 +34,6 @@ from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES, enhance
 from shared.errors import ConcurrencyLimitExceeded, GenerationNotFound, ValidationFailed
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id, utcnow
-from shared.providers import validate_parameters
 from shared.queueing import enqueue_generation
 from shared.sizes import ASPECT_RATIOS
 
@@ -64,10 +64,12 @@ class ValidGeneration:
     model: str | None
     parameters: dict[str, Any]
     seed: int | None
+    connection_id: uuid.UUID | None
 
 
-def validate_create(body: CreateGenerationRequest, provider: str) -> ValidGeneration:
-    """Check every field and report all bad ones at once."""
+def validate_create(body: CreateGenerationRequest) -> ValidGeneration:
+    """Check every field and report all bad ones at once. Parameters are checked against the provider's
+    schema once the connection is resolved (`resolve_generation_target`)."""
     errors: list[dict[str, Any]] = []
 
     def check(field: str, run: Any) -> Any:
@@ -101,8 +103,13 @@ def validate_create(body: CreateGenerationRequest, provider: str) -> ValidGenera
             "parameters",
             lambda: check_json_object(body.parameters or {}, "parameters", max_bytes=JSON_FIELD_MAX_BYTES),
         )
-        if checked is not None:
-            parameters = check("parameters", lambda: validate_parameters(provider, checked)) or {}
+        parameters = checked or {}
+    connection_id = None
+    if body.connection_id is not None:
+        try:
+            connection_id = uuid.UUID(body.connection_id)
+        except ValueError:
+            errors.append({"field": "connectionId", "message": "must be a UUID"})
     if errors:
         first = errors[0]
         raise ValidationFailed(f"{first['field']}: {first['message']}", details=errors)
@@ -116,6 +123,7 @@ def validate_create(body: CreateGenerationRequest, provider: str) -> ValidGenera
         model=model,
         parameters=parameters,
         seed=body.seed,
+        connection_id=connection_id,
     )
 
 
@@ -127,6 +135,9 @@ async def create_generation(
     resources: Resources, project_id: uuid.UUID, in_flight_override: int | None, request: ValidGeneration
 ) -> GenerationRecord:
     settings = resources.settings
+    target = await resolve_generation_target(
+        resources, project_id, request.connection_id, request.model, request.parameters
+    )
     prompt, engine = request.prompt, None
     if request.auto_enhance:
         enhancement = await enhance(request.prompt, request.template)
@@ -143,9 +154,10 @@ async def create_generation(
         "enhancement_engine": engine,
         "aspect_ratio": request.aspect_ratio,
         "status": GenerationStatus.PENDING.value,
-        "provider": settings.generation.default_provider,
-        "model": request.model,
-        "parameters": _json_text(request.parameters),
+        "provider": target.provider,
+        "model": target.model,
+        "connection_id": target.connection_id,
+        "parameters": _json_text(target.parameters),
         "seed": request.seed,
         "meta": _json_text(request.meta),
         "retry_count": 0,
