@@ -161,7 +161,12 @@ def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
         finally:
             await engine.dispose()
 
-    return asyncio.run(main())
+    from shared.errors import KilnError
+
+    try:
+        return asyncio.run(main())
+    except KilnError as exc:  # bad input: one line that says what is wrong, no traceback
+        raise _fail(exc.message) from exc
 
 
 async def _project_by_ref(session: Any, ref: str) -> Any:
