@@ -90,11 +90,23 @@ def api(
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Processes (KILN_WORKER_CONCURRENCY).")] = None,
     queues: Annotated[
-        str | None, typer.Option(help="Comma list of queues (default KILN_WORKER_QUEUE).")
+        str | None,
+        typer.Option(
+            help=(
+                "Comma list of queues. Default: KILN_WORKER_QUEUE and every provider's queue"
+                " (`<KILN_WORKER_QUEUE>.<provider>`), so one worker serves everything; run a worker per"
+                " provider with e.g. --queues kiln.generations.comfyui."
+            )
+        ),
     ] = None,
 ) -> None:
     """Run a Celery worker for generation jobs."""
     s = _settings()
+    if not queues:
+        from shared.queueing import generation_queues
+        from shared.webhooks import webhook_queue
+
+        queues = ",".join(dict.fromkeys([*generation_queues(s), webhook_queue(s)]))
     _exec(
         [
             sys.executable,
@@ -104,7 +116,7 @@ def worker(
             "worker.celery_app",
             "worker",
             "-Q",
-            queues or s.worker.queue,
+            queues,
             "-c",
             str(concurrency or s.worker.concurrency),
             "--loglevel",
@@ -175,9 +187,9 @@ async def _project_by_ref(session: Any, ref: str) -> Any:
     from shared.models import Project
 
     try:
-        condition = Project.id == uuid.UUID(ref)  # type: ignore[arg-type]
+        condition = Project.id == uuid.UUID(ref)
     except ValueError:
-        condition = Project.slug == ref  # type: ignore[arg-type]
+        condition = Project.slug == ref
     project = (await session.execute(select(Project).where(condition))).scalar_one_or_none()
     if project is None:
         raise _fail(f"no project {ref!r}: see `kiln projects list`")

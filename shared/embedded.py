@@ -15,8 +15,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 
 def _pg_bin(name: str) -> str:
@@ -45,7 +47,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -55,23 +57,29 @@ def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> 
     raise RuntimeError(f"{what} did not start within {timeout:.0f}s. {tail}")
 
 
-def _as_postgres_user() -> dict[str, object]:
+class RunAs(TypedDict, total=False):
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def _as_postgres_user() -> RunAs:
     """PostgreSQL refuses to run as root: drop to `nobody` when we are root."""
     if os.geteuid() != 0:
         return {}
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    return {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    return RunAs(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
 
 
-def _reachable_by(path: Path, run_as: dict[str, object]) -> bool:
+def _reachable_by(path: Path, run_as: RunAs) -> bool:
     return (
-        subprocess.run(["test", "-x", str(path)], **run_as, capture_output=True).returncode == 0  # type: ignore[call-overload]  # noqa: S603, S607
+        subprocess.run(["test", "-x", str(path)], **run_as, capture_output=True).returncode == 0  # noqa: S603, S607
     )
 
 
-def _postgres_home(data_dir: Path, run_as: dict[str, object]) -> Path:
+def _postgres_home(data_dir: Path, run_as: RunAs) -> Path:
     """Where the server's files go. As root the server runs as `nobody`, which cannot enter a private
     directory such as /root or pytest's tmp dir: then use a stable directory of its own under /tmp."""
     if not run_as or _reachable_by(data_dir.parent, run_as):
@@ -103,7 +111,7 @@ class EmbeddedPostgres:
         pgdata = self.home / "pgdata"
         log = self.home / "postgres.log"
         if run_as:
-            shutil.chown(self.home, user=int(run_as["user"]), group=int(run_as["group"]))  # type: ignore[call-overload]
+            shutil.chown(self.home, user=int(run_as["user"]), group=int(run_as["group"]))
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)
@@ -122,7 +130,7 @@ class EmbeddedPostgres:
                 ],
                 check=True,
                 capture_output=True,
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
         (pgdata / "postmaster.pid").unlink(missing_ok=True) if not port_open(self.port) else None
         if port_open(self.port):
@@ -156,7 +164,7 @@ class EmbeddedPostgres:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C goes to kiln, which stops us in order
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
         _wait_for(lambda: self._ready(), timeout, "embedded PostgreSQL", log)
         return self

@@ -33,7 +33,7 @@ def utcnow() -> datetime:
 def _ts(nullable: bool = True, default_now: bool = False) -> Any:
     return Field(
         default=None,
-        sa_type=DateTime(timezone=True),  # type: ignore[call-overload]
+        sa_type=DateTime(timezone=True),
         nullable=nullable,
         sa_column_kwargs={"server_default": text("now()")} if default_now else {},
     )
@@ -63,8 +63,8 @@ class Project(SQLModel, table=True):
     __tablename__ = "projects"
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
-    name: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    slug: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]
+    name: str = Field(sa_type=Text)
+    slug: str = Field(sa_type=Text, unique=True)
     max_in_flight: int | None = Field(default=None)
     created_at: datetime = _ts(nullable=False, default_now=True)
 
@@ -80,10 +80,10 @@ class ApiKey(SQLModel, table=True):
     project_id: uuid.UUID | None = Field(
         default=None, foreign_key="projects.id", ondelete="CASCADE", index=True
     )
-    kind: str = Field(default=ApiKeyKind.PROJECT.value, sa_type=Text)  # type: ignore[call-overload]
-    name: str = Field(default="", sa_type=Text)  # type: ignore[call-overload]
-    prefix: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    digest: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]  # SHA-256 hex of the key
+    kind: str = Field(default=ApiKeyKind.PROJECT.value, sa_type=Text)
+    name: str = Field(default="", sa_type=Text)
+    prefix: str = Field(sa_type=Text)
+    digest: str = Field(sa_type=Text, unique=True)  # SHA-256 hex of the key
     generations_per_hour: int | None = Field(default=None)
     reads_per_hour: int | None = Field(default=None)
     created_at: datetime = _ts(nullable=False, default_now=True)
@@ -97,16 +97,16 @@ class Image(SQLModel, table=True):
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
     generation_id: uuid.UUID | None = Field(default=None, index=True)
-    source: str = Field(default="generated", sa_type=Text)  # type: ignore[call-overload]
-    storage_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    thumb_sm_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    thumb_lg_key: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    mime_type: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    source: str = Field(default="generated", sa_type=Text)
+    storage_key: str = Field(sa_type=Text)
+    thumb_sm_key: str = Field(sa_type=Text)
+    thumb_lg_key: str = Field(sa_type=Text)
+    mime_type: str = Field(sa_type=Text)
     width: int
     height: int
-    file_size: int = Field(sa_type=BigInteger)  # type: ignore[call-overload]
-    public_token: str = Field(sa_type=Text, unique=True)  # type: ignore[call-overload]
-    alias: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    file_size: int = Field(sa_type=BigInteger)
+    public_token: str = Field(sa_type=Text, unique=True)
+    alias: str | None = Field(default=None, sa_type=Text)
     meta: dict[str, Any] = _json()
     created_at: datetime = _ts(nullable=False, default_now=True)
     deleted_at: datetime | None = _ts()
@@ -139,34 +139,34 @@ class Generation(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
-    prompt: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    original_prompt: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    negative_prompt: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    prompt: str = Field(sa_type=Text)
+    original_prompt: str = Field(sa_type=Text)
+    negative_prompt: str | None = Field(default=None, sa_type=Text)
     auto_enhance: bool = True
-    enhancement_template: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
-    enhancement_engine: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
-    aspect_ratio: str = Field(default="1:1", sa_type=Text)  # type: ignore[call-overload]
-    status: str = Field(default=GenerationStatus.PENDING.value, sa_type=Text)  # type: ignore[call-overload]
-    provider: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    model: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    enhancement_template: str | None = Field(default=None, sa_type=Text)
+    enhancement_engine: str | None = Field(default=None, sa_type=Text)
+    aspect_ratio: str = Field(default="1:1", sa_type=Text)
+    status: str = Field(default=GenerationStatus.PENDING.value, sa_type=Text)
+    provider: str = Field(sa_type=Text)
+    model: str | None = Field(default=None, sa_type=Text)
     connection_id: uuid.UUID | None = Field(default=None)
     parameters: dict[str, Any] = _json()
-    seed: int | None = Field(default=None, sa_type=BigInteger)  # type: ignore[call-overload]
+    seed: int | None = Field(default=None, sa_type=BigInteger)
     meta: dict[str, Any] = _json()
     output_image_id: uuid.UUID | None = Field(default=None, foreign_key="images.id", ondelete="SET NULL")
     processing_time_ms: int | None = Field(default=None)
     retry_count: int = Field(default=0)
     attempts: int = Field(default=0)
     version: int = Field(default=1)
-    error_code: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
-    error_message: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    error_code: str | None = Field(default=None, sa_type=Text)
+    error_message: str | None = Field(default=None, sa_type=Text)
     lease_until: datetime | None = _ts()
     deadline_at: datetime = _ts(nullable=False)
     enqueued_at: datetime | None = _ts()
     started_at: datetime | None = _ts()
     completed_at: datetime | None = _ts()
     cancelled_at: datetime | None = _ts()
-    webhook_url: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    webhook_url: str | None = Field(default=None, sa_type=Text)
     # Set when the output image was soft-deleted through the images API (hidden unless includeDeleted).
     deleted_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False, default_now=True)
@@ -187,11 +187,11 @@ class Connection(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
-    name: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    provider: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    api_url: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
-    api_key_encrypted: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
-    model: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    name: str = Field(sa_type=Text)
+    provider: str = Field(sa_type=Text)
+    api_url: str | None = Field(default=None, sa_type=Text)
+    api_key_encrypted: str | None = Field(default=None, sa_type=Text)
+    model: str | None = Field(default=None, sa_type=Text)
     is_default: bool = False
     default_parameters: dict[str, Any] = _json()
     # Provider-specific settings that are not generation parameters (ComfyUI workflow + node mapping,
@@ -214,9 +214,9 @@ class IdempotencyRecord(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
-    key: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    request_hash: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    state: str = Field(default="in_progress", sa_type=Text)  # type: ignore[call-overload]  # or completed
+    key: str = Field(sa_type=Text)
+    request_hash: str = Field(sa_type=Text)
+    state: str = Field(default="in_progress", sa_type=Text)  # or completed
     response_status: int | None = Field(default=None)
     response_body: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
     created_at: datetime = _ts(nullable=False, default_now=True)
@@ -229,14 +229,14 @@ class WebhookEndpoint(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     project_id: uuid.UUID = Field(foreign_key="projects.id", ondelete="CASCADE")
-    url: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    description: str = Field(default="", sa_type=Text)  # type: ignore[call-overload]
-    secret_encrypted: str = Field(sa_type=Text)  # type: ignore[call-overload]  # `whsec_...`, encrypted
+    url: str = Field(sa_type=Text)
+    description: str = Field(default="", sa_type=Text)
+    secret_encrypted: str = Field(sa_type=Text)  # `whsec_...`, encrypted
     events: list[str] = Field(
         default_factory=list, sa_column=Column(JSONB, nullable=False, server_default=text("'[]'"))
     )
     enabled: bool = True
-    disabled_reason: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    disabled_reason: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = _ts(nullable=False, default_now=True)
 
 
@@ -254,14 +254,14 @@ class WebhookDelivery(SQLModel, table=True):
         default=None, foreign_key="webhook_endpoints.id", ondelete="CASCADE"
     )
     generation_id: uuid.UUID | None = Field(default=None, index=True)
-    event: str = Field(sa_type=Text)  # type: ignore[call-overload]
-    url: str = Field(sa_type=Text)  # type: ignore[call-overload]
+    event: str = Field(sa_type=Text)
+    url: str = Field(sa_type=Text)
     payload: dict[str, Any] = _json()
-    status: str = Field(default="pending", sa_type=Text)  # type: ignore[call-overload]  # delivered | failed
+    status: str = Field(default="pending", sa_type=Text)  # delivered | failed
     attempts: int = Field(default=0)
     next_attempt_at: datetime | None = _ts()
     last_status_code: int | None = Field(default=None)
-    last_error: str | None = Field(default=None, sa_type=Text)  # type: ignore[call-overload]
+    last_error: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = _ts(nullable=False, default_now=True)
     delivered_at: datetime | None = _ts()
 
