@@ -13,13 +13,17 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api.admin.controller import AdminController
+from api.connections.controller import ConnectionController
 from api.errors import handle_exception
+from api.events.hub import status_hub_lifespan
 from api.generations.controller import GenerationController
 from api.health.controller import HealthController
 from api.images.controller import ImageController, PublicImageController
 from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
+from api.providers.controller import ProviderController
 from api.resources import resources_lifespan
+from api.webhooks.controller import WebhookController
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 
@@ -33,9 +37,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ImageController,
             PublicImageController,
             AdminController,
+            ConnectionController,
+            ProviderController,
             HealthController,
+            WebhookController,
         ],
-        lifespan=[resources_lifespan],
+        lifespan=[resources_lifespan, status_hub_lifespan],
         middleware=[RequestContextMiddleware],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,

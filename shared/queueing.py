@@ -15,18 +15,46 @@ from shared.settings import Settings
 
 GENERATE_TASK = "kiln.generate"
 SWEEP_TASK = "kiln.sweep"
+DELIVER_WEBHOOK_TASK = "kiln.deliver_webhook"
+DISPATCH_WEBHOOKS_TASK = "kiln.dispatch_webhooks"
+
+
+# Longest timeout a connection may set for one provider call (connections validate against it).
+CONNECTION_TIMEOUT_MAX_SECONDS = 3600.0
+
+
+def queue_for_provider(settings: Settings, provider: str) -> str:
+    """The queue of `kiln.generate` for a generation of `provider`: a queue per provider, so a slow
+    provider never holds up a fast one. Providers in KILN_PROVIDERS_SHARED_QUEUE (and names no adapter
+    has) use KILN_WORKER_QUEUE itself."""
+    from shared.providers import PROVIDER_NAMES  # late: the adapters are not needed to send a task
+
+    base = settings.worker.queue
+    if provider in settings.providers.shared_queue_providers or provider not in PROVIDER_NAMES:
+        return base
+    return f"{base}.{provider}"
+
+
+def generation_queues(settings: Settings) -> list[str]:
+    """Every queue `kiln.generate` may be sent to: the default one first, then one per provider."""
+    from shared.providers import PROVIDER_NAMES
+
+    queues = [settings.worker.queue]
+    for provider in PROVIDER_NAMES:
+        queue = queue_for_provider(settings, provider)
+        if queue not in queues:
+            queues.append(queue)
+    return queues
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
     g = settings.generation
-    # Every provider try may take the full timeout, plus the waits between tries, plus storage.
-    task_time_limit = (
-        int(
-            g.provider_timeout_seconds * (g.provider_retries + 1)
-            + g.retry_max_wait_seconds * g.provider_retries
-        )
-        + 60
-    )
+    # Every provider try may take the full timeout (a connection may set its own, up to the maximum),
+    # plus the waits between tries, plus storage; the pipeline never runs past the generation's
+    # deadline, which bounds it all.
+    slowest_call = max(g.provider_timeout_seconds, CONNECTION_TIMEOUT_MAX_SECONDS)
+    provider_budget = slowest_call * (g.provider_retries + 1) + g.retry_max_wait_seconds * g.provider_retries
+    task_time_limit = int(min(provider_budget, g.deadline_seconds)) + 60
     return {
         "broker_url": settings.broker_url,
         "task_default_queue": settings.worker.queue,

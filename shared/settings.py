@@ -6,12 +6,13 @@ Groups are nested models; `KILN_<GROUP>_<FIELD>` sets a field, e.g. `KILN_DATABA
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.netguard import OutboundPolicy
 
@@ -71,16 +72,87 @@ class LimitSettings(BaseModel):
     max_in_flight_per_project: int = Field(
         default=100, description="Pending+processing generations per project (0: no cap)."
     )
+    max_batch_items: int = Field(default=100, description="Most items one batch create may hold.")
 
 
 class GenerationSettings(BaseModel):
-    default_provider: str = Field(default="placeholder", description="Provider used when none is chosen.")
     deadline_seconds: int = Field(default=3600, description="A generation not finished by then fails.")
+    max_deadline_seconds: int = Field(
+        default=86_400, description="Largest `deadlineSeconds` a create may ask for."
+    )
     lease_seconds: int = Field(default=60, description="A worker's claim on a job; renewed while it runs.")
     max_attempts: int = Field(default=3, description="Worker attempts (claims) before a job fails.")
     provider_timeout_seconds: float = Field(default=120.0, description="Timeout of one provider call.")
     provider_retries: int = Field(default=3, description="Retries of retryable provider errors per attempt.")
     retry_max_wait_seconds: float = Field(default=30.0, description="Longest wait between provider retries.")
+
+
+class ProviderSettings(BaseModel):
+    """The server-wide default connection: used by generations of projects without a default connection."""
+
+    default: str = Field(
+        default="placeholder",
+        description="Provider of the server-wide default connection (used when a project has none).",
+    )
+    api_url: str | None = Field(default=None, description="Its API URL; empty: the provider's default URL.")
+    api_key: str | None = Field(
+        default=None, repr=False, description="Its API key (never logged or returned)."
+    )
+    model: str | None = Field(default=None, description="Its model; empty: the provider's default model.")
+    settings: dict[str, Any] = Field(
+        default={},
+        description=(
+            "Its provider-specific settings as JSON, like a connection's metadata (ComfyUI `workflow` and "
+            "`nodes`, Gemini `method`, Azure `api_version`, ...)."
+        ),
+    )
+    timeout_seconds: float | None = Field(
+        default=None,
+        description="Its timeout of one provider call; empty: KILN_GENERATION_PROVIDER_TIMEOUT_SECONDS.",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        description="Jobs it runs at once across all workers (a Redis semaphore); empty: no limit.",
+    )
+    shared_queue: str = Field(
+        default="placeholder",
+        description=(
+            "Providers (comma list) whose jobs go to KILN_WORKER_QUEUE itself; every other provider's jobs "
+            "go to `<KILN_WORKER_QUEUE>.<provider>`."
+        ),
+    )
+    busy_retry_seconds: float = Field(
+        default=1.0,
+        description="A job whose connection is at its concurrency limit is re-queued after about this long.",
+    )
+
+    @field_validator("default")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        # Imported here: loading the adapters is not needed to import the settings module.
+        from shared.providers import PROVIDER_NAMES
+
+        if value not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(PROVIDER_NAMES)}")
+        return value
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _positive_timeout(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 3600:
+            raise ValueError("must be between 0 and 3600 seconds")
+        return value
+
+    @field_validator("max_concurrency")
+    @classmethod
+    def _positive_concurrency(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @property
+    def shared_queue_providers(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.shared_queue.split(",") if p.strip())
 
 
 class WorkerSettings(BaseModel):
@@ -105,6 +177,42 @@ class NetworkSettings(BaseModel):
 
     def policy(self) -> OutboundPolicy:
         return OutboundPolicy(self.allow_link_local, self.allow_private, self.allow_loopback)
+
+
+class WebhookSettings(BaseModel):
+    timeout_seconds: float = Field(
+        default=10.0, description="Timeout of one webhook POST (redirects are not followed)."
+    )
+    max_attempts: int = Field(default=8, ge=1, description="Tries of one webhook delivery before it fails.")
+    backoff_seconds: Annotated[list[float], NoDecode] = Field(
+        default=[5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0],
+        description="Waits before each webhook retry (comma list); the last one repeats.",
+    )
+    dispatch_interval_seconds: float = Field(
+        default=2.0, description="How often due webhook retries and lost webhook tasks are sent."
+    )
+    queue: str | None = Field(
+        default=None,
+        description="Queue of webhook tasks. Empty: KILN_WORKER_QUEUE (else a worker must consume it).",
+    )
+
+    @field_validator("backoff_seconds", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # `5,30,120` or `[5, 30, 120]` in the environment.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("backoff_seconds")
+    @classmethod
+    def _not_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(wait < 0 for wait in value):
+            raise ValueError("needs at least one wait, none negative")
+        return value
 
 
 class EmbeddedSettings(BaseModel):
@@ -134,8 +242,10 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     limits: LimitSettings = LimitSettings()
     generation: GenerationSettings = GenerationSettings()
+    providers: ProviderSettings = ProviderSettings()
     worker: WorkerSettings = WorkerSettings()
     network: NetworkSettings = NetworkSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

@@ -13,14 +13,26 @@ def settings_rows() -> list[tuple[str, str, str]]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             for sub_name, sub in annotation.model_fields.items():
-                rows.append((f"KILN_{name}_{sub_name}".upper(), _default(sub.default), sub.description or ""))
+                rows.append(
+                    (
+                        f"KILN_{name}_{sub_name}".upper(),
+                        _default(sub.get_default(call_default_factory=True)),
+                        sub.description or "",
+                    )
+                )
         else:
-            rows.append((f"KILN_{name}".upper(), _default(field.default), field.description or ""))
+            rows.append(
+                (
+                    f"KILN_{name}".upper(),
+                    _default(field.get_default(call_default_factory=True)),
+                    field.description or "",
+                )
+            )
     return rows
 
 
 def _default(value: object) -> str:
-    return "(empty)" if value is None else f"`{value}`"
+    return "(empty)" if value in (None, {}, []) else f"`{value}`"
 
 
 def settings_table() -> str:

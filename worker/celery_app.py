@@ -1,7 +1,11 @@
 """The Celery app, and the resources one worker process shares across its tasks.
 
-    celery -A worker.celery_app worker -Q kiln.generations
+    celery -A worker.celery_app worker -Q kiln.generations,kiln.generations.openai,...
     celery -A worker.celery_app beat
+
+`kiln.generate` goes to a queue per provider (`shared.queueing.queue_for_provider`: the placeholder on
+KILN_WORKER_QUEUE, `kiln.generations.<provider>` for the others); the sender picks the queue, so no
+routing table is needed here. `kiln worker` consumes all of them unless `--queues` narrows it.
 
 Each worker process owns one asyncio event loop, one database engine, one Redis client, one HTTP
 client and one storage client, opened on `worker_process_init` (or lazily on first use: solo pool,
@@ -27,9 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker
 from shared.logging import configure_logging, get_logger
-from shared.queueing import SWEEP_TASK, celery_config
+from shared.queueing import DISPATCH_WEBHOOKS_TASK, SWEEP_TASK, celery_config
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
+from shared.webhooks import webhook_queue
 
 log = get_logger(__name__)
 
@@ -41,6 +46,7 @@ PROCESS_DB_POOL_SIZE = 3
 
 def worker_config(settings: Settings) -> dict[str, Any]:
     interval = settings.worker.sweep_interval_seconds
+    webhook_interval = settings.webhooks.dispatch_interval_seconds
     return {
         **celery_config(settings),
         "worker_concurrency": settings.worker.concurrency,  # `-c` on the command line still wins
@@ -50,12 +56,17 @@ def worker_config(settings: Settings) -> dict[str, Any]:
                 "schedule": interval,
                 # A sweep nobody picked up in time is superseded by the next one: don't let them pile up.
                 "options": {"queue": settings.worker.queue, "expires": max(interval, 1.0)},
-            }
+            },
+            "dispatch-webhooks": {
+                "task": DISPATCH_WEBHOOKS_TASK,
+                "schedule": webhook_interval,
+                "options": {"queue": webhook_queue(settings), "expires": max(webhook_interval, 1.0)},
+            },
         },
     }
 
 
-app = Celery("kiln", include=["worker.generations.tasks", "worker.sweeper.tasks"])
+app = Celery("kiln", include=["worker.generations.tasks", "worker.sweeper.tasks", "worker.webhooks.tasks"])
 # Read lazily: importing this module needs no environment, only starting a worker or beat does.
 app.add_defaults(lambda: worker_config(get_settings()))
 

@@ -1,13 +1,545 @@
-"""Which provider, model and connection a generation runs with, and its checked parameters."""
+"""The rules of connection profiles, and which provider, model and connection a generation runs with.
+
+A connection is a project's saved way to reach a provider: URL, encrypted API key, model, default
+parameters and provider settings (`metadata`). Its key is write-only: encrypted with a key derived from
+KILN_SECRET_KEY before it is stored, decrypted only to build an adapter, never returned or logged.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
+import httpx
+from msgspec import UNSET
+
+from api.connections import repository
+from api.connections.schemas import (
+    API_KEY_MAX_LENGTH,
+    API_URL_MAX_LENGTH,
+    JSON_FIELD_MAX_BYTES,
+    MAX_CONCURRENCY_MAX,
+    MODEL_MAX_LENGTH,
+    NAME_MAX_LENGTH,
+    TIMEOUT_MIN_SECONDS,
+    ConnectionRecord,
+    ConnectionTestResult,
+    CreateConnectionRequest,
+    ModelRecord,
+    UpdateConnectionRequest,
+    connection_record,
+)
+from api.envelope import Pagination
+from api.parsing import check_json_object, check_text, parse_int
 from api.resources import Resources
-from shared.providers import validate_parameters
+from shared.connections import ResolvedConnection, outbound_urls, stored_connection
+from shared.crypto import SecretUnreadable, encrypt_secret
+from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
+from shared.logging import get_logger
+from shared.models import new_id
+from shared.netguard import OutboundUrlRefused, check_url_resolved, check_url_syntax
+from shared.providers import CAPABILITIES, PROVIDER_NAMES, comfyui, get_provider, validate_parameters
+from shared.queueing import CONNECTION_TIMEOUT_MAX_SECONDS, queue_for_provider
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+LIST_DEFAULT_LIMIT = 50
+LIST_MAX_LIMIT = 100
+LIST_MAX_OFFSET = 10_000
+# `GET .../models` and `POST .../test` answer an HTTP client that is waiting: never longer than this.
+VENDOR_CALL_MAX_SECONDS = 30.0
+# Metadata is returned as stored: credentials belong in `apiKey` (encrypted, never returned).
+_SECRET_METADATA_KEYS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "secret",
+        "token",
+        "access_token",
+        "auth",
+        "authorization",
+        "headers",
+    }
+)
+_GEMINI_METHODS = ("generateContent", "predict")
+
+
+class ConnectionNotFound(NotFound):
+    default_message = "Connection not found"
+
+
+class ProviderCallFailed(KilnError):
+    """The provider answered `GET .../models` with an error (its code and message are passed on)."""
+
+    status_code = 502
+    code = "PROVIDER_ERROR"
+    default_message = "The provider answered with an error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProviderCallTimedOut(KilnError):
+    status_code = 504
+    code = "PROVIDER_TIMEOUT"
+    default_message = "The provider did not answer in time"
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFields:
+    """A connection's fields as they will be stored (the key still plain: encrypted on write)."""
+
+    name: str
+    provider: str
+    api_url: str | None
+    api_key: str | None
+    model: str | None
+    is_default: bool
+    default_parameters: dict[str, Any]
+    metadata: dict[str, Any]
+    timeout_seconds: float | None
+    max_concurrency: int | None
+
+
+class _Problems:
+    """Collects every bad field so that one response names them all."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, Any]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.details.append({"field": field, "message": message})
+
+    def check(self, field: str, run: Callable[[], T]) -> T | None:
+        try:
+            return run()
+        except ValidationFailed as exc:
+            self.details.extend(exc.details or [{"field": field, "message": exc.message}])
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.details:
+            first = self.details[0]
+            raise ValidationFailed(f"{first['field']}: {first['message']}", details=self.details)
+
+
+def _check_api_url(value: str | None, resources: Resources, problems: _Problems) -> str | None:
+    url = problems.check("apiUrl", lambda: check_text(value, "apiUrl", max_length=API_URL_MAX_LENGTH))
+    if not url:
+        return None  # the provider's default URL
+    try:
+        check_url_syntax(url, resources.settings.network.policy())
+    except OutboundUrlRefused as exc:
+        problems.add("apiUrl", str(exc))
+        return None
+    return url
+
+
+def _load_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> None:
+    """A workflow in API format and a node mapping whose nodes exist in it (the adapter's rules)."""
+    try:
+        workflow = _load_json(metadata.get("workflow"))
+    except ValueError as exc:
+        problems.add("metadata.workflow", f"not valid JSON: {exc}")
+        return
+    if workflow is None:
+        problems.add("metadata.workflow", "required for comfyui: the workflow in API format (object or JSON)")
+        return
+    if not isinstance(workflow, dict) or not workflow:
+        problems.add("metadata.workflow", "must be a non-empty object: the workflow in API format")
+        return
+    if not all(isinstance(node, dict) for node in workflow.values()):
+        problems.add("metadata.workflow", "every node must be an object ({class_type, inputs})")
+        return
+    try:
+        nodes = _load_json(metadata.get("nodes"))
+    except ValueError as exc:
+        problems.add("metadata.nodes", f"not valid JSON: {exc}")
+        return
+    if not isinstance(nodes, list) or not nodes:
+        problems.add("metadata.nodes", "required for comfyui: a list of {type, key, node_ids}")
+        return
+    has_prompt = False
+    for index, entry in enumerate(nodes):
+        where = f"metadata.nodes[{index}]"
+        if not isinstance(entry, dict):
+            problems.add(where, "must be an object {type, key, node_ids}")
+            continue
+        kind = entry.get("type")
+        if kind not in comfyui.NODE_TYPES:
+            problems.add(f"{where}.type", f"must be one of {', '.join(comfyui.NODE_TYPES)}")
+        key = entry.get("key")
+        if key is not None and (not isinstance(key, str) or not key):
+            problems.add(f"{where}.key", "must be a non-empty string (the input name in the node)")
+        node_ids = entry.get("node_ids")
+        if not isinstance(node_ids, list) or not all(isinstance(n, str | int) for n in node_ids):
+            problems.add(f"{where}.node_ids", "must be a list of node ids")
+            continue
+        missing = [str(n) for n in node_ids if str(n) not in workflow]
+        if missing:
+            problems.add(f"{where}.node_ids", f"not in the workflow: {', '.join(missing)}")
+        elif kind == "prompt" and node_ids:
+            has_prompt = True
+    if not has_prompt and not any(d["field"].startswith("metadata.nodes") for d in problems.details):
+        problems.add("metadata.nodes", "needs a 'prompt' entry, or the prompt never reaches the workflow")
+
+
+def _check_metadata(
+    provider: str | None, value: dict[str, Any] | None, resources: Resources, problems: _Problems
+) -> dict[str, Any]:
+    if value is None:
+        value = {}
+    checked = problems.check(
+        "metadata", lambda: check_json_object(value, "metadata", max_bytes=JSON_FIELD_MAX_BYTES)
+    )
+    if checked is None:
+        return {}
+    for key in checked:
+        if key.lower() in _SECRET_METADATA_KEYS:
+            problems.add(
+                f"metadata.{key}",
+                "credentials belong in apiKey (encrypted, never returned); metadata is returned as stored"
+                + (" (AUTOMATIC1111 basic auth: apiKey `user:pass`)" if provider == "automatic1111" else ""),
+            )
+        elif key.lower().endswith("url") and isinstance(checked[key], str) and checked[key]:
+            try:
+                check_url_syntax(checked[key], resources.settings.network.policy())
+            except OutboundUrlRefused as exc:
+                problems.add(f"metadata.{key}", str(exc))
+    if provider == "comfyui":
+        _check_comfyui_metadata(checked, problems)
+    elif provider == "gemini" and checked.get("method") not in (None, *_GEMINI_METHODS):
+        problems.add("metadata.method", f"must be one of {', '.join(_GEMINI_METHODS)}")
+    if provider in ("openai", "nanogpt") and not isinstance(checked.get("api_version", ""), str):
+        problems.add("metadata.api_version", "must be a string (Azure's api-version, e.g. 2024-10-21)")
+    return checked
+
+
+def _check_default_parameters(
+    provider: str | None, value: dict[str, Any] | None, problems: _Problems
+) -> dict[str, Any]:
+    if not value:
+        return {}
+    checked = problems.check(
+        "defaultParameters",
+        lambda: check_json_object(value, "defaultParameters", max_bytes=JSON_FIELD_MAX_BYTES),
+    )
+    if checked is None or provider is None:
+        return {}
+    try:
+        return validate_parameters(provider, checked)
+    except ValidationFailed as exc:
+        for detail in exc.details or []:
+            problems.add(detail["field"].replace("parameters", "defaultParameters", 1), detail["message"])
+        return {}
+
+
+def _check_fields(
+    resources: Resources,
+    *,
+    name: str | None,
+    provider: str | None,
+    api_url: str | None,
+    api_key: str | None,
+    model: str | None,
+    is_default: bool,
+    default_parameters: dict[str, Any] | None,
+    metadata: dict[str, Any] | None,
+    timeout_seconds: float | None,
+    max_concurrency: int | None,
+) -> ConnectionFields:
+    problems = _Problems()
+    checked_name = problems.check(
+        "name", lambda: check_text(name, "name", max_length=NAME_MAX_LENGTH, required=True)
+    )
+    if provider not in PROVIDER_NAMES:
+        problems.add("provider", f"must be one of {', '.join(PROVIDER_NAMES)}")
+        provider = None
+    url = _check_api_url(api_url, resources, problems)
+    key = problems.check("apiKey", lambda: check_text(api_key, "apiKey", max_length=API_KEY_MAX_LENGTH))
+    checked_model = problems.check("model", lambda: check_text(model, "model", max_length=MODEL_MAX_LENGTH))
+    parameters = _check_default_parameters(provider, default_parameters, problems)
+    checked_metadata = _check_metadata(provider, metadata, resources, problems)
+    if timeout_seconds is not None and not (
+        TIMEOUT_MIN_SECONDS <= timeout_seconds <= CONNECTION_TIMEOUT_MAX_SECONDS
+    ):
+        problems.add(
+            "timeoutSeconds", f"must be between {TIMEOUT_MIN_SECONDS} and {CONNECTION_TIMEOUT_MAX_SECONDS:g}"
+        )
+    if max_concurrency is not None and not 1 <= max_concurrency <= MAX_CONCURRENCY_MAX:
+        problems.add("maxConcurrency", f"must be between 1 and {MAX_CONCURRENCY_MAX}")
+    problems.raise_if_any()
+    assert checked_name is not None and provider is not None
+    return ConnectionFields(
+        name=checked_name,
+        provider=provider,
+        api_url=url,
+        api_key=key or None,
+        model=checked_model or None,
+        is_default=is_default,
+        default_parameters=parameters,
+        metadata=checked_metadata,
+        timeout_seconds=timeout_seconds,
+        max_concurrency=max_concurrency,
+    )
+
+
+def validate_create(resources: Resources, body: CreateConnectionRequest) -> ConnectionFields:
+    return _check_fields(
+        resources,
+        name=body.name,
+        provider=body.provider,
+        api_url=body.api_url,
+        api_key=body.api_key,
+        model=body.model,
+        is_default=body.is_default,
+        default_parameters=body.default_parameters,
+        metadata=body.metadata,
+        timeout_seconds=body.timeout_seconds,
+        max_concurrency=body.max_concurrency,
+    )
+
+
+def _stored_values(fields: ConnectionFields, secret_key: str, *, with_key: bool) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "name": fields.name,
+        "provider": fields.provider,
+        "api_url": fields.api_url,
+        "model": fields.model,
+        "is_default": fields.is_default,
+        "default_parameters": fields.default_parameters,
+        "meta": fields.metadata,
+        "timeout_seconds": fields.timeout_seconds,
+        "max_concurrency": fields.max_concurrency,
+    }
+    if with_key:
+        values["api_key_encrypted"] = encrypt_secret(secret_key, fields.api_key) if fields.api_key else None
+    return values
+
+
+# --- CRUD -------------------------------------------------------------------------------------------
+
+
+async def create_connection(
+    resources: Resources, project_id: uuid.UUID, fields: ConnectionFields
+) -> ConnectionRecord:
+    values = _stored_values(fields, resources.settings.secret_key, with_key=True)
+    async with resources.engine.begin() as conn:
+        if fields.is_default:
+            await repository.lock_project_defaults(conn, project_id)
+            await repository.clear_default(conn, project_id)
+        row = await repository.insert_connection(conn, {"id": new_id(), "project_id": project_id, **values})
+    log.info("connection created", connection_id=str(row.id), provider=row.provider)
+    return connection_record(row)
+
+
+async def get_connection(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
+) -> ConnectionRecord:
+    async with resources.reader.connect() as conn:
+        row = await repository.get_connection(conn, project_id, connection_id)
+    if row is None:
+        raise ConnectionNotFound()
+    return connection_record(row)
+
+
+async def list_connections(
+    resources: Resources, project_id: uuid.UUID, *, limit: str | None, offset: str | None
+) -> tuple[list[ConnectionRecord], Pagination]:
+    page_size = parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT)
+    skip = parse_int(offset, "offset", default=0, minimum=0, maximum=LIST_MAX_OFFSET)
+    async with resources.reader.connect() as conn:
+        rows = await repository.list_connections(conn, project_id, limit=page_size + 1, offset=skip)
+        total = await repository.count_connections(conn, project_id)
+    has_more = len(rows) > page_size
+    pagination = Pagination(limit=page_size, offset=skip, total=total, has_more=has_more, next_cursor=None)
+    return [connection_record(row) for row in rows[:page_size]], pagination
+
+
+async def update_connection(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID, body: UpdateConnectionRequest
+) -> ConnectionRecord:
+    """Partial update: the resulting connection is validated whole (new defaults against its provider)."""
+    async with resources.engine.begin() as conn:
+        if body.is_default is True:
+            await repository.lock_project_defaults(conn, project_id)
+        current = await repository.lock_connection(conn, project_id, connection_id)
+        if current is None:
+            raise ConnectionNotFound()
+
+        def pick(value: Any, stored: Any) -> Any:
+            return stored if value is UNSET else value
+
+        provider = pick(body.provider, current.provider)
+        if provider != current.provider:
+            raise ValidationFailed.field(
+                "provider", "cannot be changed; create a new connection for another provider"
+            )
+        key_changed = body.api_key is not UNSET
+        fields = _check_fields(
+            resources,
+            name=pick(body.name, current.name),
+            provider=provider,
+            api_url=pick(body.api_url, current.api_url),
+            api_key=body.api_key if isinstance(body.api_key, str) else None,
+            model=pick(body.model, current.model),
+            is_default=pick(body.is_default, current.is_default),
+            default_parameters=pick(body.default_parameters, current.default_parameters),
+            metadata=pick(body.metadata, current.meta),
+            timeout_seconds=pick(body.timeout_seconds, current.timeout_seconds),
+            max_concurrency=pick(body.max_concurrency, current.max_concurrency),
+        )
+        values = _stored_values(fields, resources.settings.secret_key, with_key=key_changed)
+        if fields.is_default and not current.is_default:
+            await repository.clear_default(conn, project_id)
+        row = await repository.update_connection(conn, project_id, connection_id, values)
+    assert row is not None  # locked above
+    log.info("connection updated", connection_id=str(row.id), key_changed=key_changed)
+    return connection_record(row)
+
+
+async def delete_connection(resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID) -> None:
+    """Generations already queued with it fail with CONNECTION_NOT_FOUND when a worker picks them up."""
+    async with resources.engine.begin() as conn:
+        if not await repository.delete_connection(conn, project_id, connection_id):
+            raise ConnectionNotFound()
+    log.info("connection deleted", connection_id=str(connection_id))
+
+
+# --- talking to the provider ------------------------------------------------------------------------
+
+
+async def _resolved(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
+) -> ResolvedConnection:
+    async with resources.reader.connect() as conn:
+        row = await repository.get_connection(conn, project_id, connection_id)
+    if row is None:
+        raise ConnectionNotFound()
+    resolved = stored_connection(resources.settings, row)  # SecretUnreadable is the caller's to word
+    timeout = min(resolved.connection.timeout_seconds, VENDOR_CALL_MAX_SECONDS)
+    return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout))
+
+
+async def _check_outbound(resources: Resources, resolved: ResolvedConnection) -> None:
+    policy = resources.settings.network.policy()
+    for url in outbound_urls(resolved.provider, resolved.connection):
+        await check_url_resolved(url, policy)
+
+
+async def _with_adapter(resolved: ResolvedConnection, call: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `call(adapter)` with a short-lived HTTP client (these routes are rare: settings screens),
+    bounded by the connection's timeout."""
+    timeout = resolved.connection.timeout_seconds
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+        adapter = get_provider(resolved.provider, http, resolved.connection)
+        async with asyncio.timeout(timeout + 1):
+            return await call(adapter)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(exc.__cause__, httpx.TimeoutException)
+
+
+async def list_models(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
+) -> list[ModelRecord]:
+    """The provider's baked-in list (static providers), else the list the provider serves now."""
+    async with resources.reader.connect() as conn:
+        row = await repository.get_connection(conn, project_id, connection_id)
+    if row is None:
+        raise ConnectionNotFound()
+    caps = CAPABILITIES[row.provider]
+    if caps.model_list_style == "static":
+        return [ModelRecord(id=m.id, label=m.label) for m in caps.static_models]
+    try:
+        resolved = await _resolved(resources, project_id, connection_id)
+    except SecretUnreadable:
+        raise ValidationFailed.field(
+            "apiKey", "the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again"
+        ) from None
+    try:
+        await _check_outbound(resources, resolved)
+    except OutboundUrlRefused as exc:
+        raise ValidationFailed.field("apiUrl", str(exc)) from None
+    try:
+        models = await _with_adapter(resolved, lambda adapter: adapter.list_models())
+    except ProviderPermanent as exc:
+        raise ProviderCallFailed(exc.code, exc.message) from None
+    except (ProviderRetryable, TimeoutError) as exc:
+        if _timed_out(exc):
+            raise ProviderCallTimedOut(
+                f"the provider did not answer within {resolved.connection.timeout_seconds:g} s"
+            ) from None
+        raise ProviderCallFailed("PROVIDER_UNAVAILABLE", str(getattr(exc, "message", exc))) from None
+    except Exception as exc:
+        log.error(
+            "model list: the adapter failed unexpectedly",
+            provider=row.provider,
+            error_type=type(exc).__name__,
+        )
+        raise ProviderCallFailed("PROVIDER_ERROR", "the provider adapter failed unexpectedly") from None
+    return [ModelRecord(id=m.id, label=m.label) for m in models]
+
+
+async def test_connection(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
+) -> ConnectionTestResult:
+    """One cheap authenticated call to the provider; its failure is the answer, not an error."""
+    try:
+        resolved = await _resolved(resources, project_id, connection_id)
+    except SecretUnreadable:
+        return ConnectionTestResult(
+            ok=False,
+            error_code="CONNECTION_SECRET_UNREADABLE",
+            error_message="the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
+        )
+    try:
+        await _check_outbound(resources, resolved)
+    except OutboundUrlRefused as exc:
+        return ConnectionTestResult(ok=False, error_code="PROVIDER_URL_REFUSED", error_message=str(exc))
+    try:
+        await _with_adapter(resolved, lambda adapter: adapter.test())
+    except ProviderPermanent as exc:
+        return ConnectionTestResult(ok=False, error_code=exc.code, error_message=exc.message)
+    except (ProviderRetryable, TimeoutError) as exc:
+        if _timed_out(exc):
+            timeout = resolved.connection.timeout_seconds
+            message = f"the provider did not answer within {timeout:g} s"
+            return ConnectionTestResult(ok=False, error_code="PROVIDER_TIMEOUT", error_message=message)
+        return ConnectionTestResult(
+            ok=False, error_code="PROVIDER_UNAVAILABLE", error_message=str(getattr(exc, "message", exc))
+        )
+    except Exception as exc:
+        # An adapter bug. No traceback: the console renderer prints frame locals, which hold the key.
+        log.error(
+            "connection test: the adapter failed unexpectedly",
+            provider=resolved.provider,
+            error_type=type(exc).__name__,
+        )
+        return ConnectionTestResult(
+            ok=False, error_code="PROVIDER_ERROR", error_message="the provider adapter failed unexpectedly"
+        )
+    return ConnectionTestResult(ok=True)
+
+
+# --- generation target ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +548,7 @@ class GenerationTarget:
     model: str | None
     connection_id: uuid.UUID | None
     parameters: dict[str, Any]
+    queue: str  # where `kiln.generate` goes: a queue per provider
 
 
 async def resolve_generation_target(
@@ -28,5 +561,26 @@ async def resolve_generation_target(
     """The connection asked for, else the project's default, else the server default; parameters are
     merged over the connection's defaults and checked against that provider's schema (400 naming
     `parameters.<name>` or `connectionId`)."""
-    provider = resources.settings.generation.default_provider
-    return GenerationTarget(provider, model, None, validate_parameters(provider, parameters))
+    settings = resources.settings
+    async with resources.reader.connect() as conn:
+        row = await repository.find_generation_connection(conn, project_id, connection_id)
+    if connection_id is not None and row is None:
+        raise ValidationFailed.field("connectionId", "connection not found")
+    if row is not None:
+        provider = row["provider"]
+        configured_model = row["model"]
+        defaults = _load_json(row["default_parameters"]) or {}
+        chosen_connection: uuid.UUID | None = row["id"]
+    else:
+        provider = settings.providers.default
+        configured_model = settings.providers.model
+        defaults = {}
+        chosen_connection = None
+    merged = {**defaults, **parameters}
+    return GenerationTarget(
+        provider=provider,
+        model=model or configured_model or CAPABILITIES[provider].default_model,
+        connection_id=chosen_connection,
+        parameters=validate_parameters(provider, merged),
+        queue=queue_for_provider(settings, provider),
+    )

@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Controller, Request, delete, get, post
-from litestar.params import FromPath, QueryParameter
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import ResponseHeader
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 
-from api.envelope import MessageEnvelope
+from api.envelope import ErrorEnvelope, MessageEnvelope
+from api.events.hub import status_hub_of
 from api.generations import service
 from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
     MODEL_MAX_LENGTH,
     PROMPT_MAX_LENGTH,
     SEED_MAX,
+    BatchCreateRequest,
+    BatchEnvelope,
     CreateGenerationRequest,
     GenerationEnvelope,
     GenerationListEnvelope,
+    GenerationRecord,
+    RegenerateRequest,
 )
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
 from api.parsing import decode_body, parse_uuid
 from api.resources import resources_of
-from api.security.auth import principal_of
+from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, Principal, authenticate, principal_of
 from api.security.guards import require_api_key
-from api.security.ratelimit import Budget
+from api.security.ratelimit import Budget, RateLimitResult
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
-from shared.errors import Forbidden
+from shared.errors import Forbidden, RateLimitExceeded
 from shared.sizes import ASPECT_RATIOS
 
 AnyRequest = Request[Any, Any, Any]
+
+CREATE_ROUTE = "POST /api/v1/generations"
+BATCH_ROUTE = "POST /api/v1/generations/batch"
+IDEMPOTENCY_HEADER = "idempotency-key"
+# Server-Sent Events: a comment this often keeps proxies from closing a quiet stream; `retry:` tells
+# the browser how soon to reconnect after a drop.
+EVENTS_HEARTBEAT_SECONDS = 15.0
+EVENTS_RETRY_MS = 3000
 
 _CREATE_RULES: dict[str, dict[str, Any]] = {
     "prompt": {"minLength": 1, "maxLength": PROMPT_MAX_LENGTH, "pattern": r"\S"},
@@ -49,44 +73,358 @@ _CREATE_RULES: dict[str, dict[str, Any]] = {
     "negativePrompt": {"anyOf": [{"type": "string", "maxLength": PROMPT_MAX_LENGTH}, {"type": "null"}]},
     "model": {"anyOf": [{"type": "string", "maxLength": MODEL_MAX_LENGTH}, {"type": "null"}]},
     "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": SEED_MAX}, {"type": "null"}]},
+    "webhookUrl": {
+        "anyOf": [
+            {"type": "string", "maxLength": service.WEBHOOK_URL_MAX_LENGTH, "format": "uri"},
+            {"type": "null"},
+        ],
+        "description": "http(s) URL notified of status changes (Standard Webhooks signature)",
+    },
+    "deadlineSeconds": {
+        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+        "description": "Seconds the generation may take before it fails with DEADLINE_EXCEEDED "
+        "(default KILN_GENERATION_DEADLINE_SECONDS, at most KILN_GENERATION_MAX_DEADLINE_SECONDS)",
+    },
 }
+
+
+def _create_item_schema() -> dict[str, Any]:
+    schema = body_schema(CreateGenerationRequest)
+    for name, rules in _CREATE_RULES.items():
+        schema["properties"][name].update(rules)
+    return schema
+
+
+_BATCH_RULES: dict[str, dict[str, Any]] = {
+    "items": {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 100,
+        "items": _create_item_schema(),
+        "description": "Create bodies (at most KILN_LIMITS_MAX_BATCH_ITEMS, default 100)",
+    }
+}
+_REGENERATE_RULES: dict[str, dict[str, Any]] = {"deadlineSeconds": _CREATE_RULES["deadlineSeconds"]}
+
+
+def _optional_json_body(struct: type[msgspec.Struct], rules: dict[str, dict[str, Any]]) -> type[Operation]:
+    """`json_body`, for a route whose body may be left out."""
+    base = json_body(struct, rules)
+
+    @dataclass
+    class OptionalJsonBodyOperation(base):  # type: ignore[valid-type, misc]
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            assert self.request_body is not None
+            self.request_body.required = False
+
+    return OptionalJsonBodyOperation
+
+
+def _error(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=ErrorEnvelope, description=description, generate_examples=False)
+
+
+_IDEMPOTENCY_ERRORS = {
+    409: _error("IDEMPOTENCY_IN_PROGRESS: the first request with this key is still running; Retry-After set"),
+    422: _error("IDEMPOTENCY_KEY_REUSED: the key was used with a different body"),
+}
+_WAIT_HEADERS = [
+    ResponseHeader(
+        name="Preference-Applied",
+        value="wait=10",  # documentation only: the value gives the documented schema its type
+        description="`wait=N` when Prefer: wait was honoured",
+        documentation_only=True,
+    )
+]
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        description="1..255 printable ASCII characters: a repeat with the same body within 24 h answers "
+        "the first response again (Idempotent-Replayed: true)",
+    ),
+]
+PreferHeader = Annotated[
+    str | None,
+    HeaderParameter(name="Prefer", description="`wait=N` (1..60): hold the answer up to N seconds"),
+]
+
+
+async def require_generation_key(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """`require_api_key`, except that a create carrying an Idempotency-Key authenticates on the read
+    budget: its handler spends the generation budget only once the key proves the request new, so a
+    replayed request never costs a generation."""
+    if handler.opt.get("replayable") and connection.headers.get(IDEMPOTENCY_HEADER) is not None:
+        _, rate = await _authenticate(connection, Budget.READ)
+        if not rate.admitted:
+            raise RateLimitExceeded(
+                f"Rate limit of {rate.limit} read requests per hour exceeded; "
+                f"retry in {rate.reset_seconds} s",
+                headers={"Retry-After": str(max(1, rate.reset_seconds))},
+            )
+        return
+    await require_api_key(connection, handler)
+
+
+async def _authenticate(
+    connection: ASGIConnection[Any, Any, Any, Any], budget: Budget
+) -> tuple[Principal, RateLimitResult]:
+    principal, rate = await authenticate(
+        resources_of(connection), connection.headers.get("x-api-key"), budget
+    )
+    state = connection.scope["state"]
+    state[RATE_LIMIT_STATE_KEY] = rate  # the response's rate-limit headers describe this budget
+    state[PRINCIPAL_STATE_KEY] = principal
+    return principal, rate
+
+
+def _generation_charger(request: AnyRequest) -> service.ChargeGeneration:
+    """Spends one unit of the key's generation budget (raising RateLimitExceeded when it is used up)."""
+
+    async def charge() -> None:
+        _, rate = await _authenticate(request, Budget.GENERATE)
+        if not rate.admitted:
+            raise RateLimitExceeded(
+                f"Rate limit of {rate.limit} generate requests per hour exceeded; "
+                f"retry in {rate.reset_seconds} s",
+                headers={"Retry-After": str(max(1, rate.reset_seconds))},
+            )
+
+    return charge
+
+
+def _project_of(principal: Principal, action: str) -> uuid.UUID:
+    if principal.is_admin or principal.project_id is None:
+        raise Forbidden(f"Admin keys cannot {action}; use a project key")
+    return principal.project_id
+
+
+def _wait_of(request: AnyRequest) -> int | None:
+    return service.parse_prefer_wait(request.headers.getall("prefer", []))
+
+
+def _not_modified(headers: dict[str, str]) -> Response[Any]:
+    return Response(content=None, status_code=304, headers=headers)
+
+
+def _replayed(stored: service.StoredResponse, envelope: type[Any], headers: dict[str, str]) -> Response[Any]:
+    content = msgspec.convert(stored.body, envelope)
+    return Response(content, status_code=stored.status, headers={**headers, "Idempotent-Replayed": "true"})
 
 
 class GenerationController(Controller):
     path = "/api/v1/generations"
-    guards = [require_api_key]
+    guards = [require_generation_key]
     security = API_KEY_SECURITY
     tags = ["generations"]
 
     @post(
         "/",
         status_code=201,
-        opt={"budget": Budget.GENERATE},
+        opt={"budget": Budget.GENERATE, "replayable": True},
         operation_class=json_body(CreateGenerationRequest, _CREATE_RULES),
         summary="Create a generation",
-        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
+        response_headers=[
+            *_WAIT_HEADERS,
+            ResponseHeader(
+                name="Idempotent-Replayed",
+                value="true",
+                description="`true` when this is the stored first response to the Idempotency-Key",
+                documentation_only=True,
+            ),
+        ],
+        responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), **_IDEMPOTENCY_ERRORS},
     )
-    async def create_generation(self, request: AnyRequest) -> GenerationEnvelope:
+    async def create_generation(
+        self,
+        request: AnyRequest,
+        idempotency_key: IdempotencyKeyHeader = None,
+        prefer: PreferHeader = None,
+    ) -> Response[GenerationEnvelope]:
         principal = principal_of(request)
-        if principal.is_admin or principal.project_id is None:
-            raise Forbidden("Admin keys cannot create generations; use a project key")
+        project_id = _project_of(principal, "create generations")
         resources = resources_of(request)
+        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
         body = decode_body(await request.body(), CreateGenerationRequest)
-        valid = service.validate_create(body)
-        record = await service.create_generation(
-            resources, principal.project_id, principal.max_in_flight, valid
+        valid = service.validate_create(body, resources.settings)
+        wait = _wait_of(request)
+
+        async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
+            if key is None:
+                return await service.create_generation(
+                    resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
+                )
+            once = service.IdempotencyKey(
+                key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
+            )
+            return await service.create_generation_once(
+                resources,
+                project_id,
+                principal.max_in_flight,
+                valid,
+                once,
+                _generation_charger(request),
+                generation_id=generation_id,
+            )
+
+        result, waited = await service.submit_and_wait(
+            resources, status_hub_of(request), wait, project_id, create
         )
-        return GenerationEnvelope(data=record)
+        headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
+        if isinstance(result, service.StoredResponse):
+            return _replayed(result, GenerationEnvelope, headers)
+        return Response(GenerationEnvelope(data=result), status_code=201, headers=headers)
+
+    @post(
+        "/batch",
+        status_code=200,
+        opt={"budget": Budget.READ},
+        operation_class=json_body(BatchCreateRequest, _BATCH_RULES),
+        summary="Create up to 100 generations; one result per item, in order",
+        description="Each item is validated on its own and spends one unit of the generation budget. "
+        "The answer is 200 whenever the batch was processed: `data[i].success` says whether item i "
+        "was created (`data`) or not (`error`). Rate-limit headers describe the generation budget "
+        "after the last item that reached it.",
+        responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), **_IDEMPOTENCY_ERRORS},
+    )
+    async def create_batch(
+        self, request: AnyRequest, idempotency_key: IdempotencyKeyHeader = None
+    ) -> Response[BatchEnvelope]:
+        principal = principal_of(request)
+        project_id = _project_of(principal, "create generations")
+        resources = resources_of(request)
+        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+        body = decode_body(await request.body(), BatchCreateRequest)
+        service.check_batch_size(body.items, resources.settings)
+        once = None
+        if key is not None:
+            once = service.IdempotencyKey(
+                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
+            )
+        result = await service.create_batch(
+            resources, project_id, principal.max_in_flight, body.items, _generation_charger(request), once
+        )
+        if isinstance(result, service.StoredResponse):
+            return _replayed(result, BatchEnvelope, {})
+        return Response(result, status_code=200)
 
     @get(
         "/{generation_id:str}",
         summary="Get a generation",
+        description="ETag + If-None-Match answer 304. `Prefer: wait=N` holds the answer until the "
+        "generation changes from what the client has seen (its If-None-Match, else the current status) "
+        "or N seconds pass.",
+        response_headers=[
+            *_WAIT_HEADERS,
+            ResponseHeader(
+                name="ETag",
+                value='W/"..."',
+                description="Weak validator of this record",
+                documentation_only=True,
+            ),
+        ],
+        responses={
+            304: ResponseSpec(data_container=None, description="Not modified (If-None-Match matched)"),
+            **error_responses(400, 404, *AUTHENTICATED_ERRORS),
+        },
+    )
+    async def get_generation(
+        self,
+        request: AnyRequest,
+        generation_id: FromPath[str],
+        prefer: PreferHeader = None,
+        if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
+    ) -> Response[GenerationEnvelope]:
+        wait = _wait_of(request)
+        view = await service.view_generation(
+            resources_of(request),
+            status_hub_of(request),
+            principal_of(request),
+            parse_uuid(generation_id, "id"),
+            if_none_match=request.headers.get("if-none-match"),
+            wait_seconds=wait,
+        )
+        headers = {"ETag": view.etag}
+        if wait:
+            headers["Preference-Applied"] = f"wait={wait}"
+        if view.record is None:
+            return _not_modified(headers)
+        return Response(GenerationEnvelope(data=view.record), headers=headers)
+
+    @get(
+        "/{generation_id:str}/events",
+        summary="Follow a generation's status as Server-Sent Events",
+        description="`event: status` with the record at once and at every status change, until the "
+        "generation is terminal; then the stream ends. A comment every 15 s keeps it open.",
+        media_type="text/event-stream",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def get_generation(self, request: AnyRequest, generation_id: FromPath[str]) -> GenerationEnvelope:
-        record = await service.get_generation(
+    async def generation_events(self, request: AnyRequest, generation_id: FromPath[str]) -> ServerSentEvent:
+        resources = resources_of(request)
+        principal = principal_of(request)
+        hub = status_hub_of(request)
+        parsed_id = parse_uuid(generation_id, "id")
+        await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
+
+        async def messages() -> AsyncIterator[ServerSentEventMessage]:
+            retry: int | None = EVENTS_RETRY_MS
+            async for record in service.follow_generation(
+                resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
+            ):
+                if record is None:
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                    continue
+                yield ServerSentEventMessage(
+                    event="status", data=msgspec.json.encode(record).decode(), retry=retry
+                )
+                retry = None
+
+        return ServerSentEvent(messages())
+
+    @post(
+        "/{generation_id:str}/cancel",
+        status_code=200,
+        summary="Cancel a pending or processing generation",
+        responses={
+            409: _error("INVALID_STATE: the generation already finished"),
+            **error_responses(400, 404, *AUTHENTICATED_ERRORS),
+        },
+    )
+    async def cancel_generation(
+        self, request: AnyRequest, generation_id: FromPath[str]
+    ) -> GenerationEnvelope:
+        record = await service.cancel_generation(
             resources_of(request), principal_of(request), parse_uuid(generation_id, "id")
         )
+        return GenerationEnvelope(data=record)
+
+    @post(
+        "/{generation_id:str}/regenerate",
+        status_code=200,
+        opt={"budget": Budget.GENERATE},
+        operation_class=_optional_json_body(RegenerateRequest, _REGENERATE_RULES),
+        summary="Run a generation again as a new version (any status)",
+        description="A pending or processing generation is superseded at once. The body is optional: "
+        "without `deadlineSeconds` the new run gets as long as the original request did.",
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def regenerate_generation(
+        self, request: AnyRequest, generation_id: FromPath[str]
+    ) -> GenerationEnvelope:
+        principal = principal_of(request)
+        _project_of(principal, "regenerate generations")
+        resources = resources_of(request)
+        parsed_id = parse_uuid(generation_id, "id")
+        raw = await request.body()
+        deadline_seconds = None
+        if raw.strip():
+            body = decode_body(raw, RegenerateRequest)
+            deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
+        record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
     @get("/", summary="List generations, newest first", responses=error_responses(400, *AUTHENTICATED_ERRORS))

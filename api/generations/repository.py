@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 from sqlalchemy import (
     Integer,
     Row,
+    RowMapping,
     bindparam,
     delete,
     func,
@@ -22,18 +24,21 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from api.compiled_query import CompiledQuery
-from shared.models import GenerationStatus, metadata
+from shared.models import GenerationStatus, metadata, new_id
 
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
+idempotency_keys = metadata.tables["idempotency_keys"]
 
 UNFINISHED = (GenerationStatus.PENDING.value, GenerationStatus.PROCESSING.value)
 # The same set as SQL constants, for statements compiled once (no expanding IN parameters).
@@ -70,6 +75,8 @@ _GENERATION_COLUMNS = [
         "cancelled_at",
         "created_at",
         "updated_at",
+        "version",
+        "webhook_url",
     )
 ]
 _IMAGE_COLUMNS = [
@@ -130,12 +137,20 @@ INSERT_COLUMNS = (
     "version",
     "deadline_at",
     "enqueued_at",
+    "webhook_url",
 )
 
 
-def _insert_statement(capped: bool) -> CompiledQuery:
+_JSON_COLUMNS = ("parameters", "meta")
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _insert_statement(capped: bool) -> Any:
     """INSERT ... SELECT <values> [WHERE in-flight < cap] RETURNING the row: the cap check and the
-    insert are one statement, one round trip, committed on its own."""
+    insert are one statement, one round trip."""
     row = select(*(bindparam(name, type_=generations.c[name].type) for name in INSERT_COLUMNS))
     if capped:
         cap = bindparam("cap", type_=Integer)
@@ -150,11 +165,16 @@ def _insert_statement(capped: bool) -> CompiledQuery:
         )
         row = row.where(select(func.count()).select_from(in_flight).scalar_subquery() < cap)
     stmt = generations.insert().from_select(INSERT_COLUMNS, row, include_defaults=False)
-    return CompiledQuery(stmt.returning(*_GENERATION_COLUMNS))
+    return stmt.returning(*_GENERATION_COLUMNS)
 
 
-_INSERT = _insert_statement(capped=False)
-_INSERT_UNDER_CAP = _insert_statement(capped=True)
+# The same statements twice: compiled for the single create committed on its own (the hot path), and
+# as Core statements for inserts inside a transaction (idempotent creates, batches), which must go
+# through SQLAlchemy so that they run inside the transaction it opened.
+_INSERT_STATEMENT = _insert_statement(capped=False)
+_INSERT_UNDER_CAP_STATEMENT = _insert_statement(capped=True)
+_INSERT = CompiledQuery(_INSERT_STATEMENT)
+_INSERT_UNDER_CAP = CompiledQuery(_INSERT_UNDER_CAP_STATEMENT)
 
 
 async def insert_generation(conn: AsyncConnection, values: dict[str, Any], cap: int) -> asyncpg.Record | None:
@@ -162,9 +182,23 @@ async def insert_generation(conn: AsyncConnection, values: dict[str, Any], cap: 
 
     A soft cap: concurrent inserts each count before the others commit and may overshoot it a little.
     """
+    # The driver takes jsonb as text (SQLAlchemy's own path below encodes the objects itself).
+    values = {**values, **{name: _json_text(values[name]) for name in _JSON_COLUMNS}}
     if cap > 0:
         return await _INSERT_UNDER_CAP.fetchrow(conn, **values, cap=cap)
     return await _INSERT.fetchrow(conn, **values)
+
+
+async def insert_generation_in_transaction(
+    conn: AsyncConnection, values: dict[str, Any], cap: int
+) -> RowMapping | None:
+    """`insert_generation` inside the caller's transaction. Within one transaction the cap counts the
+    rows this transaction inserted already, so a batch never passes it."""
+    if cap > 0:
+        result = await conn.execute(_INSERT_UNDER_CAP_STATEMENT, {**values, "cap": cap})
+    else:
+        result = await conn.execute(_INSERT_STATEMENT, values)
+    return result.mappings().first()
 
 
 def _list_filter(
@@ -268,3 +302,206 @@ async def delete_generation(conn: AsyncConnection, generation_id: uuid.UUID) -> 
 
 async def delete_images(conn: AsyncConnection, image_ids: Sequence[uuid.UUID]) -> None:
     await conn.execute(delete(images).where(images.c.id.in_(image_ids)))
+
+
+# --- waiting and queues ---------------------------------------------------------------------------
+
+_QUEUE_POSITIONS = text(
+    """
+    SELECT t.id, (
+        SELECT count(*) FROM (
+            SELECT 1 FROM generations g
+            WHERE g.status = 'pending'
+              AND g.provider = ANY(CAST(:providers AS text[]))
+              AND g.created_at <= t.created_at
+              AND (g.created_at < t.created_at OR g.id < t.id)
+            LIMIT :cap
+        ) ahead
+    ) AS ahead
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:created AS timestamptz[])) AS t(id, created_at)
+    """
+)
+
+
+async def count_pending_ahead(
+    conn: AsyncConnection,
+    pending: Sequence[tuple[uuid.UUID, datetime]],
+    providers: Sequence[str],
+    cap: int,
+) -> dict[uuid.UUID, int]:
+    """For each (id, created_at): how many pending generations of `providers` were queued before it,
+    counted no further than `cap`. Walks the partial index of unfinished rows, (status, created_at)."""
+    if not pending:
+        return {}
+    result = await conn.execute(
+        _QUEUE_POSITIONS,
+        {
+            "ids": [generation_id for generation_id, _ in pending],
+            "created": [created_at for _, created_at in pending],
+            "providers": list(providers),
+            "cap": cap,
+        },
+    )
+    return {row.id: int(row.ahead) for row in result}
+
+
+# --- cancel and regenerate ------------------------------------------------------------------------
+
+
+async def cancel_generation(
+    conn: AsyncConnection, generation_id: uuid.UUID, project_id: uuid.UUID | None
+) -> RowMapping | None:
+    """pending/processing → cancelled in one guarded UPDATE; None when not unfinished (or not found).
+
+    The worker holding a processing row finds its next guarded write (lease renewal, finalize) matching
+    nothing and abandons the attempt."""
+    g = generations.c
+    conditions = [g.id == generation_id, g.status.in_(UNFINISHED)]
+    if project_id is not None:
+        conditions.append(g.project_id == project_id)
+    stmt = (
+        update(generations)
+        .where(*conditions)
+        .values(
+            status=GenerationStatus.CANCELLED.value,
+            cancelled_at=func.now(),
+            completed_at=func.now(),
+            lease_until=None,
+            updated_at=func.now(),
+        )
+        .returning(*_GENERATION_COLUMNS)
+    )
+    return (await conn.execute(stmt)).mappings().first()
+
+
+async def lock_for_regenerate(
+    conn: AsyncConnection, generation_id: uuid.UUID, project_id: uuid.UUID | None
+) -> Row | None:
+    g = generations.c
+    stmt = select(g.id, g.project_id, g.status, g.provider).where(g.id == generation_id)
+    return (await conn.execute(_scoped(stmt, project_id).with_for_update())).first()
+
+
+async def count_in_flight(conn: AsyncConnection, project_id: uuid.UUID, cap: int) -> int:
+    """The project's pending + processing generations, counted no further than `cap`."""
+    g = generations.c
+    inner = (
+        select(literal(1)).where(g.project_id == project_id, g.status.in_(UNFINISHED)).limit(cap).subquery()
+    )
+    return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
+
+
+async def regenerate_generation(
+    conn: AsyncConnection, generation_id: uuid.UUID, deadline_seconds: int | None
+) -> RowMapping:
+    """A new version, pending again, with everything the previous run left reset. The old version's
+    image rows and objects stay (a CDN may have cached them); a stale worker of the old version finds
+    its guarded writes (they match the version) refused."""
+    g = generations.c
+    # Without an explicit deadline: as long as the original request asked for.
+    deadline = (
+        func.now() + timedelta(seconds=deadline_seconds)
+        if deadline_seconds is not None
+        else func.now() + (g.deadline_at - g.created_at)
+    )
+    stmt = (
+        update(generations)
+        .where(g.id == generation_id)
+        .values(
+            version=g.version + 1,
+            status=GenerationStatus.PENDING.value,
+            attempts=0,
+            retry_count=0,
+            error_code=None,
+            error_message=None,
+            output_image_id=None,
+            processing_time_ms=None,
+            started_at=None,
+            completed_at=None,
+            cancelled_at=None,
+            lease_until=None,
+            deleted_at=None,
+            deadline_at=deadline,
+            enqueued_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(*_GENERATION_COLUMNS)
+    )
+    return (await conn.execute(stmt)).mappings().one()
+
+
+# --- idempotency keys -----------------------------------------------------------------------------
+
+IDEMPOTENCY_IN_PROGRESS = "in_progress"
+IDEMPOTENCY_COMPLETED = "completed"
+
+
+async def find_idempotency_record(conn: AsyncConnection, project_id: uuid.UUID, key: str) -> Row | None:
+    """The key's unexpired record (expired ones count as absent)."""
+    k = idempotency_keys.c
+    stmt = select(k.request_hash, k.state, k.response_status, k.response_body).where(
+        k.project_id == project_id, k.key == key, k.expires_at > func.now()
+    )
+    return (await conn.execute(stmt)).first()
+
+
+async def claim_idempotency_key(
+    conn: AsyncConnection, project_id: uuid.UUID, key: str, request_hash: str, ttl: timedelta
+) -> bool:
+    """INSERT the key `in_progress` inside the caller's transaction; False when the key is taken.
+
+    An expired record is deleted first. A concurrent transaction holding the same key makes the INSERT
+    wait for its outcome (unique index): then DO NOTHING if it committed, or this insert wins if it
+    rolled back. Callers bound that wait with `lock_timeout`."""
+    k = idempotency_keys.c
+    await conn.execute(
+        delete(idempotency_keys).where(k.project_id == project_id, k.key == key, k.expires_at <= func.now())
+    )
+    stmt = (
+        pg_insert(idempotency_keys)
+        .values(
+            id=new_id(),
+            project_id=project_id,
+            key=key,
+            request_hash=request_hash,
+            state=IDEMPOTENCY_IN_PROGRESS,
+            expires_at=func.now() + ttl,
+        )
+        .on_conflict_do_nothing(index_elements=["project_id", "key"])
+        .returning(k.id)
+    )
+    return (await conn.execute(stmt)).first() is not None
+
+
+async def complete_idempotency_key(
+    conn: AsyncConnection, project_id: uuid.UUID, key: str, status: int, body: dict[str, Any]
+) -> None:
+    k = idempotency_keys.c
+    await conn.execute(
+        update(idempotency_keys)
+        .where(k.project_id == project_id, k.key == key)
+        .values(state=IDEMPOTENCY_COMPLETED, response_status=status, response_body=body)
+    )
+
+
+async def set_lock_timeout(conn: AsyncConnection, milliseconds: int) -> None:
+    """For the rest of the caller's transaction (also makes SQLAlchemy open it on the server now)."""
+    await conn.execute(text(f"SET LOCAL lock_timeout = {int(milliseconds)}"))
+
+
+async def delete_expired_idempotency_keys(conn: AsyncConnection, limit: int = 1000) -> int:
+    """Housekeeping: delete up to `limit` expired idempotency records; returns how many.
+
+    Expired records are already ignored (and replaced on reuse), so this only bounds the table's size.
+    Meant for a periodic job (the sweeper); safe to run concurrently (SKIP LOCKED)."""
+    k = idempotency_keys.c
+    doomed = (
+        select(k.id)
+        .where(k.expires_at <= func.now())
+        .order_by(k.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = await conn.execute(delete(idempotency_keys).where(k.id.in_(doomed)))
+    return int(result.rowcount)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from api.envelope import Pagination, format_time
+from api.envelope import ErrorBody, Pagination, format_time
 from api.images.schemas import ImageUrls, OutputImage
 from shared.enhancer import DEFAULT_TEMPLATE
 
@@ -32,6 +32,17 @@ class CreateGenerationRequest(msgspec.Struct, forbid_unknown_fields=True, rename
     parameters: dict[str, Any] | None = None
     seed: int | None = None
     connection_id: str | None = None
+    webhook_url: str | None = None
+    deadline_seconds: int | None = None
+
+
+class BatchCreateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    # Raw: each item is decoded on its own, so one bad item does not sink the others.
+    items: list[msgspec.Raw]
+
+
+class RegenerateRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    deadline_seconds: int | None = None
 
 
 class GenerationRecord(msgspec.Struct, rename="camel"):
@@ -65,6 +76,10 @@ class GenerationRecord(msgspec.Struct, rename="camel"):
     completed_at: str | None
     deadline_at: str
     cancelled_at: str | None
+    version: int
+    webhook_url: str | None
+    # Pending records only: 1 + the pending generations queued before it on the same queue.
+    queue_position: int | None = None
 
 
 class GenerationEnvelope(msgspec.Struct, kw_only=True):
@@ -76,6 +91,27 @@ class GenerationListEnvelope(msgspec.Struct, kw_only=True):
     success: bool = True
     data: list[GenerationRecord]
     pagination: Pagination
+
+
+class BatchItemResult(msgspec.Struct, omit_defaults=True):
+    index: int
+    success: bool
+    data: GenerationRecord | None = None
+    error: ErrorBody | None = None
+
+
+class BatchSummary(msgspec.Struct):
+    total: int
+    succeeded: int
+    failed: int
+
+
+class BatchEnvelope(msgspec.Struct, kw_only=True):
+    """`success` is true when the batch was processed; each item says whether it was created."""
+
+    success: bool = True
+    data: list[BatchItemResult]
+    summary: BatchSummary
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -128,4 +164,6 @@ def generation_record(
         completed_at=format_time(row["completed_at"]),
         deadline_at=format_time(row["deadline_at"]) or "",
         cancelled_at=format_time(row["cancelled_at"]),
+        version=row["version"],
+        webhook_url=row["webhook_url"],
     )

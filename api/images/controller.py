@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, delete, get
-from litestar.params import FromPath, QueryParameter
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.params import FromPath, PathParameter, QueryParameter
 
-from api.envelope import MessageEnvelope
+from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.images import service
-from api.images.schemas import ImageEnvelope
+from api.images.schemas import (
+    ALIAS_PATTERN,
+    UPLOAD_FIELDS,
+    UPLOAD_MAX_BODY_BYTES,
+    UPLOAD_MAX_FILE_BYTES,
+    UPLOAD_META_MAX_BYTES,
+    ImageEnvelope,
+)
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import parse_uuid
 from api.resources import resources_of
 from api.security.auth import principal_of
 from api.security.guards import require_api_key
+from shared.errors import Forbidden, PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
 
 PUBLIC_CACHE_CONTROL = "public, max-age=31536000, immutable"
 PRIVATE_CACHE_CONTROL = "private, max-age=3600"
+# Documented as a UUID (what it must be; anything else answers 400), so fuzzers reach the lookups.
+ImageIdPath = Annotated[str, PathParameter(description="Image id (UUID)", schema_extra={"format": "uuid"})]
 SizeQuery = Annotated[str | None, QueryParameter(description="sm (≈300 px) or lg (≈1024 px); omit: original")]
 
 
@@ -33,6 +48,91 @@ def _not_modified(request: AnyRequest, etag: str, cache_control: str) -> Respons
     if sent and (sent.strip() == "*" or etag in (tag.strip() for tag in sent.split(","))):
         return Response(content=b"", status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return None
+
+
+_UPLOAD_SCHEMA = Schema(
+    type="object",  # type: ignore[arg-type]
+    required=["file"],
+    properties={
+        "file": Schema(
+            type="string",  # type: ignore[arg-type]
+            format="binary",  # type: ignore[arg-type]
+            description=f"PNG, JPEG or WebP, at most {UPLOAD_MAX_FILE_BYTES} bytes; stored as sent",
+        ),
+        "alias": Schema(
+            type="string",  # type: ignore[arg-type]
+            pattern=ALIAS_PATTERN,
+            description="Unique in the project, without the leading @ (409 ALIAS_TAKEN when in use)",
+        ),
+        "meta": Schema(
+            type="string",  # type: ignore[arg-type]
+            description=f"A JSON object, at most {UPLOAD_META_MAX_BYTES} bytes",
+        ),
+    },
+)
+
+
+@dataclass
+class _UploadOperation(Operation):
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"multipart/form-data": OpenAPIMediaType(schema=_UPLOAD_SCHEMA)}, required=True
+        )
+
+
+_ALIAS_TAKEN = ResponseSpec(
+    data_container=ErrorEnvelope, description="ALIAS_TAKEN: the alias is in use", generate_examples=False
+)
+
+
+def _upload_too_large() -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"Upload body larger than {UPLOAD_MAX_BODY_BYTES} bytes (the image may be at most "
+        f"{UPLOAD_MAX_FILE_BYTES} bytes)",
+        details=[{"field": "file", "message": f"must be at most {UPLOAD_MAX_FILE_BYTES} bytes"}],
+    )
+
+
+async def _read_upload(request: AnyRequest) -> service.ValidUpload:
+    """The multipart form as a checked upload; every failure is a 400 (or 413) naming the field."""
+    content_type, _ = request.content_type
+    if content_type != "multipart/form-data":
+        raise ValidationFailed.field("file", "send the image as multipart/form-data with a `file` part")
+    announced = request.headers.get("content-length")
+    if announced and announced.isdigit() and int(announced) > UPLOAD_MAX_BODY_BYTES:
+        raise _upload_too_large()  # before reading a byte of it
+    try:
+        await request.body()  # reads the whole body under this route's limit (also on the bytes received)
+        form = await request.form()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise _upload_too_large() from None
+        raise ValidationFailed.field("body", f"malformed multipart/form-data: {exc.detail}") from None
+    except (UnicodeDecodeError, LookupError):  # a text part in a charset we cannot decode
+        raise ValidationFailed.field("body", "form fields other than `file` must be UTF-8 text") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    try:
+        if unknown := sorted({name for name in form if name not in UPLOAD_FIELDS}):
+            raise ValidationFailed.field(unknown[0], f"unknown field; send only {', '.join(UPLOAD_FIELDS)}")
+        for name in UPLOAD_FIELDS:
+            if len(form.getall(name, [])) > 1:
+                raise ValidationFailed.field(name, "given more than once")
+        upload = form.get("file")
+        if upload is None:
+            raise ValidationFailed.field("file", "required: a PNG, JPEG or WebP image as a file part")
+        if not isinstance(upload, UploadFile):
+            raise ValidationFailed.field("file", "must be a file part (with a filename), not a text field")
+        alias, meta = form.get("alias"), form.get("meta")
+        if isinstance(alias, UploadFile) or isinstance(meta, UploadFile):
+            raise ValidationFailed.field("alias" if isinstance(alias, UploadFile) else "meta", "must be text")
+        checked_alias = service.parse_alias(alias)
+        checked_meta = service.parse_upload_meta(meta)
+        data = await upload.read(UPLOAD_MAX_FILE_BYTES + 1)
+        service.check_upload_size(len(data))
+    finally:
+        for file in files:
+            await file.close()
+    return service.ValidUpload(data=data, alias=checked_alias, meta=checked_meta)
 
 
 class PublicImageController(Controller):
@@ -66,12 +166,32 @@ class ImageController(Controller):
     security = API_KEY_SECURITY
     tags = ["images"]
 
+    @post(
+        "/upload",
+        status_code=201,
+        request_max_body_size=UPLOAD_MAX_BODY_BYTES,  # JSON routes keep the app's (smaller) limit
+        operation_class=_UploadOperation,
+        summary="Upload an image (PNG, JPEG or WebP)",
+        description=(
+            "multipart/form-data with `file`, optional `alias` and `meta` (a JSON object). The bytes are"
+            " decoded and verified, stored as sent, with WebP thumbnails. Spends the read budget."
+        ),
+        responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), 409: _ALIAS_TAKEN},
+    )
+    async def upload_image(self, request: AnyRequest) -> ImageEnvelope:
+        principal = principal_of(request)
+        if principal.is_admin or principal.project_id is None:
+            raise Forbidden("Admin keys cannot upload images; use a key of the project the image is for")
+        upload = await _read_upload(request)
+        record = await service.upload_image(resources_of(request), principal.project_id, upload)
+        return ImageEnvelope(data=record)
+
     @get(
         "/{image_id:str}",
         summary="Get an image record",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def get_image(self, request: AnyRequest, image_id: FromPath[str]) -> ImageEnvelope:
+    async def get_image(self, request: AnyRequest, image_id: ImageIdPath) -> ImageEnvelope:
         record = await service.get_image(
             resources_of(request), principal_of(request), parse_uuid(image_id, "id")
         )
@@ -84,7 +204,7 @@ class ImageController(Controller):
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def image_content(
-        self, request: AnyRequest, image_id: FromPath[str], size: SizeQuery = None
+        self, request: AnyRequest, image_id: ImageIdPath, size: SizeQuery = None
     ) -> Response[bytes]:
         resources = resources_of(request)
         image_uuid = parse_uuid(image_id, "id")
@@ -103,6 +223,6 @@ class ImageController(Controller):
         summary="Soft-delete an image",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_image(self, request: AnyRequest, image_id: FromPath[str]) -> MessageEnvelope:
+    async def delete_image(self, request: AnyRequest, image_id: ImageIdPath) -> MessageEnvelope:
         await service.delete_image(resources_of(request), principal_of(request), parse_uuid(image_id, "id"))
         return MessageEnvelope(message="Image deleted")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.models import metadata
@@ -54,3 +55,23 @@ async def soft_delete_image(
         .values(deleted_at=now, updated_at=now)
     )
     return True
+
+
+async def lock_alias(conn: AsyncConnection, project_id: uuid.UUID, alias: str) -> None:
+    """Serialize writers of one (project, alias) until the transaction ends: check-then-insert is then
+    race-free without a unique index (a transaction-scoped advisory lock, released on commit/rollback)."""
+    name = f"kiln:image-alias:{project_id}:{alias}"
+    await conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(name, 0))))
+
+
+async def alias_taken(conn: AsyncConnection, project_id: uuid.UUID, alias: str) -> bool:
+    stmt = select(images.c.id).where(
+        images.c.project_id == project_id, images.c.alias == alias, images.c.deleted_at.is_(None)
+    )
+    return (await conn.execute(stmt.limit(1))).first() is not None
+
+
+async def insert_image(conn: AsyncConnection, values: dict[str, Any]) -> Row:
+    row = (await conn.execute(insert(images).values(**values).returning(images))).first()
+    assert row is not None  # INSERT ... RETURNING always returns the row
+    return row

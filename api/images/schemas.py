@@ -13,6 +13,15 @@ if TYPE_CHECKING:
 
 SIZES = ("sm", "lg")
 
+# Uploads: the file itself, and the whole multipart body (file + alias + meta + part headers).
+UPLOAD_MAX_FILE_BYTES = 5 * 1024 * 1024
+UPLOAD_META_MAX_BYTES = 16 * 1024
+UPLOAD_MAX_BODY_BYTES = UPLOAD_MAX_FILE_BYTES + UPLOAD_META_MAX_BYTES + 64 * 1024
+ALIAS_PATTERN = r"^[a-z0-9_-]{1,64}$"
+# Flow references (`@last`, `@first`) would be ambiguous with an image alias of the same name.
+RESERVED_ALIASES = frozenset({"last", "first"})
+UPLOAD_FIELDS = ("file", "alias", "meta")
+
 
 class Thumbnails(msgspec.Struct):
     sm: str

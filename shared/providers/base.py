@@ -165,7 +165,7 @@ class ProviderConnection:
     """
 
     api_url: str | None = None  # None: the provider's default URL
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr (logs, tracebacks)
     model: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     timeout_seconds: float = 120.0

@@ -18,7 +18,13 @@ import httpx
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from shared.errors import ProviderPermanent, ProviderRetryable
-from shared.providers.base import ParameterSpec, ProviderRequest, ProviderResult, check_parameters
+from shared.providers.base import (
+    ModelInfo,
+    ParameterSpec,
+    ProviderRequest,
+    ProviderResult,
+    check_parameters,
+)
 from shared.sizes import size_for_aspect_ratio
 
 PARAMETERS: dict[str, ParameterSpec] = {
@@ -235,8 +241,16 @@ class PlaceholderProvider:
     def size_for(self, aspect_ratio: str, model: str | None) -> tuple[int, int]:
         return size_for_aspect_ratio(aspect_ratio)
 
+    async def list_models(self) -> list[ModelInfo]:
+        return []
+
+    async def test(self) -> None:
+        return None  # nothing to reach
+
     async def generate(self, request: ProviderRequest) -> ProviderResult:
-        params, problems = check_parameters(PARAMETERS, request.parameters)
+        # No vendor request body to merge an override into: it is accepted and has no effect.
+        given = {k: v for k, v in request.parameters.items() if k != "rawRequestOverride"}
+        params, problems = check_parameters(PARAMETERS, given)
         if problems:
             text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
             raise ProviderPermanent("INVALID_PARAMETERS", text)

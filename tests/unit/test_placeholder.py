@@ -41,7 +41,7 @@ def decode(data: bytes) -> Image.Image:
 
 
 def test_registry():
-    assert PROVIDER_NAMES == ("placeholder",)
+    assert PROVIDER_NAMES[0] == "placeholder"
     assert isinstance(provider, PlaceholderProvider)
     assert provider.name == "placeholder"
     assert set(PARAMETER_SCHEMAS["placeholder"]) == {

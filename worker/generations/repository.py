@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, insert, select, update
+from sqlalchemy import ColumnElement, and_, case, func, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import GenerationStatus, metadata
 
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
+connections = metadata.tables["connections"]
 
 ERROR_MESSAGE_MAX_CHARS = 500
 PENDING = GenerationStatus.PENDING.value
@@ -41,6 +42,7 @@ class ClaimedGeneration:
     version: int
     deadline_at: datetime
     updated_at: datetime
+    connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class GenerationRepository:
             .returning(
                 g.id, g.project_id, g.prompt, g.negative_prompt, g.aspect_ratio, g.provider, g.model,
                 g.parameters, g.seed, g.attempts, g.version, g.deadline_at, g.updated_at,
+                g.connection_id,
             )
         )  # fmt: skip
         row = (await self.session.execute(stmt)).one_or_none()
@@ -138,6 +141,7 @@ class GenerationRepository:
             version=row.version,
             deadline_at=row.deadline_at,
             updated_at=row.updated_at,
+            connection_id=row.connection_id,
         )
 
     async def get_state(self, generation_id: uuid.UUID) -> GenerationState | None:
@@ -169,6 +173,33 @@ class GenerationRepository:
             .returning(*_STATUS_CHANGE_COLUMNS)
         )
         return _status_change((await self.session.execute(stmt)).one_or_none())
+
+    async def load_connection(self, connection_id: uuid.UUID) -> Any | None:
+        """The connection profile a generation runs with (None: deleted since)."""
+        c = connections.c
+        stmt = select(
+            c.id, c.provider, c.api_url, c.api_key_encrypted, c.model, c.meta, c.timeout_seconds,
+            c.max_concurrency,
+        ).where(c.id == connection_id)  # fmt: skip
+        return (await self.session.execute(stmt)).one_or_none()
+
+    async def return_claim(self, generation_id: uuid.UUID, attempt: int, version: int) -> bool:
+        """processing → pending without using up an attempt (its connection was busy); marked enqueued
+        now, since the caller sends it again at once. False when this attempt no longer owns the row."""
+        g = generations.c
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version))
+            .values(
+                status=PENDING,
+                attempts=g.attempts - 1,
+                lease_until=None,
+                started_at=case((g.attempts == 1, null()), else_=g.started_at),
+                enqueued_at=func.now(),
+                updated_at=func.now(),
+            )
+        )
+        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
 
     async def renew_lease(
         self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float

@@ -8,8 +8,13 @@ never produce a second success: the losing attempt's writes match no row and its
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import re
 import secrets
+import socket
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeVar
 
+import httpx
 import redis.asyncio as aioredis
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,24 +34,43 @@ from tenacity import (
     wait_exponential,
 )
 
+from shared.connections import ResolvedConnection, outbound_urls, server_default_connection, stored_connection
+from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
-from shared.events import publish_status
+from shared.events import generation_channel, publish_status
 from shared.imaging import ImageInfo, InvalidImage, inspect_image, make_thumbnails
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
-from shared.providers import ImageProvider, ProviderRequest, ProviderResult
+from shared.netguard import OutboundUrlRefused, check_url_resolved
+from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
+from shared.providers.http_errors import redact
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage, StatusChange
+from worker.generations.slots import ConnectionSlots, SlotLease
+from worker.webhooks.service import publish_generation_webhooks
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
-# Resolves a generation's `provider` name to an adapter. The worker passes `get_provider` bound to its
-# process-wide HTTP client; tests pass their own scripted providers.
-ProviderFactory = Callable[[str], ImageProvider]
+# A running attempt subscribes to its generation's status events (to hear a cancel) after this long:
+# jobs that finish sooner never pay for a subscription.
+STATUS_WATCH_DELAY_SECONDS = 0.5
+STATUS_WATCH_SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+
+# Resolves a generation's `provider` name and its connection (URL, decrypted key, settings) to an
+# adapter. The worker passes `get_provider` bound to its process-wide HTTP client; tests pass their own
+# scripted providers.
+ProviderFactory = Callable[[str, ProviderConnection], ImageProvider]
+# Sends `kiln.generate(id)` again to the provider's queue after `countdown` seconds (a job handed back
+# because its connection was at its concurrency limit).
+Requeue = Callable[[uuid.UUID, str, float], Awaitable[None]]
+
+# How a retryable failure that used up the retries is reported: what the vendor last said.
+_RATE_LIMITED = re.compile(r"\bHTTP 429\b|rate.?limit|too many requests|RESOURCE_EXHAUSTED", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"time[sd]? ?out|did not answer within|did not finish within", re.IGNORECASE)
 
 
 def attempt_storage_prefix(
@@ -60,6 +85,7 @@ class PipelineOutcome(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # not claimable: someone else owns it, or it is already finished
     ABANDONED = "abandoned"  # this attempt lost the row (cancelled / taken back) before it could finish
+    DEFERRED = "deferred"  # its connection was at its concurrency limit: handed back, sent again shortly
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,7 @@ class PipelineDependencies:
     redis: aioredis.Redis
     storage: ObjectStorage
     provider_for: ProviderFactory
+    requeue: Requeue | None = None  # None: a deferred job waits for the sweeper
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +132,16 @@ class GenerationPipeline:
     def __init__(self, deps: PipelineDependencies) -> None:
         self.deps = deps
         self.settings = deps.settings.generation
+        # Set once the claim's connection is resolved (`_run_with_connection`).
+        self._resolved: ResolvedConnection | None = None
+        self._slot: SlotLease | None = None
 
     async def run(self, generation_id: uuid.UUID) -> PipelineOutcome:
         claim = await self._claim(generation_id)
         if claim is None:
             return await self._end_unclaimable(generation_id)
         with structlog.contextvars.bound_contextvars(attempt=claim.attempt, version=claim.version):
-            return await self._run_claimed(claim)
+            return await self._run_with_connection(claim)
 
     async def _run_claimed(self, claim: ClaimedGeneration) -> PipelineOutcome:
         if claim.attempt > self.settings.max_attempts:
@@ -168,23 +198,28 @@ class GenerationPipeline:
 
     async def _under_lease(self, claim: ClaimedGeneration, work: Awaitable[T]) -> T:
         """Run `work` while renewing the lease; cancel it and raise LeaseLost if the row is taken away."""
+        check_now = asyncio.Event()  # set by a status event: renew (and so check the row) at once
         work_task = asyncio.ensure_future(work)
-        heartbeat = asyncio.ensure_future(self._keep_lease(claim))
+        heartbeat = asyncio.ensure_future(self._keep_lease(claim, check_now))
+        watcher = asyncio.ensure_future(self._watch_status_events(claim, check_now))
         try:
             await asyncio.wait({work_task, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (work_task, heartbeat):
+            for task in (work_task, heartbeat, watcher):
                 task.cancel()
-            await asyncio.gather(work_task, heartbeat, return_exceptions=True)
+            await asyncio.gather(work_task, heartbeat, watcher, return_exceptions=True)
         if work_task.done() and not work_task.cancelled():
             return work_task.result()
         raise LeaseLost
 
-    async def _keep_lease(self, claim: ClaimedGeneration) -> None:
+    async def _keep_lease(self, claim: ClaimedGeneration, check_now: asyncio.Event) -> None:
         """Returns only when a renewal matches no row; transient database errors are retried."""
         interval = max(self.settings.lease_seconds / 3, 0.05)
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await check_now.wait()
+            check_now.clear()
             try:
                 async with transaction(self.deps.sessions) as session:
                     renewed = await GenerationRepository(session).renew_lease(
@@ -195,6 +230,30 @@ class GenerationPipeline:
                 continue
             if not renewed:
                 return
+
+    async def _watch_status_events(self, claim: ClaimedGeneration, check_now: asyncio.Event) -> None:
+        """Hear the generation's status events while the attempt runs, so that a cancel (or a new version)
+        is noticed at once instead of at the next heartbeat: any event makes the heartbeat check the row.
+        Best effort: without Redis the heartbeat alone notices, within lease/3. Starts after a short
+        delay, so instant jobs never open a subscription."""
+        await asyncio.sleep(STATUS_WATCH_DELAY_SECONDS)
+        pubsub = self.deps.redis.pubsub()
+        try:
+            await pubsub.subscribe(generation_channel(claim.id))
+            async with asyncio.timeout(STATUS_WATCH_SUBSCRIBE_TIMEOUT_SECONDS):
+                while (await pubsub.get_message(timeout=None) or {}).get("type") != "subscribe":
+                    pass
+            check_now.set()  # subscribed: also catch a cancel that committed before the subscription
+            while True:
+                if await pubsub.get_message(ignore_subscribe_messages=True, timeout=None) is not None:
+                    check_now.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("status events unavailable; the heartbeat alone watches for a cancel", error=repr(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
     async def _produce(self, claim: ClaimedGeneration, prefix: str) -> StoredImage:
         started = time.monotonic()
@@ -218,11 +277,105 @@ class GenerationPipeline:
         elapsed_ms = round((time.monotonic() - started) * 1000)
         return StoredImage(keys=keys, info=info, result=result, processing_time_ms=elapsed_ms)
 
+    # --- connection and concurrency limit -----------------------------------------------------
+
+    async def _run_with_connection(self, claim: ClaimedGeneration) -> PipelineOutcome:
+        """Resolve the claim's connection and take one of its concurrency slots, then run the job. A
+        connection at its limit does not hold this worker: the job goes back to `pending` (the attempt
+        is not counted) and is sent again after a short countdown."""
+        try:
+            self._resolved = await self._resolve_connection(claim)
+        except GenerationFailure as failure:
+            return await self._fail(claim, failure.code, failure.message)
+        except Exception as exc:
+            if not is_connection_error(exc):  # with the database down, the lease just runs out
+                await self._expire_lease(claim)
+            raise
+        limit = self._resolved.max_concurrency
+        if limit is not None and claim.attempt <= self.settings.max_attempts:
+            slots = ConnectionSlots(self.deps.redis, ttl_seconds=max(self.settings.lease_seconds, 1))
+            try:
+                self._slot = await slots.try_acquire(self._resolved.scope, limit)
+            except Exception:
+                await self._expire_lease(claim)  # Redis trouble: the sweeper hands it out again
+                raise
+            if self._slot is None:
+                return await self._defer(claim, limit)
+        try:
+            return await self._run_claimed(claim)
+        finally:
+            await self._release_slot()
+
+    async def _resolve_connection(self, claim: ClaimedGeneration) -> ResolvedConnection:
+        settings = self.deps.settings
+        if claim.connection_id is None:
+            return server_default_connection(settings, claim.provider)
+        async with transaction(self.deps.sessions) as session:
+            row = await GenerationRepository(session).load_connection(claim.connection_id)
+        if row is None:
+            raise GenerationFailure(
+                "CONNECTION_NOT_FOUND", "the connection this generation was created with has been deleted"
+            )
+        if row.provider != claim.provider:
+            raise GenerationFailure(
+                "CONNECTION_NOT_FOUND",
+                f"the connection of this generation now uses {row.provider}, not {claim.provider}",
+            )
+        try:
+            return stored_connection(settings, row)
+        except SecretUnreadable as exc:
+            raise GenerationFailure(
+                "CONNECTION_SECRET_UNREADABLE",
+                "the connection's API key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
+            ) from exc
+
+    async def _defer(self, claim: ClaimedGeneration, limit: int) -> PipelineOutcome:
+        async with transaction(self.deps.sessions) as session:
+            returned = await GenerationRepository(session).return_claim(
+                claim.id, claim.attempt, claim.version
+            )
+        if not returned:
+            return PipelineOutcome.ABANDONED
+        countdown = self.deps.settings.providers.busy_retry_seconds * random.uniform(0.5, 1.5)
+        log.info(
+            "connection at its concurrency limit; job handed back", limit=limit, retry_in=round(countdown, 2)
+        )
+        if self.deps.requeue is not None:
+            try:
+                await self.deps.requeue(claim.id, claim.provider, countdown)
+            except Exception as exc:  # it is pending and marked enqueued: the sweeper sends it again
+                log.warning("could not re-enqueue a job handed back; the sweeper will", error=str(exc))
+        return PipelineOutcome.DEFERRED
+
+    async def _release_slot(self) -> None:
+        if self._slot is not None:
+            await self._slot.release()
+
+    async def _check_outbound(self) -> None:
+        """Every URL the adapter will call, resolved now (a name may point elsewhere than at save time)."""
+        resolved = self._resolved
+        if resolved is None:
+            return
+        policy = self.deps.settings.network.policy()
+        for url in outbound_urls(resolved.provider, resolved.connection):
+            try:
+                await check_url_resolved(url, policy)
+            except OutboundUrlRefused as exc:
+                if isinstance(exc.__cause__, socket.gaierror):  # DNS trouble may pass: retry
+                    raise ProviderRetryable(f"cannot reach the provider: {exc}") from exc
+                raise GenerationFailure("PROVIDER_URL_REFUSED", str(exc)) from exc
+
+    def _call_timeout(self) -> float:
+        if self._resolved is not None:
+            return self._resolved.connection.timeout_seconds
+        return self.settings.provider_timeout_seconds
+
     # --- provider call ------------------------------------------------------------------------
 
     async def _call_provider(self, claim: ClaimedGeneration) -> ProviderResult:
         try:
-            provider = self.deps.provider_for(claim.provider)
+            resolved = self._resolved or server_default_connection(self.deps.settings, claim.provider)
+            provider = self.deps.provider_for(claim.provider, resolved.connection)
             width, height = provider.size_for(claim.aspect_ratio, claim.model)
         except ProviderPermanent as exc:
             raise GenerationFailure(exc.code, exc.message) from exc
@@ -250,20 +403,23 @@ class GenerationPipeline:
         except ProviderCallTimedOut as exc:
             raise GenerationFailure("PROVIDER_TIMEOUT", exc.message) from exc
         except ProviderRetryable as exc:
-            raise GenerationFailure("PROVIDER_UNAVAILABLE", exc.message) from exc
+            raise GenerationFailure(_exhausted_retries_code(exc), exc.message) from exc
         except ProviderPermanent as exc:
             raise GenerationFailure(exc.code, exc.message) from exc
+        finally:
+            await self._release_slot()  # storing the image needs no provider slot
 
     async def _call_provider_once(
         self, provider: ImageProvider, request: ProviderRequest, deadline_at: datetime
     ) -> ProviderResult:
-        timeout = self.settings.provider_timeout_seconds
+        timeout = self._call_timeout()
         remaining = (deadline_at - datetime.now(UTC)).total_seconds()
         if remaining <= 0:
             raise GenerationFailure("DEADLINE_EXCEEDED", "the generation did not finish before its deadline")
         limit = min(timeout, remaining)
         try:
             async with asyncio.timeout(limit) as bound:
+                await self._check_outbound()  # a name resolving slowly counts against the timeout
                 return await provider.generate(request)
         except TimeoutError as exc:
             if not bound.expired():
@@ -275,12 +431,22 @@ class GenerationPipeline:
                     "DEADLINE_EXCEEDED", "the generation did not finish before its deadline"
                 ) from exc
             raise ProviderCallTimedOut(f"the provider did not answer within {timeout:g} s") from exc
-        except (ProviderRetryable, ProviderPermanent):
+        except (ProviderRetryable, ProviderPermanent, GenerationFailure):
             raise
         except Exception as exc:
             # Adapters should raise only the two provider errors; a bug would repeat on every attempt.
-            log.exception("provider adapter raised an unexpected error")
+            # No exc_info: the console renderer would print frame locals, request headers and key included.
+            log.error(
+                "provider adapter raised an unexpected error",
+                error_type=type(exc).__name__,
+                traceback=self._redacted_traceback(exc),
+            )
             raise GenerationFailure("PROVIDER_ERROR", "the provider adapter failed unexpectedly") from exc
+
+    def _redacted_traceback(self, exc: BaseException) -> str:
+        text = "".join(traceback.format_exception(exc))
+        key = self._resolved.connection.api_key if self._resolved is not None else None
+        return redact(text, [key])
 
     def _retry_wait(self, claim: ClaimedGeneration) -> Callable[[RetryCallState], float]:
         cap = self.settings.retry_max_wait_seconds
@@ -405,6 +571,23 @@ class GenerationPipeline:
 
     async def _publish(self, change: StatusChange) -> None:
         await publish_status(self.deps.redis, change.id, change.project_id, change.status, change.updated_at)
+        # After the commit, like the event; never raises.
+        await publish_generation_webhooks(
+            self.deps.sessions,
+            self.deps.settings,
+            generation_id=change.id,
+            project_id=change.project_id,
+            status=change.status,
+        )
+
+
+def _exhausted_retries_code(exc: ProviderRetryable) -> str:
+    """PROVIDER_TIMEOUT / PROVIDER_RATE_LIMITED / PROVIDER_UNAVAILABLE after the last retryable failure."""
+    if isinstance(exc.__cause__, httpx.TimeoutException) or _TIMED_OUT.search(exc.message):
+        return "PROVIDER_TIMEOUT"
+    if _RATE_LIMITED.search(exc.message):
+        return "PROVIDER_RATE_LIMITED"
+    return "PROVIDER_UNAVAILABLE"
 
 
 def _inspect_and_thumbnail(data: bytes) -> tuple[ImageInfo, dict[str, bytes]]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from celery import Task
 
 from shared.db import is_connection_error
 from shared.logging import get_logger
-from shared.providers import ImageProvider, get_provider
-from shared.queueing import GENERATE_TASK
+from shared.providers import ImageProvider, ProviderConnection, get_provider
+from shared.queueing import GENERATE_TASK, queue_for_provider
 from worker.celery_app import WorkerRuntime, app, get_runtime
 from worker.generations.service import PipelineDependencies, PipelineOutcome, run_generation
 
@@ -22,8 +23,16 @@ DATABASE_RETRY_MAX_COUNTDOWN = 60
 
 
 def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
-    def provider_for(name: str) -> ImageProvider:
-        return get_provider(name, runtime.http)
+    def provider_for(name: str, connection: ProviderConnection) -> ImageProvider:
+        return get_provider(name, runtime.http, connection)
+
+    async def requeue(generation_id: uuid.UUID, provider: str, countdown: float) -> None:
+        # Back to the provider's own queue. A countdown task is held by the consumer, not by a pool
+        # process: no worker slot waits for the connection to free up.
+        queue = queue_for_provider(runtime.settings, provider)
+        await asyncio.to_thread(
+            generate.apply_async, args=[str(generation_id)], queue=queue, countdown=countdown, retry=False
+        )
 
     return PipelineDependencies(
         settings=runtime.settings,
@@ -31,6 +40,7 @@ def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
         redis=runtime.redis,
         storage=runtime.storage,
         provider_for=provider_for,
+        requeue=requeue,
     )
 
 

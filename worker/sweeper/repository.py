@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, false, func, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import GenerationStatus, metadata
@@ -31,6 +31,17 @@ class SweptGeneration:
     previous_status: str
     status: str
     updated_at: datetime
+    provider: str = ""  # which queue a re-enqueue goes to
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyQueues:
+    """Which generation queues the broker holds nothing in: rows of those providers still pending after
+    `requeue_after_seconds` lost their messages (a Redis restart without persistence)."""
+
+    providers: tuple[str, ...]  # providers whose own queue is empty
+    routed: tuple[str, ...]  # every provider with a known queue (the others share the default queue)
+    others: bool  # the default queue, used by providers outside `routed`, is empty
 
 
 class SweepRepository:
@@ -46,7 +57,14 @@ class SweepRepository:
             .where(g.id == picked.c.id)
             .values(**values, updated_at=func.now())
             .returning(
-                g.id, g.project_id, g.version, g.attempts, picked.c.previous_status, g.status, g.updated_at
+                g.id,
+                g.project_id,
+                g.version,
+                g.attempts,
+                picked.c.previous_status,
+                g.status,
+                g.updated_at,
+                g.provider,
             )
         )
         rows = (await self.session.execute(stmt)).all()
@@ -59,6 +77,7 @@ class SweepRepository:
                 previous_status=row.previous_status,
                 status=row.status,
                 updated_at=row.updated_at,
+                provider=row.provider,
             )
             for row in rows
         ]
@@ -120,13 +139,19 @@ class SweepRepository:
         return await self._change(due, {"status": PENDING, "lease_until": None, "enqueued_at": func.now()})
 
     async def mark_lost_pending_for_enqueue(
-        self, *, requeue_after_seconds: float, stale_enqueue_seconds: float, limit: int
+        self,
+        *,
+        requeue_after_seconds: float,
+        stale_enqueue_seconds: float,
+        limit: int,
+        empty_queues: EmptyQueues | None = None,
     ) -> list[SweptGeneration]:
         """Pending rows whose message never reached, or no longer is in, the broker → enqueued_at = now().
 
         Never enqueued (enqueue after commit failed): created over `requeue_after_seconds` ago.
         Enqueued but still pending after `stale_enqueue_seconds` (the caller lowers it when the broker
-        queue is empty: a Redis restart without persistence lost the messages).
+        queue is empty: a Redis restart without persistence lost the messages), or, for the providers
+        whose queue `empty_queues` says is empty, after `requeue_after_seconds`.
         Setting enqueued_at in the same statement is what stops a concurrent sweep from sending them too.
         """
         g = generations.c
@@ -134,6 +159,15 @@ class SweepRepository:
             g.enqueued_at.is_(null()), g.created_at < func.now() - timedelta(seconds=requeue_after_seconds)
         )
         enqueue_stale = g.enqueued_at < func.now() - timedelta(seconds=stale_enqueue_seconds)
+        if empty_queues is not None:
+            queue_empty = or_(
+                g.provider.in_(empty_queues.providers) if empty_queues.providers else false(),
+                g.provider.not_in(empty_queues.routed) if empty_queues.others else false(),
+            )
+            enqueue_lost = and_(
+                queue_empty, g.enqueued_at < func.now() - timedelta(seconds=requeue_after_seconds)
+            )
+            enqueue_stale = or_(enqueue_stale, enqueue_lost)
         due = (
             select(g.id, g.status.label("previous_status"))
             .where(g.status == PENDING, g.deadline_at > func.now(), or_(never_enqueued, enqueue_stale))

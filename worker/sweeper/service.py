@@ -8,7 +8,6 @@ never reached the broker or was lost with it. Every change is committed before i
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -20,11 +19,13 @@ from shared.db import transaction
 from shared.events import publish_status
 from shared.logging import get_logger
 from shared.models import GenerationStatus
-from shared.queueing import enqueue_generation
+from shared.providers import PROVIDER_NAMES
+from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.webhooks import publish_status_webhooks
 from worker.generations.service import attempt_storage_prefix
-from worker.sweeper.repository import SweepRepository, SweptGeneration
+from worker.sweeper.repository import EmptyQueues, SweepRepository, SweptGeneration
 
 log = get_logger(__name__)
 
@@ -73,17 +74,18 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     await _after_ending(deps, lost)
     await _after_ending(deps, taken_back)
 
-    queue_empty = await _broker_queue_length(deps) == 0
+    empty_queues = await _empty_queues(deps)
     requeue_after = settings.worker.requeue_after_seconds
     async with transaction(deps.sessions) as session:
         lost_messages = await SweepRepository(session).mark_lost_pending_for_enqueue(
             requeue_after_seconds=requeue_after,
             # An empty queue with rows still pending after requeue_after: their messages are gone.
-            stale_enqueue_seconds=requeue_after if queue_empty else STALE_ENQUEUE_SECONDS,
+            stale_enqueue_seconds=STALE_ENQUEUE_SECONDS,
             limit=batch_size,
+            empty_queues=empty_queues,
         )
 
-    unsent = await _enqueue(deps, [row.id for row in (*taken_back, *lost_messages)])
+    unsent = await _enqueue(deps, [*taken_back, *lost_messages])
     report = SweepReport(
         deadline_failed=len(expired),
         leases_requeued=len(taken_back),
@@ -110,24 +112,47 @@ async def _after_ending(deps: SweeperDependencies, rows: Sequence[SweptGeneratio
             except Exception as exc:
                 log.warning("could not delete an abandoned attempt's objects", prefix=prefix, error=str(exc))
         await publish_status(deps.redis, row.id, row.project_id, row.status, row.updated_at)
+        # `failed` rows announce themselves (`pending` ones taken back do not); never raises.
+        await publish_status_webhooks(
+            deps.sessions,
+            deps.producer,
+            deps.settings,
+            generation_id=row.id,
+            project_id=row.project_id,
+            status=row.status,
+        )
 
 
-async def _broker_queue_length(deps: SweeperDependencies) -> int | None:
-    """LLEN of the generation queue's list on the broker; None when Redis does not answer."""
+async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:
+    """Which generation queues (the default one and one per provider) hold no message on the broker;
+    a queue whose length is unknown (Redis does not answer) counts as busy."""
+    settings = deps.settings
+    queue_of = {provider: queue_for_provider(settings, provider) for provider in PROVIDER_NAMES}
+    queues = list(dict.fromkeys([settings.worker.queue, *queue_of.values()]))
     try:
-        return int(await deps.broker_redis.llen(deps.settings.worker.queue))
+        async with deps.broker_redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue)
+            lengths = dict(zip(queues, await pipe.execute(), strict=True))
     except Exception as exc:
-        log.warning("broker queue length unknown", error=str(exc))
-        return None
+        log.warning("broker queue lengths unknown", error=str(exc))
+        lengths = {}
+    empty = {queue for queue, length in lengths.items() if length == 0}
+    return EmptyQueues(
+        providers=tuple(p for p, queue in queue_of.items() if queue in empty),
+        routed=tuple(queue_of),
+        others=settings.worker.queue in empty,
+    )
 
 
-async def _enqueue(deps: SweeperDependencies, generation_ids: Sequence[uuid.UUID]) -> int:
-    """Send `kiln.generate` for each id; on a broker failure stop and un-mark the rest. Returns unsent."""
-    for position, generation_id in enumerate(generation_ids):
+async def _enqueue(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -> int:
+    """Send `kiln.generate` for each row to its provider's queue; on a broker failure stop and un-mark
+    the rest. Returns unsent."""
+    for position, row in enumerate(rows):
         try:
-            await enqueue_generation(deps.producer, generation_id, deps.settings.worker.queue)
+            await enqueue_generation(deps.producer, row.id, queue_for_provider(deps.settings, row.provider))
         except Exception as exc:
-            unsent = generation_ids[position:]
+            unsent = [r.id for r in rows[position:]]
             log.warning("broker unavailable; re-enqueue postponed", unsent=len(unsent), error=str(exc))
             async with transaction(deps.sessions) as session:
                 await SweepRepository(session).forget_enqueue(unsent)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
+from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.admin.service import create_api_key, create_project
 from api.app import create_app
+from api.events.hub import StatusHub
 from shared.db import transaction
+from shared.embedded import free_port
 from shared.models import ApiKeyKind, metadata, new_id
 from shared.settings import Settings
 from shared.storage import ObjectStorage, create_storage
@@ -54,6 +60,43 @@ def api_settings(settings: Settings) -> Settings:
 async def client(api_settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     async with api_client(api_settings) as c:
         yield c
+
+
+@dataclass
+class LiveApi:
+    app: Litestar
+    http: httpx.AsyncClient  # talks to the server over real HTTP
+
+    @property
+    def status_hub(self) -> StatusHub:
+        hub: StatusHub = self.app.state.status_hub
+        return hub
+
+
+class _ServerWithoutSignals(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
+        yield
+
+
+@pytest.fixture(scope="session")
+async def live_api(api_settings: Settings) -> AsyncIterator[LiveApi]:
+    """The API served by uvicorn inside the tests' event loop. Unlike `client` (which runs the app on a
+    portal thread and blocks the test's loop for the length of a request), requests here run
+    concurrently with the test (long polls, a worker pipeline in the test) and responses stream."""
+    app = create_app(api_settings)
+    port = free_port()
+    server = _ServerWithoutSignals(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None, access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not serving.done(), "the live API did not start"
+        await asyncio.sleep(0.01)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        yield LiveApi(app, http)
+    server.should_exit = True
+    await asyncio.wait_for(serving, 30)
 
 
 @pytest.fixture(scope="session")

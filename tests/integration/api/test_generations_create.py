@@ -31,6 +31,7 @@ RECORD_FIELDS = {
     # ext
     "negativePrompt", "enhancementTemplate", "enhancementEngine", "provider", "model", "connectionId",
     "parameters", "seed", "errorCode", "attempts", "startedAt", "completedAt", "deadlineAt", "cancelledAt",
+    "version", "webhookUrl", "queuePosition",
 }  # fmt: skip
 
 
@@ -72,16 +73,17 @@ async def test_create_answers_201_with_the_pending_record_and_every_default(
     assert data["retryCount"] == 0 and data["attempts"] == 0
     assert data["negativePrompt"] is None and data["model"] is None and data["seed"] is None
     assert data["connectionId"] is None
-    assert data["provider"] == api_settings.generation.default_provider
+    assert data["provider"] == api_settings.providers.default
     assert data["startedAt"] is None and data["completedAt"] is None and data["cancelledAt"] is None
+    assert data["version"] == 1 and data["webhookUrl"] is None
     created = parse_time(data["createdAt"])
     parse_time(data["updatedAt"])
     deadline = parse_time(data["deadlineAt"])
     assert abs((deadline - created).total_seconds() - api_settings.generation.deadline_seconds) < 5
 
-    # The same record is what GET answers, and the row is in the database.
+    # The same record is what GET answers (with its place in the queue), and the row is in the database.
     again = await client.get(f"/api/v1/generations/{data['id']}", headers=tenant.headers)
-    assert again.status_code == 200 and again.json()["data"] == data
+    assert again.status_code == 200 and again.json()["data"] == {**data, "queuePosition": 1}
     async with engine.connect() as conn:
         row = (await conn.execute(select(generations).where(generations.c.id == uuid.UUID(data["id"])))).one()
     assert row.status == "pending" and row.enqueued_at is not None and row.project_id == tenant.project_id

@@ -114,7 +114,7 @@ def pipeline_deps(
         sessions=sessions,
         redis=redis,
         storage=storage,
-        provider_for=lambda _name: provider,
+        provider_for=lambda _name, _connection: provider,
     )
 
 

@@ -1,0 +1,159 @@
+"""HTTP routes of /api/v1/connections (project keys only): parse, authorize, call the service, serialize."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, QueryParameter
+
+from api.connections import service
+from api.connections.schemas import (
+    ConnectionEnvelope,
+    ConnectionListEnvelope,
+    ConnectionTestEnvelope,
+    CreateConnectionRequest,
+    ModelListEnvelope,
+    UpdateConnectionRequest,
+)
+from api.envelope import ErrorEnvelope, MessageEnvelope
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.parsing import decode_body, parse_uuid
+from api.resources import resources_of
+from api.security.auth import principal_of
+from api.security.guards import require_api_key
+from shared.errors import Forbidden
+
+AnyRequest = Request[Any, Any, Any]
+
+
+async def require_project_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    principal = principal_of(connection)
+    if principal.is_admin or principal.project_id is None:
+        raise Forbidden("Connections belong to a project: use a project key")
+
+
+def _project_of(request: AnyRequest) -> Any:
+    return principal_of(request).project_id
+
+
+_VENDOR_ERRORS = {
+    502: ResponseSpec(
+        data_container=ErrorEnvelope,
+        description=(
+            "The provider answered with an error; `code` is the provider error (PROVIDER_AUTH_FAILED, "
+            "PROVIDER_BAD_REQUEST, PROVIDER_UNAVAILABLE, INVALID_PROVIDER_OUTPUT, ...) and `message` "
+            "what the provider said"
+        ),
+        generate_examples=False,
+    ),
+    504: ResponseSpec(
+        data_container=ErrorEnvelope,
+        description="PROVIDER_TIMEOUT: the provider did not answer within the connection's timeout",
+        generate_examples=False,
+    ),
+}
+
+
+class ConnectionController(Controller):
+    path = "/api/v1/connections"
+    guards = [require_api_key, require_project_key]
+    security = API_KEY_SECURITY
+    tags = ["connections"]
+
+    @get(
+        "/",
+        summary="List connections, newest first",
+        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+    )
+    async def list_connections(
+        self,
+        request: AnyRequest,
+        limit: Annotated[str | None, QueryParameter(description="1..100, default 50")] = None,
+        offset: Annotated[str | None, QueryParameter(description="0..10000, default 0")] = None,
+    ) -> ConnectionListEnvelope:
+        records, pagination = await service.list_connections(
+            resources_of(request), _project_of(request), limit=limit, offset=offset
+        )
+        return ConnectionListEnvelope(data=records, pagination=pagination)
+
+    @post(
+        "/",
+        status_code=201,
+        operation_class=json_body(CreateConnectionRequest),
+        summary="Create a connection (the API key is write-only)",
+        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def create_connection(self, request: AnyRequest) -> ConnectionEnvelope:
+        resources = resources_of(request)
+        body = decode_body(await request.body(), CreateConnectionRequest)
+        fields = service.validate_create(resources, body)
+        record = await service.create_connection(resources, _project_of(request), fields)
+        return ConnectionEnvelope(data=record)
+
+    @get(
+        "/{connection_id:str}",
+        summary="Get a connection",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def get_connection(self, request: AnyRequest, connection_id: FromPath[str]) -> ConnectionEnvelope:
+        record = await service.get_connection(
+            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
+        )
+        return ConnectionEnvelope(data=record)
+
+    @patch(
+        "/{connection_id:str}",
+        operation_class=json_body(UpdateConnectionRequest),
+        summary="Change a connection (absent fields stay; `apiKey: null` removes the key)",
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def update_connection(
+        self, request: AnyRequest, connection_id: FromPath[str]
+    ) -> ConnectionEnvelope:
+        connection_uuid = parse_uuid(connection_id, "id")
+        body = decode_body(await request.body(), UpdateConnectionRequest)
+        record = await service.update_connection(
+            resources_of(request), _project_of(request), connection_uuid, body
+        )
+        return ConnectionEnvelope(data=record)
+
+    @delete(
+        "/{connection_id:str}",
+        status_code=200,
+        summary="Delete a connection",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def delete_connection(self, request: AnyRequest, connection_id: FromPath[str]) -> MessageEnvelope:
+        await service.delete_connection(
+            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
+        )
+        return MessageEnvelope(message="Connection deleted")
+
+    @get(
+        "/{connection_id:str}/models",
+        summary="The connection's models: the provider's static list, or fetched live",
+        responses={**error_responses(400, 403, 404, *AUTHENTICATED_ERRORS), **_VENDOR_ERRORS},
+    )
+    async def list_models(self, request: AnyRequest, connection_id: FromPath[str]) -> ModelListEnvelope:
+        models = await service.list_models(
+            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
+        )
+        return ModelListEnvelope(data=models)
+
+    @post(
+        "/{connection_id:str}/test",
+        status_code=200,
+        summary="Try the connection: {ok: true} or {ok: false, errorCode, errorMessage}",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def test_connection(
+        self, request: AnyRequest, connection_id: FromPath[str]
+    ) -> ConnectionTestEnvelope:
+        result = await service.test_connection(
+            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
+        )
+        return ConnectionTestEnvelope(data=result)

@@ -1,0 +1,1 @@
+"""Webhooks: project endpoints, their secrets, the delivery log and redelivery."""

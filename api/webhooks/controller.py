@@ -1,0 +1,229 @@
+"""HTTP routes of /api/v1/webhooks (project keys only): parse, authorize, call the service, serialize."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, QueryParameter
+
+from api.envelope import ErrorEnvelope, MessageEnvelope
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.parsing import decode_body, parse_uuid
+from api.resources import resources_of
+from api.security.auth import principal_of
+from api.security.guards import require_api_key
+from api.webhooks import service
+from api.webhooks.schemas import (
+    CreatedWebhookEndpointEnvelope,
+    CreateWebhookRequest,
+    UpdateWebhookRequest,
+    WebhookDeliveryEnvelope,
+    WebhookDeliveryListEnvelope,
+    WebhookEndpointEnvelope,
+    WebhookEndpointListEnvelope,
+    WebhookSecretEnvelope,
+)
+from shared.errors import Forbidden
+from shared.webhooks import URL_MAX_LENGTH, WEBHOOK_EVENTS
+
+AnyRequest = Request[Any, Any, Any]
+
+_EVENTS_RULE = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}, "minItems": 1},
+        {"type": "null"},
+    ]
+}
+_CREATE_RULES: dict[str, dict[str, Any]] = {
+    "url": {"maxLength": URL_MAX_LENGTH, "format": "uri"},
+    "events": _EVENTS_RULE,
+}
+_UPDATE_RULES: dict[str, dict[str, Any]] = {"events": _EVENTS_RULE}
+_REDELIVER_CONFLICT = "the delivery is still pending, or its endpoint is disabled"
+
+
+def _responses(*statuses: int, conflict: str | None = None) -> dict[int, ResponseSpec]:
+    """The shared error responses, plus a documented 409 where a route can refuse by state."""
+    responses = error_responses(*statuses)
+    if conflict:
+        responses[409] = ResponseSpec(
+            data_container=ErrorEnvelope, description=f"INVALID_STATE: {conflict}", generate_examples=False
+        )
+    return responses
+
+
+LimitQuery = Annotated[str | None, QueryParameter(description="1..100, default 20")]
+OffsetQuery = Annotated[str | None, QueryParameter(description="0..100000, default 0")]
+CursorQuery = Annotated[
+    str | None, QueryParameter(description="nextCursor of the previous page (keyset paging)")
+]
+StatusQuery = Annotated[
+    str | None, QueryParameter(description="pending, delivered, failed (or a comma list)")
+]
+
+
+async def require_project_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    if principal_of(connection).project_id is None:
+        raise Forbidden("Webhooks belong to a project; use a project key")
+
+
+def _project_of(request: AnyRequest) -> uuid.UUID:
+    project_id = principal_of(request).project_id
+    assert project_id is not None  # require_project_key
+    return project_id
+
+
+class WebhookController(Controller):
+    path = "/api/v1/webhooks"
+    guards = [require_api_key, require_project_key]
+    security = API_KEY_SECURITY
+    tags = ["webhooks"]
+
+    @post(
+        "/",
+        status_code=201,
+        operation_class=json_body(CreateWebhookRequest, _CREATE_RULES),
+        summary="Create a webhook endpoint (its signing secret is in this response only)",
+        responses=_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
+    )
+    async def create_webhook(self, request: AnyRequest) -> CreatedWebhookEndpointEnvelope:
+        body = decode_body(await request.body(), CreateWebhookRequest)
+        record = await service.create_endpoint(resources_of(request), _project_of(request), body)
+        return CreatedWebhookEndpointEnvelope(data=record)
+
+    @get(
+        "/",
+        summary="List webhook endpoints (no secrets)",
+        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+    )
+    async def list_webhooks(
+        self, request: AnyRequest, limit: LimitQuery = None, offset: OffsetQuery = None
+    ) -> WebhookEndpointListEnvelope:
+        records, pagination = await service.list_endpoints(
+            resources_of(request), _project_of(request), limit=limit, offset=offset
+        )
+        return WebhookEndpointListEnvelope(data=records, pagination=pagination)
+
+    @get(
+        "/secret",
+        summary="The project's secret for generations' own webhookUrl deliveries",
+        responses=error_responses(403, *AUTHENTICATED_ERRORS),
+    )
+    async def generation_webhook_secret(self, request: AnyRequest) -> WebhookSecretEnvelope:
+        return WebhookSecretEnvelope(
+            data=service.generation_secret(resources_of(request), _project_of(request))
+        )
+
+    @get(
+        "/deliveries",
+        summary="Deliveries of one generation (every endpoint and its own webhookUrl), newest first",
+        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+    )
+    async def list_generation_deliveries(
+        self,
+        request: AnyRequest,
+        generation_id: Annotated[
+            str | None, QueryParameter(name="generationId", description="The generation (required)")
+        ] = None,
+        status: StatusQuery = None,
+        limit: LimitQuery = None,
+        offset: OffsetQuery = None,
+        cursor: CursorQuery = None,
+    ) -> WebhookDeliveryListEnvelope:
+        generation_uuid = service.parse_generation_filter(generation_id)
+        query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
+        records, pagination = await service.list_deliveries(
+            resources_of(request), _project_of(request), query, generation_id=generation_uuid
+        )
+        return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
+
+    @post(
+        "/deliveries/{delivery_id:str}/redeliver",
+        status_code=202,
+        summary="Send a delivered or failed delivery again now (any endpoint, or a generation's webhookUrl)",
+        responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
+    )
+    async def redeliver_any(self, request: AnyRequest, delivery_id: FromPath[str]) -> WebhookDeliveryEnvelope:
+        record = await service.redeliver(
+            resources_of(request), _project_of(request), parse_uuid(delivery_id, "deliveryId")
+        )
+        return WebhookDeliveryEnvelope(data=record)
+
+    @get(
+        "/{webhook_id:str}",
+        summary="Get a webhook endpoint (no secret)",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def get_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> WebhookEndpointEnvelope:
+        record = await service.get_endpoint(
+            resources_of(request), _project_of(request), parse_uuid(webhook_id, "id")
+        )
+        return WebhookEndpointEnvelope(data=record)
+
+    @patch(
+        "/{webhook_id:str}",
+        operation_class=json_body(UpdateWebhookRequest, _UPDATE_RULES),
+        summary='Change a webhook endpoint; {"enabled": true} re-enables one disabled by a 410',
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def update_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> WebhookEndpointEnvelope:
+        endpoint_id = parse_uuid(webhook_id, "id")
+        body = decode_body(await request.body(), UpdateWebhookRequest)
+        record = await service.update_endpoint(resources_of(request), _project_of(request), endpoint_id, body)
+        return WebhookEndpointEnvelope(data=record)
+
+    @delete(
+        "/{webhook_id:str}",
+        status_code=200,
+        summary="Delete a webhook endpoint and its delivery log",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def delete_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> MessageEnvelope:
+        await service.delete_endpoint(
+            resources_of(request), _project_of(request), parse_uuid(webhook_id, "id")
+        )
+        return MessageEnvelope(message="Webhook endpoint deleted")
+
+    @get(
+        "/{webhook_id:str}/deliveries",
+        summary="An endpoint's delivery log, newest first",
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def list_deliveries(
+        self,
+        request: AnyRequest,
+        webhook_id: FromPath[str],
+        status: StatusQuery = None,
+        limit: LimitQuery = None,
+        offset: OffsetQuery = None,
+        cursor: CursorQuery = None,
+    ) -> WebhookDeliveryListEnvelope:
+        endpoint_id = parse_uuid(webhook_id, "id")
+        query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
+        records, pagination = await service.list_deliveries(
+            resources_of(request), _project_of(request), query, endpoint_id=endpoint_id
+        )
+        return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
+
+    @post(
+        "/{webhook_id:str}/deliveries/{delivery_id:str}/redeliver",
+        status_code=202,
+        summary="Send a delivered or failed delivery again now (a fresh retry schedule)",
+        responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
+    )
+    async def redeliver(
+        self, request: AnyRequest, webhook_id: FromPath[str], delivery_id: FromPath[str]
+    ) -> WebhookDeliveryEnvelope:
+        endpoint_id = parse_uuid(webhook_id, "id")
+        record = await service.redeliver(
+            resources_of(request),
+            _project_of(request),
+            parse_uuid(delivery_id, "deliveryId"),
+            endpoint_id=endpoint_id,
+        )
+        return WebhookDeliveryEnvelope(data=record)

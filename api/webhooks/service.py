@@ -1,0 +1,315 @@
+"""The rules of the webhooks API: endpoints (URL checked against the outbound policy, events, a secret
+shown once), the delivery log, redelivery, and the project's generation-webhook secret."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api.envelope import Pagination
+from api.parsing import check_text, parse_int, parse_uuid
+from api.resources import Resources
+from api.webhooks import repository
+from api.webhooks.schemas import (
+    DESCRIPTION_MAX_LENGTH,
+    CreatedWebhookEndpointRecord,
+    CreateWebhookRequest,
+    UpdateWebhookRequest,
+    WebhookDeliveryRecord,
+    WebhookEndpointRecord,
+    WebhookSecretRecord,
+    created_endpoint_record,
+    delivery_record,
+    endpoint_record,
+)
+from shared.crypto import encrypt_secret
+from shared.db import transaction
+from shared.errors import InvalidState, NotFound, ValidationFailed
+from shared.logging import get_logger
+from shared.models import new_id
+from shared.webhooks import (
+    WEBHOOK_EVENTS,
+    attempt_lease_seconds,
+    enqueue_webhook_deliveries,
+    generate_secret,
+    generation_webhook_secret,
+    mark_deliveries_due,
+    validate_webhook_url,
+)
+
+log = get_logger(__name__)
+
+MAX_ENDPOINTS_PER_PROJECT = 50
+LIST_DEFAULT_LIMIT = 20
+LIST_MAX_LIMIT = 100
+LIST_MAX_OFFSET = 100_000
+TOTAL_COUNT_CAP = 10_000
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class WebhookNotFound(NotFound):
+    default_message = "Webhook endpoint not found"
+
+
+class DeliveryNotFound(NotFound):
+    default_message = "Webhook delivery not found"
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+
+def _events(value: list[str] | None) -> list[str]:
+    """Each of processing|success|failed|cancelled (`generation.` prefix allowed), in that order."""
+    if value is None:
+        return list(WEBHOOK_EVENTS)
+    if not value:
+        raise ValidationFailed.field("events", "must name at least one event (omit it for all)")
+    chosen = set()
+    for item in value:
+        name = item.removeprefix("generation.")
+        if name not in WEBHOOK_EVENTS:
+            raise ValidationFailed.field(
+                "events", f"unknown event {item[:50]!r}; must be {', '.join(WEBHOOK_EVENTS)}"
+            )
+        chosen.add(name)
+    return [event for event in WEBHOOK_EVENTS if event in chosen]
+
+
+def _description(value: str | None) -> str:
+    return check_text(value, "description", max_length=DESCRIPTION_MAX_LENGTH) or ""
+
+
+async def create_endpoint(
+    resources: Resources, project_id: uuid.UUID, body: CreateWebhookRequest
+) -> CreatedWebhookEndpointRecord:
+    settings = resources.settings
+    url = validate_webhook_url(body.url, settings.network.policy())
+    events = _events(body.events)
+    description = _description(body.description)
+    secret = generate_secret()
+    values = {
+        "id": new_id(),
+        "project_id": project_id,
+        "url": url,
+        "description": description,
+        "secret_encrypted": encrypt_secret(settings.secret_key, secret),
+        "events": events,
+        "enabled": True,
+        "disabled_reason": None,
+    }
+    async with resources.engine.begin() as conn:
+        row = await repository.insert_endpoint(conn, values, MAX_ENDPOINTS_PER_PROJECT)
+    if row is None:
+        raise InvalidState(
+            f"A project can have at most {MAX_ENDPOINTS_PER_PROJECT} webhook endpoints; delete one first"
+        )
+    log.info("webhook endpoint created", endpoint_id=str(row["id"]), events=events)
+    return created_endpoint_record(row, secret)
+
+
+async def list_endpoints(
+    resources: Resources, project_id: uuid.UUID, *, limit: str | None, offset: str | None
+) -> tuple[list[WebhookEndpointRecord], Pagination]:
+    page_limit = parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT)
+    page_offset = parse_int(offset, "offset", default=0, minimum=0, maximum=LIST_MAX_OFFSET)
+    async with resources.reader.connect() as conn:
+        rows, total = await repository.list_endpoints(conn, project_id, page_limit, page_offset)
+    pagination = Pagination(
+        limit=page_limit,
+        offset=page_offset,
+        total=total,
+        has_more=page_offset + len(rows) < total,
+        next_cursor=None,
+    )
+    return [endpoint_record(row) for row in rows], pagination
+
+
+async def get_endpoint(
+    resources: Resources, project_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> WebhookEndpointRecord:
+    async with resources.reader.connect() as conn:
+        row = await repository.get_endpoint(conn, project_id, endpoint_id)
+    if row is None:
+        raise WebhookNotFound()
+    return endpoint_record(row)
+
+
+async def update_endpoint(
+    resources: Resources, project_id: uuid.UUID, endpoint_id: uuid.UUID, body: UpdateWebhookRequest
+) -> WebhookEndpointRecord:
+    values: dict[str, Any] = {}
+    if body.url is not None:
+        values["url"] = validate_webhook_url(body.url, resources.settings.network.policy())
+    if body.events is not None:
+        values["events"] = _events(body.events)
+    if body.description is not None:
+        values["description"] = _description(body.description)
+    if body.enabled is not None:
+        values["enabled"] = body.enabled
+        values["disabled_reason"] = None if body.enabled else "disabled through the API"
+    if not values:
+        raise ValidationFailed.field("body", "give at least one of url, events, description, enabled")
+    async with resources.engine.begin() as conn:
+        row = await repository.update_endpoint(conn, project_id, endpoint_id, values)
+    if row is None:
+        raise WebhookNotFound()
+    log.info("webhook endpoint updated", endpoint_id=str(endpoint_id), fields=sorted(values))
+    return endpoint_record(row)
+
+
+async def delete_endpoint(resources: Resources, project_id: uuid.UUID, endpoint_id: uuid.UUID) -> None:
+    async with resources.engine.begin() as conn:
+        deleted = await repository.delete_endpoint(conn, project_id, endpoint_id)
+    if not deleted:
+        raise WebhookNotFound()
+    log.info("webhook endpoint deleted", endpoint_id=str(endpoint_id))
+
+
+def generation_secret(resources: Resources, project_id: uuid.UUID) -> WebhookSecretRecord:
+    return WebhookSecretRecord(
+        secret=generation_webhook_secret(resources.settings.secret_key, project_id),
+        applies_to="deliveries to a generation's own webhookUrl",
+    )
+
+
+# --- deliveries -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryQuery:
+    statuses: tuple[str, ...]
+    limit: int
+    offset: int
+    after: tuple[datetime, uuid.UUID] | None
+
+
+def encode_cursor(created_at: datetime, delivery_id: uuid.UUID) -> str:
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"{micros}.{delivery_id.hex}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        micros, hex_id = raw.split(".")
+        return _EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
+    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
+        raise ValidationFailed.field("cursor", "malformed cursor; pass back a nextCursor unchanged") from None
+
+
+def parse_delivery_query(
+    *, status: str | None, limit: str | None, offset: str | None, cursor: str | None
+) -> DeliveryQuery:
+    statuses: tuple[str, ...] = ()
+    if status:
+        statuses = tuple(dict.fromkeys(s.strip() for s in status.split(",") if s.strip()))
+        if unknown := [s for s in statuses if s not in DELIVERY_STATUSES]:
+            raise ValidationFailed.field(
+                "status", f"unknown status {', '.join(unknown)[:100]}; must be {', '.join(DELIVERY_STATUSES)}"
+            )
+    return DeliveryQuery(
+        statuses=statuses,
+        limit=parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT),
+        offset=parse_int(
+            offset,
+            "offset",
+            default=0,
+            minimum=0,
+            maximum=LIST_MAX_OFFSET,
+            hint="; page deeper with the cursor",
+        ),
+        after=decode_cursor(cursor) if cursor else None,
+    )
+
+
+async def list_deliveries(
+    resources: Resources,
+    project_id: uuid.UUID,
+    query: DeliveryQuery,
+    *,
+    endpoint_id: uuid.UUID | None = None,
+    generation_id: uuid.UUID | None = None,
+) -> tuple[list[WebhookDeliveryRecord], Pagination]:
+    """An endpoint's deliveries, or a generation's (all endpoints and its own webhookUrl); newest first."""
+    async with resources.reader.connect() as conn:
+        if endpoint_id is not None and await repository.get_endpoint(conn, project_id, endpoint_id) is None:
+            raise WebhookNotFound()
+        rows: Sequence[Any] = await repository.list_deliveries(
+            conn,
+            project_id=project_id,
+            endpoint_id=endpoint_id,
+            generation_id=generation_id,
+            statuses=query.statuses,
+            limit=query.limit + 1,
+            offset=query.offset,
+            after=query.after,
+        )
+        total = await repository.count_deliveries(
+            conn,
+            project_id=project_id,
+            endpoint_id=endpoint_id,
+            generation_id=generation_id,
+            statuses=query.statuses,
+            cap=TOTAL_COUNT_CAP + 1,
+        )
+    has_more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
+    pagination = Pagination(
+        limit=query.limit,
+        offset=query.offset if query.after is None else 0,
+        total=min(total, TOTAL_COUNT_CAP),
+        has_more=has_more,
+        next_cursor=next_cursor,
+        total_is_estimate=total > TOTAL_COUNT_CAP,
+    )
+    return [delivery_record(row) for row in rows], pagination
+
+
+async def redeliver(
+    resources: Resources,
+    project_id: uuid.UUID,
+    delivery_id: uuid.UUID,
+    *,
+    endpoint_id: uuid.UUID | None = None,
+) -> WebhookDeliveryRecord:
+    """A delivered or failed delivery → pending with a fresh retry schedule, first attempt now (same
+    `webhook-id`, so a receiver that already processed it can tell). 409 while it is still pending
+    or while its endpoint is disabled."""
+    settings = resources.settings
+    async with resources.engine.begin() as conn:
+        current = await repository.get_delivery(conn, project_id, delivery_id, endpoint_id)
+        if current is None:
+            raise DeliveryNotFound()
+        if current["endpoint_id"] is not None:
+            endpoint = await repository.get_endpoint(conn, project_id, current["endpoint_id"])
+            if endpoint is not None and not endpoint["enabled"]:
+                raise InvalidState(
+                    "The endpoint is disabled; re-enable it first (PATCH it with enabled: true)"
+                )
+        row = await repository.reset_for_redelivery(
+            conn, project_id, delivery_id, attempt_lease_seconds(settings)
+        )
+        if row is None:
+            raise InvalidState("The delivery is still pending: its next attempt is already scheduled")
+    unsent = await enqueue_webhook_deliveries(resources.producer, settings, [(delivery_id, 0)])
+    if unsent:
+        try:
+            async with transaction(resources.sessions) as session:
+                await mark_deliveries_due(session, unsent)
+        except Exception as exc:  # due anyway once the lease passes
+            log.warning("could not mark an unsent redelivery due", error=repr(exc))
+    log.info("webhook redelivery requested", delivery_id=str(delivery_id))
+    return delivery_record(row)
+
+
+def parse_generation_filter(generation_id: str | None) -> uuid.UUID:
+    if not generation_id:
+        raise ValidationFailed.field("generationId", "is required (the generation whose deliveries to list)")
+    return parse_uuid(generation_id, "generationId")

@@ -1,0 +1,101 @@
+"""What api and worker agree on about connection profiles: how a stored profile (or the server-wide
+default from settings) becomes the `ProviderConnection` an adapter gets, and which URLs it will call.
+
+The API key is stored encrypted (`shared.crypto`); it is decrypted only here, right before an adapter
+is built, and never logged.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from shared.crypto import decrypt_secret
+from shared.providers import CAPABILITIES, ProviderConnection
+from shared.settings import Settings
+
+# The Redis semaphore scope of jobs that run on the server-wide default connection.
+SERVER_DEFAULT_SCOPE = "server-default"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConnection:
+    """A provider, the adapter's connection settings and the limits that apply to its jobs."""
+
+    provider: str
+    connection: ProviderConnection
+    max_concurrency: int | None
+    scope: str  # names the concurrency semaphore: a connection id, or SERVER_DEFAULT_SCOPE
+
+
+def call_timeout(settings: Settings, connection_timeout: float | None) -> float:
+    """A connection's own timeout, else the server's provider timeout."""
+    return float(connection_timeout or settings.generation.provider_timeout_seconds)
+
+
+def server_default_connection(settings: Settings, provider: str) -> ResolvedConnection:
+    """The server-wide default connection (KILN_PROVIDERS_*) for `provider`.
+
+    Its URL, key and settings belong to KILN_PROVIDERS_DEFAULT only: a generation stored with another
+    provider and no connection (the default was changed meanwhile) gets that provider's defaults.
+    """
+    p = settings.providers
+    if provider != p.default:
+        return ResolvedConnection(
+            provider=provider,
+            connection=ProviderConnection(timeout_seconds=call_timeout(settings, None)),
+            max_concurrency=None,
+            scope=f"{SERVER_DEFAULT_SCOPE}:{provider}",
+        )
+    return ResolvedConnection(
+        provider=provider,
+        connection=ProviderConnection(
+            api_url=p.api_url or None,
+            api_key=p.api_key or None,
+            model=p.model or None,
+            settings=dict(p.settings),
+            timeout_seconds=call_timeout(settings, p.timeout_seconds),
+        ),
+        max_concurrency=p.max_concurrency,
+        scope=SERVER_DEFAULT_SCOPE,
+    )
+
+
+def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
+    """A `connections` row (any object with its columns as attributes) as an adapter's connection.
+
+    Raises `shared.crypto.SecretUnreadable` when the key was encrypted with another KILN_SECRET_KEY.
+    """
+    api_key = decrypt_secret(settings.secret_key, row.api_key_encrypted) if row.api_key_encrypted else None
+    connection_id: uuid.UUID = row.id
+    return ResolvedConnection(
+        provider=row.provider,
+        connection=ProviderConnection(
+            api_url=row.api_url or None,
+            api_key=api_key,
+            model=row.model or None,
+            settings=dict(row.meta or {}),
+            timeout_seconds=call_timeout(settings, row.timeout_seconds),
+        ),
+        max_concurrency=row.max_concurrency,
+        scope=str(connection_id),
+    )
+
+
+def outbound_urls(provider: str, connection: ProviderConnection) -> list[str]:
+    """The URLs the adapter will call: its API URL (or the provider's default) and any `*_url` setting.
+
+    The placeholder calls nothing (nor does a name no adapter has: it fails before any call). Each is
+    checked with `shared.netguard` before the adapter runs.
+    """
+    if provider == "placeholder" or provider not in CAPABILITIES:
+        return []
+    urls = []
+    base = connection.api_url or CAPABILITIES[provider].default_url
+    if base:
+        urls.append(base)
+    for key, value in connection.settings.items():
+        if key.lower().endswith("url") and isinstance(value, str) and value:
+            urls.append(value)
+    return urls

@@ -1,0 +1,442 @@
+"""Webhooks: Standard Webhooks signatures, the event payload, and scheduling deliveries.
+
+Signing follows https://www.standardwebhooks.com: a secret `whsec_<base64 key>`, and per request the
+headers `webhook-id` (the delivery id: the same on every retry, so receivers can dedupe),
+`webhook-timestamp` (unix seconds of this attempt) and `webhook-signature: v1,<base64 HMAC-SHA256 of
+"{id}.{timestamp}.{body}">`. Project endpoints have their own secret (shown once at creation); a
+generation's own `webhookUrl` is signed with the project's generation-webhook secret, derived from
+KILN_SECRET_KEY and the project id (`GET /api/v1/webhooks/secret` shows it).
+
+Hooks for every code path that changes a generation's status (worker pipeline, sweeper, API cancel):
+
+    # after the status change committed; own transaction, then `kiln.deliver_webhook` by name;
+    # never raises (a failure is logged: webhooks must not fail the status change)
+    ids = await publish_status_webhooks(
+        sessions, producer, settings, generation_id=..., project_id=..., status="cancelled"
+    )
+
+or in two steps, to insert the deliveries inside the caller's own transaction:
+
+    ids = await schedule_status_webhooks(session_or_conn, generation_id=..., project_id=...,
+                                         status=..., settings=settings)   # INSERTs only
+    # ... COMMIT ...
+    await enqueue_webhook_deliveries(producer, settings, [(i, 0) for i in ids])
+
+Delivery rows are the source of truth: a message lost on the way to the broker is sent again by the
+beat task `kiln.dispatch_webhooks` once the row's `next_attempt_at` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from celery import Celery
+from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from shared.db import transaction
+from shared.errors import ValidationFailed
+from shared.events import api_timestamp
+from shared.logging import get_logger
+from shared.models import GenerationStatus, metadata, new_id
+from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
+from shared.queueing import DELIVER_WEBHOOK_TASK
+from shared.settings import Settings
+
+log = get_logger(__name__)
+
+generations = metadata.tables["generations"]
+images = metadata.tables["images"]
+webhook_endpoints = metadata.tables["webhook_endpoints"]
+webhook_deliveries = metadata.tables["webhook_deliveries"]
+
+# Statuses a webhook can announce (as `generation.<status>`); `pending` is never announced.
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    GenerationStatus.PROCESSING.value,
+    GenerationStatus.SUCCESS.value,
+    GenerationStatus.FAILED.value,
+    GenerationStatus.CANCELLED.value,
+)
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+SECRET_BYTES = 32
+# Receivers should refuse timestamps further than this from their clock (replay protection).
+DEFAULT_TOLERANCE_SECONDS = 300
+URL_MAX_LENGTH = 2048
+# An attempt holds its delivery this much longer than the request timeout; a worker that dies
+# mid-attempt hands the delivery to the dispatcher after that.
+ATTEMPT_LEASE_MARGIN_SECONDS = 30.0
+ENQUEUE_TIMEOUT_SECONDS = 5.0
+USER_AGENT = "Kiln-Webhooks/1"
+
+
+# --- signing and verification ------------------------------------------------------------------
+
+
+class WebhookVerificationError(Exception):
+    """The request is not a valid signed webhook (bad headers, signature or timestamp)."""
+
+
+def generate_secret() -> str:
+    """A new endpoint secret: `whsec_` + base64 of 32 random bytes."""
+    return SECRET_PREFIX + base64.b64encode(os.urandom(SECRET_BYTES)).decode()
+
+
+def secret_key_bytes(secret: str) -> bytes:
+    """The HMAC key of a `whsec_...` secret: its base64 part, decoded."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("a webhook secret is `whsec_` followed by base64") from exc
+    if not key:
+        raise ValueError("the webhook secret is empty")
+    return key
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_key_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_headers(
+    secret: str, message_id: str, body: bytes, timestamp: int | None = None
+) -> dict[str, str]:
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, message_id, timestamp, body),
+    }
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> None:
+    """Check a received webhook as a receiver should; raises WebhookVerificationError.
+
+    `headers` may be any mapping; names are matched case-insensitively. The signature header may
+    hold several space-separated signatures (key rotation): one valid `v1` is enough.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    message_id = lowered.get("webhook-id")
+    timestamp_text = lowered.get("webhook-timestamp")
+    signatures = lowered.get("webhook-signature")
+    if not message_id or not timestamp_text or not signatures:
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        timestamp = int(timestamp_text)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance_seconds:
+        raise WebhookVerificationError("webhook-timestamp is too far from now")
+    expected = sign(secret, message_id, timestamp, body).encode()
+    for candidate in signatures.split():
+        if candidate.startswith("v1,") and hmac.compare_digest(candidate.encode(), expected):
+            return
+    raise WebhookVerificationError("no matching signature")
+
+
+def generation_webhook_secret(secret_key: str, project_id: uuid.UUID | str) -> str:
+    """The secret that signs a project's per-generation `webhookUrl` deliveries.
+
+    Derived (HMAC of the project id under KILN_SECRET_KEY), so nothing is stored; it changes only
+    when KILN_SECRET_KEY does.
+    """
+    key = hmac.new(
+        secret_key.encode(), f"kiln-generation-webhooks:{project_id}".encode(), hashlib.sha256
+    ).digest()
+    return SECRET_PREFIX + base64.b64encode(key).decode()
+
+
+# --- configuration helpers ---------------------------------------------------------------------
+
+
+def validate_webhook_url(url: str, policy: OutboundPolicy, field: str = "url") -> str:
+    """A webhook URL as saved: trimmed, http(s), parseable, not link-local/metadata (400 otherwise)."""
+    value = url.strip()
+    if not value:
+        raise ValidationFailed.field(field, "must not be empty")
+    if len(value) > URL_MAX_LENGTH:
+        raise ValidationFailed.field(field, f"must be at most {URL_MAX_LENGTH} characters")
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in value):
+        raise ValidationFailed.field(field, "must not contain spaces or control characters")
+    try:
+        check_url_syntax(value, policy)
+        httpx.URL(value)  # what the delivery will send to must parse too (IDNA, ports)
+    except OutboundUrlRefused as exc:
+        raise ValidationFailed.field(field, str(exc)) from None
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValidationFailed.field(field, f"not a valid URL: {exc}") from None
+    return value
+
+
+def webhook_queue(settings: Settings) -> str:
+    return settings.webhooks.queue or settings.worker.queue
+
+
+def attempt_lease_seconds(settings: Settings) -> float:
+    return settings.webhooks.timeout_seconds + ATTEMPT_LEASE_MARGIN_SECONDS
+
+
+def retry_delay_seconds(settings: Settings, attempts: int) -> float:
+    """Wait after the `attempts`-th failed try (1-based); the schedule's last wait repeats."""
+    schedule = settings.webhooks.backoff_seconds
+    return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def encode_body(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --- the event payload -------------------------------------------------------------------------
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _time_or_none(value: datetime | None) -> str | None:
+    return None if value is None else api_timestamp(value)
+
+
+def output_image_fields(row: Mapping[Any, Any], settings: Settings) -> dict[str, Any]:
+    """`outputImage` as the API shows it (URLs rebuilt from settings: shared never imports api)."""
+    base = settings.server.base_url
+    image_id = str(row["image_id"])
+    public = f"{base}/i/{row['image_public_token']}"
+    direct_base = settings.storage.public_base_url
+    storage_url = (
+        direct_base.rstrip("/") + "/" + quote(row["image_storage_key"], safe="/~")
+        if direct_base
+        else f"{base}/api/v1/images/{image_id}/content"
+    )
+    return {
+        "id": image_id,
+        "storageUrl": storage_url,
+        "publicUrl": public,
+        "mimeType": row["image_mime_type"],
+        "width": row["image_width"],
+        "height": row["image_height"],
+        "fileSize": row["image_file_size"],
+        "thumbnails": {"sm": f"{public}?size=sm", "lg": f"{public}?size=lg"},
+    }
+
+
+def generation_event_payload(
+    row: Mapping[Any, Any], status: str, settings: Settings, occurred_at: datetime
+) -> dict[str, Any]:
+    """`{type: "generation.<status>", timestamp, data: <generation record>}`.
+
+    `data.status` is the announced status even if the row has moved on since (events of one
+    generation may arrive out of order: order them by `data.updatedAt`).
+    """
+    data: dict[str, Any] = {
+        "id": str(row["id"]),
+        "projectId": str(row["project_id"]),
+        "status": status,
+        "prompt": row["prompt"],
+        "originalPrompt": row["original_prompt"],
+        "negativePrompt": row["negative_prompt"],
+        "aspectRatio": row["aspect_ratio"],
+        "provider": row["provider"],
+        "model": row["model"],
+        "outputImageId": _str_or_none(row["output_image_id"]),
+        "outputImage": None,
+        "errorCode": row["error_code"],
+        "errorMessage": row["error_message"],
+        "retryCount": row["retry_count"],
+        "attempts": row["attempts"],
+        "processingTimeMs": row["processing_time_ms"],
+        "meta": row["meta"],
+        "createdAt": api_timestamp(row["created_at"]),
+        "updatedAt": api_timestamp(row["updated_at"]),
+        "startedAt": _time_or_none(row["started_at"]),
+        "completedAt": _time_or_none(row["completed_at"]),
+        "cancelledAt": _time_or_none(row["cancelled_at"]),
+    }
+    if status == GenerationStatus.SUCCESS.value and row["image_id"] is not None:
+        data["outputImage"] = output_image_fields(row, settings)
+    return {"type": f"generation.{status}", "timestamp": api_timestamp(occurred_at), "data": data}
+
+
+# --- scheduling --------------------------------------------------------------------------------
+
+
+def _subscribed_endpoints(project_id: uuid.UUID, status: str) -> Any:
+    e = webhook_endpoints.c
+    endpoint = func.jsonb_build_object("id", e.id, "url", e.url)
+    matching = (
+        select(func.coalesce(func.jsonb_agg(endpoint), literal([], JSONB), type_=JSONB))
+        .where(e.project_id == project_id, e.enabled.is_(True), e.events.contains([status]))
+        .scalar_subquery()
+    )
+    return matching.label("endpoints")
+
+
+async def schedule_status_webhooks(
+    db: AsyncSession | AsyncConnection,
+    *,
+    generation_id: uuid.UUID,
+    project_id: uuid.UUID,
+    status: str,
+    settings: Settings,
+) -> list[uuid.UUID]:
+    """Insert one `pending` delivery per enabled endpoint of the project subscribed to `status`, plus
+    one for the generation's own `webhookUrl`; returns their ids (attempts 0). INSERTs only: the
+    caller commits, then sends them with `enqueue_webhook_deliveries`. One query when nothing is
+    subscribed (the common case)."""
+    if status not in WEBHOOK_EVENTS:
+        return []
+    g, i = generations.c, images.c
+    stmt = (
+        select(
+            generations,
+            i.id.label("image_id"),
+            i.storage_key.label("image_storage_key"),
+            i.public_token.label("image_public_token"),
+            i.mime_type.label("image_mime_type"),
+            i.width.label("image_width"),
+            i.height.label("image_height"),
+            i.file_size.label("image_file_size"),
+            _subscribed_endpoints(project_id, status),
+        )
+        .select_from(generations.outerjoin(images, i.id == g.output_image_id))
+        .where(g.id == generation_id, g.project_id == project_id)
+    )
+    row = (await db.execute(stmt)).mappings().one_or_none()
+    if row is None:
+        return []
+    targets: list[tuple[uuid.UUID | None, str]] = [
+        (uuid.UUID(str(endpoint["id"])), endpoint["url"]) for endpoint in row["endpoints"] or []
+    ]
+    if row["webhook_url"]:
+        targets.append((None, row["webhook_url"]))
+    if not targets:
+        return []
+    payload = generation_event_payload(row, status, settings, datetime.now(UTC))
+    event = f"generation.{status}"
+    # Sent right after the commit; if that message is lost, the dispatcher sends it after the lease.
+    first_due = func.now() + timedelta(seconds=attempt_lease_seconds(settings))
+    delivery_ids = [new_id() for _ in targets]
+    values = [
+        {
+            "id": delivery_id,
+            "project_id": project_id,
+            "endpoint_id": endpoint_id,
+            "generation_id": generation_id,
+            "event": event,
+            "url": url,
+            "payload": payload,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": first_due,
+        }
+        for delivery_id, (endpoint_id, url) in zip(delivery_ids, targets, strict=True)
+    ]
+    await db.execute(insert(webhook_deliveries).values(values))  # one multi-row INSERT
+    return delivery_ids
+
+
+async def enqueue_webhook_deliveries(
+    producer: Celery, settings: Settings, deliveries: Sequence[tuple[uuid.UUID, int]]
+) -> list[uuid.UUID]:
+    """Send `kiln.deliver_webhook(id, attempts)` by name for each (delivery id, its current attempts).
+
+    The attempts count is the message's claim ticket: only a message carrying the row's current
+    count can start an attempt, so duplicates and stale messages do nothing. Stops at the first
+    broker failure; returns the ids not sent (their rows stay due for the dispatcher)."""
+    queue = webhook_queue(settings)
+    for position, (delivery_id, attempts) in enumerate(deliveries):
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(
+                    producer.send_task,
+                    DELIVER_WEBHOOK_TASK,
+                    args=[str(delivery_id), attempts],
+                    queue=queue,
+                    retry=False,
+                ),
+                ENQUEUE_TIMEOUT_SECONDS,
+            )
+        except Exception as exc:
+            unsent = [d for d, _ in deliveries[position:]]
+            log.warning("webhook tasks not sent; the dispatcher will", unsent=len(unsent), error=repr(exc))
+            return unsent
+    return []
+
+
+async def mark_deliveries_due(db: AsyncSession | AsyncConnection, delivery_ids: Sequence[uuid.UUID]) -> None:
+    """Their message was not sent: due now, so the next dispatcher run sends them."""
+    if not delivery_ids:
+        return
+    d = webhook_deliveries.c
+    await db.execute(
+        update(webhook_deliveries)
+        .where(d.id.in_(list(delivery_ids)), d.status == "pending", d.attempts == 0)
+        .values(next_attempt_at=func.now())
+    )
+
+
+async def publish_status_webhooks(
+    sessions: async_sessionmaker[AsyncSession],
+    producer: Celery,
+    settings: Settings,
+    *,
+    generation_id: uuid.UUID,
+    project_id: uuid.UUID,
+    status: str,
+) -> list[uuid.UUID]:
+    """After a status change committed: schedule its webhooks (own transaction) and send the tasks.
+
+    Never raises (except cancellation): the status change already happened and must not be undone
+    or reported as failed because of a webhook. Returns the new delivery ids (empty on failure)."""
+    if status not in WEBHOOK_EVENTS:
+        return []
+    try:
+        async with transaction(sessions) as session:
+            delivery_ids = await schedule_status_webhooks(
+                session, generation_id=generation_id, project_id=project_id, status=status, settings=settings
+            )
+    except Exception as exc:
+        log.warning(
+            "webhooks of a status change not scheduled",
+            generation_id=str(generation_id),
+            status=status,
+            error=repr(exc),
+        )
+        return []
+    if not delivery_ids:
+        return []
+    unsent = await enqueue_webhook_deliveries(producer, settings, [(d, 0) for d in delivery_ids])
+    if unsent:
+        try:
+            async with transaction(sessions) as session:
+                await mark_deliveries_due(session, unsent)
+        except Exception as exc:  # they still become due after the lease
+            log.warning("could not mark unsent webhook deliveries due", error=repr(exc))
+    log.info(
+        "webhooks scheduled", generation_id=str(generation_id), status=status, deliveries=len(delivery_ids)
+    )
+    return delivery_ids
