@@ -33,6 +33,7 @@ import itertools
 import json
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,7 @@ def png_bytes(width: int = 64, height: int = 64) -> bytes:
     return image_bytes(width, height, "PNG")
 
 
-class ScriptedVendor:
+class ScriptedVendor(ABC):
     """An ASGI app with a request log and per-route queues of scripted steps; subclasses speak a vendor.
 
     Subclasses implement `route_of(request)`, `answer(route, step, request)` and optionally
@@ -165,14 +166,16 @@ class ScriptedVendor:
 
     # vendor-specific parts
 
+    @abstractmethod
     def route_of(self, request: Recorded) -> str | None:
-        raise NotImplementedError
+        """Which scripted route a request belongs to (None: not one of the vendor's)."""
 
     def auth_failure(self, request: Recorded) -> Reply | None:
         return None
 
+    @abstractmethod
     def answer(self, route: str, current: Step, request: Recorded) -> Reply | Hang:
-        raise NotImplementedError
+        """The vendor's answer to `request` under the scripted step `current`."""
 
     # ASGI
 
