@@ -21,7 +21,8 @@ def test_redis_restart_with_jobs_queued_loses_no_job_and_finishes_none_twice(sta
         assert fault.queued_tasks().count("kiln.generate") == JOBS
 
         fault.services.restart_redis_empty()  # SIGKILL; the new Redis has no queue, no keys, no scripts
-        assert fault.queued_tasks() == []
+        # Every generation message is gone (beat may already have queued a new kiln.sweep: not a job).
+        assert "kiln.generate" not in fault.queued_tasks()
 
         # The API recovers by itself (key cache and rate-limit script live in Redis).
         def created_after_restart() -> str | None:
