@@ -9,15 +9,13 @@ only wake waiters early; every answer is read from the database.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -40,6 +38,7 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
+from api.pagination import decode_cursor, encode_cursor
 from api.parsing import check_json_object, check_text, decode_body, parse_bool, parse_int
 from api.resources import Resources
 from api.security.auth import Principal
@@ -85,7 +84,6 @@ IDEMPOTENCY_RETRY_AFTER_SECONDS = 1
 BATCH_PREPARE_CONCURRENCY = 8
 _STATUSES = tuple(s.value for s in GenerationStatus)
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LOCK_NOT_AVAILABLE = "55P03"
 
 # Spends one unit of the caller's generation budget; raises RateLimitExceeded when it is used up.
@@ -855,20 +853,6 @@ class ListQuery:
     offset: int
     include_deleted: bool
     after: tuple[datetime, uuid.UUID] | None
-
-
-def encode_cursor(created_at: datetime, generation_id: uuid.UUID) -> str:
-    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}.{generation_id.hex}".encode()).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        micros, hex_id = raw.split(".")
-        return _EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
-    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
-        raise ValidationFailed.field("cursor", "malformed cursor; pass back a nextCursor unchanged") from None
 
 
 def parse_list_query(

@@ -3,15 +3,14 @@ shown once), the delivery log, redelivery, and the project's generation-webhook 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from api.envelope import Pagination
+from api.pagination import decode_cursor, encode_cursor
 from api.parsing import check_text, parse_int, parse_uuid
 from api.resources import Resources
 from api.webhooks import repository
@@ -50,7 +49,6 @@ LIST_MAX_LIMIT = 100
 LIST_MAX_OFFSET = 100_000
 TOTAL_COUNT_CAP = 10_000
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class WebhookNotFound(NotFound):
@@ -187,20 +185,6 @@ class DeliveryQuery:
     limit: int
     offset: int
     after: tuple[datetime, uuid.UUID] | None
-
-
-def encode_cursor(created_at: datetime, delivery_id: uuid.UUID) -> str:
-    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}.{delivery_id.hex}".encode()).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        micros, hex_id = raw.split(".")
-        return _EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
-    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
-        raise ValidationFailed.field("cursor", "malformed cursor; pass back a nextCursor unchanged") from None
 
 
 def parse_delivery_query(
