@@ -8,9 +8,42 @@ import binascii
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from api.parsing import parse_int
 from shared.errors import ValidationFailed
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+LIST_DEFAULT_LIMIT = 20
+LIST_MAX_LIMIT = 100
+# Deeper pages must use the cursor: an OFFSET walks every skipped row.
+LIST_MAX_OFFSET = 100_000
+
+
+def parse_statuses(status: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """`status` as one value or a comma list (duplicates dropped); 400 naming the unknown ones."""
+    if not status:
+        return ()
+    statuses = tuple(dict.fromkeys(s.strip() for s in status.split(",") if s.strip()))
+    if unknown := [s for s in statuses if s not in allowed]:
+        raise ValidationFailed.field(
+            "status", f"unknown status {', '.join(unknown)[:100]}; must be one of {', '.join(allowed)}"
+        )
+    return statuses
+
+
+def parse_page(limit: str | None, offset: str | None) -> tuple[int, int]:
+    """`limit` (1..100, default 20) and `offset` (0..100,000)."""
+    return (
+        parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT),
+        parse_int(
+            offset,
+            "offset",
+            default=0,
+            minimum=0,
+            maximum=LIST_MAX_OFFSET,
+            hint="; page deeper with the cursor",
+        ),
+    )
 
 
 def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:

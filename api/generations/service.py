@@ -38,8 +38,8 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
-from api.pagination import decode_cursor, encode_cursor
-from api.parsing import check_json_object, check_text, decode_body, parse_bool, parse_int
+from api.pagination import decode_cursor, encode_cursor, parse_page, parse_statuses
+from api.parsing import check_json_object, check_text, decode_body, parse_bool
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES, enhance
@@ -54,25 +54,20 @@ from shared.errors import (
 from shared.events import publish_status
 from shared.logging import get_logger
 from shared.models import TERMINAL_STATUSES, GenerationStatus, new_id, utcnow
-from shared.netguard import OutboundUrlRefused, check_url_syntax
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
 from shared.sizes import ASPECT_RATIOS
-from shared.webhooks import publish_status_webhooks
+from shared.webhooks import URL_MAX_LENGTH, publish_status_webhooks, validate_webhook_url
 
 log = get_logger(__name__)
 
-LIST_DEFAULT_LIMIT = 20
-LIST_MAX_LIMIT = 100
-# Deeper pages must use the cursor: an OFFSET walks every skipped row.
-LIST_MAX_OFFSET = 100_000
 # Counting stops here: past it `total` is reported as this number with totalIsEstimate.
 TOTAL_COUNT_CAP = 10_000
 # queuePosition counts at most this many generations ahead (a position past it reads CAP + 1).
 QUEUE_POSITION_CAP = 10_000
 ENQUEUE_TIMEOUT_SECONDS = 2.0
-WEBHOOK_URL_MAX_LENGTH = 2048
+WEBHOOK_URL_MAX_LENGTH = URL_MAX_LENGTH
 # `Prefer: wait=N` is honoured up to this many seconds (larger values are cut to it).
 MAX_WAIT_SECONDS = 60
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
@@ -125,19 +120,8 @@ class ValidGeneration:
 
 
 def check_webhook_url(value: str, settings: Settings, field: str = "webhookUrl") -> str:
-    """An http(s) URL the outbound-address policy allows (the same checks as provider URLs)."""
-    url = value.strip()
-    if not url:
-        raise ValidationFailed.field(field, "must not be empty")
-    if len(url) > WEBHOOK_URL_MAX_LENGTH:
-        raise ValidationFailed.field(field, f"must be at most {WEBHOOK_URL_MAX_LENGTH} characters")
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
-        raise ValidationFailed.field(field, "must not contain spaces or control characters")
-    try:
-        check_url_syntax(url, settings.network.policy())
-    except OutboundUrlRefused as exc:
-        raise ValidationFailed.field(field, str(exc)) from None
-    return url
+    """The same rules as webhook endpoints' URLs (and the provider URLs' address policy)."""
+    return validate_webhook_url(value, settings.network.policy(), field)
 
 
 def check_deadline_seconds(value: int | None, settings: Settings) -> int | None:
@@ -863,24 +847,11 @@ def parse_list_query(
     include_deleted: str | None,
     cursor: str | None,
 ) -> ListQuery:
-    statuses: tuple[str, ...] = ()
-    if status:
-        statuses = tuple(dict.fromkeys(s.strip() for s in status.split(",") if s.strip()))
-        if unknown := [s for s in statuses if s not in _STATUSES]:
-            raise ValidationFailed.field(
-                "status", f"unknown status {', '.join(unknown)}; must be one of {', '.join(_STATUSES)}"
-            )
+    page_limit, page_offset = parse_page(limit, offset)
     return ListQuery(
-        statuses=statuses,
-        limit=parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT),
-        offset=parse_int(
-            offset,
-            "offset",
-            default=0,
-            minimum=0,
-            maximum=LIST_MAX_OFFSET,
-            hint="; page deeper with the cursor",
-        ),
+        statuses=parse_statuses(status, _STATUSES),
+        limit=page_limit,
+        offset=page_offset,
         include_deleted=parse_bool(include_deleted, "includeDeleted", default=False),
         after=decode_cursor(cursor) if cursor else None,
     )

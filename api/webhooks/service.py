@@ -10,7 +10,15 @@ from datetime import datetime
 from typing import Any
 
 from api.envelope import Pagination
-from api.pagination import decode_cursor, encode_cursor
+from api.pagination import (
+    LIST_DEFAULT_LIMIT,
+    LIST_MAX_LIMIT,
+    LIST_MAX_OFFSET,
+    decode_cursor,
+    encode_cursor,
+    parse_page,
+    parse_statuses,
+)
 from api.parsing import check_text, parse_int, parse_uuid
 from api.resources import Resources
 from api.webhooks import repository
@@ -44,9 +52,6 @@ from shared.webhooks import (
 log = get_logger(__name__)
 
 MAX_ENDPOINTS_PER_PROJECT = 50
-LIST_DEFAULT_LIMIT = 20
-LIST_MAX_LIMIT = 100
-LIST_MAX_OFFSET = 100_000
 TOTAL_COUNT_CAP = 10_000
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
@@ -190,24 +195,11 @@ class DeliveryQuery:
 def parse_delivery_query(
     *, status: str | None, limit: str | None, offset: str | None, cursor: str | None
 ) -> DeliveryQuery:
-    statuses: tuple[str, ...] = ()
-    if status:
-        statuses = tuple(dict.fromkeys(s.strip() for s in status.split(",") if s.strip()))
-        if unknown := [s for s in statuses if s not in DELIVERY_STATUSES]:
-            raise ValidationFailed.field(
-                "status", f"unknown status {', '.join(unknown)[:100]}; must be {', '.join(DELIVERY_STATUSES)}"
-            )
+    page_limit, page_offset = parse_page(limit, offset)
     return DeliveryQuery(
-        statuses=statuses,
-        limit=parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT),
-        offset=parse_int(
-            offset,
-            "offset",
-            default=0,
-            minimum=0,
-            maximum=LIST_MAX_OFFSET,
-            hint="; page deeper with the cursor",
-        ),
+        statuses=parse_statuses(status, DELIVERY_STATUSES),
+        limit=page_limit,
+        offset=page_offset,
         after=decode_cursor(cursor) if cursor else None,
     )
 
