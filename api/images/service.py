@@ -110,10 +110,18 @@ async def find_own(resources: Resources, principal: Principal, image_id: uuid.UU
 
 
 async def delete_image(resources: Resources, principal: Principal, image_id: uuid.UUID) -> None:
-    """Soft delete: the row and objects stay (public URLs stop answering); lists hide its generation."""
+    """Soft delete of the row (lists hide its generation unless includeDeleted), and its objects removed
+    at once, so that direct bucket/CDN URLs stop working too, not only /i/<token>."""
     async with resources.engine.begin() as conn:
-        if not await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow()):
-            raise ImageNotFound()
+        keys = await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow())
+    if keys is None:
+        raise ImageNotFound()
+    # After the commit: a failed delete leaves objects no live row points at, which the storage
+    # reconciler removes later; never a live row pointing at nothing.
+    try:
+        await resources.storage.delete(keys)
+    except Exception as exc:
+        log.warning("storage cleanup after image delete failed", image_id=str(image_id), error=repr(exc))
 
 
 # --- upload ---------------------------------------------------------------------------------------
