@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import boto3
@@ -26,12 +28,23 @@ _TMP_PREFIX = ".kiln-tmp-"  # local temp files; keys may not use it, list_keys s
 _S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
 
 
+T = TypeVar("T")
+
+
 class ObjectMissing(KeyError):
     """No object under this key."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    last_modified: datetime  # aware, UTC
+
+
 class ObjectStorage(Protocol):
-    async def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Returns, raises or is cancelled only once the write has landed or failed for good."""
+        ...
 
     async def get(self, key: str) -> bytes: ...
 
@@ -42,6 +55,10 @@ class ObjectStorage(Protocol):
     async def delete_prefix(self, prefix: str) -> int: ...
 
     async def list_keys(self, prefix: str) -> list[str]: ...
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        """At most `limit` objects under `prefix` with keys after `start_after`, in key order (S3's)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -87,6 +104,32 @@ def _check_path_text(text: str, what: str) -> None:
             raise ValueError(f"storage {what} segments must not start with {_TMP_PREFIX!r}: {text!r}")
 
 
+async def _in_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
+    """`asyncio.to_thread`, except that a cancelled caller still waits for the thread to finish.
+
+    Cancelling cannot stop a thread: with plain to_thread a cancelled put returns at once while its write
+    goes on, and whoever cancelled it (an abandoned attempt, a failed upload) deletes the prefix before
+    the object lands, leaving an orphan. The cancellation is delivered once the thread is done.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+            raise
+        except BaseException:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            raise
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
 def _join_url(base: str | None, key: str) -> str | None:
     if not base:
         return None
@@ -108,7 +151,7 @@ class LocalStorage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # The content type is not kept on disk: the database row holds the mime type.
-        await asyncio.to_thread(self._put, self._path(key), data)
+        await _in_thread_to_the_end(self._put, self._path(key), data)
 
     def _put(self, path: Path, data: bytes) -> None:
         for attempt in range(3):
@@ -177,6 +220,24 @@ class LocalStorage:
     async def list_keys(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
         return await asyncio.to_thread(self._list, prefix)
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
+
+    def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
+        found: list[StoredObject] = []
+        for key in self._list(prefix):  # sorted: the same order as S3's listing
+            if key <= start_after:
+                continue
+            try:
+                mtime = self._path(key).stat().st_mtime
+            except FileNotFoundError:  # deleted since the walk
+                continue
+            found.append(StoredObject(key, datetime.fromtimestamp(mtime, UTC)))
+            if len(found) >= limit:
+                break
+        return found
 
     def _list(self, prefix: str) -> list[str]:
         # S3 semantics: a plain string prefix. Walk only the deepest directory the prefix names.
@@ -295,9 +356,10 @@ class S3Storage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         validate_key(key)
-        await asyncio.to_thread(
-            self._client.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
-        )
+        await _in_thread_to_the_end(self._put, key, data, content_type)
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     async def get(self, key: str) -> bytes:
         validate_key(key)
@@ -375,6 +437,25 @@ class S3Storage:
             for obj in page.get("Contents", [])
         ]
         return sorted(keys)
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
+
+    def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
+        found: list[StoredObject] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        after: dict[str, str] = {"StartAfter": start_after} if start_after else {}
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=prefix,
+            **after,
+            PaginationConfig={"MaxItems": limit, "PageSize": min(limit, 1000)},
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                found.append(StoredObject(obj["Key"], obj["LastModified"].astimezone(UTC)))
+        return found[:limit]
 
     async def ping(self) -> None:
         await asyncio.to_thread(self._ping_client.head_bucket, Bucket=self.bucket)
