@@ -445,7 +445,7 @@ class S3Storage:
     def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
         found: list[StoredObject] = []
         paginator = self._client.get_paginator("list_objects_v2")
-        after: dict[str, str] = {"StartAfter": start_after} if start_after else {}
+        after: dict[str, Any] = {"StartAfter": start_after} if start_after else {}
         pages = paginator.paginate(
             Bucket=self.bucket,
             Prefix=prefix,
