@@ -19,7 +19,16 @@ warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 # Decodes (with their thumbnail encodes) running at once in one process. One at the pixel budget holds
 # hundreds of MB, and the machine has few cores: more at once only adds memory, not throughput.
 DECODE_CONCURRENCY = 2
-_decode_slots = threading.BoundedSemaphore(DECODE_CONCURRENCY)
+# Hold one around any full decode in this process (`with decode_slots:`), in whichever thread it runs.
+decode_slots = threading.BoundedSemaphore(DECODE_CONCURRENCY)
+
+
+def apply_pixel_budget(max_pixels: int) -> None:
+    """Pillow's own bomb check, in every Image.open of the process (provider adapters that crop too),
+    at the budget: with the filter above, over it raises. Called at API and worker start, and by every
+    decode here (all pass the same setting, so it never flips)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
 
 THUMBNAIL_SIZES: dict[str, int] = {"sm": 300, "lg": 1024}  # long side in pixels
 
@@ -89,9 +98,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     fmt = _sniff(data)
     if fmt is None:
         raise _refusal(data)
-    # Pillow's own bomb check (also made before WebP's decoder allocates its canvas) then agrees with
-    # ours. Every caller in a process passes the same budget (the setting), so this never flips.
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow's own check (also made before WebP's decoder allocates its canvas) then agrees with ours.
+    apply_pixel_budget(max_pixels)
     try:
         # `formats` keeps Pillow from trying every other decoder it knows on hostile input.
         img = Image.open(io.BytesIO(data), formats=[fmt])
@@ -224,5 +232,5 @@ def inspect_and_thumbnail(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, d
     inspect_image checks the container; make_thumbnails decodes every pixel, which is what refuses a
     JPEG cut short in its scan data. Both are needed before a byte is stored.
     """
-    with _decode_slots:
+    with decode_slots:
         return inspect_image(data, max_pixels=max_pixels), make_thumbnails(data, max_pixels=max_pixels)

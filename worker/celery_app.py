@@ -30,6 +30,7 @@ from celery import Celery, signals
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker
+from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.queueing import DISPATCH_WEBHOOKS_TASK, RECONCILE_STORAGE_TASK, SWEEP_TASK, celery_config
 from shared.settings import Settings, get_settings
@@ -127,6 +128,7 @@ def get_runtime() -> WorkerRuntime:
         return _runtime
     # A runtime inherited through fork shares sockets with the parent: leave it alone, make our own.
     settings = get_settings()
+    apply_pixel_budget(settings.images.max_pixels)  # provider adapters that decode (crop) are held to it too
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     engine = create_engine(settings, pool_size=PROCESS_DB_POOL_SIZE)

@@ -13,11 +13,13 @@ from shared.imaging import (
     THUMBNAIL_SIZES,
     ImageInfo,
     InvalidImage,
+    apply_pixel_budget,
     inspect_and_thumbnail,
     inspect_image,
     make_thumbnail,
     make_thumbnails,
 )
+from shared.providers.gemini import center_crop
 from shared.settings import ImageSettings
 from tests.images import bomb_png
 
@@ -160,19 +162,19 @@ def test_decodes_wait_for_a_free_slot():
     held = 0
     try:
         for _ in range(DECODE_CONCURRENCY):  # every slot taken, as by decodes in flight
-            assert imaging._decode_slots.acquire(blocking=False)
+            assert imaging.decode_slots.acquire(blocking=False)
             held += 1
-        assert not imaging._decode_slots.acquire(blocking=False), "more slots than DECODE_CONCURRENCY"
+        assert not imaging.decode_slots.acquire(blocking=False), "more slots than DECODE_CONCURRENCY"
         worker = threading.Thread(target=decode)
         worker.start()
         assert not finished.wait(1.0), "a decode ran while every slot was taken"
-        imaging._decode_slots.release()
+        imaging.decode_slots.release()
         held -= 1
         assert finished.wait(30), "the decode did not run once a slot was free"
         worker.join()
     finally:
         for _ in range(held):
-            imaging._decode_slots.release()
+            imaging.decode_slots.release()
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -248,3 +250,15 @@ def test_make_thumbnails_refuses_non_images():
 def test_thumbnail_size_must_be_positive():
     with pytest.raises(ValueError):
         make_thumbnail(encode(picture((10, 10)), "PNG"), 0, max_pixels=BUDGET)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_provider_adapter_that_crops_is_held_to_the_process_budget():
+    # Gemini crops Imagen output to the asked ratio: a decode of vendor bytes before the pipeline's own.
+    apply_pixel_budget(BUDGET)  # what the worker does at start
+    with pytest.raises(ValueError, match="7000x7000 is over the pixel budget of 40000000"):
+        center_crop(bomb_png(7000, 7000), "1:1")  # where Pillow alone (in a test: no filter) only warns
+    with pytest.raises(Image.DecompressionBombError):
+        center_crop(bomb_png(9400, 9400), "1:1")  # over twice the budget: Pillow refuses it itself
+    _, _, size = center_crop(encode(picture((300, 200)), "PNG"), "1:1")
+    assert size == (200, 200)
