@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,18 +226,42 @@ class LocalStorage:
         return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
 
     def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
+        directory, _, _ = prefix.rpartition("/")
         found: list[StoredObject] = []
-        for key in self._list(prefix):  # sorted: the same order as S3's listing
-            if key <= start_after:
-                continue
-            try:
-                mtime = self._path(key).stat().st_mtime
-            except FileNotFoundError:  # deleted since the walk
-                continue
+        for key, mtime in self._walk_in_key_order(directory, prefix, start_after):
             found.append(StoredObject(key, datetime.fromtimestamp(mtime, UTC)))
             if len(found) >= limit:
                 break
         return found
+
+    def _walk_in_key_order(self, rel_dir: str, prefix: str, start_after: str) -> Iterator[tuple[str, float]]:
+        """(key, mtime) under `rel_dir` in S3's order (the keys sorted as strings), lazily: a page costs
+        the directories on its way, not a walk of the whole tree. Subtrees wholly at or before
+        `start_after` are skipped unopened."""
+        path = self.root.joinpath(*rel_dir.split("/")) if rel_dir else self.root
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        base = f"{rel_dir}/" if rel_dir else ""
+        # A directory sorts as "name/": every key under it starts so, which keeps the walk in key order.
+        keyed = sorted((base + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e) for e in entries)
+        for key, entry in keyed:
+            if entry.name.startswith(_TMP_PREFIX):
+                continue
+            if key.endswith("/"):
+                inside_prefix = key.startswith(prefix) or prefix.startswith(key)
+                already_listed = key <= start_after and not start_after.startswith(key)
+                if inside_prefix and not already_listed:
+                    yield from self._walk_in_key_order(key.removesuffix("/"), prefix, start_after)
+                continue
+            if key <= start_after or not key.startswith(prefix) or not _is_valid_key(key):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # deleted since the directory was read
+                continue
+            yield key, mtime
 
     def _list(self, prefix: str) -> list[str]:
         # S3 semantics: a plain string prefix. Walk only the deepest directory the prefix names.

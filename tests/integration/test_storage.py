@@ -117,6 +117,25 @@ async def test_list_objects_pages_in_key_order_with_modification_times(storage: 
         assert found.last_modified.tzinfo is not None and before <= found.last_modified <= after
 
 
+async def test_list_objects_pages_through_every_key_in_list_keys_order_from_any_cursor(
+    storage: ObjectStorage,
+):
+    # Names around '/': '-' and '.' sort before it, '0' after, so a naive directory walk would differ.
+    keys = ["t/a-b/x", "t/a.b", "t/a/b/c", "t/a/x", "t/a0/x", "t/ab", "t/b", "tz/outside"]
+    for key in keys:
+        await storage.put(key, b"x", "image/png")
+    everything = await storage.list_keys("t/")
+    assert everything == sorted(k for k in keys if k.startswith("t/"))
+    for cursor in ["", *everything, "t/a", "t/a/", "t/a/b", "t/a0"]:
+        expected = [k for k in everything if k > cursor]
+        assert [o.key for o in await storage.list_objects("t/", start_after=cursor, limit=100)] == expected
+        paged: list[str] = []
+        while page := await storage.list_objects("t/", start_after=paged[-1] if paged else cursor, limit=2):
+            paged.extend(o.key for o in page)
+        assert paged == expected, cursor
+    assert [o.key for o in await storage.list_objects("t/a", limit=100)] == everything[:-1]  # not t/b
+
+
 async def test_a_cancelled_put_returns_only_once_its_write_has_landed(storage: ObjectStorage):
     # The write runs in a thread, which a cancel cannot stop: a caller that went on at once would delete
     # the prefix and then see the object land (an orphan). Hold the write until the cancel is delivered.
