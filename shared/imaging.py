@@ -104,7 +104,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         # `formats` keeps Pillow from trying every other decoder it knows on hostile input.
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage(f"image too large to decode (at most {max_pixels} pixels): {exc}") from exc
+        # Not Pillow's text: its "limit" is twice the budget where it errors rather than warns.
+        raise InvalidImage(f"image too large to decode: more than the {max_pixels} pixels allowed") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"corrupt {fmt} image: {exc}") from exc
     width, height = img.size

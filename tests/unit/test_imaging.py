@@ -106,9 +106,9 @@ def test_an_image_over_the_pixel_budget_is_refused_from_its_header():
     # zero rows compress to ~10 KB; decoded for thumbnails it would take ~350 MB.
     data = bomb_png(9400, 9400)
     assert len(data) < 20_000
-    with pytest.raises(InvalidImage, match="at most 40000000 pixels"):
+    with pytest.raises(InvalidImage, match="40000000 pixels"):
         inspect_image(data, max_pixels=BUDGET)
-    with pytest.raises(InvalidImage, match="at most 40000000 pixels"):
+    with pytest.raises(InvalidImage, match="40000000 pixels"):
         make_thumbnails(data, max_pixels=BUDGET)
 
 
