@@ -112,6 +112,7 @@ def test_an_image_over_the_pixel_budget_is_refused_from_its_header():
         make_thumbnails(data, max_pixels=BUDGET)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets our filter
 def test_the_budget_is_the_one_passed_and_holds_where_pillow_only_warns():
     data = encode(picture((120, 120)), "PNG")
     assert inspect_image(data, max_pixels=120 * 120).width == 120  # at the budget: allowed
