@@ -10,11 +10,16 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Pillow only warns between its MAX_IMAGE_PIXELS and twice that: no path through Pillow may decode past
 # the budget with just a warning (our own check in `_open` comes first; this is the backstop).
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+# PNG text chunks are inflated on open, up to 64 MB in all by Pillow's default: a 70 KB PNG of zTXt chunks
+# grew a process by 130 MB. Thumbnails need none of it (the original is stored as sent, text and all), and
+# even ComfyUI's embedded workflows are far below this.
+PngImagePlugin.MAX_TEXT_MEMORY = 8 * 1024 * 1024
 
 # Decodes (with their thumbnail encodes) running at once in one process. One at the pixel budget holds
 # hundreds of MB, and the machine has few cores: more at once only adds memory, not throughput.

@@ -3,6 +3,7 @@ import io
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import pytest
 from PIL import Image
@@ -21,7 +22,7 @@ from shared.imaging import (
 )
 from shared.providers.gemini import center_crop
 from shared.settings import ImageSettings
-from tests.images import bomb_png
+from tests.images import bomb_png, text_bomb_png
 
 BUDGET = ImageSettings().max_pixels  # the default: 40 MP
 
@@ -110,6 +111,21 @@ def test_an_image_over_the_pixel_budget_is_refused_from_its_header():
         inspect_image(data, max_pixels=BUDGET)
     with pytest.raises(InvalidImage, match="40000000 pixels"):
         make_thumbnails(data, max_pixels=BUDGET)
+
+
+def test_a_png_whose_text_chunks_inflate_to_64_mb_is_refused_in_bounded_memory():
+    data = text_bomb_png()
+    assert len(data) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidImage, match="text chunks"):
+            inspect_and_thumbnail(data, max_pixels=BUDGET)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 1024 * 1024, f"{peak / 2**20:.0f} MB allocated refusing it"
+    # Some text is fine: what generators embed (ComfyUI's workflow JSON) stays well under the limit.
+    assert inspect_and_thumbnail(text_bomb_png(chunks=2), max_pixels=BUDGET)[0].width == 16
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets our filter
