@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.images.schemas import ImageUrls
 from api.security.ratelimit import RateLimiter
 from shared.db import create_engine, create_sessionmaker
+from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
 from shared.queueing import create_producer
 from shared.settings import Settings
@@ -67,6 +68,7 @@ def redis_client(url: str) -> aioredis.Redis:
 @asynccontextmanager
 async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    apply_pixel_budget(settings.images.max_pixels)
     engine = create_engine(settings)
     redis = redis_client(settings.redis_url)
     broker_url = settings.broker_url

@@ -6,9 +6,34 @@ Everything here is blocking CPU work: call it from async code through `asyncio.t
 from __future__ import annotations
 
 import io
+import threading
+import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+# Pillow only warns between its MAX_IMAGE_PIXELS and twice that: no path through Pillow may decode past
+# the budget with just a warning (our own check in `_open` comes first; this is the backstop).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+# PNG text chunks are inflated on open, up to 64 MB in all by Pillow's default: a 70 KB PNG of zTXt chunks
+# grew a process by 130 MB. Thumbnails need none of it (the original is stored as sent, text and all), and
+# even ComfyUI's embedded workflows are far below this.
+PngImagePlugin.MAX_TEXT_MEMORY = 8 * 1024 * 1024
+
+# Decodes (with their thumbnail encodes) running at once in one process. One at the pixel budget holds
+# hundreds of MB, and the machine has few cores: more at once only adds memory, not throughput.
+DECODE_CONCURRENCY = 2
+# Hold one around any full decode in this process (`with decode_slots:`), in whichever thread it runs.
+decode_slots = threading.BoundedSemaphore(DECODE_CONCURRENCY)
+
+
+def apply_pixel_budget(max_pixels: int) -> None:
+    """Pillow's own bomb check, in every Image.open of the process (provider adapters that crop too),
+    at the budget: with the filter above, over it raises. Called at API and worker start, and by every
+    decode here (all pass the same setting, so it never flips)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
 
 THUMBNAIL_SIZES: dict[str, int] = {"sm": 300, "lg": 1024}  # long side in pixels
 
@@ -70,36 +95,40 @@ def _refusal(data: bytes) -> InvalidImage:
     return InvalidImage(f"not an image: send {_ALLOWED}")
 
 
-def _open(data: bytes) -> Image.Image:
-    """Open (header only) an allowed image, refusing decompression bombs before any pixel is decoded."""
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) an allowed image, refusing one over `max_pixels` (width x height x frames)
+    before any pixel is decoded: a few KB of PNG can claim billions of pixels."""
     if not data:
         raise InvalidImage("empty file")
     fmt = _sniff(data)
     if fmt is None:
         raise _refusal(data)
+    # Pillow's own check (also made before WebP's decoder allocates its canvas) then agrees with ours.
+    apply_pixel_budget(max_pixels)
     try:
         # `formats` keeps Pillow from trying every other decoder it knows on hostile input.
         img = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise InvalidImage(f"image too large to decode: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Not Pillow's text: its "limit" is twice the budget where it errors rather than warns.
+        raise InvalidImage(f"image too large to decode: more than the {max_pixels} pixels allowed") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"corrupt {fmt} image: {exc}") from exc
     width, height = img.size
-    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse at the limit itself.
-    limit = Image.MAX_IMAGE_PIXELS
-    if width < 1 or height < 1 or (limit is not None and width * height > limit):
+    frames = getattr(img, "n_frames", 1)  # APNG, animated WebP: each frame is another canvas to decode
+    if width < 1 or height < 1 or width * height * frames > max_pixels:
         img.close()
-        raise InvalidImage(f"image dimensions {width}x{height} are not allowed (at most {limit} pixels)")
+        shown = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise InvalidImage(f"image dimensions {shown} are not allowed (at most {max_pixels} pixels)")
     return img
 
 
-def inspect_image(data: bytes) -> ImageInfo:
+def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     """Verify the structure of a PNG/JPEG/WebP and read its size; raises InvalidImage.
 
     `verify()` checks the container (PNG chunk CRCs, truncation); it decodes no pixels, so a JPEG cut
     short in its scan data passes here and fails in `make_thumbnails`, which decodes fully.
     """
-    img = _open(data)
+    img = _open(data, max_pixels)
     fmt = img.format or ""
     try:
         img.verify()
@@ -108,7 +137,7 @@ def inspect_image(data: bytes) -> ImageInfo:
     finally:
         img.close()
     # verify() leaves the image unusable: reopen for the size (header only, cheap).
-    with _open(data) as img:
+    with _open(data, max_pixels) as img:
         width, height = img.size
     mime_type, extension = _FORMATS[fmt]
     return ImageInfo(mime_type=mime_type, width=width, height=height, size=len(data), extension=extension)
@@ -120,9 +149,9 @@ def _fit(width: int, height: int, long_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _decode(data: bytes, long_side: int) -> Image.Image:
+def _decode(data: bytes, long_side: int, max_pixels: int) -> Image.Image:
     """Decode for thumbnailing at `long_side`, upright (EXIF orientation applied), in RGB or RGBA."""
-    img = _open(data)
+    img = _open(data, max_pixels)
     try:
         if img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: far less work for big photos. The scale it
@@ -138,7 +167,7 @@ def _decode(data: bytes, long_side: int) -> Image.Image:
             img = converted
     except InvalidImage:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         img.close()
         raise InvalidImage(f"image too large to decode: {exc}") from exc
     except Exception as exc:  # truncated or damaged pixel data
@@ -169,11 +198,11 @@ def _webp(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def make_thumbnail(data: bytes, long_side: int) -> bytes:
+def make_thumbnail(data: bytes, long_side: int, *, max_pixels: int) -> bytes:
     """A WebP of the image with long side min(long_side, original's long side), same aspect ratio."""
     if long_side < 1:
         raise ValueError("long_side must be positive")
-    with _decode(data, long_side) as img:
+    with _decode(data, long_side, max_pixels) as img:
         thumb = _resized(img, long_side)
         try:
             return _webp(thumb)
@@ -182,12 +211,12 @@ def make_thumbnail(data: bytes, long_side: int) -> bytes:
                 thumb.close()
 
 
-def make_thumbnails(data: bytes) -> dict[str, bytes]:
+def make_thumbnails(data: bytes, *, max_pixels: int) -> dict[str, bytes]:
     """All THUMBNAIL_SIZES from one decode: each smaller one is resized from the next larger one."""
     by_size = sorted(THUMBNAIL_SIZES.items(), key=lambda item: item[1], reverse=True)
     result: dict[str, bytes] = {}
     made: list[Image.Image] = []
-    with _decode(data, by_size[0][1]) as img:
+    with _decode(data, by_size[0][1], max_pixels) as img:
         source = img
         try:
             for name, long_side in by_size:
@@ -201,3 +230,13 @@ def make_thumbnails(data: bytes) -> dict[str, bytes]:
             for thumb in made:
                 thumb.close()
     return {name: result[name] for name in THUMBNAIL_SIZES}
+
+
+def inspect_and_thumbnail(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, dict[str, bytes]]:
+    """What uploads and provider output both go through, in one thread hop, one decode slot at a time.
+
+    inspect_image checks the container; make_thumbnails decodes every pixel, which is what refuses a
+    JPEG cut short in its scan data. Both are needed before a byte is stored.
+    """
+    with decode_slots:
+        return inspect_image(data, max_pixels=max_pixels), make_thumbnails(data, max_pixels=max_pixels)

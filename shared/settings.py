@@ -49,6 +49,30 @@ class StorageSettings(BaseModel):
         default=None,
         description="If set, storageUrl is this + object key (public bucket or CDN); else an API URL.",
     )
+    cache_max_age_seconds: int = Field(
+        default=86_400,
+        ge=0,
+        description="Cache-Control max-age of public /i/<token> images: how long a deleted image may live on"
+        " in caches.",
+    )
+    orphan_grace_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Objects no image row points at are deleted by the reconciler once this old (keep it"
+        " well above a job's storing time).",
+    )
+    reconcile_interval_seconds: float = Field(
+        default=300.0, gt=0, description="How often the storage reconciler looks for orphaned objects."
+    )
+
+
+class ImageSettings(BaseModel):
+    max_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Largest image (width x height x frames) decoded, uploads and provider output alike;"
+        " checked from the header before any pixel is decoded.",
+    )
 
 
 class ServerSettings(BaseModel):
@@ -239,6 +263,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     redis: RedisSettings = RedisSettings()
     storage: StorageSettings = StorageSettings()
+    images: ImageSettings = ImageSettings()
     server: ServerSettings = ServerSettings()
     limits: LimitSettings = LimitSettings()
     generation: GenerationSettings = GenerationSettings()

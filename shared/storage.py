@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import boto3
@@ -26,12 +28,23 @@ _TMP_PREFIX = ".kiln-tmp-"  # local temp files; keys may not use it, list_keys s
 _S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
 
 
+T = TypeVar("T")
+
+
 class ObjectMissing(KeyError):
     """No object under this key."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    last_modified: datetime  # aware, UTC
+
+
 class ObjectStorage(Protocol):
-    async def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Returns, raises or is cancelled only once the write has landed or failed for good."""
+        ...
 
     async def get(self, key: str) -> bytes: ...
 
@@ -42,6 +55,10 @@ class ObjectStorage(Protocol):
     async def delete_prefix(self, prefix: str) -> int: ...
 
     async def list_keys(self, prefix: str) -> list[str]: ...
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        """At most `limit` objects under `prefix` with keys after `start_after`, in key order (S3's)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -87,6 +104,32 @@ def _check_path_text(text: str, what: str) -> None:
             raise ValueError(f"storage {what} segments must not start with {_TMP_PREFIX!r}: {text!r}")
 
 
+async def _in_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
+    """`asyncio.to_thread`, except that a cancelled caller still waits for the thread to finish.
+
+    Cancelling cannot stop a thread: with plain to_thread a cancelled put returns at once while its write
+    goes on, and whoever cancelled it (an abandoned attempt, a failed upload) deletes the prefix before
+    the object lands, leaving an orphan. The cancellation is delivered once the thread is done.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+            raise
+        except BaseException:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            raise
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
 def _join_url(base: str | None, key: str) -> str | None:
     if not base:
         return None
@@ -108,7 +151,7 @@ class LocalStorage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # The content type is not kept on disk: the database row holds the mime type.
-        await asyncio.to_thread(self._put, self._path(key), data)
+        await _in_thread_to_the_end(self._put, self._path(key), data)
 
     def _put(self, path: Path, data: bytes) -> None:
         for attempt in range(3):
@@ -177,6 +220,48 @@ class LocalStorage:
     async def list_keys(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
         return await asyncio.to_thread(self._list, prefix)
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
+
+    def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
+        directory, _, _ = prefix.rpartition("/")
+        found: list[StoredObject] = []
+        for key, mtime in self._walk_in_key_order(directory, prefix, start_after):
+            found.append(StoredObject(key, datetime.fromtimestamp(mtime, UTC)))
+            if len(found) >= limit:
+                break
+        return found
+
+    def _walk_in_key_order(self, rel_dir: str, prefix: str, start_after: str) -> Iterator[tuple[str, float]]:
+        """(key, mtime) under `rel_dir` in S3's order (the keys sorted as strings), lazily: a page costs
+        the directories on its way, not a walk of the whole tree. Subtrees wholly at or before
+        `start_after` are skipped unopened."""
+        path = self.root.joinpath(*rel_dir.split("/")) if rel_dir else self.root
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        base = f"{rel_dir}/" if rel_dir else ""
+        # A directory sorts as "name/": every key under it starts so, which keeps the walk in key order.
+        keyed = sorted((base + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e) for e in entries)
+        for key, entry in keyed:
+            if entry.name.startswith(_TMP_PREFIX):
+                continue
+            if key.endswith("/"):
+                inside_prefix = key.startswith(prefix) or prefix.startswith(key)
+                already_listed = key <= start_after and not start_after.startswith(key)
+                if inside_prefix and not already_listed:
+                    yield from self._walk_in_key_order(key.removesuffix("/"), prefix, start_after)
+                continue
+            if key <= start_after or not key.startswith(prefix) or not _is_valid_key(key):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # deleted since the directory was read
+                continue
+            yield key, mtime
 
     def _list(self, prefix: str) -> list[str]:
         # S3 semantics: a plain string prefix. Walk only the deepest directory the prefix names.
@@ -295,9 +380,10 @@ class S3Storage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         validate_key(key)
-        await asyncio.to_thread(
-            self._client.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
-        )
+        await _in_thread_to_the_end(self._put, key, data, content_type)
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     async def get(self, key: str) -> bytes:
         validate_key(key)
@@ -375,6 +461,25 @@ class S3Storage:
             for obj in page.get("Contents", [])
         ]
         return sorted(keys)
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
+
+    def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
+        found: list[StoredObject] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        after: dict[str, Any] = {"StartAfter": start_after} if start_after else {}
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=prefix,
+            **after,
+            PaginationConfig={"MaxItems": limit, "PageSize": min(limit, 1000)},
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                found.append(StoredObject(obj["Key"], obj["LastModified"].astimezone(UTC)))
+        return found[:limit]
 
     async def ping(self) -> None:
         await asyncio.to_thread(self._ping_client.head_bucket, Bucket=self.bucket)

@@ -30,8 +30,9 @@ from celery import Celery, signals
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker
+from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
-from shared.queueing import DISPATCH_WEBHOOKS_TASK, SWEEP_TASK, celery_config
+from shared.queueing import DISPATCH_WEBHOOKS_TASK, RECONCILE_STORAGE_TASK, SWEEP_TASK, celery_config
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
 from shared.webhooks import webhook_queue
@@ -62,11 +63,27 @@ def worker_config(settings: Settings) -> dict[str, Any]:
                 "schedule": webhook_interval,
                 "options": {"queue": webhook_queue(settings), "expires": max(webhook_interval, 1.0)},
             },
+            "reconcile-storage": {
+                "task": RECONCILE_STORAGE_TASK,
+                "schedule": settings.storage.reconcile_interval_seconds,
+                "options": {
+                    "queue": settings.worker.queue,
+                    "expires": max(settings.storage.reconcile_interval_seconds, 1.0),
+                },
+            },
         },
     }
 
 
-app = Celery("kiln", include=["worker.generations.tasks", "worker.sweeper.tasks", "worker.webhooks.tasks"])
+app = Celery(
+    "kiln",
+    include=[
+        "worker.generations.tasks",
+        "worker.sweeper.tasks",
+        "worker.webhooks.tasks",
+        "worker.reconciler.tasks",
+    ],
+)
 # Read lazily: importing this module needs no environment, only starting a worker or beat does.
 app.add_defaults(lambda: worker_config(get_settings()))
 
@@ -111,6 +128,7 @@ def get_runtime() -> WorkerRuntime:
         return _runtime
     # A runtime inherited through fork shares sockets with the parent: leave it alone, make our own.
     settings = get_settings()
+    apply_pixel_budget(settings.images.max_pixels)  # provider adapters that decode (crop) are held to it too
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     engine = create_engine(settings, pool_size=PROCESS_DB_POOL_SIZE)

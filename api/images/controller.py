@@ -31,22 +31,29 @@ from shared.errors import Forbidden, PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
 
-PUBLIC_CACHE_CONTROL = "public, max-age=31536000, immutable"
 PRIVATE_CACHE_CONTROL = "private, max-age=3600"
+# Bytes are served as the type the row says; a browser must not guess another (HTML, script) from them.
+_NO_SNIFF = {"X-Content-Type-Options": "nosniff"}
 # Documented as a UUID (what it must be; anything else answers 400), so fuzzers reach the lookups.
 ImageIdPath = Annotated[str, PathParameter(description="Image id (UUID)", schema_extra={"format": "uuid"})]
 SizeQuery = Annotated[str | None, QueryParameter(description="sm (≈300 px) or lg (≈1024 px); omit: original")]
 
 
+def _public_cache_control(request: AnyRequest) -> str:
+    # Not `immutable` for a year: a deleted image must drop out of shared caches within this lifetime.
+    return f"public, max-age={resources_of(request).settings.storage.cache_max_age_seconds}"
+
+
 def _content_response(content: service.ImageContent, cache_control: str) -> Response[bytes]:
-    headers = {"Cache-Control": cache_control, "ETag": content.etag}
+    headers = {"Cache-Control": cache_control, "ETag": content.etag, **_NO_SNIFF}
     return Response(content=content.body, media_type=content.mime_type, headers=headers)
 
 
 def _not_modified(request: AnyRequest, etag: str, cache_control: str) -> Response[bytes] | None:
     sent = request.headers.get("if-none-match")
     if sent and (sent.strip() == "*" or etag in (tag.strip() for tag in sent.split(","))):
-        return Response(content=b"", status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
+        headers = {"ETag": etag, "Cache-Control": cache_control, **_NO_SNIFF}
+        return Response(content=b"", status_code=304, headers=headers)
     return None
 
 
@@ -154,10 +161,11 @@ class PublicImageController(Controller):
         variant = service.parse_size(size)
         row = await service.find_public(resources, token)
         etag = service.etag_of(row.id, variant)
-        if (cached := _not_modified(request, etag, PUBLIC_CACHE_CONTROL)) is not None:
+        cache_control = _public_cache_control(request)
+        if (cached := _not_modified(request, etag, cache_control)) is not None:
             return cached
         content = await service.read_content(resources, row, variant)
-        return _content_response(content, PUBLIC_CACHE_CONTROL)
+        return _content_response(content, cache_control)
 
 
 class ImageController(Controller):
@@ -220,7 +228,7 @@ class ImageController(Controller):
     @delete(
         "/{image_id:str}",
         status_code=200,
-        summary="Soft-delete an image",
+        summary="Delete an image (the record is kept, soft-deleted; its objects are removed)",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def delete_image(self, request: AnyRequest, image_id: ImageIdPath) -> MessageEnvelope:

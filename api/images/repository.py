@@ -37,24 +37,26 @@ async def get_image(conn: AsyncConnection, image_id: uuid.UUID, project_id: uuid
 
 async def soft_delete_image(
     conn: AsyncConnection, image_id: uuid.UUID, project_id: uuid.UUID | None, now: datetime
-) -> bool:
+) -> tuple[str, ...] | None:
+    """Mark the image deleted; returns its storage keys (original, thumbnails), None if there is none."""
     stmt = (
         update(images)
         .where(images.c.id == image_id, images.c.deleted_at.is_(None))
         .values(deleted_at=now)
-        .returning(images.c.id)
+        .returning(images.c.storage_key, images.c.thumb_sm_key, images.c.thumb_lg_key)
     )
     if project_id is not None:
         stmt = stmt.where(images.c.project_id == project_id)
-    if (await conn.execute(stmt)).first() is None:
-        return False
+    keys = (await conn.execute(stmt)).first()
+    if keys is None:
+        return None
     # The generation that produced it drops out of lists unless includeDeleted.
     await conn.execute(
         update(generations)
         .where(generations.c.output_image_id == image_id, generations.c.deleted_at.is_(None))
         .values(deleted_at=now, updated_at=now)
     )
-    return True
+    return tuple(keys)
 
 
 async def lock_alias(conn: AsyncConnection, project_id: uuid.UUID, alias: str) -> None:

@@ -25,7 +25,7 @@ from api.parsing import check_json_object
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import ImageNotFound, KilnError, PayloadTooLarge, ValidationFailed
-from shared.imaging import ImageInfo, InvalidImage, inspect_image, make_thumbnails
+from shared.imaging import InvalidImage, inspect_and_thumbnail
 from shared.logging import get_logger
 from shared.models import new_id, utcnow
 from shared.storage import ObjectMissing
@@ -110,10 +110,18 @@ async def find_own(resources: Resources, principal: Principal, image_id: uuid.UU
 
 
 async def delete_image(resources: Resources, principal: Principal, image_id: uuid.UUID) -> None:
-    """Soft delete: the row and objects stay (public URLs stop answering); lists hide its generation."""
+    """Soft delete of the row (lists hide its generation unless includeDeleted), and its objects removed
+    at once, so that direct bucket/CDN URLs stop working too, not only /i/<token>."""
     async with resources.engine.begin() as conn:
-        if not await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow()):
-            raise ImageNotFound()
+        keys = await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow())
+    if keys is None:
+        raise ImageNotFound()
+    # After the commit: a failed delete leaves objects no live row points at, which the storage
+    # reconciler removes later; never a live row pointing at nothing.
+    try:
+        await resources.storage.delete(keys)
+    except Exception as exc:
+        log.warning("storage cleanup after image delete failed", image_id=str(image_id), error=repr(exc))
 
 
 # --- upload ---------------------------------------------------------------------------------------
@@ -168,12 +176,6 @@ def check_upload_size(size: int) -> None:
         )
 
 
-def _inspect_and_thumbnail(data: bytes) -> tuple[ImageInfo, dict[str, bytes]]:
-    # inspect_image checks the container; make_thumbnails decodes every pixel, which is what refuses a
-    # JPEG cut short in its scan data. Both are needed before a byte is stored.
-    return inspect_image(data), make_thumbnails(data)
-
-
 def upload_prefix(project_id: uuid.UUID, image_id: uuid.UUID) -> str:
     """Objects of one uploaded image; never shared with generations (their deletes walk their prefix)."""
     return f"projects/{project_id}/uploads/{image_id}/"
@@ -183,7 +185,9 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
     """Verify, store the bytes as uploaded plus thumbnails, then insert the row. A failure after the
     first object is written deletes this image's objects: nothing is left half-written."""
     try:
-        info, thumbnails = await asyncio.to_thread(_inspect_and_thumbnail, upload.data)
+        info, thumbnails = await asyncio.to_thread(
+            inspect_and_thumbnail, upload.data, max_pixels=resources.settings.images.max_pixels
+        )
     except InvalidImage as exc:
         raise ValidationFailed.field("file", str(exc)) from None
     if upload.alias is not None:

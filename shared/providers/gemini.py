@@ -36,6 +36,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import ProviderError, ProviderPermanent
+from shared.imaging import decode_slots
 from shared.providers.base import (
     ModelInfo,
     ParameterSpec,
@@ -162,8 +163,12 @@ def _crop_box(width: int, height: int, ratio: float) -> tuple[int, int, int, int
 
 
 def center_crop(data: bytes, aspect_ratio: str) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, mime, size) of the image center-cropped to `aspect_ratio`, re-encoded in its own format."""
-    with Image.open(io.BytesIO(data)) as img:
+    """(bytes, mime, size) of the image center-cropped to `aspect_ratio`, re-encoded in its own format.
+    Held to the process's pixel budget (Image.MAX_IMAGE_PIXELS, see shared.imaging) and decode slots."""
+    with decode_slots, Image.open(io.BytesIO(data)) as img:
+        budget = Image.MAX_IMAGE_PIXELS
+        if budget is not None and img.width * img.height > budget:  # checked before load(), not after
+            raise ValueError(f"{img.width}x{img.height} is over the pixel budget of {budget}")
         fmt = (img.format or "PNG").upper()
         img.load()
         cropped = img.crop(_crop_box(img.width, img.height, parse_aspect_ratio(aspect_ratio)))
@@ -260,7 +265,13 @@ class GeminiProvider:
             if "croppedFrom" in meta:
                 try:
                     image, mime, size = await asyncio.to_thread(center_crop, image, request.aspect_ratio)
-                except (UnidentifiedImageError, OSError, ValueError) as exc:
+                except (
+                    UnidentifiedImageError,
+                    OSError,
+                    ValueError,
+                    Image.DecompressionBombError,
+                    Image.DecompressionBombWarning,  # an error in the worker (shared.imaging)
+                ) as exc:
                     raise self.http.invalid(f"the image could not be read for cropping: {exc}") from None
                 meta["croppedTo"] = f"{size[0]}x{size[1]}"
         return ProviderResult(images=[image], mime_type=mime, seed=seed, raw_meta=meta)

@@ -1,7 +1,9 @@
 """One behaviour suite, run against the local directory and a real S3 endpoint (moto over HTTP)."""
 
 import asyncio
+import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -96,6 +98,66 @@ async def test_list_keys_by_prefix_sorted(storage: ObjectStorage):
     assert await storage.list_keys("p/g1/v1/sm") == ["p/g1/v1/sm.webp"]
     assert await storage.list_keys("") == keys
     assert await storage.list_keys("zzz/") == []
+
+
+async def test_list_objects_pages_in_key_order_with_modification_times(storage: ObjectStorage):
+    keys = [f"pages/{i:04d}/original.png" for i in range(7)]
+    before = datetime.now(UTC) - timedelta(seconds=2)  # S3 keeps whole seconds
+    for key in reversed(keys):
+        await storage.put(key, b"x", "image/png")
+    await storage.put("pagesx/other.png", b"x", "image/png")
+    after = datetime.now(UTC) + timedelta(seconds=2)
+
+    first = await storage.list_objects("pages/", limit=3)
+    assert [o.key for o in first] == keys[:3]
+    rest = await storage.list_objects("pages/", start_after=first[-1].key, limit=10)
+    assert [o.key for o in rest] == keys[3:]
+    assert await storage.list_objects("pages/", start_after=keys[-1], limit=10) == []
+    for found in (*first, *rest):
+        assert found.last_modified.tzinfo is not None and before <= found.last_modified <= after
+
+
+async def test_list_objects_pages_through_every_key_in_list_keys_order_from_any_cursor(
+    storage: ObjectStorage,
+):
+    # Names around '/': '-' and '.' sort before it, '0' after, so a naive directory walk would differ.
+    keys = ["t/a-b/x", "t/a.b", "t/a/b/c", "t/a/x", "t/a0/x", "t/ab", "t/b", "tz/outside"]
+    for key in keys:
+        await storage.put(key, b"x", "image/png")
+    everything = await storage.list_keys("t/")
+    assert everything == sorted(k for k in keys if k.startswith("t/"))
+    for cursor in ["", *everything, "t/a", "t/a/", "t/a/b", "t/a0"]:
+        expected = [k for k in everything if k > cursor]
+        assert [o.key for o in await storage.list_objects("t/", start_after=cursor, limit=100)] == expected
+        paged: list[str] = []
+        while page := await storage.list_objects("t/", start_after=paged[-1] if paged else cursor, limit=2):
+            paged.extend(o.key for o in page)
+        assert paged == expected, cursor
+    assert [o.key for o in await storage.list_objects("t/a", limit=100)] == everything[:-1]  # not t/b
+
+
+async def test_a_cancelled_put_returns_only_once_its_write_has_landed(storage: ObjectStorage):
+    # The write runs in a thread, which a cancel cannot stop: a caller that went on at once would delete
+    # the prefix and then see the object land (an orphan). Hold the write until the cancel is delivered.
+    gate, entered = threading.Event(), threading.Event()
+    write = storage._put  # type: ignore[attr-defined]
+
+    def gated_write(*args: object) -> None:
+        entered.set()
+        assert gate.wait(30)
+        write(*args)
+
+    storage._put = gated_write  # type: ignore[attr-defined]
+    put = asyncio.create_task(storage.put("gated/original.png", b"bytes", "image/png"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    put.cancel()
+    await asyncio.sleep(0.05)  # many loop turns: a put that does not wait for its thread is done by now
+    done_before_the_write = put.done()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert not done_before_the_write
+    assert await storage.list_keys("gated/") == ["gated/original.png"]  # landed before put returned
 
 
 async def test_delete_prefix(storage: ObjectStorage):

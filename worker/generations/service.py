@@ -39,7 +39,7 @@ from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.events import generation_channel, publish_status
-from shared.imaging import ImageInfo, InvalidImage, inspect_image, make_thumbnails
+from shared.imaging import ImageInfo, InvalidImage, inspect_and_thumbnail
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundUrlRefused, check_url_resolved
@@ -262,8 +262,10 @@ class GenerationPipeline:
             raise GenerationFailure("INVALID_PROVIDER_OUTPUT", "the provider returned no image")
         original = result.images[0]
         try:
-            info, thumbnails = await asyncio.to_thread(_inspect_and_thumbnail, original)
-        except InvalidImage as exc:
+            info, thumbnails = await asyncio.to_thread(
+                inspect_and_thumbnail, original, max_pixels=self.deps.settings.images.max_pixels
+            )
+        except InvalidImage as exc:  # over the pixel budget too: permanent, a retry gets the same bytes
             raise GenerationFailure(
                 "INVALID_PROVIDER_OUTPUT", f"the provider returned an unusable image: {exc}"
             ) from exc
@@ -588,8 +590,3 @@ def _exhausted_retries_code(exc: ProviderRetryable) -> str:
     if _RATE_LIMITED.search(exc.message):
         return "PROVIDER_RATE_LIMITED"
     return "PROVIDER_UNAVAILABLE"
-
-
-def _inspect_and_thumbnail(data: bytes) -> tuple[ImageInfo, dict[str, bytes]]:
-    """One thread hop for both CPU-bound steps."""
-    return inspect_image(data), make_thumbnails(data)
