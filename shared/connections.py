@@ -1,5 +1,5 @@
 """What api and worker agree on about connection profiles: how a stored profile (or the server-wide
-default from settings) becomes the `ProviderConnection` an adapter gets, and which URLs it will call.
+default from settings) becomes the `ProviderConnection` an adapter gets.
 
 The API key is stored encrypted (`shared.crypto`); it is decrypted only here, right before an adapter
 is built, and never logged.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.crypto import decrypt_secret
-from shared.providers import CAPABILITIES, ProviderConnection
+from shared.providers import ProviderConnection
 from shared.settings import Settings
 
 # The Redis semaphore scope of jobs that run on the server-wide default connection.
@@ -81,21 +81,3 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
         max_concurrency=row.max_concurrency,
         scope=str(connection_id),
     )
-
-
-def outbound_urls(provider: str, connection: ProviderConnection) -> list[str]:
-    """The URLs the adapter will call: its API URL (or the provider's default) and any `*_url` setting.
-
-    The placeholder calls nothing (nor does a name no adapter has: it fails before any call). Each is
-    checked with `shared.netguard` before the adapter runs.
-    """
-    if provider == "placeholder" or provider not in CAPABILITIES:
-        return []
-    urls = []
-    base = connection.api_url or CAPABILITIES[provider].default_url
-    if base:
-        urls.append(base)
-    for key, value in connection.settings.items():
-        if key.lower().endswith("url") and isinstance(value, str) and value:
-            urls.append(value)
-    return urls

@@ -36,14 +36,17 @@ from api.connections.schemas import (
 from api.envelope import Pagination
 from api.parsing import check_json_object, check_text, parse_int
 from api.resources import Resources
-from shared.connections import ResolvedConnection, outbound_urls, stored_connection
+from shared.connections import ResolvedConnection, stored_connection
 from shared.crypto import SecretUnreadable, encrypt_secret
 from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
 from shared.logging import get_logger
 from shared.models import new_id
-from shared.netguard import OutboundUrlRefused, check_url_resolved, check_url_syntax
+from shared.netguard import OutboundUrlRefused, check_url_syntax
+from shared.outbound import outbound_client
 from shared.providers import CAPABILITIES, PROVIDER_NAMES, comfyui, get_provider, validate_parameters
+from shared.providers.http_errors import URL_FORBIDDEN
 from shared.queueing import CONNECTION_TIMEOUT_MAX_SECONDS, queue_for_provider
+from shared.settings import Settings
 
 log = get_logger(__name__)
 
@@ -437,17 +440,13 @@ async def _resolved(
     return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout))
 
 
-async def _check_outbound(resources: Resources, resolved: ResolvedConnection) -> None:
-    policy = resources.settings.network.policy()
-    for url in outbound_urls(resolved.provider, resolved.connection):
-        await check_url_resolved(url, policy)
-
-
-async def _with_adapter(resolved: ResolvedConnection, call: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `call(adapter)` with a short-lived HTTP client (these routes are rare: settings screens),
-    bounded by the connection's timeout."""
+async def _with_adapter(
+    settings: Settings, resolved: ResolvedConnection, call: Callable[[Any], Awaitable[T]]
+) -> T:
+    """Run `call(adapter)` with a short-lived guarded HTTP client (these routes are rare: settings
+    screens), bounded by the connection's timeout. Every address it connects to is checked then."""
     timeout = resolved.connection.timeout_seconds
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+    async with outbound_client(settings, timeout) as http:
         adapter = get_provider(resolved.provider, http, resolved.connection)
         async with asyncio.timeout(timeout + 1):
             return await call(adapter)
@@ -475,12 +474,10 @@ async def list_models(
             "apiKey", "the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again"
         ) from None
     try:
-        await _check_outbound(resources, resolved)
-    except OutboundUrlRefused as exc:
-        raise ValidationFailed.field("apiUrl", str(exc)) from None
-    try:
-        models = await _with_adapter(resolved, lambda adapter: adapter.list_models())
+        models = await _with_adapter(resources.settings, resolved, lambda adapter: adapter.list_models())
     except ProviderPermanent as exc:
+        if exc.code == URL_FORBIDDEN:  # the connection's own URL: the client can fix it
+            raise ValidationFailed.field("apiUrl", exc.message) from None
         raise ProviderCallFailed(exc.code, exc.message) from None
     except (ProviderRetryable, TimeoutError) as exc:
         if _timed_out(exc):
@@ -511,11 +508,7 @@ async def test_connection(
             error_message="the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
         )
     try:
-        await _check_outbound(resources, resolved)
-    except OutboundUrlRefused as exc:
-        return ConnectionTestResult(ok=False, error_code="PROVIDER_URL_REFUSED", error_message=str(exc))
-    try:
-        await _with_adapter(resolved, lambda adapter: adapter.test())
+        await _with_adapter(resources.settings, resolved, lambda adapter: adapter.test())
     except ProviderPermanent as exc:
         return ConnectionTestResult(ok=False, error_code=exc.code, error_message=exc.message)
     except (ProviderRetryable, TimeoutError) as exc:

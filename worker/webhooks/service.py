@@ -11,7 +11,6 @@ and deliveries whose message never ran (lost with the broker, or its worker died
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.crypto import SecretUnreadable, decrypt_secret
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.netguard import OutboundUrlRefused, check_url_resolved
+from shared.netguard import OutboundUrlRefused
+from shared.outbound import outbound_policy
 from shared.settings import Settings
 from shared.webhooks import (
     USER_AGENT,
@@ -137,12 +137,6 @@ class WebhookDelivery:
         return endpoint.url, secret
 
     async def _send(self, claimed: ClaimedDelivery, url: str, secret: str) -> AttemptResult:
-        try:
-            await check_url_resolved(url, self.deps.settings.network.policy())
-        except OutboundUrlRefused as exc:
-            # A name that does not resolve may resolve later; a refused address will not change.
-            unresolved = isinstance(exc.__cause__, socket.gaierror)
-            return AttemptResult(None, str(exc) if unresolved else f"refused: {exc}", retryable=unresolved)
         body = encode_body(claimed.payload)
         headers = {
             "content-type": "application/json",
@@ -150,18 +144,24 @@ class WebhookDelivery:
             **signature_headers(secret, str(claimed.id), body),
         }
         timeout = self.settings.timeout_seconds
+        policy = self.deps.settings.network.policy()
         try:
             # httpx's timeout bounds each phase; this bounds the whole exchange (a slow trickle too).
-            async with (
-                asyncio.timeout(timeout),
-                self.deps.http.stream(
-                    "POST", url, content=body, headers=headers, timeout=timeout, follow_redirects=False
-                ) as response,
-            ):
-                status = response.status_code
-                if 200 <= status < 300:
-                    return AttemptResult(status, None)
-                snippet = await _read_snippet(response)
+            with outbound_policy(policy):
+                async with (
+                    asyncio.timeout(timeout),
+                    self.deps.http.stream(
+                        "POST", url, content=body, headers=headers, timeout=timeout, follow_redirects=False
+                    ) as response,
+                ):
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        return AttemptResult(status, None)
+                    snippet = await _read_snippet(response)
+        except OutboundUrlRefused as exc:
+            # Refused on the address the connection would really go to (checked at connect time, so a
+            # name that changes its answer cannot slip past). A refused address will not change.
+            return AttemptResult(None, f"refused: {exc}", retryable=False)
         except (TimeoutError, httpx.TimeoutException):
             return AttemptResult(None, f"timed out after {timeout:g} s")
         except httpx.InvalidURL as exc:
