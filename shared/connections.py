@@ -1,5 +1,6 @@
 """What api and worker agree on about connection profiles: how a stored profile (or the server-wide
-default from settings) becomes the `ProviderConnection` an adapter gets.
+default from settings) becomes the `ProviderConnection` an adapter gets, and the outbound address
+policy a project's calls (its connections and webhooks) are made under.
 
 The API key is stored encrypted (`shared.crypto`); it is decrypted only here, right before an adapter
 is built, and never logged.
@@ -11,7 +12,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
 from shared.crypto import decrypt_secret
+from shared.models import Project
+from shared.netguard import OutboundPolicy
 from shared.providers import ProviderConnection
 from shared.settings import Settings
 
@@ -81,3 +87,11 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
         max_concurrency=row.max_concurrency,
         scope=str(connection_id),
     )
+
+
+async def project_outbound_policy(
+    db: AsyncSession | AsyncConnection, settings: Settings, project_id: uuid.UUID
+) -> OutboundPolicy:
+    """The network settings' policy plus the project's `outboundAllowHosts`."""
+    hosts = await db.scalar(select(Project.outbound_allow_hosts).where(Project.id == project_id))
+    return settings.network.policy().with_hosts(hosts or ())

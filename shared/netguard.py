@@ -13,6 +13,7 @@ unless a setting, or the project's `outboundAllowHosts`, allows them. Addresses 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,6 +31,9 @@ _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # 0.x.y.z reaches the local h
 _SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, Tailscale: a private network
 _NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+ALLOW_HOSTS_MAX = 50
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 class OutboundUrlRefused(ValueError):
@@ -64,6 +68,18 @@ class OutboundPolicy:
 
 def normalize_host(host: str) -> str:
     return host.strip().strip("[]").rstrip(".").lower()
+
+
+def allow_host_entry(value: str) -> str:
+    """One `outboundAllowHosts` entry, normalized: a host name (ASCII/punycode) or an IP address, with
+    no scheme, port or path: it is compared with the host each connection is made to."""
+    host = normalize_host(value)
+    literal = ip_literal(host)
+    if literal is not None:
+        return str(literal)
+    if not host or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        raise ValueError("must be a host name or an IP address (no scheme, port or path)")
+    return host
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

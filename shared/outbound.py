@@ -191,10 +191,17 @@ class OutboundClient(httpx.AsyncClient):
         self.max_image_bytes = max_image_bytes
 
 
-def outbound_client(settings: Any, timeout: float, resolver: Resolver = system_resolver) -> OutboundClient:
-    """The client for `settings` (a `shared.settings.Settings`): its network policy and caps."""
+def outbound_client(
+    settings: Any,
+    timeout: float,
+    *,
+    policy: OutboundPolicy | None = None,
+    resolver: Resolver = system_resolver,
+) -> OutboundClient:
+    """The client for `settings` (a `shared.settings.Settings`): its caps, and its network policy
+    unless `policy` (a project's) is given."""
     return OutboundClient(
-        settings.network.policy(),
+        policy or settings.network.policy(),
         timeout=timeout,
         max_image_bytes=settings.network.max_image_response_bytes,
         resolver=resolver,

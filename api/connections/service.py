@@ -36,12 +36,12 @@ from api.connections.schemas import (
 from api.envelope import Pagination
 from api.parsing import check_json_object, check_text, parse_int
 from api.resources import Resources
-from shared.connections import ResolvedConnection, stored_connection
+from shared.connections import ResolvedConnection, project_outbound_policy, stored_connection
 from shared.crypto import SecretUnreadable, encrypt_secret
 from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
 from shared.logging import get_logger
 from shared.models import new_id
-from shared.netguard import OutboundUrlRefused, check_url_syntax
+from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
 from shared.outbound import outbound_client
 from shared.providers import CAPABILITIES, PROVIDER_NAMES, comfyui, get_provider, validate_parameters
 from shared.providers.http_errors import URL_FORBIDDEN
@@ -430,23 +430,28 @@ async def delete_connection(resources: Resources, project_id: uuid.UUID, connect
 
 async def _resolved(
     resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
-) -> ResolvedConnection:
+) -> tuple[ResolvedConnection, OutboundPolicy]:
+    """The connection as an adapter gets it, and the policy its calls are made under."""
     async with resources.reader.connect() as conn:
         row = await repository.get_connection(conn, project_id, connection_id)
-    if row is None:
-        raise ConnectionNotFound()
+        if row is None:
+            raise ConnectionNotFound()
+        policy = await project_outbound_policy(conn, resources.settings, project_id)
     resolved = stored_connection(resources.settings, row)  # SecretUnreadable is the caller's to word
     timeout = min(resolved.connection.timeout_seconds, VENDOR_CALL_MAX_SECONDS)
-    return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout))
+    return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout)), policy
 
 
 async def _with_adapter(
-    settings: Settings, resolved: ResolvedConnection, call: Callable[[Any], Awaitable[T]]
+    settings: Settings,
+    resolved: ResolvedConnection,
+    policy: OutboundPolicy,
+    call: Callable[[Any], Awaitable[T]],
 ) -> T:
     """Run `call(adapter)` with a short-lived guarded HTTP client (these routes are rare: settings
     screens), bounded by the connection's timeout. Every address it connects to is checked then."""
     timeout = resolved.connection.timeout_seconds
-    async with outbound_client(settings, timeout) as http:
+    async with outbound_client(settings, timeout, policy=policy) as http:
         adapter = get_provider(resolved.provider, http, resolved.connection)
         async with asyncio.timeout(timeout + 1):
             return await call(adapter)
@@ -468,13 +473,15 @@ async def list_models(
     if caps.model_list_style == "static":
         return [ModelRecord(id=m.id, label=m.label) for m in caps.static_models]
     try:
-        resolved = await _resolved(resources, project_id, connection_id)
+        resolved, policy = await _resolved(resources, project_id, connection_id)
     except SecretUnreadable:
         raise ValidationFailed.field(
             "apiKey", "the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again"
         ) from None
     try:
-        models = await _with_adapter(resources.settings, resolved, lambda adapter: adapter.list_models())
+        models = await _with_adapter(
+            resources.settings, resolved, policy, lambda adapter: adapter.list_models()
+        )
     except ProviderPermanent as exc:
         if exc.code == URL_FORBIDDEN:  # the connection's own URL: the client can fix it
             raise ValidationFailed.field("apiUrl", exc.message) from None
@@ -500,7 +507,7 @@ async def test_connection(
 ) -> ConnectionTestResult:
     """One cheap authenticated call to the provider; its failure is the answer, not an error."""
     try:
-        resolved = await _resolved(resources, project_id, connection_id)
+        resolved, policy = await _resolved(resources, project_id, connection_id)
     except SecretUnreadable:
         return ConnectionTestResult(
             ok=False,
@@ -508,7 +515,7 @@ async def test_connection(
             error_message="the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
         )
     try:
-        await _with_adapter(resources.settings, resolved, lambda adapter: adapter.test())
+        await _with_adapter(resources.settings, resolved, policy, lambda adapter: adapter.test())
     except ProviderPermanent as exc:
         return ConnectionTestResult(ok=False, error_code=exc.code, error_message=exc.message)
     except (ProviderRetryable, TimeoutError) as exc:

@@ -33,7 +33,12 @@ from tenacity import (
     wait_exponential,
 )
 
-from shared.connections import ResolvedConnection, server_default_connection, stored_connection
+from shared.connections import (
+    ResolvedConnection,
+    project_outbound_policy,
+    server_default_connection,
+    stored_connection,
+)
 from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
@@ -286,6 +291,7 @@ class GenerationPipeline:
         is not counted) and is sent again after a short countdown."""
         try:
             self._resolved = await self._resolve_connection(claim)
+            self._outbound_policy = await self._project_outbound_policy(claim)
         except GenerationFailure as failure:
             return await self._fail(claim, failure.code, failure.message)
         except Exception as exc:
@@ -329,6 +335,10 @@ class GenerationPipeline:
                 "CONNECTION_SECRET_UNREADABLE",
                 "the connection's API key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
             ) from exc
+
+    async def _project_outbound_policy(self, claim: ClaimedGeneration) -> OutboundPolicy:
+        async with transaction(self.deps.sessions) as session:
+            return await project_outbound_policy(session, self.deps.settings, claim.project_id)
 
     async def _defer(self, claim: ClaimedGeneration, limit: int) -> PipelineOutcome:
         async with transaction(self.deps.sessions) as session:

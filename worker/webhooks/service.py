@@ -21,10 +21,11 @@ import structlog
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.connections import project_outbound_policy
 from shared.crypto import SecretUnreadable, decrypt_secret
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.netguard import OutboundUrlRefused
+from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
 from shared.settings import Settings
 from shared.webhooks import (
@@ -104,6 +105,7 @@ class WebhookDelivery:
                 return DeliveryOutcome.SKIPPED
             try:
                 url, secret = await self._target(repository, claimed)
+                policy = await project_outbound_policy(session, self.deps.settings, claimed.project_id)
             except DeliveryRefused as refused:
                 await repository.mark_failed(claimed.id, claimed.attempt, claimed.url, None, str(refused))
                 self._log_attempt(claimed, AttemptResult(None, str(refused), retryable=False), "failed", 0.0)
@@ -113,7 +115,7 @@ class WebhookDelivery:
             result = AttemptResult(None, f"gave up after {claimed.attempt - 1} attempts", retryable=False)
             return await self._record(claimed, url, result, 0.0)
         started = time.monotonic()
-        result = await self._send(claimed, url, secret)
+        result = await self._send(claimed, url, secret, policy)
         return await self._record(claimed, url, result, time.monotonic() - started)
 
     async def _target(
@@ -136,7 +138,9 @@ class WebhookDelivery:
             ) from None
         return endpoint.url, secret
 
-    async def _send(self, claimed: ClaimedDelivery, url: str, secret: str) -> AttemptResult:
+    async def _send(
+        self, claimed: ClaimedDelivery, url: str, secret: str, policy: OutboundPolicy
+    ) -> AttemptResult:
         body = encode_body(claimed.payload)
         headers = {
             "content-type": "application/json",
@@ -144,7 +148,6 @@ class WebhookDelivery:
             **signature_headers(secret, str(claimed.id), body),
         }
         timeout = self.settings.timeout_seconds
-        policy = self.deps.settings.network.policy()
         try:
             # httpx's timeout bounds each phase; this bounds the whole exchange (a slow trickle too).
             with outbound_policy(policy):
