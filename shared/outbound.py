@@ -11,13 +11,18 @@ answer, connection `/models` and `/test`, webhooks.
 - Redirects are not followed; `fetch()` follows them where a vendor needs it, each hop connecting
   through the same guard, and reads a body with a cap on its *decoded* size (gzip bombs, endless bodies).
 - Environment proxies are ignored: a proxy would connect on our behalf, past the address check.
+
+Code that calls out (a future LLM prompt engine too) takes its client from `outbound_client()` or is
+handed one; it never makes its own httpx client (tests/unit/test_outbound.py checks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -138,6 +143,13 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         await self.backend.sleep(seconds)
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes a while; one context serves every pool (and the short-lived clients
+    # of the connection routes).
+    return httpx.create_ssl_context()
+
+
 class GuardedTransport(httpx.AsyncBaseTransport):
     """A connection pool per policy, each connecting through a `GuardedNetworkBackend`."""
 
@@ -150,10 +162,10 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     def pool_for(self, policy: OutboundPolicy) -> httpx.AsyncHTTPTransport:
         pool = self._pools.get(policy)
         if pool is None:
-            pool = httpx.AsyncHTTPTransport()
+            pool = httpx.AsyncHTTPTransport(verify=_ssl_context())
             # httpx takes no network backend; its pool does. Same settings as httpx's own pool.
             pool._pool = httpcore.AsyncConnectionPool(
-                ssl_context=httpx.create_ssl_context(),
+                ssl_context=_ssl_context(),
                 max_connections=httpx.Limits().max_connections,
                 max_keepalive_connections=httpx.Limits().max_keepalive_connections,
                 keepalive_expiry=httpx.Limits().keepalive_expiry,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gzip
 import ipaddress
+import re
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpcore
@@ -105,6 +107,23 @@ def test_a_listed_host_may_reach_private_and_loopback_but_never_metadata() -> No
         check_address(ipaddress.ip_address("10.0.0.7"), listed, "other.lan")
     with pytest.raises(OutboundUrlRefused):
         check_address(ipaddress.ip_address("169.254.169.254"), listed, "gpu.lan")
+
+
+def test_no_code_makes_its_own_http_client() -> None:
+    """One mechanism: an httpx client made anywhere else would connect past the guard."""
+    root = Path(__file__).resolve().parents[2]
+    # The guard itself; `kiln generate`, which calls Kiln's own API for the operator.
+    exempt = {"shared/outbound.py", "api/cli.py"}
+    makers = re.compile(r"httpx\.(Async)?(Client|HTTPTransport)\(|httpcore\.(Async)?ConnectionPool\(")
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("api", "shared", "worker")
+        for path in sorted((root / folder).rglob("*.py"))
+        if str(path.relative_to(root)) not in exempt
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if makers.search(line)
+    ]
+    assert offenders == []
 
 
 # --- production defaults -----------------------------------------------------------------------------
