@@ -138,12 +138,12 @@ class _Problems:
             raise ValidationFailed(f"{first['field']}: {first['message']}", details=self.details)
 
 
-def _check_api_url(value: str | None, resources: Resources, problems: _Problems) -> str | None:
+def _check_api_url(value: str | None, policy: OutboundPolicy, problems: _Problems) -> str | None:
     url = problems.check("apiUrl", lambda: check_text(value, "apiUrl", max_length=API_URL_MAX_LENGTH))
     if not url:
         return None  # the provider's default URL
     try:
-        check_url_syntax(url, resources.settings.network.policy())
+        check_url_syntax(url, policy)
     except OutboundUrlRefused as exc:
         problems.add("apiUrl", str(exc))
         return None
@@ -204,7 +204,7 @@ def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> No
 
 
 def _check_metadata(
-    provider: str | None, value: dict[str, Any] | None, resources: Resources, problems: _Problems
+    provider: str | None, value: dict[str, Any] | None, policy: OutboundPolicy, problems: _Problems
 ) -> dict[str, Any]:
     if value is None:
         value = {}
@@ -222,7 +222,7 @@ def _check_metadata(
             )
         elif key.lower().endswith("url") and isinstance(checked[key], str) and checked[key]:
             try:
-                check_url_syntax(checked[key], resources.settings.network.policy())
+                check_url_syntax(checked[key], policy)
             except OutboundUrlRefused as exc:
                 problems.add(f"metadata.{key}", str(exc))
     if provider == "comfyui":
@@ -256,6 +256,7 @@ def _check_default_parameters(
 def _check_fields(
     resources: Resources,
     *,
+    policy: OutboundPolicy,  # the project's: URLs it lists may be literal private/loopback IPs
     name: str | None,
     provider: str | None,
     api_url: str | None,
@@ -274,11 +275,11 @@ def _check_fields(
     if provider not in PROVIDER_NAMES:
         problems.add("provider", f"must be one of {', '.join(PROVIDER_NAMES)}")
         provider = None
-    url = _check_api_url(api_url, resources, problems)
+    url = _check_api_url(api_url, policy, problems)
     key = problems.check("apiKey", lambda: check_text(api_key, "apiKey", max_length=API_KEY_MAX_LENGTH))
     checked_model = problems.check("model", lambda: check_text(model, "model", max_length=MODEL_MAX_LENGTH))
     parameters = _check_default_parameters(provider, default_parameters, problems)
-    checked_metadata = _check_metadata(provider, metadata, resources, problems)
+    checked_metadata = _check_metadata(provider, metadata, policy, problems)
     if timeout_seconds is not None and not (
         TIMEOUT_MIN_SECONDS <= timeout_seconds <= CONNECTION_TIMEOUT_MAX_SECONDS
     ):
@@ -303,9 +304,18 @@ def _check_fields(
     )
 
 
-def validate_create(resources: Resources, body: CreateConnectionRequest) -> ConnectionFields:
+async def outbound_policy_of(resources: Resources, project_id: uuid.UUID) -> OutboundPolicy:
+    """The policy a project's URLs are checked against: the network settings plus its allowlist."""
+    async with resources.reader.connect() as conn:
+        return await project_outbound_policy(conn, resources.settings, project_id)
+
+
+def validate_create(
+    resources: Resources, body: CreateConnectionRequest, policy: OutboundPolicy
+) -> ConnectionFields:
     return _check_fields(
         resources,
+        policy=policy,
         name=body.name,
         provider=body.provider,
         api_url=body.api_url,
@@ -397,6 +407,7 @@ async def update_connection(
         key_changed = body.api_key is not UNSET
         fields = _check_fields(
             resources,
+            policy=await project_outbound_policy(conn, resources.settings, project_id),
             name=pick(body.name, current.name),
             provider=provider,
             api_url=pick(body.api_url, current.api_url),

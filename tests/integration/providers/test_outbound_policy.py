@@ -117,3 +117,25 @@ async def test_the_connection_test_route_applies_the_projects_allowlist(
             ).status_code == 200
             r = await strict_client.post(f"/api/v1/connections/{conn['id']}/test", headers=tenant.headers)
             assert r.json()["data"] == {"ok": True}, r.text
+
+
+async def test_a_listed_ip_is_accepted_when_a_connection_is_saved_in_production(
+    api_settings, tenant: Tenant, other_tenant: Tenant, client, admin_headers
+):
+    strict = production_network(api_settings)
+    assert (await allow_hosts(client, admin_headers, tenant.project_id, ["10.0.0.5"])).status_code == 200
+    body = {"name": "lan gpu", "provider": "automatic1111", "apiUrl": "http://10.0.0.5:7860"}
+    async with api_client(strict) as strict_client:
+        r = await strict_client.post("/api/v1/connections", json=body, headers=other_tenant.headers)
+        assert r.status_code == 400 and "KILN_NETWORK_ALLOW_PRIVATE" in fields_of(r)["apiUrl"]
+        created = await create_connection(strict_client, tenant.headers, **body)
+        r = await strict_client.patch(
+            f"/api/v1/connections/{created['id']}",
+            json={"apiUrl": "http://10.0.0.6:7860"},
+            headers=tenant.headers,
+        )
+        assert r.status_code == 400 and "10.0.0.6" in fields_of(r)["apiUrl"]
+        r = await strict_client.patch(
+            f"/api/v1/connections/{created['id']}", json={"name": "renamed"}, headers=tenant.headers
+        )
+        assert r.status_code == 200, r.text
