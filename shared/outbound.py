@@ -11,6 +11,7 @@ answer, connection `/models` and `/test`, webhooks.
 - Redirects are not followed; `fetch()` follows them where a vendor needs it, each hop connecting
   through the same guard, and reads a body with a cap on its *decoded* size (gzip bombs, endless bodies).
 - Environment proxies are ignored: a proxy would connect on our behalf, past the address check.
+- No cookies are kept: the worker's one client serves every project.
 
 Code that calls out (a future LLM prompt engine too) takes its client from `outbound_client()` or is
 handed one; it never makes its own httpx client (tests/unit/test_outbound.py checks).
@@ -27,6 +28,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpcore
@@ -126,7 +128,10 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(f"resolving {name} timed out") from None
         except OSError as exc:  # socket.gaierror: may resolve later, so a connect error (retryable)
             raise httpcore.ConnectError(f"cannot resolve {name}: {exc.strerror or exc}") from exc
-        addresses = [ipaddress.ip_address(a) for a in found]
+        try:
+            addresses = [ipaddress.ip_address(a) for a in found]
+        except ValueError as exc:
+            raise httpcore.ConnectError(f"{name} resolves to something that is not an address") from exc
         if not addresses:
             raise httpcore.ConnectError(f"{name} resolves to no address")
         return addresses
@@ -199,6 +204,9 @@ class OutboundClient(httpx.AsyncClient):
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             trust_env=False,  # no proxies from the environment: they would connect past the guard
+            # One client serves every project: a cookie one vendor answer sets must not ride along on
+            # another project's request to the same host. No cookie is ever kept.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
         self.max_image_bytes = max_image_bytes
 

@@ -226,6 +226,22 @@ async def test_the_policy_of_the_request_applies_and_pools_are_kept_apart(hello_
     assert "gpu.test (127.0.0.1) is a loopback address" in str(refused.value)
 
 
+async def test_no_cookie_a_vendor_sets_is_sent_again() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        sent = dict(scope["headers"]).get(b"cookie", b"")
+        headers = [(b"set-cookie", b"session=project-a; Path=/")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"cookie=" + sent})
+
+    async with OutboundClient(OPEN, timeout=5) as client:
+        with serve(app) as url:
+            first = await client.get(url)
+            second = await client.get(url)  # another project's request, in the worker's shared client
+    assert first.text == second.text == "cookie="
+
+
 async def test_environment_proxies_are_ignored(hello_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # would connect past the guard
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
