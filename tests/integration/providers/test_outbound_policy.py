@@ -4,6 +4,7 @@ not a URL in a provider's answer that points elsewhere, not another project."""
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import AsyncIterator
 
 import httpx
@@ -139,3 +140,25 @@ async def test_a_listed_ip_is_accepted_when_a_connection_is_saved_in_production(
             f"/api/v1/connections/{created['id']}", json={"name": "renamed"}, headers=tenant.headers
         )
         assert r.status_code == 200, r.text
+
+
+async def test_a_gzip_bomb_answer_fails_the_generation_at_once_as_too_large(
+    settings, sessions, redis_client, storage, project_id, make_generation: GenerationFactory
+):
+    capped = settings.model_copy(
+        update={"network": settings.network.model_copy(update={"max_image_response_bytes": 1024 * 1024})}
+    )
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024))  # 64 KiB on the wire, 64 MiB decoded
+    fake = FakeOpenAI(
+        step("raw", body=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    )
+    async with outbound_client(capped, 30) as http:
+        with serve(fake) as url:
+            cid = await insert_connection(sessions, settings, project_id, api_url=url, model="gpt-image-1")
+            gid = await make_generation(provider="openai", model="gpt-image-1", connection_id=cid)
+            outcome = await run_generation(gid, deps(tuned(capped), sessions, redis_client, storage, http))
+    row = await fetch_generation(sessions, gid)
+    assert outcome is PipelineOutcome.FAILED
+    assert row.error_code == "PROVIDER_RESPONSE_TOO_LARGE", row.error_message
+    assert "1048576 bytes" in row.error_message
+    assert len(fake.received("generate")) == 1  # permanent: not retried
