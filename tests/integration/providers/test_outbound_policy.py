@@ -5,11 +5,15 @@ not a URL in a provider's answer that points elsewhere, not another project."""
 from __future__ import annotations
 
 import gzip
+import json
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from api import cli
 from shared.outbound import outbound_client
 from shared.settings import Settings
 from tests.fakes.openai import FakeOpenAI, step
@@ -162,3 +166,16 @@ async def test_a_gzip_bomb_answer_fails_the_generation_at_once_as_too_large(
     assert row.error_code == "PROVIDER_RESPONSE_TOO_LARGE", row.error_message
     assert "1048576 bytes" in row.error_message
     assert len(fake.received("generate")) == 1  # permanent: not retried
+
+
+def test_the_cli_sets_and_clears_a_projects_allowlist(settings):
+    runner = CliRunner()
+    slug = f"lan-{uuid.uuid4().hex[:8]}"
+    assert runner.invoke(cli.app, ["projects", "create", "LAN", "--slug", slug]).exit_code == 0
+    result = runner.invoke(cli.app, ["projects", "allow-hosts", slug, "GPU.lan", "10.0.0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["outboundAllowHosts"] == ["gpu.lan", "10.0.0.5"]
+    result = runner.invoke(cli.app, ["projects", "allow-hosts", slug, "http://gpu.lan:8188/"])
+    assert result.exit_code != 0 and "outboundAllowHosts[0]" in result.output
+    result = runner.invoke(cli.app, ["projects", "allow-hosts", slug])
+    assert result.exit_code == 0 and "(no extra hosts)" in result.output
