@@ -29,7 +29,12 @@ _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-d
 
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # 0.x.y.z reaches the local host on Linux
 _SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, Tailscale: a private network
-_NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# Translators that put the IPv4 address in the last 32 bits: NAT64's well-known prefix and SIIT's
+# IPv4-translated form.
+_TRANSLATED_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))
+# NAT64 for local use: the operator picks where the IPv4 address sits. Read as the last 32 bits, and
+# never better than private.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 ALLOW_HOSTS_MAX = 50
@@ -90,7 +95,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]  # (server, client): packets go to the client
-    if any(address in prefix for prefix in _NAT64_PREFIXES):
+    if any(address in prefix for prefix in _TRANSLATED_PREFIXES) or address in _LOCAL_NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if address in _IPV4_COMPATIBLE and int(address) > 1:  # ::a.b.c.d (deprecated, still routed by some)
         return ipaddress.IPv4Address(int(address))
@@ -101,7 +106,10 @@ def classify(address: IPAddress) -> AddressClass:
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(address)
         if embedded is not None:
-            return classify(embedded)
+            kind = classify(embedded)
+            if address in _LOCAL_NAT64 and kind is AddressClass.PUBLIC:
+                return AddressClass.PRIVATE
+            return kind
     if address in _METADATA_ADDRESSES or address.is_link_local:
         return AddressClass.LINK_LOCAL
     if address.is_loopback:

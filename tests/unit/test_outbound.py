@@ -50,6 +50,8 @@ OPEN = OutboundPolicy(allow_link_local=False, allow_private=True, allow_loopback
         ("2001:0:4136:e378:8000:63bf:5601:5601", AddressClass.LINK_LOCAL),  # Teredo client 169.254.169.254
         ("64:ff9b::a9fe:a9fe", AddressClass.LINK_LOCAL),  # NAT64 well-known prefix
         ("64:ff9b:1::a9fe:a9fe", AddressClass.LINK_LOCAL),  # NAT64 local-use prefix
+        ("64:ff9b:1::808:808", AddressClass.PRIVATE),  # local-use NAT64: never better than private
+        ("::ffff:0:a9fe:a9fe", AddressClass.LINK_LOCAL),  # SIIT IPv4-translated
         ("64:ff9b::7f00:1", AddressClass.LOOPBACK),
         ("::ffff:127.0.0.1", AddressClass.LOOPBACK),
         ("2002:7f00:1::", AddressClass.LOOPBACK),
