@@ -203,7 +203,8 @@ class OutboundClient(httpx.AsyncClient):
             transport=GuardedTransport(policy, resolver),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
-            trust_env=False,  # no proxies from the environment: they would connect past the guard
+            # No proxies or .netrc from the environment (httpx already skips proxies with a transport).
+            trust_env=False,
             # One client serves every project: a cookie one vendor answer sets must not ride along on
             # another project's request to the same host. No cookie is ever kept.
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),

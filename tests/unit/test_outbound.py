@@ -31,7 +31,7 @@ from shared.providers import openai
 from shared.providers.base import ProviderConnection, ProviderRequest
 from shared.providers.http_errors import VendorHTTP
 from shared.settings import Settings
-from tests.fakes.openai import FakeOpenAI, png_bytes, step
+from tests.fakes.openai import FakeOpenAI, step
 from tests.fakes.server import serve
 
 KEY = "sk-outbound-" + "x" * 20
@@ -244,14 +244,6 @@ async def test_no_cookie_a_vendor_sets_is_sent_again() -> None:
     assert first.text == second.text == "cookie="
 
 
-async def test_environment_proxies_are_ignored(hello_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # would connect past the guard
-    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
-    async with OutboundClient(CLOSED, timeout=5) as client:
-        with pytest.raises(OutboundUrlRefused):
-            await client.get(hello_url)
-
-
 # --- provider answers: URLs, redirects, sizes ------------------------------------------------------------
 
 
@@ -312,17 +304,30 @@ async def test_a_redirect_hop_to_a_forbidden_address_is_refused(guarded: Outboun
     assert "169.254.169.254" in failed.value.message
 
 
-async def test_a_signed_url_redirect_is_followed_without_the_key(guarded: OutboundClient) -> None:
+async def test_a_signed_url_redirect_is_followed_and_the_key_stays_on_the_api_origin(
+    guarded: OutboundClient,
+) -> None:
     fake = FakeOpenAI(api_key=None)
-    fake.files["cat.png"] = png_bytes()
     storage = FakeOpenAI()
-    storage.files = fake.files
-    with serve(storage) as storage_url, serve(fake) as url:
-        with serve(redirecting_app(f"{storage_url}/files/cat.png")) as cdn:
-            fake.script("generate", step("url", base=cdn))
-            result = await dall_e(guarded, url).generate(prompt())
+    storage.files = fake.files  # the CDN serves what the API made
+
+    async def api(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The API answers a relative image URL on its own origin, which redirects to the CDN."""
+        if scope["type"] == "http" and scope["path"].startswith("/files/"):
+            api_hits.append(dict(scope["headers"]).get(b"authorization", b"").decode())
+            headers = [(b"location", f"{storage_url}{scope['path']}".encode())]
+            await send({"type": "http.response.start", "status": 302, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await fake(scope, receive, send)
+
+    api_hits: list[str] = []
+    with serve(storage) as storage_url, serve(api) as url:
+        fake.script("generate", step("url", relative=True))
+        result = await dall_e(guarded, url).generate(prompt())
     assert result.mime_type == "image/png"
-    assert "authorization" not in storage.received("download")[-1].headers
+    assert api_hits == [f"Bearer {KEY}"]  # the first hop is the API's: it gets the key
+    assert "authorization" not in storage.received("download")[-1].headers  # the CDN never does
 
 
 async def test_an_error_from_the_image_host_is_not_quoted(guarded: OutboundClient) -> None:
