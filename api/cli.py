@@ -227,6 +227,31 @@ def projects_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
     _echo(rows, as_json, "\n".join(f"{p.id}  {p.slug}  {p.name}" for p in projects) or "no projects")
 
 
+@projects_app.command("allow-hosts")
+def projects_allow_hosts(
+    project: Annotated[str, typer.Argument(help="Project id or slug.")],
+    hosts: Annotated[
+        list[str] | None, typer.Argument(help="Host names or IPs; none: clear the list.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Set the hosts the project's connections and webhooks may reach on private/loopback addresses
+    although KILN_NETWORK_ALLOW_PRIVATE/_LOOPBACK forbid them (production). Replaces the list."""
+    from api.admin.service import set_outbound_allow_hosts
+
+    async def work(session: Any) -> Any:
+        project_id = (await _project_by_ref(session, project)).id
+        return await set_outbound_allow_hosts(session, project_id, hosts or [])
+
+    updated = _run_db(work)
+    allowed = list(updated.outbound_allow_hosts)
+    _echo(
+        {"id": updated.id, "slug": updated.slug, "outboundAllowHosts": allowed},
+        as_json,
+        f"project {updated.slug} may reach: {', '.join(allowed) or '(no extra hosts)'}",
+    )
+
+
 @keys_app.command("create")
 def keys_create(
     project: Annotated[str | None, typer.Option(help="Project id or slug (omit with --admin).")] = None,

@@ -1,5 +1,6 @@
 """What api and worker agree on about connection profiles: how a stored profile (or the server-wide
-default from settings) becomes the `ProviderConnection` an adapter gets, and which URLs it will call.
+default from settings) becomes the `ProviderConnection` an adapter gets, and the outbound address
+policy a project's calls (its connections and webhooks) are made under.
 
 The API key is stored encrypted (`shared.crypto`); it is decrypted only here, right before an adapter
 is built, and never logged.
@@ -11,8 +12,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
 from shared.crypto import decrypt_secret
-from shared.providers import CAPABILITIES, ProviderConnection
+from shared.models import Project
+from shared.netguard import OutboundPolicy
+from shared.providers import ProviderConnection
 from shared.settings import Settings
 
 # The Redis semaphore scope of jobs that run on the server-wide default connection.
@@ -83,19 +89,9 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
     )
 
 
-def outbound_urls(provider: str, connection: ProviderConnection) -> list[str]:
-    """The URLs the adapter will call: its API URL (or the provider's default) and any `*_url` setting.
-
-    The placeholder calls nothing (nor does a name no adapter has: it fails before any call). Each is
-    checked with `shared.netguard` before the adapter runs.
-    """
-    if provider == "placeholder" or provider not in CAPABILITIES:
-        return []
-    urls = []
-    base = connection.api_url or CAPABILITIES[provider].default_url
-    if base:
-        urls.append(base)
-    for key, value in connection.settings.items():
-        if key.lower().endswith("url") and isinstance(value, str) and value:
-            urls.append(value)
-    return urls
+async def project_outbound_policy(
+    db: AsyncSession | AsyncConnection, settings: Settings, project_id: uuid.UUID
+) -> OutboundPolicy:
+    """The network settings' policy plus the project's `outboundAllowHosts`."""
+    hosts = await db.scalar(select(Project.outbound_allow_hosts).where(Project.id == project_id))
+    return settings.network.policy().with_hosts(hosts or ())

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Index, Text, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field, SQLModel
 
 
@@ -66,6 +66,11 @@ class Project(SQLModel, table=True):
     name: str = Field(sa_type=Text)
     slug: str = Field(sa_type=Text, unique=True)
     max_in_flight: int | None = Field(default=None)
+    # Hosts its connections and webhooks may reach on private/loopback addresses although the network
+    # settings forbid them (production). Link-local and metadata addresses stay the settings' alone.
+    outbound_allow_hosts: list[str] = Field(
+        default_factory=list, sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
+    )
     created_at: datetime = _ts(nullable=False, default_now=True)
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.netguard import OutboundPolicy
+from shared.outbound import DEFAULT_MAX_IMAGE_RESPONSE_BYTES
 
 DEFAULT_SECRET_KEY = "kiln-embedded-insecure-secret-key"  # noqa: S105 - refused outside embedded mode
 
@@ -190,17 +191,38 @@ class WorkerSettings(BaseModel):
 
 class NetworkSettings(BaseModel):
     allow_link_local: bool = Field(
-        default=False, description="Let provider/webhook URLs reach link-local and cloud-metadata addresses."
+        default=False, description="Let outbound requests reach link-local and cloud-metadata addresses."
     )
-    allow_private: bool = Field(
-        default=True, description="Let provider/webhook URLs reach private LAN addresses."
+    allow_private: bool | None = Field(
+        default=None,
+        description=(
+            "Let outbound requests reach private addresses (LAN, CGNAT, IPv6 unique-local)."
+            " Empty: true in embedded mode, false in production."
+        ),
     )
-    allow_loopback: bool = Field(
-        default=True, description="Let provider/webhook URLs reach 127.0.0.0/8 and ::1."
+    allow_loopback: bool | None = Field(
+        default=None,
+        description=(
+            "Let outbound requests reach 127.0.0.0/8 and ::1."
+            " Empty: true in embedded mode, false in production."
+        ),
+    )
+    max_image_response_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_RESPONSE_BYTES,
+        ge=1024,
+        description=(
+            "Largest decoded answer that carries an image (binary or base64 in JSON); larger fails the"
+            " generation with PROVIDER_RESPONSE_TOO_LARGE. Other answers: 8 MiB."
+        ),
     )
 
     def policy(self) -> OutboundPolicy:
-        return OutboundPolicy(self.allow_link_local, self.allow_private, self.allow_loopback)
+        # Settings fills both in from KILN_MODE; a bare NetworkSettings keeps the embedded defaults.
+        return OutboundPolicy(
+            self.allow_link_local,
+            True if self.allow_private is None else self.allow_private,
+            True if self.allow_loopback is None else self.allow_loopback,
+        )
 
 
 class WebhookSettings(BaseModel):
@@ -255,7 +277,8 @@ class Settings(BaseSettings):
     )
 
     mode: Literal["embedded", "production"] = Field(
-        default="embedded", description="`production` refuses default secrets."
+        default="embedded",
+        description="`production` refuses default secrets and private/loopback outbound addresses.",
     )
     secret_key: str = Field(default=DEFAULT_SECRET_KEY, description="Secret for encryption and tokens.")
     log_level: str = Field(default="INFO", description="Log level.")
@@ -272,6 +295,20 @@ class Settings(BaseSettings):
     network: NetworkSettings = NetworkSettings()
     webhooks: WebhookSettings = WebhookSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
+
+    @model_validator(mode="after")
+    def _network_defaults_for_mode(self) -> Settings:
+        # Production reaches only public addresses unless the operator says otherwise; embedded mode
+        # keeps a local ComfyUI/A1111 working out of the box. An explicit setting always wins.
+        open_by_default = self.mode == "embedded"
+        unset = {
+            name: open_by_default
+            for name in ("allow_private", "allow_loopback")
+            if getattr(self.network, name) is None
+        }
+        if unset:
+            self.network = self.network.model_copy(update=unset)
+        return self
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from shared.db import create_engine, create_sessionmaker
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
+from shared.outbound import outbound_client
 from shared.queueing import DISPATCH_WEBHOOKS_TASK, RECONCILE_STORAGE_TASK, SWEEP_TASK, celery_config
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
@@ -146,7 +147,7 @@ def get_runtime() -> WorkerRuntime:
         sessions=create_sessionmaker(engine),
         redis=redis,
         broker_redis=broker_redis,
-        http=httpx.AsyncClient(timeout=httpx.Timeout(settings.generation.provider_timeout_seconds)),
+        http=outbound_client(settings, settings.generation.provider_timeout_seconds),
         storage=storage,
     )
     if isinstance(storage, S3Storage):

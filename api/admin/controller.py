@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import FromPath
 
 from api.admin import service
@@ -16,6 +16,7 @@ from api.admin.schemas import (
     CreateProjectRequest,
     ProjectEnvelope,
     ProjectListEnvelope,
+    UpdateProjectRequest,
     api_key_record,
     created_api_key_record,
     project_record,
@@ -55,6 +56,24 @@ class AdminController(Controller):
         async with resources_of(request).sessions() as session:
             projects = await service.list_projects(session)
         return ProjectListEnvelope(data=[project_record(p) for p in projects])
+
+    @patch(
+        "/projects/{project_id:str}",
+        operation_class=json_body(UpdateProjectRequest),
+        summary="Change a project's settings (outboundAllowHosts)",
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def update_project(self, request: AnyRequest, project_id: FromPath[str]) -> ProjectEnvelope:
+        project_uuid = parse_uuid(project_id, "projectId")
+        body = decode_body(await request.body(), UpdateProjectRequest)
+        async with transaction(resources_of(request).sessions) as session:
+            if body.outbound_allow_hosts is None:
+                project = await service.get_project(session, project_uuid)
+            else:
+                project = await service.set_outbound_allow_hosts(
+                    session, project_uuid, body.outbound_allow_hosts
+                )
+        return ProjectEnvelope(data=project_record(project))
 
     @post(
         "/projects/{project_id:str}/keys",

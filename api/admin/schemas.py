@@ -13,6 +13,11 @@ class CreateProjectRequest(msgspec.Struct, forbid_unknown_fields=True, rename="c
     slug: str | None = None
 
 
+class UpdateProjectRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    # Absent: unchanged. Hosts that may reach private/loopback addresses although settings forbid them.
+    outbound_allow_hosts: list[str] | None = None
+
+
 class CreateApiKeyRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     name: str = ""
     generations_per_hour: int | None = None
@@ -24,6 +29,7 @@ class ProjectRecord(msgspec.Struct, rename="camel"):
     name: str
     slug: str
     max_in_flight: int | None
+    outbound_allow_hosts: list[str]
     created_at: str
 
 
@@ -74,6 +80,7 @@ def project_record(project: Project) -> ProjectRecord:
         name=project.name,
         slug=project.slug,
         max_in_flight=project.max_in_flight,
+        outbound_allow_hosts=list(project.outbound_allow_hosts or []),
         created_at=format_time(project.created_at) or "",
     )
 

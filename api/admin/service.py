@@ -20,6 +20,7 @@ from api.admin import repository
 from shared.apikeys import generate_api_key
 from shared.errors import NotFound, ValidationFailed
 from shared.models import ApiKey, ApiKeyKind, Project, utcnow
+from shared.netguard import ALLOW_HOSTS_MAX, allow_host_entry
 
 NAME_MAX_LENGTH = 200
 HOURLY_LIMIT_MAX = 10_000_000
@@ -68,6 +69,31 @@ async def create_project(session: AsyncSession, name: str, slug: str | None = No
         await session.flush()
     except sa_exc.IntegrityError:  # a concurrent create took the slug between check and insert
         raise ValidationFailed.field("slug", f"{slug!r} is already in use") from None
+    return project
+
+
+def check_outbound_allow_hosts(hosts: list[str]) -> list[str]:
+    """The project's outbound allowlist, normalized and deduplicated (400 naming the entry otherwise)."""
+    if len(hosts) > ALLOW_HOSTS_MAX:
+        raise ValidationFailed.field("outboundAllowHosts", f"must hold at most {ALLOW_HOSTS_MAX} hosts")
+    checked: list[str] = []
+    for index, host in enumerate(hosts):
+        try:
+            entry = allow_host_entry(host)
+        except ValueError as exc:
+            raise ValidationFailed.field(f"outboundAllowHosts[{index}]", str(exc)) from None
+        if entry not in checked:
+            checked.append(entry)
+    return checked
+
+
+async def set_outbound_allow_hosts(session: AsyncSession, project_id: uuid.UUID, hosts: list[str]) -> Project:
+    """Hosts the project's connections and webhooks may reach on private/loopback addresses even when
+    the network settings forbid them (an empty list: none)."""
+    checked = check_outbound_allow_hosts(hosts)
+    project = await get_project(session, project_id)
+    project.outbound_allow_hosts = checked
+    await session.flush()
     return project
 
 

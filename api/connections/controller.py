@@ -90,8 +90,10 @@ class ConnectionController(Controller):
     async def create_connection(self, request: AnyRequest) -> ConnectionEnvelope:
         resources = resources_of(request)
         body = decode_body(await request.body(), CreateConnectionRequest)
-        fields = service.validate_create(resources, body)
-        record = await service.create_connection(resources, _project_of(request), fields)
+        project_id = _project_of(request)
+        policy = await service.outbound_policy_of(resources, project_id)
+        fields = service.validate_create(resources, body, policy)
+        record = await service.create_connection(resources, project_id, fields)
         return ConnectionEnvelope(data=record)
 
     @get(

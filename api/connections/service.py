@@ -36,14 +36,17 @@ from api.connections.schemas import (
 from api.envelope import Pagination
 from api.parsing import check_json_object, check_text, parse_int
 from api.resources import Resources
-from shared.connections import ResolvedConnection, outbound_urls, stored_connection
+from shared.connections import ResolvedConnection, project_outbound_policy, stored_connection
 from shared.crypto import SecretUnreadable, encrypt_secret
 from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
 from shared.logging import get_logger
 from shared.models import new_id
-from shared.netguard import OutboundUrlRefused, check_url_resolved, check_url_syntax
+from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
+from shared.outbound import outbound_client
 from shared.providers import CAPABILITIES, PROVIDER_NAMES, comfyui, get_provider, validate_parameters
+from shared.providers.http_errors import URL_FORBIDDEN
 from shared.queueing import CONNECTION_TIMEOUT_MAX_SECONDS, queue_for_provider
+from shared.settings import Settings
 
 log = get_logger(__name__)
 
@@ -135,12 +138,12 @@ class _Problems:
             raise ValidationFailed(f"{first['field']}: {first['message']}", details=self.details)
 
 
-def _check_api_url(value: str | None, resources: Resources, problems: _Problems) -> str | None:
+def _check_api_url(value: str | None, policy: OutboundPolicy, problems: _Problems) -> str | None:
     url = problems.check("apiUrl", lambda: check_text(value, "apiUrl", max_length=API_URL_MAX_LENGTH))
     if not url:
         return None  # the provider's default URL
     try:
-        check_url_syntax(url, resources.settings.network.policy())
+        check_url_syntax(url, policy)
     except OutboundUrlRefused as exc:
         problems.add("apiUrl", str(exc))
         return None
@@ -201,7 +204,7 @@ def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> No
 
 
 def _check_metadata(
-    provider: str | None, value: dict[str, Any] | None, resources: Resources, problems: _Problems
+    provider: str | None, value: dict[str, Any] | None, policy: OutboundPolicy, problems: _Problems
 ) -> dict[str, Any]:
     if value is None:
         value = {}
@@ -219,7 +222,7 @@ def _check_metadata(
             )
         elif key.lower().endswith("url") and isinstance(checked[key], str) and checked[key]:
             try:
-                check_url_syntax(checked[key], resources.settings.network.policy())
+                check_url_syntax(checked[key], policy)
             except OutboundUrlRefused as exc:
                 problems.add(f"metadata.{key}", str(exc))
     if provider == "comfyui":
@@ -253,6 +256,7 @@ def _check_default_parameters(
 def _check_fields(
     resources: Resources,
     *,
+    policy: OutboundPolicy,  # the project's: URLs it lists may be literal private/loopback IPs
     name: str | None,
     provider: str | None,
     api_url: str | None,
@@ -271,11 +275,11 @@ def _check_fields(
     if provider not in PROVIDER_NAMES:
         problems.add("provider", f"must be one of {', '.join(PROVIDER_NAMES)}")
         provider = None
-    url = _check_api_url(api_url, resources, problems)
+    url = _check_api_url(api_url, policy, problems)
     key = problems.check("apiKey", lambda: check_text(api_key, "apiKey", max_length=API_KEY_MAX_LENGTH))
     checked_model = problems.check("model", lambda: check_text(model, "model", max_length=MODEL_MAX_LENGTH))
     parameters = _check_default_parameters(provider, default_parameters, problems)
-    checked_metadata = _check_metadata(provider, metadata, resources, problems)
+    checked_metadata = _check_metadata(provider, metadata, policy, problems)
     if timeout_seconds is not None and not (
         TIMEOUT_MIN_SECONDS <= timeout_seconds <= CONNECTION_TIMEOUT_MAX_SECONDS
     ):
@@ -300,9 +304,18 @@ def _check_fields(
     )
 
 
-def validate_create(resources: Resources, body: CreateConnectionRequest) -> ConnectionFields:
+async def outbound_policy_of(resources: Resources, project_id: uuid.UUID) -> OutboundPolicy:
+    """The policy a project's URLs are checked against: the network settings plus its allowlist."""
+    async with resources.reader.connect() as conn:
+        return await project_outbound_policy(conn, resources.settings, project_id)
+
+
+def validate_create(
+    resources: Resources, body: CreateConnectionRequest, policy: OutboundPolicy
+) -> ConnectionFields:
     return _check_fields(
         resources,
+        policy=policy,
         name=body.name,
         provider=body.provider,
         api_url=body.api_url,
@@ -394,6 +407,7 @@ async def update_connection(
         key_changed = body.api_key is not UNSET
         fields = _check_fields(
             resources,
+            policy=await project_outbound_policy(conn, resources.settings, project_id),
             name=pick(body.name, current.name),
             provider=provider,
             api_url=pick(body.api_url, current.api_url),
@@ -427,27 +441,28 @@ async def delete_connection(resources: Resources, project_id: uuid.UUID, connect
 
 async def _resolved(
     resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID
-) -> ResolvedConnection:
+) -> tuple[ResolvedConnection, OutboundPolicy]:
+    """The connection as an adapter gets it, and the policy its calls are made under."""
     async with resources.reader.connect() as conn:
         row = await repository.get_connection(conn, project_id, connection_id)
-    if row is None:
-        raise ConnectionNotFound()
+        if row is None:
+            raise ConnectionNotFound()
+        policy = await project_outbound_policy(conn, resources.settings, project_id)
     resolved = stored_connection(resources.settings, row)  # SecretUnreadable is the caller's to word
     timeout = min(resolved.connection.timeout_seconds, VENDOR_CALL_MAX_SECONDS)
-    return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout))
+    return replace(resolved, connection=replace(resolved.connection, timeout_seconds=timeout)), policy
 
 
-async def _check_outbound(resources: Resources, resolved: ResolvedConnection) -> None:
-    policy = resources.settings.network.policy()
-    for url in outbound_urls(resolved.provider, resolved.connection):
-        await check_url_resolved(url, policy)
-
-
-async def _with_adapter(resolved: ResolvedConnection, call: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `call(adapter)` with a short-lived HTTP client (these routes are rare: settings screens),
-    bounded by the connection's timeout."""
+async def _with_adapter(
+    settings: Settings,
+    resolved: ResolvedConnection,
+    policy: OutboundPolicy,
+    call: Callable[[Any], Awaitable[T]],
+) -> T:
+    """Run `call(adapter)` with a short-lived guarded HTTP client (these routes are rare: settings
+    screens), bounded by the connection's timeout. Every address it connects to is checked then."""
     timeout = resolved.connection.timeout_seconds
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+    async with outbound_client(settings, timeout, policy=policy) as http:
         adapter = get_provider(resolved.provider, http, resolved.connection)
         async with asyncio.timeout(timeout + 1):
             return await call(adapter)
@@ -469,18 +484,18 @@ async def list_models(
     if caps.model_list_style == "static":
         return [ModelRecord(id=m.id, label=m.label) for m in caps.static_models]
     try:
-        resolved = await _resolved(resources, project_id, connection_id)
+        resolved, policy = await _resolved(resources, project_id, connection_id)
     except SecretUnreadable:
         raise ValidationFailed.field(
             "apiKey", "the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again"
         ) from None
     try:
-        await _check_outbound(resources, resolved)
-    except OutboundUrlRefused as exc:
-        raise ValidationFailed.field("apiUrl", str(exc)) from None
-    try:
-        models = await _with_adapter(resolved, lambda adapter: adapter.list_models())
+        models = await _with_adapter(
+            resources.settings, resolved, policy, lambda adapter: adapter.list_models()
+        )
     except ProviderPermanent as exc:
+        if exc.code == URL_FORBIDDEN:  # the connection's own URL: the client can fix it
+            raise ValidationFailed.field("apiUrl", exc.message) from None
         raise ProviderCallFailed(exc.code, exc.message) from None
     except (ProviderRetryable, TimeoutError) as exc:
         if _timed_out(exc):
@@ -503,7 +518,7 @@ async def test_connection(
 ) -> ConnectionTestResult:
     """One cheap authenticated call to the provider; its failure is the answer, not an error."""
     try:
-        resolved = await _resolved(resources, project_id, connection_id)
+        resolved, policy = await _resolved(resources, project_id, connection_id)
     except SecretUnreadable:
         return ConnectionTestResult(
             ok=False,
@@ -511,11 +526,7 @@ async def test_connection(
             error_message="the stored key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
         )
     try:
-        await _check_outbound(resources, resolved)
-    except OutboundUrlRefused as exc:
-        return ConnectionTestResult(ok=False, error_code="PROVIDER_URL_REFUSED", error_message=str(exc))
-    try:
-        await _with_adapter(resolved, lambda adapter: adapter.test())
+        await _with_adapter(resources.settings, resolved, policy, lambda adapter: adapter.test())
     except ProviderPermanent as exc:
         return ConnectionTestResult(ok=False, error_code=exc.code, error_message=exc.message)
     except (ProviderRetryable, TimeoutError) as exc:

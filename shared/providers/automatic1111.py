@@ -233,7 +233,7 @@ class Automatic1111Provider:
         body = with_override(self._body(request, params), request.parameters)
 
         try:
-            resp = await self._call("POST", "/sdapi/v1/txt2img", what="txt2img", json_body=body)
+            resp = await self._call("POST", "/sdapi/v1/txt2img", what="txt2img", json_body=body, image=True)
         except asyncio.CancelledError:
             await self._interrupt()  # the server would otherwise finish an image nobody waits for
             raise
@@ -323,7 +323,9 @@ class Automatic1111Provider:
 
     # --- HTTP ----------------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, *, what: str, json_body: Any = None) -> httpx.Response:
+    async def _call(
+        self, method: str, path: str, *, what: str, json_body: Any = None, image: bool = False
+    ) -> httpx.Response:
         if self._auth_problem:
             raise ProviderPermanent(MISCONFIGURED, self._auth_problem)
         # Transport failures: timeouts and a box that is down are retryable, a malformed URL is not.
@@ -333,6 +335,7 @@ class Automatic1111Provider:
             json=json_body,
             auth=self._auth or httpx.USE_CLIENT_DEFAULT,
             headers=self._headers,
+            image=image,
         )
         if resp.status_code >= 400:
             # 401/403 auth, 429 (Retry-After) and 5xx retryable, other 4xx (422 validation) bad request.
@@ -343,7 +346,8 @@ class Automatic1111Provider:
     async def _interrupt(self) -> None:
         """Best effort, never raises. A1111 runs one job at a time; interrupt stops the current one."""
         try:
-            await self._http.post(
+            await self._vendor.request(  # capped like every answer, though it is thrown away
+                "POST",
                 self._base + "/sdapi/v1/interrupt",
                 auth=self._auth or httpx.USE_CLIENT_DEFAULT,
                 headers=self._headers,

@@ -447,7 +447,7 @@ class ComfyUIProvider:
             "subfolder": str(image.get("subfolder") or ""),
             "type": str(image.get("type") or "output"),
         }
-        resp = await self._call("GET", "/view", params=query, what="downloading the image")
+        resp = await self._call("GET", "/view", params=query, what="downloading the image", image=True)
         data = resp.content
         mime = image_mime(data)
         if mime is None:
@@ -462,7 +462,8 @@ class ComfyUIProvider:
         # Queue deletion first: a pending job must not start between the two calls.
         for path, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
             try:
-                await self._http.post(
+                await self._vendor.request(  # capped like every answer, though it is thrown away
+                    "POST",
                     self._base + path,
                     json=body,
                     headers=self._headers,
@@ -483,6 +484,7 @@ class ComfyUIProvider:
         params: dict[str, str] | None = None,
         limit_s: float | None = None,
         check: bool = True,
+        image: bool = False,
     ) -> httpx.Response:
         # Transport failures: timeouts and a box that is down are retryable, a malformed URL is not.
         resp = await self._vendor.request(
@@ -492,6 +494,7 @@ class ComfyUIProvider:
             params=params,
             headers=self._headers,
             timeout=self._timeout if limit_s is None else limit_s,
+            image=image,
         )
         if check:
             self._raise_for_status(resp, what)

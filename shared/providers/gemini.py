@@ -249,7 +249,7 @@ class GeminiProvider:
         body = with_override(body, request.parameters)
 
         response = await self.http.request(
-            "POST", self._api(f"models/{model}:{method}"), json=body, headers=self._headers()
+            "POST", self._api(f"models/{model}:{method}"), json=body, headers=self._headers(), image=True
         )
         if not response.is_success:
             raise self.error_for(response)

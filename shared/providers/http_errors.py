@@ -4,7 +4,9 @@ Generic on purpose: every HTTP adapter (OpenAI-style, Google, NovelAI, ComfyUI, 
 
 - `VendorHTTP` wraps the injected `httpx.AsyncClient`: one timeout per call, transport failures mapped
   (timeouts and connection errors are retryable, a malformed URL is permanent), the connection's
-  secrets redacted from every message it builds.
+  secrets redacted from every message it builds, the answer read with a cap on its decoded size (the
+  call site says whether it carries an image), an address the outbound policy refuses reported as
+  PROVIDER_URL_FORBIDDEN naming the host.
 - `status_error()` maps an HTTP status to an error with the common codes; adapters handle their vendor's
   special cases (safety blocks, quota codes) first and fall back to it.
 - `vendor_message()` digs the human-readable message out of the usual JSON error shapes.
@@ -31,6 +33,8 @@ from typing import Any
 import httpx
 
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
+from shared.netguard import OutboundUrlRefused
+from shared.outbound import MAX_JSON_RESPONSE_BYTES, ResponseTooLarge, fetch, max_image_bytes
 from shared.providers.base import ParameterSpec, apply_raw_request_override, check_parameters
 
 MESSAGE_LIMIT = 300
@@ -42,6 +46,8 @@ CONTENT_BLOCKED = "CONTENT_BLOCKED"
 BAD_REQUEST = "PROVIDER_BAD_REQUEST"
 QUOTA_EXCEEDED = "PROVIDER_QUOTA_EXCEEDED"
 INVALID_OUTPUT = "INVALID_PROVIDER_OUTPUT"
+URL_FORBIDDEN = "PROVIDER_URL_FORBIDDEN"
+RESPONSE_TOO_LARGE = "PROVIDER_RESPONSE_TOO_LARGE"
 
 # Statuses worth another try besides 429 and 5xx: request timeout, "too early".
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -238,11 +244,27 @@ class VendorHTTP:
     def clean(self, text: str) -> str:
         return clean(text, self.secrets)
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """Send; an answer of any status is returned, only failures to get one are raised."""
+    async def request(
+        self, method: str, url: str, *, image: bool = False, max_redirects: int = 0, **kwargs: Any
+    ) -> httpx.Response:
+        """Send; an answer of any status is returned, only failures to get one are raised.
+
+        `image`: the answer carries an image (binary, or base64 in JSON) and may be as large as
+        KILN_NETWORK_MAX_IMAGE_RESPONSE_BYTES; any other answer is capped at 8 MiB. `max_redirects`:
+        follow that many redirects (only where the vendor needs them), each hop checked again.
+        """
         kwargs.setdefault("timeout", self.timeout)
+        limit = max_image_bytes(self.http) if image else MAX_JSON_RESPONSE_BYTES
         try:
-            return await self.http.request(method, url, **kwargs)
+            return await fetch(self.http, method, url, max_bytes=limit, max_redirects=max_redirects, **kwargs)
+        except OutboundUrlRefused as exc:
+            # Refused before a byte was sent: the message names the host, no answer to quote.
+            raise ProviderPermanent(URL_FORBIDDEN, f"{self.vendor}: refused to connect: {exc}") from exc
+        except ResponseTooLarge as exc:
+            setting = " (KILN_NETWORK_MAX_IMAGE_RESPONSE_BYTES)" if image else ""
+            raise ProviderPermanent(
+                RESPONSE_TOO_LARGE, f"{self.vendor}'s answer is larger than {exc.limit} bytes{setting}"
+            ) from exc
         except httpx.TimeoutException as exc:
             kind = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
             raise ProviderRetryable(

@@ -220,7 +220,7 @@ class NovelAIProvider:
         )
         body = with_override(body, request.parameters)
         response = await self.http.request(
-            "POST", f"{self.base_url}/ai/generate-image", json=body, headers=self._headers()
+            "POST", f"{self.base_url}/ai/generate-image", json=body, headers=self._headers(), image=True
         )
         if not response.is_success:
             raise self.error_for(response)

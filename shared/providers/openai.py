@@ -54,8 +54,10 @@ from shared.providers.http_errors import (
     decode_base64_image,
     describe_response,
     looks_like_safety_block,
+    parse_retry_after,
     require_image,
     response_json,
+    status_error,
     vendor_message,
     with_override,
 )
@@ -152,6 +154,10 @@ _QUOTA_CODES = frozenset(
 )
 
 
+# Signed CDN URLs may redirect once or twice; more is not an image download.
+_DOWNLOAD_REDIRECTS = 3
+
+
 def image_family(model: str) -> str:
     """ "dall-e-2", "dall-e-3", "gpt-image" or "other" (a vendor prefix like "openai/" is ignored)."""
     name = model.lower().rsplit("/", 1)[-1]
@@ -237,7 +243,12 @@ class OpenAIProvider:
         body = with_override(body, request.parameters)
 
         response = await self.http.request(
-            "POST", self.api_url("images/generations"), json=body, headers=self.headers(), params=self.query()
+            "POST",
+            self.api_url("images/generations"),
+            json=body,
+            headers=self.headers(),
+            params=self.query(),
+            image=True,  # b64_json answers carry the image
         )
         if not response.is_success:
             raise self.error_for(response)
@@ -331,14 +342,31 @@ class OpenAIProvider:
         return self.http.error_for(response, detail)
 
     async def _download(self, url: str) -> tuple[bytes, str]:
-        """Fetch an answer's image URL now (they expire); relative URLs are on the API's origin."""
+        """Fetch an answer's image URL now (they expire); relative URLs are on the API's origin.
+
+        The URL comes from the vendor's answer, so it is hostile input: it connects through the same
+        guard as every call (each redirect hop too, for signed CDN URLs), gets the key only on the API's
+        own origin, and an error from another host is reported without quoting what that host said.
+        """
         absolute = urljoin(self.base_url + "/", url)
         same_origin = urlsplit(absolute)[:2] == urlsplit(self.base_url)[:2]
         response = await self.http.request(
-            "GET", absolute, headers=self.headers() if same_origin else {}, follow_redirects=True
+            "GET",
+            absolute,
+            headers=self.headers() if same_origin else {},
+            image=True,
+            max_redirects=_DOWNLOAD_REDIRECTS,
         )
         if not response.is_success:
-            raise self.http.error_for(response)
+            if same_origin and urlsplit(str(response.url))[:2] == urlsplit(self.base_url)[:2]:
+                raise self.http.error_for(response)
+            image_host = response.url.host
+            raise status_error(
+                f"{self.vendor}'s image host {image_host}",
+                response.status_code,
+                "the download failed",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
         return response.content, require_image(self.vendor, response.content)
 
 

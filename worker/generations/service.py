@@ -12,7 +12,6 @@ import contextlib
 import random
 import re
 import secrets
-import socket
 import time
 import traceback
 import uuid
@@ -34,7 +33,12 @@ from tenacity import (
     wait_exponential,
 )
 
-from shared.connections import ResolvedConnection, outbound_urls, server_default_connection, stored_connection
+from shared.connections import (
+    ResolvedConnection,
+    project_outbound_policy,
+    server_default_connection,
+    stored_connection,
+)
 from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
@@ -42,9 +46,10 @@ from shared.events import generation_channel, publish_status
 from shared.imaging import ImageInfo, InvalidImage, inspect_and_thumbnail
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
-from shared.netguard import OutboundUrlRefused, check_url_resolved
+from shared.netguard import OutboundPolicy, OutboundUrlRefused
+from shared.outbound import outbound_policy
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
-from shared.providers.http_errors import redact
+from shared.providers.http_errors import URL_FORBIDDEN, redact
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage, StatusChange
@@ -135,6 +140,7 @@ class GenerationPipeline:
         # Set once the claim's connection is resolved (`_run_with_connection`).
         self._resolved: ResolvedConnection | None = None
         self._slot: SlotLease | None = None
+        self._outbound_policy: OutboundPolicy = deps.settings.network.policy()
 
     async def run(self, generation_id: uuid.UUID) -> PipelineOutcome:
         claim = await self._claim(generation_id)
@@ -287,6 +293,7 @@ class GenerationPipeline:
         is not counted) and is sent again after a short countdown."""
         try:
             self._resolved = await self._resolve_connection(claim)
+            self._outbound_policy = await self._project_outbound_policy(claim)
         except GenerationFailure as failure:
             return await self._fail(claim, failure.code, failure.message)
         except Exception as exc:
@@ -331,6 +338,10 @@ class GenerationPipeline:
                 "the connection's API key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
             ) from exc
 
+    async def _project_outbound_policy(self, claim: ClaimedGeneration) -> OutboundPolicy:
+        async with transaction(self.deps.sessions) as session:
+            return await project_outbound_policy(session, self.deps.settings, claim.project_id)
+
     async def _defer(self, claim: ClaimedGeneration, limit: int) -> PipelineOutcome:
         async with transaction(self.deps.sessions) as session:
             returned = await GenerationRepository(session).return_claim(
@@ -352,20 +363,6 @@ class GenerationPipeline:
     async def _release_slot(self) -> None:
         if self._slot is not None:
             await self._slot.release()
-
-    async def _check_outbound(self) -> None:
-        """Every URL the adapter will call, resolved now (a name may point elsewhere than at save time)."""
-        resolved = self._resolved
-        if resolved is None:
-            return
-        policy = self.deps.settings.network.policy()
-        for url in outbound_urls(resolved.provider, resolved.connection):
-            try:
-                await check_url_resolved(url, policy)
-            except OutboundUrlRefused as exc:
-                if isinstance(exc.__cause__, socket.gaierror):  # DNS trouble may pass: retry
-                    raise ProviderRetryable(f"cannot reach the provider: {exc}") from exc
-                raise GenerationFailure("PROVIDER_URL_REFUSED", str(exc)) from exc
 
     def _call_timeout(self) -> float:
         if self._resolved is not None:
@@ -421,8 +418,11 @@ class GenerationPipeline:
         limit = min(timeout, remaining)
         try:
             async with asyncio.timeout(limit) as bound:
-                await self._check_outbound()  # a name resolving slowly counts against the timeout
-                return await provider.generate(request)
+                # Every connection the adapter opens is checked against the address policy as it is made.
+                with outbound_policy(self._outbound_policy):
+                    return await provider.generate(request)
+        except OutboundUrlRefused as exc:  # an adapter that called the client itself, not VendorHTTP
+            raise GenerationFailure(URL_FORBIDDEN, str(exc)) from exc
         except TimeoutError as exc:
             if not bound.expired():
                 raise GenerationFailure(

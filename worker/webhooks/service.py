@@ -11,7 +11,6 @@ and deliveries whose message never ran (lost with the broker, or its worker died
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ import structlog
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.connections import project_outbound_policy
 from shared.crypto import SecretUnreadable, decrypt_secret
 from shared.db import transaction
 from shared.logging import get_logger
-from shared.netguard import OutboundUrlRefused, check_url_resolved
+from shared.netguard import OutboundPolicy, OutboundUrlRefused
+from shared.outbound import outbound_policy
 from shared.settings import Settings
 from shared.webhooks import (
     USER_AGENT,
@@ -104,6 +105,7 @@ class WebhookDelivery:
                 return DeliveryOutcome.SKIPPED
             try:
                 url, secret = await self._target(repository, claimed)
+                policy = await project_outbound_policy(session, self.deps.settings, claimed.project_id)
             except DeliveryRefused as refused:
                 await repository.mark_failed(claimed.id, claimed.attempt, claimed.url, None, str(refused))
                 self._log_attempt(claimed, AttemptResult(None, str(refused), retryable=False), "failed", 0.0)
@@ -113,7 +115,7 @@ class WebhookDelivery:
             result = AttemptResult(None, f"gave up after {claimed.attempt - 1} attempts", retryable=False)
             return await self._record(claimed, url, result, 0.0)
         started = time.monotonic()
-        result = await self._send(claimed, url, secret)
+        result = await self._send(claimed, url, secret, policy)
         return await self._record(claimed, url, result, time.monotonic() - started)
 
     async def _target(
@@ -136,13 +138,9 @@ class WebhookDelivery:
             ) from None
         return endpoint.url, secret
 
-    async def _send(self, claimed: ClaimedDelivery, url: str, secret: str) -> AttemptResult:
-        try:
-            await check_url_resolved(url, self.deps.settings.network.policy())
-        except OutboundUrlRefused as exc:
-            # A name that does not resolve may resolve later; a refused address will not change.
-            unresolved = isinstance(exc.__cause__, socket.gaierror)
-            return AttemptResult(None, str(exc) if unresolved else f"refused: {exc}", retryable=unresolved)
+    async def _send(
+        self, claimed: ClaimedDelivery, url: str, secret: str, policy: OutboundPolicy
+    ) -> AttemptResult:
         body = encode_body(claimed.payload)
         headers = {
             "content-type": "application/json",
@@ -152,16 +150,21 @@ class WebhookDelivery:
         timeout = self.settings.timeout_seconds
         try:
             # httpx's timeout bounds each phase; this bounds the whole exchange (a slow trickle too).
-            async with (
-                asyncio.timeout(timeout),
-                self.deps.http.stream(
-                    "POST", url, content=body, headers=headers, timeout=timeout, follow_redirects=False
-                ) as response,
-            ):
-                status = response.status_code
-                if 200 <= status < 300:
-                    return AttemptResult(status, None)
-                snippet = await _read_snippet(response)
+            with outbound_policy(policy):
+                async with (
+                    asyncio.timeout(timeout),
+                    self.deps.http.stream(
+                        "POST", url, content=body, headers=headers, timeout=timeout, follow_redirects=False
+                    ) as response,
+                ):
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        return AttemptResult(status, None)
+                    snippet = await _read_snippet(response)
+        except OutboundUrlRefused as exc:
+            # Refused on the address the connection would really go to (checked at connect time, so a
+            # name that changes its answer cannot slip past). A refused address will not change.
+            return AttemptResult(None, f"refused: {exc}", retryable=False)
         except (TimeoutError, httpx.TimeoutException):
             return AttemptResult(None, f"timed out after {timeout:g} s")
         except httpx.InvalidURL as exc:

@@ -207,6 +207,6 @@ async def test_the_test_route_checks_the_url_again_under_the_current_policy(api_
     async with api_client(no_loopback) as client:
         r = await client.post(f"/api/v1/connections/{conn['id']}/test", headers=tenant.headers)
         assert r.status_code == 200
-        assert r.json()["data"]["errorCode"] == "PROVIDER_URL_REFUSED"
+        assert r.json()["data"]["errorCode"] == "PROVIDER_URL_FORBIDDEN"
         r = await client.get(f"/api/v1/connections/{conn['id']}/models", headers=tenant.headers)
         assert r.status_code == 400 and "apiUrl" in fields_of(r)

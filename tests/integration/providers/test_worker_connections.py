@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.crypto import encrypt_secret
 from shared.models import metadata, new_id
+from shared.outbound import outbound_client
 from shared.providers import ProviderConnection, get_provider
 from shared.queueing import GENERATE_TASK, create_producer
 from shared.settings import Settings
@@ -50,8 +51,8 @@ class OverlapRecorder:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30) as client:
+async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with outbound_client(settings, 30) as client:  # the worker's client: every connect guarded
         yield client
 
 
@@ -155,7 +156,7 @@ async def test_the_server_default_connection_comes_from_settings(
     [
         ("deleted", "CONNECTION_NOT_FOUND"),
         ("other_secret", "CONNECTION_SECRET_UNREADABLE"),
-        ("metadata_address", "PROVIDER_URL_REFUSED"),
+        ("metadata_address", "PROVIDER_URL_FORBIDDEN"),
     ],
 )
 async def test_a_connection_that_cannot_be_used_fails_the_job_with_a_clear_code(
@@ -195,7 +196,7 @@ async def test_loopback_refused_by_policy_never_reaches_the_vendor(
         gid = await make_generation(provider="openai", connection_id=cid)
         await run_generation(gid, deps(tuned(strict), sessions, redis_client, storage, http))
     row = await fetch_generation(sessions, gid)
-    assert (row.status, row.error_code) == ("failed", "PROVIDER_URL_REFUSED")
+    assert (row.status, row.error_code) == ("failed", "PROVIDER_URL_FORBIDDEN")
     assert "loopback" in row.error_message
     assert fake.received("generate") == []
 

@@ -21,6 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.models import metadata
+from shared.outbound import outbound_client
 from shared.queueing import DELIVER_WEBHOOK_TASK, create_producer
 from shared.settings import Settings
 from shared.webhooks import webhook_queue
@@ -137,8 +138,8 @@ def producer(settings: Settings) -> Iterator[Celery]:
 
 
 @pytest.fixture
-async def http_client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as http:
+async def http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with outbound_client(settings, 30) as http:  # the worker's client: every connect guarded
         yield http
 
 

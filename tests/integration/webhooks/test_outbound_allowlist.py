@@ -1,0 +1,51 @@
+"""Webhook deliveries run under their project's outbound policy: in production a receiver on a
+loopback address is refused, unless an admin listed its host for that project (and only that one)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import update
+
+from shared.models import Project
+from tests.integration.webhooks.conftest import (
+    create_endpoint,
+    fetch_delivery,
+    insert_generation,
+    run_queued,
+    webhook_tuned,
+)
+from tests.integration.webhooks.test_delivery import announce
+from worker.webhooks.service import DeliveryOutcome, WebhookDependencies
+
+
+async def list_hosts(engine, project_id: uuid.UUID, hosts: list[str]) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(update(Project).where(Project.id == project_id).values(outbound_allow_hosts=hosts))
+
+
+async def test_a_loopback_receiver_is_reached_in_production_only_when_its_project_lists_it(
+    client, tenant, other_tenant, engine, redis_client, receiver, webhook_deps
+):
+    settings = webhook_tuned(webhook_deps.settings)
+    closed = settings.network.model_copy(update={"allow_private": False, "allow_loopback": False})
+    deps = WebhookDependencies(
+        settings=settings.model_copy(update={"network": closed}),
+        sessions=webhook_deps.sessions,
+        http=webhook_deps.http,
+        producer=webhook_deps.producer,
+    )
+    await list_hosts(engine, tenant.project_id, ["127.0.0.1"])
+    for who in (tenant, other_tenant):
+        await create_endpoint(client, who, receiver.at(f"/{who.project_id}"))
+
+    listed_gid = await insert_generation(engine, tenant.project_id, status="failed")
+    [listed] = await announce(deps, tenant.project_id, listed_gid, "failed")
+    other_gid = await insert_generation(engine, other_tenant.project_id, status="failed")
+    [other] = await announce(deps, other_tenant.project_id, other_gid, "failed")
+    outcomes = dict(await run_queued(redis_client, deps))
+
+    assert outcomes == {listed: DeliveryOutcome.DELIVERED, other: DeliveryOutcome.FAILED}
+    assert [r.path for r in receiver.received()] == [f"/{tenant.project_id}"]
+    refused = await fetch_delivery(engine, other)
+    assert refused.last_error.startswith("refused: 127.0.0.1 is a loopback address"), refused.last_error
