@@ -245,6 +245,7 @@ class WebhookDelivery(SQLModel, table=True):
     __table_args__ = (
         Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
         Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_webhook_deliveries_created", "created_at"),  # housekeeping deletes by age
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)

@@ -162,6 +162,11 @@ class WorkerSettings(BaseModel):
     requeue_after_seconds: float = Field(
         default=10.0, description="A pending job not picked up for this long is re-enqueued."
     )
+    housekeeping_interval_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How often expired idempotency records and old webhook deliveries are deleted.",
+    )
 
 
 class NetworkSettings(BaseModel):
@@ -194,6 +199,9 @@ class WebhookSettings(BaseModel):
     queue: str | None = Field(
         default=None,
         description="Queue of webhook tasks. Empty: KILN_WORKER_QUEUE (else a worker must consume it).",
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0, description="Webhook deliveries older than this are deleted by housekeeping."
     )
 
     @field_validator("backoff_seconds", mode="before")

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker
 from shared.logging import configure_logging, get_logger
-from shared.queueing import DISPATCH_WEBHOOKS_TASK, SWEEP_TASK, celery_config
+from shared.queueing import DISPATCH_WEBHOOKS_TASK, HOUSEKEEPING_TASK, SWEEP_TASK, celery_config
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
 from shared.webhooks import webhook_queue
@@ -47,6 +47,7 @@ PROCESS_DB_POOL_SIZE = 3
 def worker_config(settings: Settings) -> dict[str, Any]:
     interval = settings.worker.sweep_interval_seconds
     webhook_interval = settings.webhooks.dispatch_interval_seconds
+    housekeeping_interval = settings.worker.housekeeping_interval_seconds
     return {
         **celery_config(settings),
         "worker_concurrency": settings.worker.concurrency,  # `-c` on the command line still wins
@@ -62,11 +63,24 @@ def worker_config(settings: Settings) -> dict[str, Any]:
                 "schedule": webhook_interval,
                 "options": {"queue": webhook_queue(settings), "expires": max(webhook_interval, 1.0)},
             },
+            "housekeeping": {
+                "task": HOUSEKEEPING_TASK,
+                "schedule": housekeeping_interval,
+                "options": {"queue": settings.worker.queue, "expires": max(housekeeping_interval, 1.0)},
+            },
         },
     }
 
 
-app = Celery("kiln", include=["worker.generations.tasks", "worker.sweeper.tasks", "worker.webhooks.tasks"])
+app = Celery(
+    "kiln",
+    include=[
+        "worker.generations.tasks",
+        "worker.sweeper.tasks",
+        "worker.webhooks.tasks",
+        "worker.housekeeping.tasks",
+    ],
+)
 # Read lazily: importing this module needs no environment, only starting a worker or beat does.
 app.add_defaults(lambda: worker_config(get_settings()))
 
