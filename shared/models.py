@@ -267,4 +267,18 @@ class WebhookDelivery(SQLModel, table=True):
     delivered_at: datetime | None = _ts()
 
 
+class BrokerEpoch(SQLModel, table=True):
+    """The database's copy of the epoch marker the sweeper keeps in the broker's Redis: the marker
+    missing there while this row exists means the broker restarted empty and lost every message."""
+
+    __tablename__ = "broker_epoch"
+
+    id: str = Field(default="broker", primary_key=True, sa_type=Text)  # one row
+    epoch: str = Field(sa_type=Text)
+    # Set when a sweep found the broker's marker gone: pending rows sent before this are re-sent.
+    # Shared by concurrent (and, after a crash, later) sweeps, so each row is re-sent once.
+    lost_at: datetime | None = _ts()
+    recorded_at: datetime = _ts(nullable=False, default_now=True)
+
+
 metadata = SQLModel.metadata
