@@ -222,3 +222,26 @@ async def wait_for_log(process: CeleryProcess, text: str, timeout: float) -> Non
             f"no {text!r} in {timeout}s:\n{process.log_tail()}"
         )
         await asyncio.sleep(0.1)
+
+
+async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attempt(
+    settings: Settings,
+    sessions,
+    start_worker: WorkerStarter,
+    make_generation: GenerationFactory,
+    final_write_outage,
+):
+    """Issue 7 #24 with the real task: its retry carries the attempt and finishes it, long before the
+    (here 10-minute) lease could run out and no sweeper running."""
+    gid = await make_generation(provider="placeholder")
+    await final_write_outage(gid)
+    worker = start_worker(KILN_GENERATION_LEASE_SECONDS="600")
+    producer = create_producer(settings)
+    try:
+        await enqueue_generation(producer, gid, settings.worker.queue)
+        row = await wait_for_terminal(sessions, gid, worker, timeout=60)
+    finally:
+        producer.close()
+    assert (row.status, row.attempts) == ("success", 1), worker.log_tail()
+    assert "resuming an interrupted attempt" in worker.log_path.read_text(errors="replace")
+    assert len(await fetch_images(sessions, gid)) == 1
