@@ -225,8 +225,9 @@ class WebhookSettings(BaseModel):
 
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
-    postgres_port: int = Field(default=54329, description="TCP port of the embedded PostgreSQL.")
-    redis_port: int = Field(default=63799, description="TCP port of the embedded Redis.")
+    # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
+    postgres_port: int = Field(default=25432, description="TCP port of the embedded PostgreSQL.")
+    redis_port: int = Field(default=26379, description="TCP port of the embedded Redis.")
 
 
 class Settings(BaseSettings):
