@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from structlog.contextvars import bound_contextvars
 
 from api.security.auth import RATE_LIMIT_STATE_KEY
@@ -48,7 +48,7 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        async def receive_noting_disconnect() -> Message:
+        async def receive_noting_disconnect() -> ReceiveMessage:
             message = await receive()
             if message["type"] == "http.disconnect":
                 state[CLIENT_GONE_STATE_KEY] = True

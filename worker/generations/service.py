@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
@@ -258,8 +258,9 @@ class GenerationPipeline:
         heartbeat = self._heartbeat
         assert heartbeat is not None, "only inside _lease_kept"
         work_task = asyncio.ensure_future(work)
+        either: set[asyncio.Future[Any]] = {work_task, heartbeat}
         try:
-            await asyncio.wait({work_task, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             work_task.cancel()  # no-op when it finished
             await asyncio.gather(work_task, return_exceptions=True)

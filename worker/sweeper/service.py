@@ -153,15 +153,16 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
         repository = SweepRepository(session)
         await repository.lock_broker_epoch()
         try:
-            in_broker = await deps.broker_redis.get(BROKER_EPOCH_KEY)
+            raw = await deps.broker_redis.get(BROKER_EPOCH_KEY)
         except (RedisError, OSError) as exc:  # the broker is down: nothing can be sent now anyway
             log.warning("broker epoch unknown", error=str(exc))
             return 0, 0
+        in_broker = raw.decode() if isinstance(raw, bytes) else raw
         recorded = await repository.broker_epoch()
         if in_broker is not None:
             # Steady state; or a broker (or database) replaced with its data: trust the broker.
-            if recorded is None or recorded.epoch != in_broker.decode() or recorded.lost_at is not None:
-                await repository.record_broker_epoch(in_broker.decode())
+            if recorded is None or recorded.epoch != in_broker or recorded.lost_at is not None:
+                await repository.record_broker_epoch(in_broker)
             return 0, 0
         if recorded is None:  # the first sweep ever
             epoch = uuid.uuid4().hex
