@@ -5,7 +5,9 @@ from 1,000 jobs over 120 s)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -177,3 +179,21 @@ def test_chaos_under_a_backlog_loses_no_job_doubles_none_and_recovers_within_120
     assert any(g["attempts"] > 1 for g in finished.values()), "no job was interrupted: nothing was tested"
     # The broker restart was recognised as such (its epoch marker gone), not waited out.
     assert "the broker lost its messages" in fault.worker_logs(), fault.logs_tail()
+    stop_or_dump(running(fault, "worker"))
+
+
+def stop_or_dump(process: KilnProcess, timeout: float = 30) -> None:
+    """A warm shutdown (SIGINT) after the chaos; if it hangs, every process's stacks (Celery dumps them
+    on SIGUSR1) go into the failure."""
+    process.proc.send_signal(signal.SIGINT)
+    try:
+        process.proc.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    root = psutil.Process(process.proc.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    raise AssertionError(f"kiln {process.name} did not stop within {timeout}s:\n{process.output()[-15000:]}")
