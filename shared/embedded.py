@@ -67,7 +67,8 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def die_with_parent(sig: int) -> Callable[[], None] | None:
     """A `preexec_fn` that has the child sent `sig` when the process starting it dies, however it dies
-    (SIGKILL included), so no server outlives it. None off Linux."""
+    (SIGKILL included), so no server outlives it. None off Linux. Strictly, the kernel watches the
+    *thread* that starts the child: start servers from one that lives as long as they should."""
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
