@@ -245,3 +245,28 @@ async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attem
     assert (row.status, row.attempts) == ("success", 1), worker.log_tail()
     assert "resuming an interrupted attempt" in worker.log_path.read_text(errors="replace")
     assert len(await fetch_images(sessions, gid)) == 1
+
+
+async def test_a_kiln_generate_message_with_a_hostile_attempt_is_ignored(
+    settings: Settings, sessions, worker_process: CeleryProcess, make_generation: GenerationFactory
+):
+    """Only the task's own retry sets `attempt`/`version`; anything else sent as them touches nothing."""
+    gid = await make_generation(provider="placeholder")
+    producer = create_producer(settings)
+    try:
+        for attempt, version in (("1", 1), (True, 1), (0, 1), (1, None), ([1], {"v": 1})):
+            await asyncio.to_thread(
+                producer.send_task,
+                "kiln.generate",
+                args=[str(gid)],
+                kwargs={"attempt": attempt, "version": version},
+                queue=settings.worker.queue,
+            )
+        await wait_for_log(worker_process, "kiln.generate ignored: bad attempt", timeout=45)
+        await enqueue_generation(producer, gid, settings.worker.queue)  # a proper message after them
+        row = await wait_for_terminal(sessions, gid, worker_process, timeout=45)
+    finally:
+        producer.close()
+    log_text = worker_process.log_path.read_text(errors="replace")
+    assert log_text.count("kiln.generate ignored: bad attempt") == 5, worker_process.log_tail()
+    assert (row.status, row.attempts) == ("success", 1)  # the hostile ones claimed nothing
