@@ -180,9 +180,11 @@ class SweepRepository:
         )
         return await self._change(due, {"enqueued_at": func.now()})
 
-    async def lock_broker_epoch(self) -> None:
-        """Until the end of the transaction: one sweep at a time compares and updates the epoch."""
-        await self.session.execute(select(func.pg_advisory_xact_lock(BROKER_EPOCH_LOCK)))
+    async def try_lock_broker_epoch(self) -> bool:
+        """Until the end of the transaction: one sweep at a time compares and updates the epoch. False
+        (at once, no waiting) when another sweep is doing it."""
+        stmt = select(func.pg_try_advisory_xact_lock(BROKER_EPOCH_LOCK))
+        return bool((await self.session.execute(stmt)).scalar_one())
 
     async def broker_epoch(self) -> Any | None:
         """(epoch, lost_at) of the database's copy; None before the first sweep ever."""

@@ -9,6 +9,7 @@ reached the broker or was lost with it. Every change is committed before its sid
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ STALE_ENQUEUE_SECONDS = 600.0
 # that restarted empty (no persistence, a FLUSHALL) lost this key with its queues, so the key gone
 # while the copy exists says every pending row's message is gone. A Redis that kept its data kept it.
 BROKER_EPOCH_KEY = "kiln:broker-epoch"
+BROKER_EPOCH_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -151,10 +153,12 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
     Neither present: the first sweep ever, nothing was lost. Returns (re-sent, unsent)."""
     async with transaction(deps.sessions) as session:
         repository = SweepRepository(session)
-        await repository.lock_broker_epoch()
+        if not await repository.try_lock_broker_epoch():
+            return 0, 0  # another sweep is comparing (and re-sending) right now
         try:
-            raw = await deps.broker_redis.get(BROKER_EPOCH_KEY)
-        except (RedisError, OSError) as exc:  # the broker is down: nothing can be sent now anyway
+            async with asyncio.timeout(BROKER_EPOCH_TIMEOUT_SECONDS):  # never hold the lock on a hung broker
+                raw = await deps.broker_redis.get(BROKER_EPOCH_KEY)
+        except (RedisError, OSError, TimeoutError) as exc:  # the broker is down: nothing can be sent now
             log.warning("broker epoch unknown", error=str(exc))
             return 0, 0
         in_broker = raw.decode() if isinstance(raw, bytes) else raw
@@ -191,8 +195,9 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
 
 async def _mark_broker(deps: SweeperDependencies, epoch: str) -> bool:
     try:
-        await deps.broker_redis.set(BROKER_EPOCH_KEY, epoch)
-    except (RedisError, OSError) as exc:  # the next sweep sees it missing and carries on
+        async with asyncio.timeout(BROKER_EPOCH_TIMEOUT_SECONDS):
+            await deps.broker_redis.set(BROKER_EPOCH_KEY, epoch)
+    except (RedisError, OSError, TimeoutError) as exc:  # the next sweep sees it missing and carries on
         log.warning("broker epoch not recorded", error=str(exc))
         return False
     return True
