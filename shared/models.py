@@ -250,6 +250,7 @@ class WebhookDelivery(SQLModel, table=True):
     __table_args__ = (
         Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
         Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_webhook_deliveries_created", "created_at"),  # housekeeping deletes by age
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
@@ -269,6 +270,20 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = _ts(nullable=False, default_now=True)
     delivered_at: datetime | None = _ts()
+
+
+class BrokerEpoch(SQLModel, table=True):
+    """The database's copy of the epoch marker the sweeper keeps in the broker's Redis: the marker
+    missing there while this row exists means the broker restarted empty and lost every message."""
+
+    __tablename__ = "broker_epoch"
+
+    id: str = Field(default="broker", primary_key=True, sa_type=Text)  # one row
+    epoch: str = Field(sa_type=Text)
+    # Set when a sweep found the broker's marker gone: pending rows sent before this are re-sent.
+    # Shared by concurrent (and, after a crash, later) sweeps, so each row is re-sent once.
+    lost_at: datetime | None = _ts()
+    recorded_at: datetime = _ts(nullable=False, default_now=True)
 
 
 metadata = SQLModel.metadata

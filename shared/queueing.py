@@ -16,6 +16,7 @@ from shared.settings import Settings
 GENERATE_TASK = "kiln.generate"
 SWEEP_TASK = "kiln.sweep"
 RECONCILE_STORAGE_TASK = "kiln.reconcile_storage"
+HOUSEKEEPING_TASK = "kiln.housekeeping"
 DELIVER_WEBHOOK_TASK = "kiln.deliver_webhook"
 DISPATCH_WEBHOOKS_TASK = "kiln.dispatch_webhooks"
 

@@ -187,6 +187,11 @@ class WorkerSettings(BaseModel):
     requeue_after_seconds: float = Field(
         default=10.0, description="A pending job not picked up for this long is re-enqueued."
     )
+    housekeeping_interval_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How often expired idempotency records and old webhook deliveries are deleted.",
+    )
 
 
 class NetworkSettings(BaseModel):
@@ -241,6 +246,9 @@ class WebhookSettings(BaseModel):
         default=None,
         description="Queue of webhook tasks. Empty: KILN_WORKER_QUEUE (else a worker must consume it).",
     )
+    retention_days: float = Field(
+        default=30.0, gt=0, description="Webhook deliveries older than this are deleted by housekeeping."
+    )
 
     @field_validator("backoff_seconds", mode="before")
     @classmethod
@@ -263,8 +271,9 @@ class WebhookSettings(BaseModel):
 
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
-    postgres_port: int = Field(default=54329, description="TCP port of the embedded PostgreSQL.")
-    redis_port: int = Field(default=63799, description="TCP port of the embedded Redis.")
+    # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
+    postgres_port: int = Field(default=25432, description="TCP port of the embedded PostgreSQL.")
+    redis_port: int = Field(default=26379, description="TCP port of the embedded Redis.")
 
 
 class Settings(BaseSettings):

@@ -93,7 +93,7 @@ async def clean_state(engine: AsyncEngine, redis_client: aioredis.Redis) -> None
         await conn.execute(
             text(
                 "TRUNCATE projects, api_keys, images, generations, connections, idempotency_keys,"
-                " webhook_endpoints, webhook_deliveries CASCADE"
+                " webhook_endpoints, webhook_deliveries, broker_epoch CASCADE"
             )
         )
     await redis_client.flushdb()

@@ -33,7 +33,13 @@ from shared.db import create_engine, create_sessionmaker
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.outbound import outbound_client
-from shared.queueing import DISPATCH_WEBHOOKS_TASK, RECONCILE_STORAGE_TASK, SWEEP_TASK, celery_config
+from shared.queueing import (
+    DISPATCH_WEBHOOKS_TASK,
+    HOUSEKEEPING_TASK,
+    RECONCILE_STORAGE_TASK,
+    SWEEP_TASK,
+    celery_config,
+)
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
 from shared.webhooks import webhook_queue
@@ -49,6 +55,7 @@ PROCESS_DB_POOL_SIZE = 3
 def worker_config(settings: Settings) -> dict[str, Any]:
     interval = settings.worker.sweep_interval_seconds
     webhook_interval = settings.webhooks.dispatch_interval_seconds
+    housekeeping_interval = settings.worker.housekeeping_interval_seconds
     return {
         **celery_config(settings),
         "worker_concurrency": settings.worker.concurrency,  # `-c` on the command line still wins
@@ -72,6 +79,11 @@ def worker_config(settings: Settings) -> dict[str, Any]:
                     "expires": max(settings.storage.reconcile_interval_seconds, 1.0),
                 },
             },
+            "housekeeping": {
+                "task": HOUSEKEEPING_TASK,
+                "schedule": housekeeping_interval,
+                "options": {"queue": settings.worker.queue, "expires": max(housekeeping_interval, 1.0)},
+            },
         },
     }
 
@@ -83,6 +95,7 @@ app = Celery(
         "worker.sweeper.tasks",
         "worker.webhooks.tasks",
         "worker.reconciler.tasks",
+        "worker.housekeeping.tasks",
     ],
 )
 # Read lazily: importing this module needs no environment, only starting a worker or beat does.

@@ -487,21 +487,3 @@ async def complete_idempotency_key(
 async def set_lock_timeout(conn: AsyncConnection, milliseconds: int) -> None:
     """For the rest of the caller's transaction (also makes SQLAlchemy open it on the server now)."""
     await conn.execute(text(f"SET LOCAL lock_timeout = {int(milliseconds)}"))
-
-
-async def delete_expired_idempotency_keys(conn: AsyncConnection, limit: int = 1000) -> int:
-    """Housekeeping: delete up to `limit` expired idempotency records; returns how many.
-
-    Expired records are already ignored (and replaced on reuse), so this only bounds the table's size.
-    Meant for a periodic job (the sweeper); safe to run concurrently (SKIP LOCKED)."""
-    k = idempotency_keys.c
-    doomed = (
-        select(k.id)
-        .where(k.expires_at <= func.now())
-        .order_by(k.expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    result = await conn.execute(delete(idempotency_keys).where(k.id.in_(doomed)))
-    return int(result.rowcount)

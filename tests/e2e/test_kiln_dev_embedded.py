@@ -46,13 +46,16 @@ def test_kiln_dev_starts_everything_embedded_prints_a_working_key_and_stops_clea
             assert r.status_code == 201, r.text
             assert poll_until_terminal(c, r.json()["data"]["id"])["status"] == "success"
         assert httpx.get(platform.base_url + "/ready", timeout=5).status_code == 200
+        # The admin commands beside it find its database without KILN_DATABASE_URL, as the README shows.
+        assert "KILN_DATABASE_URL" not in platform.env
+        assert "demo" in [p["slug"] for p in platform.cli_json("projects", "list")]
     finally:
-        code = dev.stop(signal.SIGINT, timeout=60)
+        code = dev.stop(signal.SIGINT, timeout=60)  # to its PID alone, not its process group
     assert code == 0, dev.output()[-3000:]
     # Every child and both servers are gone.
     assert not port_open(api_port) and not port_open(pg_port) and not port_open(redis_port)
 
-    # A second start reuses the data and prints the same demo key.
+    # A second start reuses the data and prints the same demo key; SIGTERM stops it as cleanly.
     dev = platform.start("dev")
     try:
         again = wait_until(
@@ -60,4 +63,17 @@ def test_kiln_dev_starts_everything_embedded_prints_a_working_key_and_stops_clea
         )
         assert again.group(1) == key
     finally:
-        assert dev.stop(signal.SIGINT, timeout=60) == 0
+        code = dev.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, dev.output()[-3000:]
+    assert not port_open(api_port) and not port_open(pg_port) and not port_open(redis_port)
+
+    # SIGKILLed, it cannot clean up: the servers and children watch it and go by themselves.
+    dev = platform.start("dev")
+    wait_until(lambda: "Demo API key:" in dev.output(), 120, "third banner")
+    dev.proc.kill()
+    dev.proc.wait(10)
+    wait_until(
+        lambda: not (port_open(api_port) or port_open(pg_port) or port_open(redis_port)),
+        30,
+        "PostgreSQL, Redis and the API to go with the SIGKILLed kiln dev",
+    )

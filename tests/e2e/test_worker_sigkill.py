@@ -64,16 +64,18 @@ def test_sigkill_of_worker_children_and_main_process_loses_no_job_and_finishes_n
             for i in range(6)
         ]
 
-        def processing_count() -> int:
+        def processing(min_attempts: int = 1) -> list[dict]:
             listed = c.get("/api/v1/generations", params={"status": "processing"}).json()["data"]
-            return len(listed)
+            return [g for g in listed if g["attempts"] >= min_attempts]
 
         # Kill the pool children while they hold jobs: Celery's main process replaces them.
-        wait_until(lambda: processing_count() >= 2, 60, "two jobs processing")
+        wait_until(lambda: len(processing()) >= 2, 60, "two jobs processing")
         sigkill(busy_children(worker))
 
-        # Then kill the whole worker (main process and children) mid-job, and start a new one.
-        wait_until(lambda: processing_count() >= 1, 60, "a job processing again")
+        # Then kill the whole worker (main process and children) mid-job, and start a new one: once a
+        # job taken back from the killed children runs again (attempt 2), not while a job of the first
+        # round merely still shows `processing` (its lease not yet run out).
+        wait_until(lambda: processing(min_attempts=2), 60, "a job taken back and processing again")
         sigkill([psutil.Process(worker.proc.pid), *busy_children(worker)])
         worker.proc.wait(10)
         p.start("worker")

@@ -36,5 +36,6 @@ def test_redis_restart_with_jobs_queued_loses_no_job_and_finishes_none_twice(sta
     fault.assert_invariants(ids)
 
     # They finished because the sweeper re-sent them from the database, not by luck.
-    requeued = sum(int(n) for n in re.findall(r"pending_requeued=(\d+)", fault.worker_logs()))
+    resent = r"(?:pending_requeued|broker_lost_resent)=(\d+)"
+    requeued = sum(int(n) for n in re.findall(resent, fault.worker_logs()))
     assert requeued >= JOBS, fault.logs_tail()

@@ -91,6 +91,35 @@ def _status_change(row: Any) -> StatusChange | None:
     return StatusChange(id=row.id, project_id=row.project_id, status=row.status, updated_at=row.updated_at)
 
 
+_CLAIMED_COLUMNS = (
+    generations.c.id, generations.c.project_id, generations.c.prompt, generations.c.negative_prompt,
+    generations.c.aspect_ratio, generations.c.provider, generations.c.model, generations.c.parameters,
+    generations.c.seed, generations.c.attempts, generations.c.version, generations.c.deadline_at,
+    generations.c.updated_at, generations.c.connection_id,
+)  # fmt: skip
+
+
+def _claimed(row: Any) -> ClaimedGeneration | None:
+    if row is None:
+        return None
+    return ClaimedGeneration(
+        id=row.id,
+        project_id=row.project_id,
+        prompt=row.prompt,
+        negative_prompt=row.negative_prompt,
+        aspect_ratio=row.aspect_ratio,
+        provider=row.provider,
+        model=row.model,
+        parameters=dict(row.parameters or {}),
+        seed=row.seed,
+        attempt=row.attempts,
+        version=row.version,
+        deadline_at=row.deadline_at,
+        updated_at=row.updated_at,
+        connection_id=row.connection_id,
+    )
+
+
 def _owned_by(generation_id: uuid.UUID, attempt: int, version: int) -> ColumnElement[bool]:
     return and_(
         generations.c.id == generation_id,
@@ -118,31 +147,24 @@ class GenerationRepository:
                 started_at=func.coalesce(g.started_at, func.now()),
                 updated_at=func.now(),
             )
-            .returning(
-                g.id, g.project_id, g.prompt, g.negative_prompt, g.aspect_ratio, g.provider, g.model,
-                g.parameters, g.seed, g.attempts, g.version, g.deadline_at, g.updated_at,
-                g.connection_id,
-            )
-        )  # fmt: skip
-        row = (await self.session.execute(stmt)).one_or_none()
-        if row is None:
-            return None
-        return ClaimedGeneration(
-            id=row.id,
-            project_id=row.project_id,
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt,
-            aspect_ratio=row.aspect_ratio,
-            provider=row.provider,
-            model=row.model,
-            parameters=dict(row.parameters or {}),
-            seed=row.seed,
-            attempt=row.attempts,
-            version=row.version,
-            deadline_at=row.deadline_at,
-            updated_at=row.updated_at,
-            connection_id=row.connection_id,
+            .returning(*_CLAIMED_COLUMNS)
         )
+        return _claimed((await self.session.execute(stmt)).one_or_none())
+
+    async def resume(
+        self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
+    ) -> ClaimedGeneration | None:
+        """The same attempt again (its task retried after a database outage): still `processing` with
+        that attempt and version → the lease renewed, `attempts` unchanged. None when the row moved on
+        (finished, taken back by the sweeper, claimed again, cancelled) or its deadline passed."""
+        g = generations.c
+        stmt = (
+            update(generations)
+            .where(_owned_by(generation_id, attempt, version), g.deadline_at > func.now())
+            .values(lease_until=func.now() + timedelta(seconds=lease_seconds), updated_at=func.now())
+            .returning(*_CLAIMED_COLUMNS)
+        )
+        return _claimed((await self.session.execute(stmt)).one_or_none())
 
     async def get_state(self, generation_id: uuid.UUID) -> GenerationState | None:
         g = generations.c

@@ -15,11 +15,11 @@ import secrets
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
@@ -120,6 +120,24 @@ class GenerationFailure(Exception):
         super().__init__(f"{code}: {message}")
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRef:
+    """Which attempt of which version a task was running: its retry resumes exactly that attempt."""
+
+    attempt: int
+    version: int
+
+
+class AttemptInterrupted(Exception):
+    """The database went away after the claim (e.g. at the final write). The row stays `processing`
+    with this attempt; a retry that passes `resume` takes it up again instead of waiting for the lease
+    to run out. The cause is the connection error."""
+
+    def __init__(self, ref: AttemptRef) -> None:
+        self.ref = ref
+        super().__init__(f"attempt {ref.attempt} of version {ref.version} interrupted")
+
+
 class LeaseLost(Exception):
     """This attempt no longer owns the row (cancelled, taken back by the sweeper, or finished elsewhere)."""
 
@@ -128,9 +146,12 @@ class ProviderCallTimedOut(ProviderRetryable):
     """Our own bound on one provider call ran out; retried like any transient provider failure."""
 
 
-async def run_generation(generation_id: uuid.UUID, deps: PipelineDependencies) -> PipelineOutcome:
+async def run_generation(
+    generation_id: uuid.UUID, deps: PipelineDependencies, resume: AttemptRef | None = None
+) -> PipelineOutcome:
+    """Raises AttemptInterrupted when the database went away after the claim."""
     with structlog.contextvars.bound_contextvars(generation_id=str(generation_id)):
-        return await GenerationPipeline(deps).run(generation_id)
+        return await GenerationPipeline(deps).run(generation_id, resume)
 
 
 class GenerationPipeline:
@@ -141,13 +162,22 @@ class GenerationPipeline:
         self._resolved: ResolvedConnection | None = None
         self._slot: SlotLease | None = None
         self._outbound_policy: OutboundPolicy = deps.settings.network.policy()
+        self._heartbeat: asyncio.Future[None] | None = None  # renews the lease from the claim on
+        self._resumed = False
 
-    async def run(self, generation_id: uuid.UUID) -> PipelineOutcome:
-        claim = await self._claim(generation_id)
+    async def run(self, generation_id: uuid.UUID, resume: AttemptRef | None = None) -> PipelineOutcome:
+        claim = await self._claim(generation_id, resume)
         if claim is None:
             return await self._end_unclaimable(generation_id)
         with structlog.contextvars.bound_contextvars(attempt=claim.attempt, version=claim.version):
-            return await self._run_with_connection(claim)
+            try:
+                # The lease is renewed from the claim on: the connection lookup and slot wait count too.
+                async with self._lease_kept(claim):
+                    return await self._run_with_connection(claim)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise AttemptInterrupted(AttemptRef(claim.attempt, claim.version)) from exc
+                raise
 
     async def _run_claimed(self, claim: ClaimedGeneration) -> PipelineOutcome:
         if claim.attempt > self.settings.max_attempts:
@@ -159,8 +189,10 @@ class GenerationPipeline:
         log.info("generation claimed", provider=claim.provider, model=claim.model)
 
         prefix = attempt_storage_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
+        if self._resumed:  # what the interrupted run stored is unreferenced: start this attempt afresh
+            await self._discard_objects(prefix)
         try:
-            stored = await self._under_lease(claim, self._produce(claim, prefix))
+            stored = await self._under_lease(self._produce(claim, prefix))
         except LeaseLost:
             log.info("generation abandoned: this attempt no longer owns the row")
             await self._discard_objects(prefix)
@@ -179,9 +211,18 @@ class GenerationPipeline:
 
     # --- claim --------------------------------------------------------------------------------
 
-    async def _claim(self, generation_id: uuid.UUID) -> ClaimedGeneration | None:
+    async def _claim(self, generation_id: uuid.UUID, resume: AttemptRef | None) -> ClaimedGeneration | None:
+        """A retry of an interrupted attempt resumes it; otherwise (or if the row moved on) a fresh claim."""
+        lease = self.settings.lease_seconds
         async with transaction(self.deps.sessions) as session:
-            return await GenerationRepository(session).claim(generation_id, self.settings.lease_seconds)
+            repository = GenerationRepository(session)
+            if resume is not None:
+                claim = await repository.resume(generation_id, resume.attempt, resume.version, lease)
+                if claim is not None:
+                    self._resumed = True
+                    log.info("resuming an interrupted attempt", attempt=claim.attempt)
+                    return claim
+            return await repository.claim(generation_id, lease)
 
     async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
         """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
@@ -202,18 +243,33 @@ class GenerationPipeline:
 
     # --- the work, under a renewed lease ------------------------------------------------------
 
-    async def _under_lease(self, claim: ClaimedGeneration, work: Awaitable[T]) -> T:
-        """Run `work` while renewing the lease; cancel it and raise LeaseLost if the row is taken away."""
+    @contextlib.asynccontextmanager
+    async def _lease_kept(self, claim: ClaimedGeneration) -> AsyncIterator[None]:
+        """Renew the claim's lease (and watch for a cancel) until the block ends."""
         check_now = asyncio.Event()  # set by a status event: renew (and so check the row) at once
-        work_task = asyncio.ensure_future(work)
         heartbeat = asyncio.ensure_future(self._keep_lease(claim, check_now))
         watcher = asyncio.ensure_future(self._watch_status_events(claim, check_now))
+        self._heartbeat = heartbeat
         try:
-            await asyncio.wait({work_task, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            yield
         finally:
-            for task in (work_task, heartbeat, watcher):
+            self._heartbeat = None
+            for task in (heartbeat, watcher):
                 task.cancel()
-            await asyncio.gather(work_task, heartbeat, watcher, return_exceptions=True)
+            await asyncio.gather(heartbeat, watcher, return_exceptions=True)
+
+    async def _under_lease(self, work: Awaitable[T]) -> T:
+        """Run `work` while the lease is kept; cancel it and raise LeaseLost if the row is taken away
+        (the heartbeat ends only then), also when that happened before `work` started."""
+        heartbeat = self._heartbeat
+        assert heartbeat is not None, "only inside _lease_kept"
+        work_task = asyncio.ensure_future(work)
+        either: set[asyncio.Future[Any]] = {work_task, heartbeat}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work_task.cancel()  # no-op when it finished
+            await asyncio.gather(work_task, return_exceptions=True)
         if work_task.done() and not work_task.cancelled():
             return work_task.result()
         raise LeaseLost
@@ -557,6 +613,9 @@ class GenerationPipeline:
         return PipelineOutcome.FAILED
 
     async def _expire_lease(self, claim: ClaimedGeneration) -> None:
+        if self._heartbeat is not None:  # a renewal in flight must not extend the lease again
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         try:
             async with transaction(self.deps.sessions) as session:
                 await GenerationRepository(session).expire_lease(claim.id, claim.attempt, claim.version)

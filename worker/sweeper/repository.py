@@ -11,11 +11,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, false, func, null, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import GenerationStatus, metadata
 
 generations = metadata.tables["generations"]
+broker_epoch = metadata.tables["broker_epoch"]
+BROKER_EPOCH_ROW = "broker"
+BROKER_EPOCH_LOCK = 0x6B696C6E_65706F63  # an advisory lock id of its own ("kiln" "epoc")
 
 PENDING = GenerationStatus.PENDING.value
 PROCESSING = GenerationStatus.PROCESSING.value
@@ -171,6 +175,53 @@ class SweepRepository:
         due = (
             select(g.id, g.status.label("previous_status"))
             .where(g.status == PENDING, g.deadline_at > func.now(), or_(never_enqueued, enqueue_stale))
+            .order_by(g.created_at)
+            .limit(limit)
+        )
+        return await self._change(due, {"enqueued_at": func.now()})
+
+    async def try_lock_broker_epoch(self) -> bool:
+        """Until the end of the transaction: one sweep at a time compares and updates the epoch. False
+        (at once, no waiting) when another sweep is doing it."""
+        stmt = select(func.pg_try_advisory_xact_lock(BROKER_EPOCH_LOCK))
+        return bool((await self.session.execute(stmt)).scalar_one())
+
+    async def broker_epoch(self) -> Any | None:
+        """(epoch, lost_at) of the database's copy; None before the first sweep ever."""
+        e = broker_epoch.c
+        stmt = select(e.epoch, e.lost_at).where(e.id == BROKER_EPOCH_ROW)
+        return (await self.session.execute(stmt)).one_or_none()
+
+    async def record_broker_epoch(self, epoch: str) -> None:
+        """The broker holds `epoch`, and nothing is left to re-send."""
+        values = {"epoch": epoch, "lost_at": None, "recorded_at": func.now()}
+        stmt = insert(broker_epoch).values(id=BROKER_EPOCH_ROW, **values)
+        upsert = stmt.on_conflict_do_update(index_elements=[broker_epoch.c.id], set_=values)
+        await self.session.execute(upsert)
+
+    async def mark_broker_lost(self) -> datetime:
+        """When the loss was first seen (kept until every row sent before it was re-sent)."""
+        e = broker_epoch.c
+        stmt = (
+            update(broker_epoch)
+            .where(e.id == BROKER_EPOCH_ROW)
+            .values(lost_at=func.coalesce(e.lost_at, func.now()))
+            .returning(e.lost_at)
+        )
+        return (await self.session.execute(stmt)).scalar_one()
+
+    async def mark_pending_for_resend(self, enqueued_before: datetime, limit: int) -> list[SweptGeneration]:
+        """Every pending row not re-sent since `enqueued_before` (the broker lost its messages) →
+        enqueued_at = now(): each call picks the next batch, and a concurrent sweep skips what this one
+        took."""
+        g = generations.c
+        due = (
+            select(g.id, g.status.label("previous_status"))
+            .where(
+                g.status == PENDING,
+                g.deadline_at > func.now(),
+                or_(g.enqueued_at.is_(null()), g.enqueued_at < enqueued_before),
+            )
             .order_by(g.created_at)
             .limit(limit)
         )

@@ -1,18 +1,22 @@
 """The sweeper: the database, not the broker, decides what still has to run.
 
 One pass, in order: end rows past their deadline; take back `processing` rows whose lease ran out
-(worker killed) or fail them once they used up their attempts; re-enqueue `pending` rows whose message
-never reached the broker or was lost with it. Every change is committed before its side effects
+(worker killed) or fail them once they used up their attempts; re-send every `pending` row when the
+broker lost its messages (its epoch marker is gone); re-enqueue `pending` rows whose message never
+reached the broker or was lost with it. Every change is committed before its side effects
 (events, object deletion, broker messages), and every category is bounded per pass.
 """
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 from celery import Celery
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import transaction
@@ -33,6 +37,11 @@ SWEEP_BATCH_SIZE = 500
 # Whatever the broker says, a row pending this long after its last enqueue gets another message
 # (a duplicate is harmless: the claim lets only one through).
 STALE_ENQUEUE_SECONDS = 600.0
+# Kept in the broker's Redis without expiry, with a copy in the database (`broker_epoch`): a broker
+# that restarted empty (no persistence, a FLUSHALL) lost this key with its queues, so the key gone
+# while the copy exists says every pending row's message is gone. A Redis that kept its data kept it.
+BROKER_EPOCH_KEY = "kiln:broker-epoch"
+BROKER_EPOCH_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,25 @@ class SweepReport:
     leases_failed: int = 0
     pending_requeued: int = 0
     enqueue_failed: int = 0
+    broker_lost_resent: int = 0  # pending rows re-sent because the broker restarted empty
 
     @property
     def changed(self) -> bool:
-        return any((self.deadline_failed, self.leases_requeued, self.leases_failed, self.pending_requeued))
+        return any(
+            (
+                self.deadline_failed,
+                self.leases_requeued,
+                self.leases_failed,
+                self.pending_requeued,
+                self.broker_lost_resent,
+            )
+        )
 
 
 async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -> SweepReport:
     settings = deps.settings
+    # First: rows the later steps take back are then sent once, by those steps.
+    resent, unsent = await _resend_if_broker_lost(deps, batch_size)
 
     async with transaction(deps.sessions) as session:
         expired = await SweepRepository(session).fail_past_deadline(
@@ -74,6 +94,8 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     await _after_ending(deps, lost)
     await _after_ending(deps, taken_back)
 
+    unsent += await _enqueue(deps, taken_back)
+
     empty_queues = await _empty_queues(deps)
     requeue_after = settings.worker.requeue_after_seconds
     async with transaction(deps.sessions) as session:
@@ -85,13 +107,14 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
             empty_queues=empty_queues,
         )
 
-    unsent = await _enqueue(deps, [*taken_back, *lost_messages])
+    unsent += await _enqueue(deps, lost_messages)
     report = SweepReport(
         deadline_failed=len(expired),
         leases_requeued=len(taken_back),
         leases_failed=len(lost),
         pending_requeued=len(lost_messages),
         enqueue_failed=unsent,
+        broker_lost_resent=resent,
     )
     if report.changed or unsent:
         log.info("sweep done", **asdict(report))
@@ -121,6 +144,63 @@ async def _after_ending(deps: SweeperDependencies, rows: Sequence[SweptGeneratio
             project_id=row.project_id,
             status=row.status,
         )
+
+
+async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> tuple[int, int]:
+    """Compare the broker's epoch marker with the database's copy. Marker gone, copy present: the
+    broker restarted empty, so every pending row is re-sent in this sweep (batch after batch); the
+    marker is set again only once all were sent (a sweep that dies half-way is finished by the next).
+    Neither present: the first sweep ever, nothing was lost. Returns (re-sent, unsent)."""
+    async with transaction(deps.sessions) as session:
+        repository = SweepRepository(session)
+        if not await repository.try_lock_broker_epoch():
+            return 0, 0  # another sweep is comparing (and re-sending) right now
+        try:
+            async with asyncio.timeout(BROKER_EPOCH_TIMEOUT_SECONDS):  # never hold the lock on a hung broker
+                raw = await deps.broker_redis.get(BROKER_EPOCH_KEY)
+        except (RedisError, OSError, TimeoutError) as exc:  # the broker is down: nothing can be sent now
+            log.warning("broker epoch unknown", error=str(exc))
+            return 0, 0
+        in_broker = raw.decode() if isinstance(raw, bytes) else raw
+        recorded = await repository.broker_epoch()
+        if in_broker is not None:
+            # Steady state; or a broker (or database) replaced with its data: trust the broker.
+            if recorded is None or recorded.epoch != in_broker or recorded.lost_at is not None:
+                await repository.record_broker_epoch(in_broker)
+            return 0, 0
+        if recorded is None:  # the first sweep ever
+            epoch = uuid.uuid4().hex
+            await repository.record_broker_epoch(epoch)
+            await _mark_broker(deps, epoch)
+            return 0, 0
+        epoch = recorded.epoch
+        lost_at = await repository.mark_broker_lost()
+
+    resent = 0
+    while True:
+        async with transaction(deps.sessions) as session:
+            batch = await SweepRepository(session).mark_pending_for_resend(lost_at, batch_size)
+        unsent = await _enqueue(deps, batch)
+        resent += len(batch) - unsent
+        if unsent:
+            return resent, unsent
+        if len(batch) < batch_size:
+            break
+    if await _mark_broker(deps, epoch):
+        async with transaction(deps.sessions) as session:
+            await SweepRepository(session).record_broker_epoch(epoch)
+    log.warning("the broker lost its messages (restarted empty): pending jobs re-sent", resent=resent)
+    return resent, 0
+
+
+async def _mark_broker(deps: SweeperDependencies, epoch: str) -> bool:
+    try:
+        async with asyncio.timeout(BROKER_EPOCH_TIMEOUT_SECONDS):
+            await deps.broker_redis.set(BROKER_EPOCH_KEY, epoch)
+    except (RedisError, OSError, TimeoutError) as exc:  # the next sweep sees it missing and carries on
+        log.warning("broker epoch not recorded", error=str(exc))
+        return False
+    return True
 
 
 async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:

@@ -7,7 +7,6 @@ import uuid
 
 from sqlalchemy import func, insert, select, text, update
 
-from api.generations import repository
 from api.generations.service import IDEMPOTENCY_LOCK_TIMEOUT_MS
 from api.security.ratelimit import Budget, window_key
 from shared.models import metadata, new_id
@@ -197,26 +196,6 @@ async def test_an_expired_key_is_ignored_and_can_be_used_again(client, tenant, e
     assert repeat.json()["data"]["id"] == second.json()["data"]["id"]
     assert repeat.headers["idempotent-replayed"] == "true"
     assert await count(engine) == 2 and await count(engine, idempotency_keys) == 1
-
-
-async def test_expired_records_are_cleaned_up_by_the_housekeeping_function(client, tenant, engine):
-    for key in ("a", "b", "c"):
-        assert (
-            await client.post(CREATE, json={"prompt": key}, headers=keyed(tenant, key))
-        ).status_code == 201
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(idempotency_keys)
-            .where(idempotency_keys.c.key.in_(["a", "b"]))
-            .values(expires_at=func.now() - text("interval '1 minute'"))
-        )
-    async with engine.begin() as conn:
-        assert await repository.delete_expired_idempotency_keys(conn, limit=1) == 1
-    async with engine.begin() as conn:
-        assert await repository.delete_expired_idempotency_keys(conn) == 1
-        assert await repository.delete_expired_idempotency_keys(conn) == 0
-    async with engine.connect() as conn:
-        assert (await conn.execute(select(idempotency_keys.c.key))).scalars().all() == ["c"]
 
 
 async def test_a_failed_first_request_does_not_poison_the_key(api_settings, sessions, engine, clean_state):

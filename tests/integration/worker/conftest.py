@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.models import Project, new_id
@@ -51,3 +52,43 @@ def make_generation(sessions: async_sessionmaker[AsyncSession], project_id: uuid
         return uuid.UUID(str(values["id"]))
 
     return make
+
+
+@pytest.fixture
+async def final_write_outage(engine) -> AsyncIterator[Callable[[uuid.UUID], Awaitable[None]]]:
+    """A real database fault at the final write: the first `images` INSERT of the given generation
+    makes PostgreSQL terminate the very connection doing it (a sequence counts, outside the rolled-back
+    transaction, so it happens once)."""
+    armed: list[str] = []
+
+    async def arm(generation_id: uuid.UUID) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE SEQUENCE IF NOT EXISTS final_write_outage_seq"))
+            await conn.execute(
+                text(
+                    f"""
+                    CREATE OR REPLACE FUNCTION final_write_outage() RETURNS trigger AS $$
+                    BEGIN
+                      IF NEW.generation_id = '{generation_id}'
+                         AND nextval('final_write_outage_seq') = 1 THEN
+                        PERFORM pg_terminate_backend(pg_backend_pid());
+                      END IF;
+                      RETURN NEW;
+                    END $$ LANGUAGE plpgsql
+                    """
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER final_write_outage BEFORE INSERT ON images"
+                    " FOR EACH ROW EXECUTE FUNCTION final_write_outage()"
+                )
+            )
+        armed.append(str(generation_id))
+
+    yield arm
+    if armed:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER IF EXISTS final_write_outage ON images"))
+            await conn.execute(text("DROP FUNCTION IF EXISTS final_write_outage()"))
+            await conn.execute(text("DROP SEQUENCE IF EXISTS final_write_outage_seq"))

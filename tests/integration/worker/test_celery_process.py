@@ -222,3 +222,51 @@ async def wait_for_log(process: CeleryProcess, text: str, timeout: float) -> Non
             f"no {text!r} in {timeout}s:\n{process.log_tail()}"
         )
         await asyncio.sleep(0.1)
+
+
+async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attempt(
+    settings: Settings,
+    sessions,
+    start_worker: WorkerStarter,
+    make_generation: GenerationFactory,
+    final_write_outage,
+):
+    """Issue 7 #24 with the real task: its retry carries the attempt and finishes it, long before the
+    (here 10-minute) lease could run out and no sweeper running."""
+    gid = await make_generation(provider="placeholder")
+    await final_write_outage(gid)
+    worker = start_worker(KILN_GENERATION_LEASE_SECONDS="600")
+    producer = create_producer(settings)
+    try:
+        await enqueue_generation(producer, gid, settings.worker.queue)
+        row = await wait_for_terminal(sessions, gid, worker, timeout=60)
+    finally:
+        producer.close()
+    assert (row.status, row.attempts) == ("success", 1), worker.log_tail()
+    assert "resuming an interrupted attempt" in worker.log_path.read_text(errors="replace")
+    assert len(await fetch_images(sessions, gid)) == 1
+
+
+async def test_a_kiln_generate_message_with_a_hostile_attempt_is_ignored(
+    settings: Settings, sessions, worker_process: CeleryProcess, make_generation: GenerationFactory
+):
+    """Only the task's own retry sets `attempt`/`version`; anything else sent as them touches nothing."""
+    gid = await make_generation(provider="placeholder")
+    producer = create_producer(settings)
+    try:
+        for attempt, version in (("1", 1), (True, 1), (0, 1), (1, None), ([1], {"v": 1})):
+            await asyncio.to_thread(
+                producer.send_task,
+                "kiln.generate",
+                args=[str(gid)],
+                kwargs={"attempt": attempt, "version": version},
+                queue=settings.worker.queue,
+            )
+        await wait_for_log(worker_process, "kiln.generate ignored: bad attempt", timeout=45)
+        await enqueue_generation(producer, gid, settings.worker.queue)  # a proper message after them
+        row = await wait_for_terminal(sessions, gid, worker_process, timeout=45)
+    finally:
+        producer.close()
+    log_text = worker_process.log_path.read_text(errors="replace")
+    assert log_text.count("kiln.generate ignored: bad attempt") == 5, worker_process.log_tail()
+    assert (row.status, row.attempts) == ("success", 1)  # the hostile ones claimed nothing

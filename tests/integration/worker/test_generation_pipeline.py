@@ -9,12 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker, is_connection_error
 from shared.errors import ProviderPermanent, ProviderRetryable
+from shared.models import metadata, new_id
 from shared.providers import ProviderRequest, ProviderResult, get_provider
+from shared.queueing import create_producer
 from shared.settings import Settings
 from shared.storage import LocalStorage
 from tests.integration.worker.harness import (
@@ -29,7 +31,16 @@ from tests.integration.worker.harness import (
     set_columns,
     tuned,
 )
-from worker.generations.service import PipelineOutcome, attempt_storage_prefix, run_generation
+from worker.generations.service import (
+    AttemptInterrupted,
+    AttemptRef,
+    PipelineOutcome,
+    attempt_storage_prefix,
+    run_generation,
+)
+from worker.sweeper.service import SweeperDependencies, sweep
+
+connections = metadata.tables["connections"]
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -404,3 +415,83 @@ async def test_an_unreachable_database_marks_nothing_and_surfaces_as_a_connectio
     assert is_connection_error(raised.value)  # what makes the task retry later instead of failing the job
     row = await fetch_generation(sessions, gid)
     assert (row.status, row.attempts) == ("pending", 0)
+
+
+async def test_a_retry_after_an_outage_at_the_final_write_resumes_the_same_attempt(
+    settings, sessions, redis_client, storage, make_generation: GenerationFactory, final_write_outage
+):
+    """Issue 7 #24: the retry used to find its own row "not claimable" (processing, its own attempt) and
+    give up, so the job waited for the lease to expire. It resumes that attempt instead."""
+    gid = await make_generation()
+    await final_write_outage(gid)
+    # A lease far longer than the test: only a resume can finish the job here.
+    deps = pipeline_deps(
+        tuned(settings, lease_seconds=600), sessions, redis_client, storage, ScriptedProvider()
+    )
+
+    with pytest.raises(AttemptInterrupted) as interrupted:
+        await run_generation(gid, deps)
+    assert is_connection_error(interrupted.value.__cause__)
+    assert interrupted.value.ref == AttemptRef(attempt=1, version=1)
+    row = await fetch_generation(sessions, gid)
+    assert (row.status, row.attempts) == ("processing", 1)
+
+    assert await run_generation(gid, deps, resume=interrupted.value.ref) == PipelineOutcome.SUCCEEDED
+
+    row = await fetch_generation(sessions, gid)
+    assert (row.status, row.attempts) == ("success", 1)
+    assert [image.id for image in await fetch_images(sessions, gid)] == [row.output_image_id]
+    prefix = attempt_storage_prefix(row.project_id, gid, 1, 1)
+    assert len(await storage.list_keys(prefix)) == 3
+    # The same resume delivered twice (a redelivered retry) is a no-op.
+    assert await run_generation(gid, deps, resume=interrupted.value.ref) == PipelineOutcome.SKIPPED
+
+
+async def test_a_resume_of_an_attempt_the_sweeper_took_back_claims_afresh(
+    settings, sessions, redis_client, storage, make_generation: GenerationFactory
+):
+    gid = await make_generation(status="pending", attempts=1)  # attempt 1 was taken back
+    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, ScriptedProvider())
+
+    assert await run_generation(gid, deps, resume=AttemptRef(1, 1)) == PipelineOutcome.SUCCEEDED
+    assert (await fetch_generation(sessions, gid)).attempts == 2
+
+
+async def test_the_lease_is_renewed_from_the_claim_while_the_connection_lookup_is_slow(
+    settings, sessions, engine, redis_client, storage, project_id, make_generation: GenerationFactory
+):
+    """A connection lookup slower than the lease (its table locked) must not lose the job to the
+    sweeper: the heartbeat starts at the claim, not at the provider call."""
+    connection_id = new_id()
+    async with sessions() as session, session.begin():
+        await session.execute(
+            insert(connections).values(
+                id=connection_id, project_id=project_id, name="slow", provider="scripted", is_default=False
+            )
+        )
+    gid = await make_generation(connection_id=connection_id)
+    lease_settings = tuned(settings, lease_seconds=1)
+    deps = pipeline_deps(lease_settings, sessions, redis_client, storage, ScriptedProvider())
+    producer = create_producer(settings)
+    sweeper = SweeperDependencies(
+        settings=lease_settings,
+        sessions=sessions,
+        redis=redis_client,
+        broker_redis=redis_client,
+        storage=storage,
+        producer=producer,
+    )
+    try:
+        async with engine.connect() as locker:
+            await locker.execute(text("BEGIN"))
+            await locker.execute(text("LOCK TABLE connections IN ACCESS EXCLUSIVE MODE"))
+            run = asyncio.create_task(run_generation(gid, deps))
+            await asyncio.sleep(2.5)  # the lookup waits for the lock, over twice the lease
+            assert not run.done()
+            report = await sweep(sweeper)
+            await locker.execute(text("ROLLBACK"))
+        assert report.leases_requeued == 0
+        assert await asyncio.wait_for(run, timeout=10) == PipelineOutcome.SUCCEEDED
+    finally:
+        producer.close()
+    assert (await fetch_generation(sessions, gid)).attempts == 1

@@ -236,3 +236,37 @@ async def test_a_broker_outage_leaves_rows_for_the_next_sweep(
     assert (await fetch_generation(sessions, gid)).enqueued_at is None  # so the next pass retries it
     assert await sweep(sweeper_deps) == SweepReport(pending_requeued=1)
     assert await queued_generation_ids(redis_client, settings) == [str(gid)]
+
+
+async def test_a_broker_that_restarted_empty_gets_every_pending_row_resent_within_one_sweep(
+    settings, sessions, redis_client, sweeper_deps, make_generation: GenerationFactory
+):
+    """Issue 7 #23: 205 rows whose messages died with the broker, under steady load (the queue is never
+    empty, and they were sent well under the 600 s fallback ago): all re-sent by the next sweep."""
+    ids = {str(await make_generation(enqueued_at=ago(30))) for _ in range(205)}
+    await redis_client.rpush(settings.worker.queue, OTHER_TASK_MESSAGE)
+    # The first sweep ever records the broker's epoch; nothing was lost, nothing is sent.
+    assert await sweep(sweeper_deps, batch_size=50) == SweepReport()
+
+    await redis_client.flushall()  # the broker restarts empty...
+    await redis_client.rpush(settings.worker.queue, OTHER_TASK_MESSAGE)  # ...and new work arrives at once
+
+    assert await sweep(sweeper_deps, batch_size=50) == SweepReport(broker_lost_resent=205)
+    queued = await queued_generation_ids(redis_client, settings)
+    assert sorted(queued) == sorted(ids)  # each once
+    assert await sweep(sweeper_deps, batch_size=50) == SweepReport()  # the broker is marked again
+
+
+async def test_concurrent_sweeps_after_a_broker_loss_resend_each_row_exactly_once(
+    settings, redis_client, sweeper_deps, make_generation: GenerationFactory
+):
+    ids = {str(await make_generation(enqueued_at=ago(30))) for _ in range(40)}
+    await redis_client.rpush(settings.worker.queue, OTHER_TASK_MESSAGE)
+    assert await sweep(sweeper_deps) == SweepReport()
+    await redis_client.flushall()
+    await redis_client.rpush(settings.worker.queue, OTHER_TASK_MESSAGE)
+
+    reports = await asyncio.gather(*(sweep(sweeper_deps, batch_size=7) for _ in range(3)))
+
+    assert sum(r.broker_lost_resent for r in reports) == 40
+    assert sorted(await queued_generation_ids(redis_client, settings)) == sorted(ids)

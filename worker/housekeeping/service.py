@@ -1,0 +1,71 @@
+"""Housekeeping: delete what the platform keeps only for a while (expired idempotency records, webhook
+deliveries past their retention), in bounded batches, each batch its own short transaction so no
+lock is held for long and a crash loses at most one batch of work (the next run carries on)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.db import transaction
+from shared.logging import get_logger
+from shared.settings import Settings
+from worker.housekeeping.repository import HousekeepingRepository
+
+log = get_logger(__name__)
+
+HOUSEKEEPING_BATCH_SIZE = 1000
+# Per kind and run: a backlog larger than this is worked off over the following runs.
+HOUSEKEEPING_MAX_BATCHES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class HousekeepingReport:
+    idempotency_keys_deleted: int = 0
+    webhook_deliveries_deleted: int = 0
+
+
+async def housekeep(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    batch_size: int = HOUSEKEEPING_BATCH_SIZE,
+    max_batches: int = HOUSEKEEPING_MAX_BATCHES,
+) -> HousekeepingReport:
+    retention_days = settings.webhooks.retention_days
+
+    async def idempotency(repository: HousekeepingRepository) -> int:
+        return await repository.delete_expired_idempotency_keys(batch_size)
+
+    async def deliveries(repository: HousekeepingRepository) -> int:
+        return await repository.delete_old_webhook_deliveries(retention_days, batch_size)
+
+    report = HousekeepingReport(
+        idempotency_keys_deleted=await _in_batches(sessions, idempotency, batch_size, max_batches),
+        webhook_deliveries_deleted=await _in_batches(sessions, deliveries, batch_size, max_batches),
+    )
+    if report.idempotency_keys_deleted or report.webhook_deliveries_deleted:
+        log.info(
+            "housekeeping done",
+            idempotency_keys_deleted=report.idempotency_keys_deleted,
+            webhook_deliveries_deleted=report.webhook_deliveries_deleted,
+        )
+    return report
+
+
+async def _in_batches(
+    sessions: async_sessionmaker[AsyncSession],
+    delete_batch: Callable[[HousekeepingRepository], Awaitable[int]],
+    batch_size: int,
+    max_batches: int,
+) -> int:
+    deleted = 0
+    for _ in range(max_batches):
+        async with transaction(sessions) as session:
+            count = await delete_batch(HousekeepingRepository(session))
+        deleted += count
+        if count < batch_size:
+            break
+    return deleted
