@@ -25,6 +25,7 @@ from typing import TypeVar
 import httpx
 import redis.asyncio as aioredis
 import structlog
+from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import (
     AsyncRetrying,
@@ -38,7 +39,7 @@ from shared.connections import ResolvedConnection, outbound_urls, server_default
 from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
-from shared.events import generation_channel, publish_status
+from shared.events import StatusChange, generation_channel
 from shared.imaging import ImageInfo, InvalidImage, inspect_image, make_thumbnails
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
@@ -46,10 +47,10 @@ from shared.netguard import OutboundUrlRefused, check_url_resolved
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
 from shared.providers.http_errors import redact
 from shared.settings import Settings
+from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.storage import ObjectStorage
-from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage, StatusChange
+from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
-from worker.webhooks.service import publish_generation_webhooks
 
 log = get_logger(__name__)
 
@@ -96,6 +97,9 @@ class PipelineDependencies:
     storage: ObjectStorage
     provider_for: ProviderFactory
     requeue: Requeue | None = None  # None: a deferred job waits for the sweeper
+    # Sends the webhook delivery tasks after a status change (the worker's Celery app). None: the
+    # dispatcher sends them once they are due.
+    producer: Celery | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +151,7 @@ class GenerationPipeline:
         if claim.attempt > self.settings.max_attempts:
             interrupted = claim.attempt - 1
             return await self._fail(claim, "WORKER_LOST", f"the job was interrupted {interrupted} times")
-        await self._publish(
-            StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
-        )
+        await self._announce_processing(claim)
         log.info("generation claimed", provider=claim.provider, model=claim.model)
 
         prefix = attempt_storage_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
@@ -187,11 +189,13 @@ class GenerationPipeline:
                 change = await repository.fail_pending_past_deadline(
                     generation_id, "the generation did not start before its deadline"
                 )
+            if change is not None:
+                recorded = await record_in_transaction(session, self.deps.settings, change)
         if change is None:
             log.info("generation not claimable; nothing to do", status=state.status if state else None)
             return PipelineOutcome.SKIPPED
         log.info("generation failed", error_code="DEADLINE_EXCEEDED")
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     # --- the work, under a renewed lease ------------------------------------------------------
@@ -526,6 +530,7 @@ class GenerationPipeline:
                 )
                 if change is None:
                     raise LeaseLost  # rolls the image row back
+                recorded = await record_in_transaction(session, self.deps.settings, change)
         except LeaseLost:
             log.info("finalize refused: this attempt no longer owns the row; deleting its objects")
             await self._discard_objects(prefix)
@@ -539,7 +544,7 @@ class GenerationPipeline:
             width=info.width,
             height=info.height,
         )
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.SUCCEEDED
 
     async def _fail(self, claim: ClaimedGeneration, code: str, message: str) -> PipelineOutcome:
@@ -547,11 +552,13 @@ class GenerationPipeline:
             change = await GenerationRepository(session).mark_failed(
                 claim.id, claim.attempt, claim.version, error_code=code, error_message=message
             )
+            if change is not None:
+                recorded = await record_in_transaction(session, self.deps.settings, change)
         if change is None:
             log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
             return PipelineOutcome.ABANDONED
         log.info("generation failed", error_code=code, error_message=message)
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     async def _expire_lease(self, claim: ClaimedGeneration) -> None:
@@ -569,15 +576,22 @@ class GenerationPipeline:
         except Exception as exc:
             log.warning("could not delete this attempt's objects", prefix=prefix, error=str(exc))
 
-    async def _publish(self, change: StatusChange) -> None:
-        await publish_status(self.deps.redis, change.id, change.project_id, change.status, change.updated_at)
-        # After the commit, like the event; never raises.
-        await publish_generation_webhooks(
-            self.deps.sessions,
-            self.deps.settings,
-            generation_id=change.id,
-            project_id=change.project_id,
-            status=change.status,
+    async def _announce_processing(self, claim: ClaimedGeneration) -> None:
+        """The claim committed `processing` before the job knew it would run (its connection may be at
+        its limit and hand it back), so its deliveries get their own transaction, here. Best effort: a
+        database error must not end an attempt that owns its row (the lease heartbeat decides that)."""
+        change = StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+        try:
+            async with transaction(self.deps.sessions) as session:
+                recorded = await record_in_transaction(session, self.deps.settings, change)
+        except Exception as exc:
+            log.warning("webhooks of `processing` not recorded", error=repr(exc))
+            recorded = RecordedChanges(changes=(change,))
+        await self._after_commit(recorded)
+
+    async def _after_commit(self, recorded: RecordedChanges) -> None:
+        await after_commit(
+            recorded, redis=self.deps.redis, producer=self.deps.producer, settings=self.deps.settings
         )
 
 

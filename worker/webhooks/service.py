@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import httpx
+import redis.asyncio as aioredis
 import structlog
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,11 +34,9 @@ from shared.webhooks import (
     encode_body,
     enqueue_webhook_deliveries,
     generation_webhook_secret,
-    publish_status_webhooks,
     retry_delay_seconds,
     signature_headers,
 )
-from worker.celery_app import app
 from worker.webhooks.repository import ClaimedDelivery, DueDelivery, WebhookDeliveryRepository
 
 log = get_logger(__name__)
@@ -53,6 +52,7 @@ class WebhookDependencies:
     sessions: async_sessionmaker[AsyncSession]
     http: httpx.AsyncClient
     producer: Celery  # sends `kiln.deliver_webhook` (the dispatcher)
+    redis: aioredis.Redis  # circuit breakers and the per-project cap, shared by every worker
 
 
 class DeliveryOutcome(StrEnum):
@@ -261,18 +261,3 @@ async def dispatch_due_webhooks(deps: WebhookDependencies, batch_size: int = DIS
     sent = len(due) - len(unsent_ids)
     log.info("webhook dispatch", sent=sent, unsent=len(unsent_ids))
     return sent
-
-
-async def publish_generation_webhooks(
-    sessions: async_sessionmaker[AsyncSession],
-    settings: Settings,
-    *,
-    generation_id: uuid.UUID,
-    project_id: uuid.UUID,
-    status: str,
-) -> list[uuid.UUID]:
-    """The generation pipeline's hook (it has no producer of its own): `publish_status_webhooks`
-    sending with this worker's Celery app. Never raises."""
-    return await publish_status_webhooks(
-        sessions, app, settings, generation_id=generation_id, project_id=project_id, status=status
-    )
