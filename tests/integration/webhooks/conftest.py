@@ -125,6 +125,7 @@ def webhook_tuned(settings: Settings, **webhooks: Any) -> Settings:
         "timeout_seconds": RECEIVER_TIMEOUT_SECONDS,
         "backoff_seconds": [0.05],
         "max_attempts": 3,
+        "max_in_flight_per_project": 50,  # the cap and the breaker have tests of their own
         **webhooks,
     }
     return settings.model_copy(update={"webhooks": settings.webhooks.model_copy(update=values)})
