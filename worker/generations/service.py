@@ -184,14 +184,14 @@ class GenerationPipeline:
         async with transaction(self.deps.sessions) as session:
             repository = GenerationRepository(session)
             state = await repository.get_state(generation_id)
-            change = None
+            recorded = None
             if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
                 change = await repository.fail_pending_past_deadline(
                     generation_id, "the generation did not start before its deadline"
                 )
-            if change is not None:
-                recorded = await record_in_transaction(session, self.deps.settings, change)
-        if change is None:
+                if change is not None:
+                    recorded = await record_in_transaction(session, self.deps.settings, change)
+        if recorded is None:
             log.info("generation not claimable; nothing to do", status=state.status if state else None)
             return PipelineOutcome.SKIPPED
         log.info("generation failed", error_code="DEADLINE_EXCEEDED")
@@ -552,9 +552,8 @@ class GenerationPipeline:
             change = await GenerationRepository(session).mark_failed(
                 claim.id, claim.attempt, claim.version, error_code=code, error_message=message
             )
-            if change is not None:
-                recorded = await record_in_transaction(session, self.deps.settings, change)
-        if change is None:
+            recorded = await record_in_transaction(session, self.deps.settings, change) if change else None
+        if recorded is None:
             log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
             return PipelineOutcome.ABANDONED
         log.info("generation failed", error_code=code, error_message=message)
