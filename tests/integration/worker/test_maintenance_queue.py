@@ -133,3 +133,14 @@ def test_kiln_worker_consumes_the_webhook_and_maintenance_queues_and_beat_consum
     assert beat_argv[beat_argv.index("-A") + 1 :][:2] == ["worker.celery_app", "worker"]
     assert "--beat" in beat_argv
     assert beat_argv[beat_argv.index("-Q") + 1] == settings.worker.maintenance_queue
+
+
+def test_every_beat_entry_goes_to_the_maintenance_queue_and_outlives_its_interval(settings: Settings):
+    from worker.celery_app import worker_config
+
+    schedule = worker_config(settings)["beat_schedule"]
+    assert {"sweep-generations", "dispatch-webhooks"} <= set(schedule)
+    for name, entry in schedule.items():
+        assert entry["options"]["queue"] == settings.worker.maintenance_queue, name
+        # Superseded by the next run, but never expired before a free consumer could read it.
+        assert entry["options"]["expires"] >= 2 * entry["schedule"], name
