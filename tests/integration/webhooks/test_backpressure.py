@@ -17,6 +17,7 @@ from tests.integration.webhooks.conftest import (
     run_queued,
     webhook_tuned,
 )
+from worker.webhooks.breaker import receiver_key
 from worker.webhooks.service import (
     DeliveryOutcome,
     WebhookDependencies,
@@ -38,6 +39,19 @@ async def _send_all_again(engine, redis_client, deps: WebhookDependencies, ids: 
     return [outcome for _, outcome in await run_queued(redis_client, deps)]
 
 
+async def _wait_until_half_open(redis_client, endpoint_id: str, timeout: float = 10.0) -> None:
+    """Until the breaker's cool-down is over by the Redis clock (the one the breaker reads)."""
+    key = receiver_key(endpoint_id, "")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        open_until = float(await redis_client.hget(key, "open_until") or 0)
+        seconds, micros = await redis_client.time()
+        if seconds + micros / 1_000_000 >= open_until:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the breaker stayed open"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_dead_receiver_opens_its_breaker_and_its_deliveries_wait_without_using_attempts(
     client, tenant, engine, redis_client, receiver, webhook_deps
 ):
@@ -47,7 +61,7 @@ async def test_a_dead_receiver_opens_its_breaker_and_its_deliveries_wait_without
             webhook_deps.settings, breaker_failures=2, breaker_cooldown_seconds=COOLDOWN_SECONDS
         ),
     )
-    await create_endpoint(client, tenant, receiver.at("/dead"))
+    endpoint = await create_endpoint(client, tenant, receiver.at("/dead"))
     receiver.default_status = 503
     ids: list[uuid.UUID] = []
     for _ in range(4):
@@ -67,13 +81,13 @@ async def test_a_dead_receiver_opens_its_breaker_and_its_deliveries_wait_without
     assert len(receiver.received()) == 2
 
     # After the cool-down one probe goes; it fails: open again, the others still wait.
-    await asyncio.sleep(COOLDOWN_SECONDS + 0.1)
+    await _wait_until_half_open(redis_client, endpoint["id"])
     assert await _send_all_again(engine, redis_client, deps, ids) == [RETRY, *[POSTPONED] * 3]
     assert len(receiver.received()) == 3
 
     # The receiver is back: the next probe succeeds, the breaker closes, everything goes.
     receiver.default_status = 200
-    await asyncio.sleep(COOLDOWN_SECONDS + 0.1)
+    await _wait_until_half_open(redis_client, endpoint["id"])
     assert await _send_all_again(engine, redis_client, deps, ids) == [DELIVERED] * 4
     assert len(receiver.received()) == 7
     attempts = sorted([(await fetch_delivery(engine, d)).attempts for d in ids])
@@ -85,7 +99,9 @@ async def test_a_dead_receiver_opens_its_breaker_and_its_deliveries_wait_without
 async def test_a_projects_deliveries_in_flight_are_capped_and_other_projects_are_not_held_up(
     client, tenant, other_tenant, engine, redis_client, receiver, webhook_deps
 ):
-    deps = replace(webhook_deps, settings=webhook_tuned(webhook_deps.settings, max_in_flight_per_project=1))
+    # Each hanging request holds its slot for the whole timeout: time enough for the others to find it taken.
+    settings = webhook_tuned(webhook_deps.settings, max_in_flight_per_project=1, timeout_seconds=1.5)
+    deps = replace(webhook_deps, settings=settings)
     await create_endpoint(client, tenant, receiver.at("/slow-a"))
     await create_endpoint(client, other_tenant, receiver.at("/slow-b"))
     ours = []
@@ -95,7 +111,7 @@ async def test_a_projects_deliveries_in_flight_are_capped_and_other_projects_are
     other_gid = await insert_generation(engine, other_tenant.project_id, status="failed")
     [theirs] = await announce(deps, other_tenant.project_id, other_gid, "failed")
     receiver.default_status = 200
-    receiver.script = ["hang", "hang"]  # each request holds its slot until the sender's timeout
+    receiver.script = ["hang", "hang"]  # outlasts the sender's timeout
 
     outcomes = await asyncio.gather(*(deliver_webhook(d, 0, deps) for d in [*ours, theirs]))
 
