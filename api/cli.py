@@ -101,20 +101,20 @@ def worker(
         str | None,
         typer.Option(
             help=(
-                "Comma list of queues. Default: KILN_WORKER_QUEUE and every provider's queue"
-                " (`<KILN_WORKER_QUEUE>.<provider>`), so one worker serves everything; run a worker per"
-                " provider with e.g. --queues kiln.generations.comfyui."
+                "Comma list of queues. Default: KILN_WORKER_QUEUE, every provider's queue"
+                " (`<KILN_WORKER_QUEUE>.<provider>`), KILN_WEBHOOKS_QUEUE and KILN_WORKER_MAINTENANCE_QUEUE,"
+                " so one worker serves everything; run a worker per provider with e.g."
+                " --queues kiln.generations.comfyui."
             )
         ),
     ] = None,
 ) -> None:
-    """Run a Celery worker for generation jobs."""
+    """Run a Celery worker for generation jobs, webhook deliveries and maintenance tasks."""
     s = _settings()
     if not queues:
-        from shared.queueing import generation_queues
-        from shared.webhooks import webhook_queue
+        from shared.queueing import worker_queues
 
-        queues = ",".join(dict.fromkeys([*generation_queues(s), webhook_queue(s)]))
+        queues = ",".join(worker_queues(s))
     _exec(
         [
             sys.executable,
@@ -137,10 +137,13 @@ def worker(
 
 @app.command()
 def beat() -> None:
-    """Run the Celery beat scheduler (the sweeper). Run exactly one per deployment."""
+    """Run the scheduler of the maintenance tasks (sweeper, webhook dispatcher, housekeeping) with a
+    consumer of their queue of its own. Run exactly one per deployment."""
     s = _settings()
     schedule = s.embedded.data_dir / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
+    # Celery beat embedded (-B) in a small worker that reads only the maintenance queue: workers busy
+    # with slow jobs read no message at all, and the sweeper must still run every few seconds.
     _exec(
         [
             sys.executable,
@@ -148,11 +151,20 @@ def beat() -> None:
             "celery",
             "-A",
             "worker.celery_app",
-            "beat",
-            "-s",
+            "worker",
+            "--beat",
+            "--schedule",
             str(schedule),
+            "-Q",
+            s.worker.maintenance_queue,
+            "-c",
+            str(s.worker.maintenance_concurrency),
+            "--hostname",
+            "maintenance@%h",
             "--loglevel",
             s.log_level,
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 

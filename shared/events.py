@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -16,6 +17,16 @@ from redis.exceptions import RedisError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A generation's status transition, as its event announces it."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    status: str
+    updated_at: datetime
 
 
 def generation_channel(generation_id: uuid.UUID | str) -> str:

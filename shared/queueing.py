@@ -49,6 +49,18 @@ def generation_queues(settings: Settings) -> list[str]:
     return queues
 
 
+def webhook_queue(settings: Settings) -> str:
+    """The queue of `kiln.deliver_webhook`: its own, so slow receivers never hold up generations."""
+    return settings.webhooks.queue or settings.worker.queue
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """What `kiln worker` consumes by default: every generation queue, the webhook queue and the
+    maintenance queue."""
+    queues = [*generation_queues(settings), webhook_queue(settings), settings.worker.maintenance_queue]
+    return list(dict.fromkeys(queues))
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     g = settings.generation
     # Every provider try may take the full timeout (a connection may set its own, up to the maximum),

@@ -192,6 +192,19 @@ class WorkerSettings(BaseModel):
         gt=0,
         description="How often expired idempotency records and old webhook deliveries are deleted.",
     )
+    maintenance_queue: str = Field(
+        default="kiln.maintenance",
+        description=(
+            "Queue of the periodic maintenance tasks (sweeper, webhook dispatcher, housekeeping): every"
+            " `kiln worker` consumes it, and `kiln beat` runs its own consumer of it so they run on time"
+            " whatever the generation backlog."
+        ),
+    )
+    maintenance_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="Processes of `kiln beat`'s maintenance consumer (a long task never holds up a sweep).",
+    )
 
 
 class NetworkSettings(BaseModel):
@@ -242,9 +255,37 @@ class WebhookSettings(BaseModel):
     dispatch_interval_seconds: float = Field(
         default=2.0, description="How often due webhook retries and lost webhook tasks are sent."
     )
-    queue: str | None = Field(
-        default=None,
-        description="Queue of webhook tasks. Empty: KILN_WORKER_QUEUE (else a worker must consume it).",
+    queue: str = Field(
+        default="kiln.webhooks",
+        description=(
+            "Queue of webhook delivery tasks (every `kiln worker` consumes it). Empty: KILN_WORKER_QUEUE."
+        ),
+    )
+    unsent_after_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "A new delivery whose task has not started by then is sent by the dispatcher (its message was"
+            " lost, or the process died between the status change's commit and the send)."
+        ),
+    )
+    breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive failed attempts to one endpoint (or URL host) that open its breaker.",
+    )
+    breaker_cooldown_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "How long an open breaker postpones the deliveries to that endpoint (not counted as attempts);"
+            " then one probe attempt decides whether it closes."
+        ),
+    )
+    max_in_flight_per_project: int = Field(
+        default=10,
+        ge=0,
+        description="Webhook requests of one project in progress at once across all workers (0: no cap).",
     )
     retention_days: float = Field(
         default=30.0, gt=0, description="Webhook deliveries older than this are deleted by housekeeping."

@@ -7,23 +7,12 @@ headers `webhook-id` (the delivery id: the same on every retry, so receivers can
 generation's own `webhookUrl` is signed with the project's generation-webhook secret, derived from
 KILN_SECRET_KEY and the project id (`GET /api/v1/webhooks/secret` shows it).
 
-Hooks for every code path that changes a generation's status (worker pipeline, sweeper, API cancel):
+Deliveries of a status change are inserted in the same transaction as the change and sent after the
+commit: `shared.status_changes` owns that (`record_in_transaction`, then `after_commit`).
 
-    # after the status change committed; own transaction, then `kiln.deliver_webhook` by name;
-    # never raises (a failure is logged: webhooks must not fail the status change)
-    ids = await publish_status_webhooks(
-        sessions, producer, settings, generation_id=..., project_id=..., status="cancelled"
-    )
-
-or in two steps, to insert the deliveries inside the caller's own transaction:
-
-    ids = await schedule_status_webhooks(session_or_conn, generation_id=..., project_id=...,
-                                         status=..., settings=settings)   # INSERTs only
-    # ... COMMIT ...
-    await enqueue_webhook_deliveries(producer, settings, [(i, 0) for i in ids])
-
-Delivery rows are the source of truth: a message lost on the way to the broker is sent again by the
-beat task `kiln.dispatch_webhooks` once the row's `next_attempt_at` passes.
+Delivery rows are the source of truth: a message lost on the way to the broker (or never sent: the
+process died after the commit) is sent by the beat task `kiln.dispatch_webhooks` once the row's
+`next_attempt_at` passes (KILN_WEBHOOKS_UNSENT_AFTER_SECONDS after the change).
 """
 
 from __future__ import annotations
@@ -44,17 +33,16 @@ from urllib.parse import quote
 
 import httpx
 from celery import Celery
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import func, insert, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from shared.db import transaction
 from shared.errors import ValidationFailed
-from shared.events import api_timestamp
+from shared.events import StatusChange, api_timestamp
 from shared.logging import get_logger
 from shared.models import GenerationStatus, metadata, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
-from shared.queueing import DELIVER_WEBHOOK_TASK
+from shared.queueing import DELIVER_WEBHOOK_TASK, webhook_queue
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -192,10 +180,6 @@ def validate_webhook_url(url: str, policy: OutboundPolicy, field: str = "url") -
     return value
 
 
-def webhook_queue(settings: Settings) -> str:
-    return settings.webhooks.queue or settings.worker.queue
-
-
 def attempt_lease_seconds(settings: Settings) -> float:
     return settings.webhooks.timeout_seconds + ATTEMPT_LEASE_MARGIN_SECONDS
 
@@ -284,79 +268,84 @@ def generation_event_payload(
 # --- scheduling --------------------------------------------------------------------------------
 
 
-def _subscribed_endpoints(project_id: uuid.UUID, status: str) -> Any:
-    e = webhook_endpoints.c
+def _subscribed_endpoints(status: str) -> Any:
+    """The enabled endpoints of the generation's project subscribed to `status`, as a JSON list."""
+    e, g = webhook_endpoints.c, generations.c
     endpoint = func.jsonb_build_object("id", e.id, "url", e.url)
     matching = (
         select(func.coalesce(func.jsonb_agg(endpoint), literal([], JSONB), type_=JSONB))
-        .where(e.project_id == project_id, e.enabled.is_(True), e.events.contains([status]))
+        .where(e.project_id == g.project_id, e.enabled.is_(True), e.events.contains([status]))
         .scalar_subquery()
     )
     return matching.label("endpoints")
 
 
-async def schedule_status_webhooks(
-    db: AsyncSession | AsyncConnection,
-    *,
-    generation_id: uuid.UUID,
-    project_id: uuid.UUID,
-    status: str,
-    settings: Settings,
+async def insert_status_deliveries(
+    db: AsyncSession | AsyncConnection, changes: Sequence[StatusChange], settings: Settings
 ) -> list[uuid.UUID]:
-    """Insert one `pending` delivery per enabled endpoint of the project subscribed to `status`, plus
-    one for the generation's own `webhookUrl`; returns their ids (attempts 0). INSERTs only: the
-    caller commits, then sends them with `enqueue_webhook_deliveries`. One query when nothing is
-    subscribed (the common case)."""
-    if status not in WEBHOOK_EVENTS:
+    """Insert one `pending` delivery per enabled endpoint of the generation's project subscribed to
+    the change's status, plus one for the generation's own `webhookUrl`; returns their ids.
+
+    INSERTs only, in the caller's transaction (`shared.status_changes.record_in_transaction` is the
+    one caller): the deliveries commit with the status change or not at all. One query per distinct
+    status when nothing is subscribed (the common case), plus one multi-row INSERT otherwise.
+    """
+    by_status: dict[str, list[StatusChange]] = {}
+    for change in changes:
+        if change.status in WEBHOOK_EVENTS:
+            by_status.setdefault(change.status, []).append(change)
+    if not by_status:
         return []
     g, i = generations.c, images.c
-    stmt = (
-        select(
-            generations,
-            i.id.label("image_id"),
-            i.storage_key.label("image_storage_key"),
-            i.public_token.label("image_public_token"),
-            i.mime_type.label("image_mime_type"),
-            i.width.label("image_width"),
-            i.height.label("image_height"),
-            i.file_size.label("image_file_size"),
-            _subscribed_endpoints(project_id, status),
+    now = datetime.now(UTC)
+    # Sent right after the commit; if that message never comes (lost with the broker, or the process
+    # died between the commit and the send), the dispatcher sends it once this grace has passed.
+    first_due = func.now() + timedelta(seconds=settings.webhooks.unsent_after_seconds)
+    values: list[dict[str, Any]] = []
+    for status, group in by_status.items():
+        stmt = (
+            select(
+                generations,
+                i.id.label("image_id"),
+                i.storage_key.label("image_storage_key"),
+                i.public_token.label("image_public_token"),
+                i.mime_type.label("image_mime_type"),
+                i.width.label("image_width"),
+                i.height.label("image_height"),
+                i.file_size.label("image_file_size"),
+                _subscribed_endpoints(status),
+            )
+            .select_from(generations.outerjoin(images, i.id == g.output_image_id))
+            .where(tuple_(g.id, g.project_id).in_([(c.id, c.project_id) for c in group]))
         )
-        .select_from(generations.outerjoin(images, i.id == g.output_image_id))
-        .where(g.id == generation_id, g.project_id == project_id)
-    )
-    row = (await db.execute(stmt)).mappings().one_or_none()
-    if row is None:
+        for row in (await db.execute(stmt)).mappings():
+            targets: list[tuple[uuid.UUID | None, str]] = [
+                (uuid.UUID(str(endpoint["id"])), endpoint["url"]) for endpoint in row["endpoints"] or []
+            ]
+            if row["webhook_url"]:
+                targets.append((None, row["webhook_url"]))
+            if not targets:
+                continue
+            payload = generation_event_payload(row, status, settings, now)
+            values += [
+                {
+                    "id": new_id(),
+                    "project_id": row["project_id"],
+                    "endpoint_id": endpoint_id,
+                    "generation_id": row["id"],
+                    "event": f"generation.{status}",
+                    "url": url,
+                    "payload": payload,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": first_due,
+                }
+                for endpoint_id, url in targets
+            ]
+    if not values:
         return []
-    targets: list[tuple[uuid.UUID | None, str]] = [
-        (uuid.UUID(str(endpoint["id"])), endpoint["url"]) for endpoint in row["endpoints"] or []
-    ]
-    if row["webhook_url"]:
-        targets.append((None, row["webhook_url"]))
-    if not targets:
-        return []
-    payload = generation_event_payload(row, status, settings, datetime.now(UTC))
-    event = f"generation.{status}"
-    # Sent right after the commit; if that message is lost, the dispatcher sends it after the lease.
-    first_due = func.now() + timedelta(seconds=attempt_lease_seconds(settings))
-    delivery_ids = [new_id() for _ in targets]
-    values = [
-        {
-            "id": delivery_id,
-            "project_id": project_id,
-            "endpoint_id": endpoint_id,
-            "generation_id": generation_id,
-            "event": event,
-            "url": url,
-            "payload": payload,
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_at": first_due,
-        }
-        for delivery_id, (endpoint_id, url) in zip(delivery_ids, targets, strict=True)
-    ]
     await db.execute(insert(webhook_deliveries).values(values))  # one multi-row INSERT
-    return delivery_ids
+    return [value["id"] for value in values]
 
 
 async def enqueue_webhook_deliveries(
@@ -385,58 +374,3 @@ async def enqueue_webhook_deliveries(
             log.warning("webhook tasks not sent; the dispatcher will", unsent=len(unsent), error=repr(exc))
             return unsent
     return []
-
-
-async def mark_deliveries_due(db: AsyncSession | AsyncConnection, delivery_ids: Sequence[uuid.UUID]) -> None:
-    """Their message was not sent: due now, so the next dispatcher run sends them."""
-    if not delivery_ids:
-        return
-    d = webhook_deliveries.c
-    await db.execute(
-        update(webhook_deliveries)
-        .where(d.id.in_(list(delivery_ids)), d.status == "pending", d.attempts == 0)
-        .values(next_attempt_at=func.now())
-    )
-
-
-async def publish_status_webhooks(
-    sessions: async_sessionmaker[AsyncSession],
-    producer: Celery,
-    settings: Settings,
-    *,
-    generation_id: uuid.UUID,
-    project_id: uuid.UUID,
-    status: str,
-) -> list[uuid.UUID]:
-    """After a status change committed: schedule its webhooks (own transaction) and send the tasks.
-
-    Never raises (except cancellation): the status change already happened and must not be undone
-    or reported as failed because of a webhook. Returns the new delivery ids (empty on failure)."""
-    if status not in WEBHOOK_EVENTS:
-        return []
-    try:
-        async with transaction(sessions) as session:
-            delivery_ids = await schedule_status_webhooks(
-                session, generation_id=generation_id, project_id=project_id, status=status, settings=settings
-            )
-    except Exception as exc:
-        log.warning(
-            "webhooks of a status change not scheduled",
-            generation_id=str(generation_id),
-            status=status,
-            error=repr(exc),
-        )
-        return []
-    if not delivery_ids:
-        return []
-    unsent = await enqueue_webhook_deliveries(producer, settings, [(d, 0) for d in delivery_ids])
-    if unsent:
-        try:
-            async with transaction(sessions) as session:
-                await mark_deliveries_due(session, unsent)
-        except Exception as exc:  # they still become due after the lease
-            log.warning("could not mark unsent webhook deliveries due", error=repr(exc))
-    log.info(
-        "webhooks scheduled", generation_id=str(generation_id), status=status, deliveries=len(delivery_ids)
-    )
-    return delivery_ids

@@ -1,11 +1,15 @@
 """The Celery app, and the resources one worker process shares across its tasks.
 
-    celery -A worker.celery_app worker -Q kiln.generations,kiln.generations.openai,...
-    celery -A worker.celery_app beat
+    celery -A worker.celery_app worker -Q kiln.generations,...,kiln.webhooks,kiln.maintenance
+    celery -A worker.celery_app worker -B -Q kiln.maintenance -n maintenance@%h   # what `kiln beat` runs
 
 `kiln.generate` goes to a queue per provider (`shared.queueing.queue_for_provider`: the placeholder on
-KILN_WORKER_QUEUE, `kiln.generations.<provider>` for the others); the sender picks the queue, so no
-routing table is needed here. `kiln worker` consumes all of them unless `--queues` narrows it.
+KILN_WORKER_QUEUE, `kiln.generations.<provider>` for the others), webhook deliveries to
+KILN_WEBHOOKS_QUEUE, and the periodic tasks (sweeper, webhook dispatcher, housekeeping) to
+KILN_WORKER_MAINTENANCE_QUEUE; the sender picks the queue, so no routing table is needed here.
+`kiln worker` consumes all of them unless `--queues` narrows it. A worker whose processes are all busy
+with slow jobs reads no message at all (prefetch 1, acks late), so the maintenance queue also has a
+consumer of its own: `kiln beat` runs the scheduler embedded in a small worker that reads only it.
 
 Each worker process owns one asyncio event loop, one database engine, one Redis client, one HTTP
 client and one storage client, opened on `worker_process_init` (or lazily on first use: solo pool,
@@ -42,7 +46,6 @@ from shared.queueing import (
 )
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
-from shared.webhooks import webhook_queue
 
 log = get_logger(__name__)
 
@@ -50,41 +53,43 @@ T = TypeVar("T")
 
 # One task runs at a time per process; the heartbeat and a retry-count update may overlap with it.
 PROCESS_DB_POOL_SIZE = 3
+MAINTENANCE_MIN_EXPIRY_SECONDS = 2.0
+
+
+def maintenance_entry(settings: Settings, task: str, interval_seconds: float) -> dict[str, Any]:
+    """A beat entry of a periodic housekeeping task: sent to the maintenance queue, which `kiln beat`'s
+    own consumer (and every `kiln worker`) reads, so no generation backlog can hold it up.
+
+    A run nobody picked up within two intervals expires: the next one supersedes it, and a consumer that
+    was busy for a while then finds one or two runs waiting, not a pile."""
+    return {
+        "task": task,
+        "schedule": interval_seconds,
+        "options": {
+            "queue": settings.worker.maintenance_queue,
+            "expires": max(2 * interval_seconds, MAINTENANCE_MIN_EXPIRY_SECONDS),
+        },
+    }
 
 
 def worker_config(settings: Settings) -> dict[str, Any]:
-    interval = settings.worker.sweep_interval_seconds
-    webhook_interval = settings.webhooks.dispatch_interval_seconds
-    housekeeping_interval = settings.worker.housekeeping_interval_seconds
+    # Every periodic task goes through `maintenance_entry`: add a new one here the same way.
+    schedule = {
+        "sweep-generations": maintenance_entry(settings, SWEEP_TASK, settings.worker.sweep_interval_seconds),
+        "dispatch-webhooks": maintenance_entry(
+            settings, DISPATCH_WEBHOOKS_TASK, settings.webhooks.dispatch_interval_seconds
+        ),
+        "reconcile-storage": maintenance_entry(
+            settings, RECONCILE_STORAGE_TASK, settings.storage.reconcile_interval_seconds
+        ),
+        "housekeeping": maintenance_entry(
+            settings, HOUSEKEEPING_TASK, settings.worker.housekeeping_interval_seconds
+        ),
+    }
     return {
         **celery_config(settings),
         "worker_concurrency": settings.worker.concurrency,  # `-c` on the command line still wins
-        "beat_schedule": {
-            "sweep-generations": {
-                "task": SWEEP_TASK,
-                "schedule": interval,
-                # A sweep nobody picked up in time is superseded by the next one: don't let them pile up.
-                "options": {"queue": settings.worker.queue, "expires": max(interval, 1.0)},
-            },
-            "dispatch-webhooks": {
-                "task": DISPATCH_WEBHOOKS_TASK,
-                "schedule": webhook_interval,
-                "options": {"queue": webhook_queue(settings), "expires": max(webhook_interval, 1.0)},
-            },
-            "reconcile-storage": {
-                "task": RECONCILE_STORAGE_TASK,
-                "schedule": settings.storage.reconcile_interval_seconds,
-                "options": {
-                    "queue": settings.worker.queue,
-                    "expires": max(settings.storage.reconcile_interval_seconds, 1.0),
-                },
-            },
-            "housekeeping": {
-                "task": HOUSEKEEPING_TASK,
-                "schedule": housekeeping_interval,
-                "options": {"queue": settings.worker.queue, "expires": max(housekeeping_interval, 1.0)},
-            },
-        },
+        "beat_schedule": schedule,
     }
 
 

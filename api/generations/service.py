@@ -51,14 +51,15 @@ from shared.errors import (
     RateLimitExceeded,
     ValidationFailed,
 )
-from shared.events import publish_status
+from shared.events import StatusChange, publish_status
 from shared.logging import get_logger
 from shared.models import TERMINAL_STATUSES, GenerationStatus, new_id, utcnow
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
 from shared.sizes import ASPECT_RATIOS
-from shared.webhooks import URL_MAX_LENGTH, publish_status_webhooks, validate_webhook_url
+from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
+from shared.webhooks import URL_MAX_LENGTH, validate_webhook_url
 
 log = get_logger(__name__)
 
@@ -788,17 +789,17 @@ async def cancel_generation(
                 f"The generation is already {current['status']}; only pending or processing ones can be"
                 " cancelled"
             )
-    await publish_status(resources.redis, row["id"], row["project_id"], row["status"], row["updated_at"])
-    await publish_status_webhooks(
-        resources.sessions,
-        resources.producer,
-        resources.settings,
-        generation_id=row["id"],
-        project_id=row["project_id"],
-        status=row["status"],
-    )
+        change = StatusChange(row["id"], row["project_id"], row["status"], row["updated_at"])
+        recorded = await record_in_transaction(conn, resources.settings, change)
+    await _after_commit(resources, recorded)
     log.info("generation cancelled", generation_id=str(generation_id))
     return generation_record(row, resources.urls, with_image=False)
+
+
+async def _after_commit(resources: Resources, recorded: RecordedChanges) -> None:
+    await after_commit(
+        recorded, redis=resources.redis, producer=resources.producer, settings=resources.settings
+    )
 
 
 async def regenerate_generation(
@@ -909,16 +910,19 @@ async def delete_generation(resources: Resources, principal: Principal, generati
         target = await repository.lock_generation(conn, generation_id, principal.project_id)
         if target is None:
             raise GenerationNotFound()
+        recorded = RecordedChanges()
         if target.status in repository.UNFINISHED:
             await repository.cancel_unfinished(conn, generation_id, now)
+            # Announced like a cancel; recorded before the row goes (the payload is read from it).
+            change = StatusChange(generation_id, target.project_id, "cancelled", now)
+            recorded = await record_in_transaction(conn, resources.settings, change)
         owned = await repository.images_of_generation(conn, generation_id, target.output_image_id)
         doomed = [image for image in owned if image.alias is None]  # aliased images outlive it
         await repository.delete_generation(conn, generation_id)
         if doomed:
             await repository.delete_images(conn, [image.id for image in doomed])
-    if target.status in repository.UNFINISHED:
-        # A worker running it hears this and abandons the attempt now rather than at its next heartbeat.
-        await publish_status(resources.redis, generation_id, target.project_id, "cancelled", now)
+    # A worker running it hears the event and abandons the attempt now rather than at its next heartbeat.
+    await _after_commit(resources, recorded)
     # Objects go after the commit: a failed delete leaves orphans, never rows pointing at nothing.
     try:
         if len(doomed) == len(owned):

@@ -166,7 +166,7 @@ async def get_delivery(
 
 
 async def reset_for_redelivery(
-    conn: AsyncConnection, project_id: uuid.UUID, delivery_id: uuid.UUID, lease_seconds: float
+    conn: AsyncConnection, project_id: uuid.UUID, delivery_id: uuid.UUID, unsent_after_seconds: float
 ) -> RowMapping | None:
     """A finished (delivered or failed) delivery → pending with a fresh retry budget; None if it is
     pending already (its attempts are still running)."""
@@ -181,8 +181,8 @@ async def reset_for_redelivery(
         .values(
             status="pending",
             attempts=0,
-            # The message goes out right after the commit; the dispatcher resends it if it is lost.
-            next_attempt_at=func.now() + timedelta(seconds=lease_seconds),
+            # The message goes out right after the commit; the dispatcher sends it if it never starts.
+            next_attempt_at=func.now() + timedelta(seconds=unsent_after_seconds),
             delivered_at=None,
         )
         .returning(webhook_deliveries)

@@ -35,17 +35,14 @@ from api.webhooks.schemas import (
     endpoint_record,
 )
 from shared.crypto import encrypt_secret
-from shared.db import transaction
 from shared.errors import InvalidState, NotFound, ValidationFailed
 from shared.logging import get_logger
 from shared.models import new_id
 from shared.webhooks import (
     WEBHOOK_EVENTS,
-    attempt_lease_seconds,
     enqueue_webhook_deliveries,
     generate_secret,
     generation_webhook_secret,
-    mark_deliveries_due,
     validate_webhook_url,
 )
 
@@ -270,17 +267,12 @@ async def redeliver(
                     "The endpoint is disabled; re-enable it first (PATCH it with enabled: true)"
                 )
         row = await repository.reset_for_redelivery(
-            conn, project_id, delivery_id, attempt_lease_seconds(settings)
+            conn, project_id, delivery_id, settings.webhooks.unsent_after_seconds
         )
         if row is None:
             raise InvalidState("The delivery is still pending: its next attempt is already scheduled")
-    unsent = await enqueue_webhook_deliveries(resources.producer, settings, [(delivery_id, 0)])
-    if unsent:
-        try:
-            async with transaction(resources.sessions) as session:
-                await mark_deliveries_due(session, unsent)
-        except Exception as exc:  # due anyway once the lease passes
-            log.warning("could not mark an unsent redelivery due", error=repr(exc))
+    # Not sent (broker down): the dispatcher sends it once KILN_WEBHOOKS_UNSENT_AFTER_SECONDS passed.
+    await enqueue_webhook_deliveries(resources.producer, settings, [(delivery_id, 0)])
     log.info("webhook redelivery requested", delivery_id=str(delivery_id))
     return delivery_record(row)
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.events import StatusChange
 from shared.models import GenerationStatus, metadata
 
 generations = metadata.tables["generations"]
@@ -43,16 +44,6 @@ class ClaimedGeneration:
     deadline_at: datetime
     updated_at: datetime
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
-
-
-@dataclass(frozen=True, slots=True)
-class StatusChange:
-    """A committed status transition, to publish as an event."""
-
-    id: uuid.UUID
-    project_id: uuid.UUID
-    status: str
-    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

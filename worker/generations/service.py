@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import redis.asyncio as aioredis
 import structlog
+from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import (
     AsyncRetrying,
@@ -42,7 +43,7 @@ from shared.connections import (
 from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
-from shared.events import generation_channel, publish_status
+from shared.events import StatusChange, generation_channel
 from shared.imaging import ImageInfo, InvalidImage, inspect_and_thumbnail
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
@@ -51,10 +52,10 @@ from shared.outbound import outbound_policy
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
 from shared.providers.http_errors import URL_FORBIDDEN, redact
 from shared.settings import Settings
+from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.storage import ObjectStorage
-from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage, StatusChange
+from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
-from worker.webhooks.service import publish_generation_webhooks
 
 log = get_logger(__name__)
 
@@ -101,6 +102,9 @@ class PipelineDependencies:
     storage: ObjectStorage
     provider_for: ProviderFactory
     requeue: Requeue | None = None  # None: a deferred job waits for the sweeper
+    # Sends the webhook delivery tasks after a status change (the worker's Celery app). None: the
+    # dispatcher sends them once they are due.
+    producer: Celery | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +187,7 @@ class GenerationPipeline:
         if claim.attempt > self.settings.max_attempts:
             interrupted = claim.attempt - 1
             return await self._fail(claim, "WORKER_LOST", f"the job was interrupted {interrupted} times")
-        await self._publish(
-            StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
-        )
+        await self._announce_processing(claim)
         log.info("generation claimed", provider=claim.provider, model=claim.model)
 
         prefix = attempt_storage_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
@@ -229,16 +231,18 @@ class GenerationPipeline:
         async with transaction(self.deps.sessions) as session:
             repository = GenerationRepository(session)
             state = await repository.get_state(generation_id)
-            change = None
+            recorded = None
             if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
                 change = await repository.fail_pending_past_deadline(
                     generation_id, "the generation did not start before its deadline"
                 )
-        if change is None:
+                if change is not None:
+                    recorded = await record_in_transaction(session, self.deps.settings, change)
+        if recorded is None:
             log.info("generation not claimable; nothing to do", status=state.status if state else None)
             return PipelineOutcome.SKIPPED
         log.info("generation failed", error_code="DEADLINE_EXCEEDED")
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     # --- the work, under a renewed lease ------------------------------------------------------
@@ -584,6 +588,7 @@ class GenerationPipeline:
                 )
                 if change is None:
                     raise LeaseLost  # rolls the image row back
+                recorded = await record_in_transaction(session, self.deps.settings, change)
         except LeaseLost:
             log.info("finalize refused: this attempt no longer owns the row; deleting its objects")
             await self._discard_objects(prefix)
@@ -597,7 +602,7 @@ class GenerationPipeline:
             width=info.width,
             height=info.height,
         )
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.SUCCEEDED
 
     async def _fail(self, claim: ClaimedGeneration, code: str, message: str) -> PipelineOutcome:
@@ -605,11 +610,12 @@ class GenerationPipeline:
             change = await GenerationRepository(session).mark_failed(
                 claim.id, claim.attempt, claim.version, error_code=code, error_message=message
             )
-        if change is None:
+            recorded = await record_in_transaction(session, self.deps.settings, change) if change else None
+        if recorded is None:
             log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
             return PipelineOutcome.ABANDONED
         log.info("generation failed", error_code=code, error_message=message)
-        await self._publish(change)
+        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     async def _expire_lease(self, claim: ClaimedGeneration) -> None:
@@ -630,15 +636,22 @@ class GenerationPipeline:
         except Exception as exc:
             log.warning("could not delete this attempt's objects", prefix=prefix, error=str(exc))
 
-    async def _publish(self, change: StatusChange) -> None:
-        await publish_status(self.deps.redis, change.id, change.project_id, change.status, change.updated_at)
-        # After the commit, like the event; never raises.
-        await publish_generation_webhooks(
-            self.deps.sessions,
-            self.deps.settings,
-            generation_id=change.id,
-            project_id=change.project_id,
-            status=change.status,
+    async def _announce_processing(self, claim: ClaimedGeneration) -> None:
+        """The claim committed `processing` before the job knew it would run (its connection may be at
+        its limit and hand it back), so its deliveries get their own transaction, here. Best effort: a
+        database error must not end an attempt that owns its row (the lease heartbeat decides that)."""
+        change = StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+        try:
+            async with transaction(self.deps.sessions) as session:
+                recorded = await record_in_transaction(session, self.deps.settings, change)
+        except Exception as exc:
+            log.warning("webhooks of `processing` not recorded", error=repr(exc))
+            recorded = RecordedChanges(changes=(change,))
+        await self._after_commit(recorded)
+
+    async def _after_commit(self, recorded: RecordedChanges) -> None:
+        await after_commit(
+            recorded, redis=self.deps.redis, producer=self.deps.producer, settings=self.deps.settings
         )
 
 

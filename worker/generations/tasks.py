@@ -47,6 +47,7 @@ def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
         storage=runtime.storage,
         provider_for=provider_for,
         requeue=requeue,
+        producer=app,  # inside the worker, the worker's own app sends the webhook tasks
     )
 
 

@@ -20,14 +20,14 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import transaction
-from shared.events import publish_status
+from shared.events import StatusChange
 from shared.logging import get_logger
 from shared.models import GenerationStatus
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
+from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.storage import ObjectStorage
-from shared.webhooks import publish_status_webhooks
 from worker.generations.service import attempt_storage_prefix
 from worker.sweeper.repository import EmptyQueues, SweepRepository, SweptGeneration
 
@@ -85,14 +85,15 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
         expired = await SweepRepository(session).fail_past_deadline(
             batch_size, "the generation did not finish before its deadline"
         )
-    await _after_ending(deps, expired)
+        recorded = await _record(session, settings, expired)
+    await _after_ending(deps, expired, recorded)
 
     async with transaction(deps.sessions) as session:
         repository = SweepRepository(session)
         lost = await repository.fail_lost_leases(settings.generation.max_attempts, batch_size)
         taken_back = await repository.requeue_lost_leases(settings.generation.max_attempts, batch_size)
-    await _after_ending(deps, lost)
-    await _after_ending(deps, taken_back)
+        recorded = await _record(session, settings, [*lost, *taken_back])
+    await _after_ending(deps, [*lost, *taken_back], recorded)
 
     unsent += await _enqueue(deps, taken_back)
 
@@ -123,8 +124,19 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     return report
 
 
-async def _after_ending(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -> None:
-    """Publish each change; delete the objects of attempts that were cut off mid-flight."""
+async def _record(
+    session: AsyncSession, settings: Settings, rows: Sequence[SweptGeneration]
+) -> RecordedChanges:
+    """The webhook deliveries of these changes, in the transaction that made them."""
+    changes = [StatusChange(row.id, row.project_id, row.status, row.updated_at) for row in rows]
+    return await record_in_transaction(session, settings, *changes)
+
+
+async def _after_ending(
+    deps: SweeperDependencies, rows: Sequence[SweptGeneration], recorded: RecordedChanges
+) -> None:
+    """Delete the objects of attempts that were cut off mid-flight; then publish the changes and send
+    their webhooks (`failed` rows announce themselves, `pending` ones taken back do not)."""
     for row in rows:
         if row.previous_status == GenerationStatus.PROCESSING.value:
             # A live worker of that attempt would be refused at finalize and delete these itself;
@@ -134,16 +146,7 @@ async def _after_ending(deps: SweeperDependencies, rows: Sequence[SweptGeneratio
                 await deps.storage.delete_prefix(prefix)
             except Exception as exc:
                 log.warning("could not delete an abandoned attempt's objects", prefix=prefix, error=str(exc))
-        await publish_status(deps.redis, row.id, row.project_id, row.status, row.updated_at)
-        # `failed` rows announce themselves (`pending` ones taken back do not); never raises.
-        await publish_status_webhooks(
-            deps.sessions,
-            deps.producer,
-            deps.settings,
-            generation_id=row.id,
-            project_id=row.project_id,
-            status=row.status,
-        )
+    await after_commit(recorded, redis=deps.redis, producer=deps.producer, settings=deps.settings)
 
 
 async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> tuple[int, int]:

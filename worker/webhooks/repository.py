@@ -106,6 +106,16 @@ class WebhookDeliveryRepository:
             disabled_reason=row.disabled_reason,
         )
 
+    async def postpone(self, delivery_id: uuid.UUID, attempt: int, delay: float) -> bool:
+        """Give a claimed attempt back unused: due again after `delay` (the dispatcher sends it)."""
+        d = webhook_deliveries.c
+        stmt = (
+            update(webhook_deliveries)
+            .where(_attempt_of(delivery_id, attempt))
+            .values(attempts=d.attempts - 1, next_attempt_at=func.now() + timedelta(seconds=delay))
+        )
+        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+
     async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, url: str, status_code: int) -> bool:
         stmt = (
             update(webhook_deliveries)

@@ -4,6 +4,10 @@
 statuses, timeouts, connection errors, a name that does not resolve): retried on the backoff schedule
 until `KILN_WEBHOOKS_MAX_ATTEMPTS`, then failed. An address the outbound policy refuses fails at once.
 
+Before the request: a project at KILN_WEBHOOKS_MAX_IN_FLIGHT_PER_PROJECT requests in progress, or a
+receiver whose circuit breaker is open (`breaker.py`), postpones the delivery: no request, no attempt
+used, due again later.
+
 The dispatcher (beat) sends the deliveries whose `next_attempt_at` passed: retries whose wait is over,
 and deliveries whose message never ran (lost with the broker, or its worker died mid-attempt).
 """
@@ -11,12 +15,14 @@ and deliveries whose message never ran (lost with the broker, or its worker died
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
 import httpx
+import redis.asyncio as aioredis
 import structlog
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,11 +40,11 @@ from shared.webhooks import (
     encode_body,
     enqueue_webhook_deliveries,
     generation_webhook_secret,
-    publish_status_webhooks,
     retry_delay_seconds,
     signature_headers,
 )
-from worker.celery_app import app
+from worker.generations.slots import ConnectionSlots, SlotLease
+from worker.webhooks.breaker import ReceiverBreakers, receiver_key
 from worker.webhooks.repository import ClaimedDelivery, DueDelivery, WebhookDeliveryRepository
 
 log = get_logger(__name__)
@@ -54,6 +60,7 @@ class WebhookDependencies:
     sessions: async_sessionmaker[AsyncSession]
     http: httpx.AsyncClient
     producer: Celery  # sends `kiln.deliver_webhook` (the dispatcher)
+    redis: aioredis.Redis  # circuit breakers and the per-project cap, shared by every worker
 
 
 class DeliveryOutcome(StrEnum):
@@ -61,6 +68,7 @@ class DeliveryOutcome(StrEnum):
     RETRY_SCHEDULED = "retry_scheduled"
     FAILED = "failed"
     SKIPPED = "skipped"  # not claimable: a duplicate or stale message, or already finished
+    POSTPONED = "postponed"  # the receiver's breaker is open or the project is at its cap: no attempt used
     ABANDONED = "abandoned"  # the outcome matched no row (redelivered or deleted meanwhile)
 
 
@@ -90,12 +98,32 @@ async def deliver_webhook(
         return await WebhookDelivery(deps).run(delivery_id, expected_attempts)
 
 
+@dataclass(frozen=True, slots=True)
+class Postponed:
+    reason: str
+    seconds: float
+
+
 class WebhookDelivery:
     def __init__(self, deps: WebhookDependencies) -> None:
         self.deps = deps
         self.settings = deps.settings.webhooks
+        self._slot: SlotLease | None = None  # this attempt's place under the project's in-flight cap
+        self.breakers = ReceiverBreakers(
+            deps.redis,
+            failures=self.settings.breaker_failures,
+            cooldown_seconds=self.settings.breaker_cooldown_seconds,
+            probe_seconds=attempt_lease_seconds(deps.settings),
+        )
 
     async def run(self, delivery_id: uuid.UUID, expected_attempts: int | None) -> DeliveryOutcome:
+        try:
+            return await self._run(delivery_id, expected_attempts)
+        finally:
+            if self._slot is not None:
+                await self._slot.release()
+
+    async def _run(self, delivery_id: uuid.UUID, expected_attempts: int | None) -> DeliveryOutcome:
         lease = attempt_lease_seconds(self.deps.settings)
         async with transaction(self.deps.sessions) as session:
             repository = WebhookDeliveryRepository(session)
@@ -110,13 +138,62 @@ class WebhookDelivery:
                 await repository.mark_failed(claimed.id, claimed.attempt, claimed.url, None, str(refused))
                 self._log_attempt(claimed, AttemptResult(None, str(refused), retryable=False), "failed", 0.0)
                 return DeliveryOutcome.FAILED
+            if claimed.attempt <= self.settings.max_attempts:
+                postponed = await self._admit(claimed, url)
+                if postponed is not None:
+                    # Undone in the claim's own transaction: a postponed delivery used no attempt.
+                    await repository.postpone(claimed.id, claimed.attempt, postponed.seconds)
+                    log.info(
+                        "webhook attempt postponed",
+                        reason=postponed.reason,
+                        seconds=round(postponed.seconds, 2),
+                        host=_host_of(url),
+                        endpoint_id=str(claimed.endpoint_id) if claimed.endpoint_id else None,
+                    )
+                    return DeliveryOutcome.POSTPONED
         if claimed.attempt > self.settings.max_attempts:
             # The previous attempt's worker died after claiming the last try.
             result = AttemptResult(None, f"gave up after {claimed.attempt - 1} attempts", retryable=False)
             return await self._record(claimed, url, result, 0.0)
         started = time.monotonic()
         result = await self._send(claimed, url, secret, policy)
+        await self._tell_breaker(claimed, url, result)
         return await self._record(claimed, url, result, time.monotonic() - started)
+
+    async def _admit(self, claimed: ClaimedDelivery, url: str) -> Postponed | None:
+        """The project's in-flight cap, then the receiver's breaker; None: send now (holding a slot).
+        Without Redis both let the attempt go: they protect receivers, they must not stop deliveries."""
+        cap = self.settings.max_in_flight_per_project
+        try:
+            if cap > 0:
+                lease = attempt_lease_seconds(self.deps.settings)
+                slots = ConnectionSlots(self.deps.redis, ttl_seconds=lease)
+                self._slot = await slots.try_acquire(f"webhooks:{claimed.project_id}", cap)
+                if self._slot is None:
+                    interval = self.settings.dispatch_interval_seconds
+                    return Postponed("project at its in-flight cap", interval * random.uniform(1.0, 2.0))
+            wait = await self.breakers.wait_before(receiver_key(claimed.endpoint_id, url))
+        except Exception as exc:
+            log.warning("webhook cap and breaker unavailable; sending anyway", error=repr(exc))
+            return None
+        if wait > 0:
+            if self._slot is not None:
+                await self._slot.release()
+                self._slot = None
+            return Postponed("receiver's circuit breaker is open", wait)
+        return None
+
+    async def _tell_breaker(self, claimed: ClaimedDelivery, url: str, result: AttemptResult) -> None:
+        """Successes close the breaker; failures the receiver is to blame for count towards opening it
+        (not an address our policy refuses, nor a 410, which disables the endpoint anyway)."""
+        key = receiver_key(claimed.endpoint_id, url)
+        try:
+            if result.delivered:
+                await self.breakers.succeeded(key)
+            elif result.retryable and not result.gone:
+                await self.breakers.failed(key)
+        except Exception as exc:  # Redis trouble: the breaker just learns less
+            log.warning("circuit breaker not updated", error=repr(exc))
 
     async def _target(
         self, repository: WebhookDeliveryRepository, claimed: ClaimedDelivery
@@ -264,18 +341,3 @@ async def dispatch_due_webhooks(deps: WebhookDependencies, batch_size: int = DIS
     sent = len(due) - len(unsent_ids)
     log.info("webhook dispatch", sent=sent, unsent=len(unsent_ids))
     return sent
-
-
-async def publish_generation_webhooks(
-    sessions: async_sessionmaker[AsyncSession],
-    settings: Settings,
-    *,
-    generation_id: uuid.UUID,
-    project_id: uuid.UUID,
-    status: str,
-) -> list[uuid.UUID]:
-    """The generation pipeline's hook (it has no producer of its own): `publish_status_webhooks`
-    sending with this worker's Celery app. Never raises."""
-    return await publish_status_webhooks(
-        sessions, app, settings, generation_id=generation_id, project_id=project_id, status=status
-    )

@@ -19,6 +19,7 @@ def webhook_dependencies(runtime: WorkerRuntime) -> WebhookDependencies:
         sessions=runtime.sessions,
         http=runtime.http,
         producer=app,  # inside the worker, the worker's own app sends the tasks
+        redis=runtime.redis,
     )
 
 

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,11 +20,12 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from shared.events import StatusChange
 from shared.models import metadata
 from shared.outbound import outbound_client
-from shared.queueing import DELIVER_WEBHOOK_TASK, create_producer
+from shared.queueing import DELIVER_WEBHOOK_TASK, create_producer, webhook_queue
 from shared.settings import Settings
-from shared.webhooks import webhook_queue
+from shared.status_changes import after_commit, record_in_transaction
 from tests.fakes.server import serve
 
 # The API fixtures (session client, tenants, admin key) and row helpers, shared with the API tests.
@@ -125,6 +126,7 @@ def webhook_tuned(settings: Settings, **webhooks: Any) -> Settings:
         "timeout_seconds": RECEIVER_TIMEOUT_SECONDS,
         "backoff_seconds": [0.05],
         "max_attempts": 3,
+        "max_in_flight_per_project": 50,  # the cap and the breaker have tests of their own
         **webhooks,
     }
     return settings.model_copy(update={"webhooks": settings.webhooks.model_copy(update=values)})
@@ -149,9 +151,14 @@ def webhook_deps(
     sessions: async_sessionmaker[AsyncSession],
     http_client: httpx.AsyncClient,
     producer: Celery,
+    redis_client: aioredis.Redis,
 ) -> WebhookDependencies:
     return WebhookDependencies(
-        settings=webhook_tuned(api_settings), sessions=sessions, http=http_client, producer=producer
+        settings=webhook_tuned(api_settings),
+        sessions=sessions,
+        http=http_client,
+        producer=producer,
+        redis=redis_client,
     )
 
 
@@ -185,6 +192,17 @@ async def run_queued(
         delivery_id = uuid.UUID(args[0])
         outcomes.append((delivery_id, await deliver_webhook(delivery_id, args[1], deps)))
     return outcomes
+
+
+async def announce(
+    deps: WebhookDependencies, project_id: uuid.UUID, generation_id: uuid.UUID, status: str
+) -> list[uuid.UUID]:
+    """What every status change does: its deliveries in the transaction, then the tasks after it."""
+    change = StatusChange(generation_id, project_id, status, datetime.now(UTC))
+    async with deps.sessions() as session, session.begin():
+        recorded = await record_in_transaction(session, deps.settings, change)
+    await after_commit(recorded, redis=deps.redis, producer=deps.producer, settings=deps.settings)
+    return list(recorded.delivery_ids)
 
 
 # --- rows ------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import uuid
 from sqlalchemy import update
 
 from shared.netguard import OutboundPolicy
-from shared.webhooks import generation_webhook_secret, publish_status_webhooks, verify
+from shared.queueing import webhook_queue
+from shared.webhooks import generation_webhook_secret, verify
 from tests.integration.api.conftest import insert_finished_generation
 from tests.integration.webhooks.conftest import (
     BASE_URL,
     RECEIVER_TIMEOUT_SECONDS,
+    announce,
     create_endpoint,
     fetch_delivery,
     fetch_endpoint,
@@ -29,18 +31,6 @@ from worker.webhooks.service import (
     deliver_webhook,
     dispatch_due_webhooks,
 )
-
-
-async def announce(deps: WebhookDependencies, project_id: uuid.UUID, generation_id: uuid.UUID, status: str):
-    """What the worker does after committing a status change."""
-    return await publish_status_webhooks(
-        deps.sessions,
-        deps.producer,
-        deps.settings,
-        generation_id=generation_id,
-        project_id=project_id,
-        status=status,
-    )
 
 
 async def test_success_is_delivered_signed_with_the_endpoint_secret(
@@ -215,6 +205,7 @@ async def test_an_address_the_outbound_policy_refuses_fails_without_a_request(
         sessions=webhook_deps.sessions,
         http=webhook_deps.http,
         producer=webhook_deps.producer,
+        redis=webhook_deps.redis,
     )
 
     [delivery_id] = await announce(deps, tenant.project_id, gid, "failed")
@@ -230,9 +221,9 @@ async def test_the_dispatcher_sends_a_delivery_whose_message_was_lost(
     endpoint = await create_endpoint(client, tenant, receiver.at("/lost"))
     gid = await insert_generation(engine, tenant.project_id, status="cancelled")
     [delivery_id] = await announce(webhook_deps, tenant.project_id, gid, "cancelled")
-    await redis_client.delete(webhook_deps.settings.worker.queue)  # the broker lost it (restart)
+    await redis_client.delete(webhook_queue(webhook_deps.settings))  # the broker lost it (restart)
 
-    assert await dispatch_due_webhooks(webhook_deps) == 0  # not before its lease ran out
+    assert await dispatch_due_webhooks(webhook_deps) == 0  # not before KILN_WEBHOOKS_UNSENT_AFTER_SECONDS
     await make_due(engine, delivery_id)
     assert await dispatch_due_webhooks(webhook_deps) == 1
     assert await dispatch_due_webhooks(webhook_deps) == 0  # handed out once
@@ -250,7 +241,7 @@ async def test_a_worker_lost_mid_attempt_leaves_the_delivery_to_the_dispatcher(
     await create_endpoint(client, tenant, receiver.at("/crash"))
     gid = await insert_generation(engine, tenant.project_id, status="failed")
     [delivery_id] = await announce(webhook_deps, tenant.project_id, gid, "failed")
-    await redis_client.delete(webhook_deps.settings.worker.queue)
+    await redis_client.delete(webhook_queue(webhook_deps.settings))
     async with webhook_deps.sessions() as session, session.begin():  # claimed, then the worker died
         assert await WebhookDeliveryRepository(session).claim(delivery_id, 0, 60) is not None
 
@@ -269,7 +260,7 @@ async def test_concurrent_dispatchers_and_duplicate_messages_send_each_delivery_
     for _ in range(15):
         gid = await insert_generation(engine, tenant.project_id, status="failed")
         ids += await announce(webhook_deps, tenant.project_id, gid, "failed")
-    await redis_client.delete(webhook_deps.settings.worker.queue)
+    await redis_client.delete(webhook_queue(webhook_deps.settings))
     for delivery_id in ids:
         await make_due(engine, delivery_id)
 
@@ -360,7 +351,7 @@ async def test_redelivery_sends_a_failed_delivery_again(
             .where(webhook_deliveries.c.id == delivery_id)
             .values(status="failed", attempts=3, last_status_code=500)
         )
-    await redis_client.delete(webhook_deps.settings.worker.queue)
+    await redis_client.delete(webhook_queue(webhook_deps.settings))
 
     r = await client.post(
         f"/api/v1/webhooks/{endpoint['id']}/deliveries/{delivery_id}/redeliver", headers=tenant.headers

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from shared.queueing import create_producer, enqueue_generation
+from shared.embedded import free_port
+from shared.queueing import create_producer, enqueue_generation, webhook_queue
 from shared.settings import Settings
 from shared.storage import LocalStorage, create_storage
 from shared.webhooks import verify
@@ -19,6 +20,7 @@ from tests.integration.webhooks.conftest import (
     BASE_URL,
     create_endpoint,
     insert_generation,
+    make_due,
     queued_deliveries,
     run_queued,
     webhook_deliveries,
@@ -27,11 +29,11 @@ from tests.integration.worker.harness import ScriptedProvider, fetch_images, pip
 from tests.integration.worker.test_celery_process import CeleryProcess, service_env
 from worker.generations.service import PipelineOutcome, run_generation
 from worker.sweeper.service import SweeperDependencies, sweep
-from worker.webhooks.service import DeliveryOutcome
+from worker.webhooks.service import DeliveryOutcome, dispatch_due_webhooks
 
 
 async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpoints(
-    client, tenant, engine, sessions, redis_client, receiver, webhook_deps, api_settings
+    client, tenant, engine, sessions, redis_client, receiver, webhook_deps, api_settings, producer
 ):
     everything = await create_endpoint(client, tenant, receiver.at("/all"))
     await create_endpoint(client, tenant, receiver.at("/failures"), events=["failed"])
@@ -39,7 +41,7 @@ async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpo
         engine, tenant.project_id, provider="scripted", webhook_url=receiver.at("/own"), meta={"job": 1}
     )
     storage = create_storage(api_settings)  # the API's own, so the payload's image URL can be fetched
-    deps = pipeline_deps(api_settings, sessions, redis_client, storage, ScriptedProvider())  # type: ignore[arg-type]
+    deps = pipeline_deps(api_settings, sessions, redis_client, storage, ScriptedProvider(), producer)  # type: ignore[arg-type]
 
     assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
 
@@ -105,23 +107,37 @@ async def test_the_sweeper_announces_the_rows_it_fails(
     assert (payload["data"]["id"], payload["data"]["errorCode"]) == (str(gid), "DEADLINE_EXCEEDED")
 
 
-async def test_a_webhook_that_cannot_be_scheduled_never_fails_the_generation(
-    client, tenant, engine, sessions, redis_client, receiver, api_settings, monkeypatch
+async def test_a_broker_that_refuses_the_webhook_tasks_never_fails_the_generation(
+    client, tenant, engine, sessions, redis_client, receiver, api_settings, webhook_deps
 ):
-    await create_endpoint(client, tenant, receiver.at("/broken"))
+    """The deliveries committed with the status change; their tasks could not be sent: the dispatcher
+    sends them once KILN_WEBHOOKS_UNSENT_AFTER_SECONDS has passed."""
+    await create_endpoint(client, tenant, receiver.at("/broker-down"), events=["success"])
     gid = await insert_generation(engine, tenant.project_id, provider="scripted")
-
-    async def broken(*_args, **_kwargs):
-        raise ConnectionError("database went away just now")
-
-    monkeypatch.setattr("shared.webhooks.schedule_status_webhooks", broken)
-    deps = pipeline_deps(
-        api_settings, sessions, redis_client, create_storage(api_settings), ScriptedProvider()
-    )  # type: ignore[arg-type]
-    assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+    dead_broker = api_settings.model_copy(
+        update={
+            "redis": api_settings.redis.model_copy(
+                update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"}
+            )
+        }
+    )
+    producer = create_producer(dead_broker)
+    try:
+        deps = pipeline_deps(
+            api_settings, sessions, redis_client, create_storage(api_settings), ScriptedProvider(), producer
+        )  # type: ignore[arg-type]
+        assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+    finally:
+        producer.close()
+    assert await queued_deliveries(redis_client, api_settings) == []
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(webhook_deliveries))).all()
-    assert rows == []
+        [row] = (await conn.execute(select(webhook_deliveries))).all()
+    assert (row.generation_id, row.status, row.attempts) == (gid, "pending", 0)
+
+    await make_due(engine, row.id)
+    assert await dispatch_due_webhooks(webhook_deps) == 1
+    assert await run_queued(redis_client, webhook_deps) == [(row.id, DeliveryOutcome.DELIVERED)]
+    assert [r.json()["type"] for r in receiver.received("/broker-down")] == ["generation.success"]
 
 
 @pytest.fixture
@@ -131,7 +147,7 @@ def celery_worker(settings: Settings, tenant, tmp_path: Path):
     args = [
         "worker",
         "-Q",
-        settings.worker.queue,
+        f"{settings.worker.queue},{webhook_queue(settings)}",
         "-c",
         "1",
         "--without-gossip",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from celery import Celery
 from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -107,14 +108,17 @@ def pipeline_deps(
     redis: aioredis.Redis,
     storage: LocalStorage,
     provider: ImageProvider,
+    producer: Celery | None = None,
 ) -> PipelineDependencies:
-    """The provider is injected: every name resolves to the test's provider."""
+    """The provider is injected: every name resolves to the test's provider. Without a producer, no
+    webhook task is sent (the dispatcher would send them)."""
     return PipelineDependencies(
         settings=settings,
         sessions=sessions,
         redis=redis,
         storage=storage,
         provider_for=lambda _name, _connection: provider,
+        producer=producer,
     )
 
 

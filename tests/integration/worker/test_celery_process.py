@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from shared.embedded import free_port
 from shared.models import TERMINAL_STATUSES
-from shared.queueing import create_producer, enqueue_generation
+from shared.queueing import create_producer, enqueue_generation, worker_queues
 from shared.settings import Settings
 from tests.integration.worker.harness import GenerationFactory, fetch_generation, fetch_images
 
@@ -74,7 +74,8 @@ def start_worker(settings: Settings, project_id: uuid.UUID, tmp_path: Path) -> I
     started: list[CeleryProcess] = []
 
     def start(**env: str) -> CeleryProcess:
-        args = ["worker", "-Q", settings.worker.queue, "-c", "1", "--without-gossip", "--without-mingle"]
+        queues = ",".join(worker_queues(settings))  # what `kiln worker` consumes
+        args = ["worker", "-Q", queues, "-c", "1", "--without-gossip", "--without-mingle"]
         worker = CeleryProcess([*args, "-l", "INFO"], service_env(settings, **env), tmp_path / "worker.log")
         started.append(worker)
         return worker
