@@ -31,12 +31,15 @@ class HealthController(Controller):
     @get(
         "/ready",
         summary="Database, Redis, broker and storage are reachable (else 503)",
+        description="A failed check reads `down`; with an admin `X-API-Key` it carries the failure.",
         responses={
             503: ResponseSpec(data_container=ReadyStatus, description="A dependency failed (see checks)")
         },
     )
     async def ready(self, request: Request[Any, Any, Any]) -> Response[ReadyStatus]:
-        checks = await service.readiness(resources_of(request))
+        resources = resources_of(request)
+        detailed = await service.is_admin_caller(resources, request.headers.get("x-api-key"))
+        checks = await service.readiness(resources, detailed=detailed)
         if all(result == "ok" for result in checks.values()):
             return Response(ReadyStatus(status="ok", checks=checks))
         return Response(
