@@ -94,6 +94,13 @@ class ServiceUnavailable(KilnError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class StorageUnavailable(ServiceUnavailable):
+    """The object store cannot be reached or is overloaded (connection error, timeout, 5xx, SlowDown)."""
+
+    code = "STORAGE_UNAVAILABLE"
+    default_message = "Image storage is unavailable; retry later"
+
+
 # --- provider adapters raise only these two -------------------------------------------------
 
 

@@ -10,17 +10,22 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+
+from shared.errors import StorageUnavailable
 
 if TYPE_CHECKING:
     from shared.settings import Settings
+
+T = TypeVar("T")
 
 _TMP_PREFIX = ".kiln-tmp-"  # local temp files; keys may not use it, list_keys skips it
 _S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
@@ -223,6 +228,18 @@ def _is_missing(exc: ClientError) -> bool:
     return status == 404 or _error_code(exc) in ("NoSuchKey", "404", "NotFound")
 
 
+def is_storage_outage(exc: BaseException) -> bool:
+    """The store could not serve the call now (the same call may work later): no connection, a
+    timeout, a 5xx or throttling. A 4xx (missing key, denied) is not an outage."""
+    # EndpointConnectionError, ConnectTimeoutError (connection); ReadTimeoutError, ConnectionClosedError
+    if isinstance(exc, (BotocoreConnectionError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or _error_code(exc) in ("SlowDown", "ServiceUnavailable", "InternalError")
+    return False
+
+
 class S3Storage:
     """Any S3 endpoint (AWS, MinIO, R2, ...) through boto3; every call runs in a thread."""
 
@@ -273,9 +290,20 @@ class S3Storage:
         )
         self._ping_client = session.client("s3", endpoint_url=endpoint_url, config=ping_config)
 
+    async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a blocking boto3 call in a thread; an outage leaves as StorageUnavailable (a 503)."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (ClientError, BotocoreConnectionError, HTTPClientError) as exc:
+            if is_storage_outage(exc):
+                raise StorageUnavailable(
+                    f"Image storage is unavailable ({type(exc).__name__}); retry later"
+                ) from exc
+            raise
+
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (first start against a fresh MinIO, tests)."""
-        await asyncio.to_thread(self._ensure_bucket)
+        await self._call(self._ensure_bucket)
 
     def _ensure_bucket(self) -> None:
         try:
@@ -295,13 +323,13 @@ class S3Storage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         validate_key(key)
-        await asyncio.to_thread(
+        await self._call(
             self._client.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
         )
 
     async def get(self, key: str) -> bytes:
         validate_key(key)
-        return await asyncio.to_thread(self._get, key)
+        return await self._call(self._get, key)
 
     def _get(self, key: str) -> bytes:
         try:
@@ -315,7 +343,7 @@ class S3Storage:
 
     async def exists(self, key: str) -> bool:
         validate_key(key)
-        return await asyncio.to_thread(self._exists, key)
+        return await self._call(self._exists, key)
 
     def _exists(self, key: str) -> bool:
         try:
@@ -330,7 +358,7 @@ class S3Storage:
         for key in keys:
             validate_key(key)
         if keys:
-            await asyncio.to_thread(self._delete, list(keys))
+            await self._call(self._delete, list(keys))
 
     def _delete(self, keys: list[str]) -> int:
         deleted = 0
@@ -351,7 +379,7 @@ class S3Storage:
 
     async def delete_prefix(self, prefix: str) -> int:
         validate_prefix(prefix)
-        return await asyncio.to_thread(self._delete_prefix, prefix)
+        return await self._call(self._delete_prefix, prefix)
 
     def _delete_prefix(self, prefix: str) -> int:
         # Each listing page holds at most 1000 keys: exactly one DeleteObjects batch.
@@ -365,7 +393,7 @@ class S3Storage:
 
     async def list_keys(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
-        return await asyncio.to_thread(self._list, prefix)
+        return await self._call(self._list, prefix)
 
     def _list(self, prefix: str) -> list[str]:
         paginator = self._client.get_paginator("list_objects_v2")
@@ -377,14 +405,14 @@ class S3Storage:
         return sorted(keys)
 
     async def ping(self) -> None:
-        await asyncio.to_thread(self._ping_client.head_bucket, Bucket=self.bucket)
+        await self._call(self._ping_client.head_bucket, Bucket=self.bucket)
 
     def direct_url(self, key: str) -> str | None:
         return _join_url(self.public_base_url, key)
 
     async def close(self) -> None:
         """Close the HTTP connection pools (on shutdown)."""
-        await asyncio.to_thread(self._close)
+        await self._call(self._close)
 
     def _close(self) -> None:
         self._client.close()
