@@ -35,6 +35,12 @@ class RedisSettings(BaseModel):
         description="Redis URL for broker, rate limits and pub/sub. Empty: embedded server under var/.",
     )
     broker_url: str | None = Field(default=None, description="Celery broker URL if not the Redis above.")
+    broker_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Connect and socket timeout of broker connections: a send to a broker that does not "
+        "answer fails after about this long (the sweeper re-sends the job).",
+    )
 
 
 class StorageSettings(BaseModel):

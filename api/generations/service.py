@@ -255,15 +255,21 @@ def _over_cap(cap: int) -> ConcurrencyLimitExceeded:
     )
 
 
-async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str]]) -> None:
-    """Send `kiln.generate` for committed (id, provider) rows; a failed send is left to the sweeper."""
+async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
+    """Send `kiln.generate` for committed (id, provider, deadline_at) rows; a failed send is left to
+    the sweeper."""
     settings = resources.settings
 
-    async def send(generation_id: uuid.UUID, provider: str) -> None:
+    async def send(generation_id: uuid.UUID, provider: str, deadline_at: datetime) -> None:
         try:
             # Bounded: kombu retries a dead broker for seconds; the committed row is enough to answer.
             await asyncio.wait_for(
-                enqueue_generation(resources.producer, generation_id, queue_for_provider(settings, provider)),
+                enqueue_generation(
+                    resources.producer,
+                    generation_id,
+                    queue_for_provider(settings, provider),
+                    deadline_at=deadline_at,
+                ),
                 ENQUEUE_TIMEOUT_SECONDS,
             )
         except Exception as exc:  # the row is committed: the sweeper re-enqueues it
@@ -281,7 +287,11 @@ async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str]]) 
     if len(rows) == 1:
         await send(*rows[0])
     elif rows:
-        await asyncio.gather(*(send(generation_id, provider) for generation_id, provider in rows))
+        await asyncio.gather(*(send(*row) for row in rows))
+
+
+def _enqueued(record: GenerationRecord) -> tuple[uuid.UUID, str, datetime]:
+    return uuid.UUID(record.id), record.provider, datetime.fromisoformat(record.deadline_at)
 
 
 async def create_generation(
@@ -299,7 +309,7 @@ async def create_generation(
         row = await repository.insert_generation(conn, values, cap)
     if row is None:
         raise _over_cap(cap)
-    await _enqueue(resources, [(row["id"], row["provider"])])
+    await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
 
 
@@ -431,7 +441,7 @@ async def create_generation_once(
     record, repeated = await _run_once_per_key(resources, project_id, key, insert)
     if repeated is not None:
         return repeated
-    await _enqueue(resources, [(uuid.UUID(record.id), record.provider)])
+    await _enqueue(resources, [_enqueued(record)])
     return record
 
 
@@ -533,7 +543,7 @@ async def create_batch(
         envelope, repeated = await _run_once_per_key(resources, project_id, key, insert)
         if repeated is not None:
             return repeated
-    created = [(uuid.UUID(r.data.id), r.data.provider) for r in envelope.data if r.data is not None]
+    created = [_enqueued(r.data) for r in envelope.data if r.data is not None]
     await _enqueue(resources, created)
     return envelope
 
@@ -822,7 +832,7 @@ async def regenerate_generation(
         row = await repository.regenerate_generation(conn, generation_id, deadline_seconds)
     # Wakes a worker still on the previous version (it abandons) and anyone waiting on the generation.
     await publish_status(resources.redis, row["id"], row["project_id"], row["status"], row["updated_at"])
-    await _enqueue(resources, [(row["id"], row["provider"])])
+    await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     log.info("generation regenerated", generation_id=str(generation_id), version=row["version"])
     return generation_record(row, resources.urls, with_image=False)
 

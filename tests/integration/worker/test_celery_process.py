@@ -110,7 +110,9 @@ async def test_a_real_worker_process_runs_kiln_generate_sent_by_name(
     gid = await make_generation(provider="placeholder", aspect_ratio="3:2")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
     finally:
         producer.close()
 
@@ -200,7 +202,9 @@ async def test_a_task_that_finds_the_database_down_retries_later_and_then_succee
     gid = await make_generation(provider="placeholder")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
         await wait_for_log(worker, "database unreachable; task retries later", timeout=45)
         assert (await fetch_generation(sessions, gid)).status == "pending"  # nothing marked meanwhile
 
