@@ -38,7 +38,7 @@ from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, err
 from api.parsing import decode_body, parse_uuid
 from api.resources import resources_of
 from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, Principal, authenticate, principal_of
-from api.security.guards import require_api_key
+from api.security.guards import GenerationSpend, require_api_key
 from api.security.ratelimit import Budget, RateLimitResult
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
 from shared.errors import Forbidden, RateLimitExceeded
@@ -182,21 +182,6 @@ async def _authenticate(
     return principal, rate
 
 
-def _generation_charger(request: AnyRequest) -> service.ChargeGeneration:
-    """Spends one unit of the key's generation budget (raising RateLimitExceeded when it is used up)."""
-
-    async def charge() -> None:
-        _, rate = await _authenticate(request, Budget.GENERATE)
-        if not rate.admitted:
-            raise RateLimitExceeded(
-                f"Rate limit of {rate.limit} generate requests per hour exceeded; "
-                f"retry in {rate.reset_seconds} s",
-                headers={"Retry-After": str(max(1, rate.reset_seconds))},
-            )
-
-    return charge
-
-
 def _project_of(principal: Principal, action: str) -> uuid.UUID:
     if principal.is_admin or principal.project_id is None:
         raise Forbidden(f"Admin keys cannot {action}; use a project key")
@@ -245,35 +230,39 @@ class GenerationController(Controller):
         idempotency_key: IdempotencyKeyHeader = None,
         prefer: PreferHeader = None,
     ) -> Response[GenerationEnvelope]:
-        principal = principal_of(request)
-        project_id = _project_of(principal, "create generations")
-        resources = resources_of(request)
-        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
-        body = decode_body(await request.body(), CreateGenerationRequest)
-        valid = service.validate_create(body, resources.settings)
-        wait = _wait_of(request)
+        async with GenerationSpend(request) as spend:  # a refused create costs no budget
+            principal = principal_of(request)
+            project_id = _project_of(principal, "create generations")
+            resources = resources_of(request)
+            key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            body = decode_body(await request.body(), CreateGenerationRequest)
+            valid = service.validate_create(body, resources.settings)
+            wait = _wait_of(request)
 
-        async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
-            if key is None:
-                return await service.create_generation(
-                    resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
-                )
-            once = service.IdempotencyKey(
-                key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
-            )
-            return await service.create_generation_once(
-                resources,
-                project_id,
-                principal.max_in_flight,
-                valid,
-                once,
-                _generation_charger(request),
-                generation_id=generation_id,
-            )
+            async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
+                if key is None:
+                    created: GenerationRecord | service.StoredResponse = await service.create_generation(
+                        resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
+                    )
+                else:
+                    once = service.IdempotencyKey(
+                        key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
+                    )
+                    created = await service.create_generation_once(
+                        resources,
+                        project_id,
+                        principal.max_in_flight,
+                        valid,
+                        once,
+                        spend,
+                        generation_id=generation_id,
+                    )
+                spend.keep()  # the row exists; whatever the wait does next, the unit paid for it
+                return created
 
-        result, waited = await service.submit_and_wait(
-            resources, status_hub_of(request), wait, project_id, create
-        )
+            result, waited = await service.submit_and_wait(
+                resources, status_hub_of(request), wait, project_id, create
+            )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
         if isinstance(result, service.StoredResponse):
             return _replayed(result, GenerationEnvelope, headers)
@@ -305,9 +294,10 @@ class GenerationController(Controller):
             once = service.IdempotencyKey(
                 key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
             )
-        result = await service.create_batch(
-            resources, project_id, principal.max_in_flight, body.items, _generation_charger(request), once
-        )
+        async with GenerationSpend(request) as spend:  # units of items then refused are given back
+            result = await service.create_batch(
+                resources, project_id, principal.max_in_flight, body.items, spend, once
+            )
         if isinstance(result, service.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
         return Response(result, status_code=200)
@@ -415,16 +405,17 @@ class GenerationController(Controller):
     async def regenerate_generation(
         self, request: AnyRequest, generation_id: FromPath[str]
     ) -> GenerationEnvelope:
-        principal = principal_of(request)
-        _project_of(principal, "regenerate generations")
-        resources = resources_of(request)
-        parsed_id = parse_uuid(generation_id, "id")
-        raw = await request.body()
-        deadline_seconds = None
-        if raw.strip():
-            body = decode_body(raw, RegenerateRequest)
-            deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
-        record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
+        async with GenerationSpend(request):  # a refused regenerate costs no budget
+            principal = principal_of(request)
+            _project_of(principal, "regenerate generations")
+            resources = resources_of(request)
+            parsed_id = parse_uuid(generation_id, "id")
+            raw = await request.body()
+            deadline_seconds = None
+            if raw.strip():
+                body = decode_body(raw, RegenerateRequest)
+                deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
+            record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
     @get("/", summary="List generations, newest first", responses=error_responses(400, *AUTHENTICATED_ERRORS))

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy.exc import DBAPIError
@@ -81,8 +81,16 @@ _STATUSES = tuple(s.value for s in GenerationStatus)
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 _LOCK_NOT_AVAILABLE = "55P03"
 
-# Spends one unit of the caller's generation budget; raises RateLimitExceeded when it is used up.
-ChargeGeneration = Callable[[], Awaitable[None]]
+
+class GenerationBudget(Protocol):
+    """The caller's generation budget (api.security.guards.GenerationSpend). Units of a request that
+    then fails are given back by the caller; the service gives back an item refused on its own."""
+
+    async def charge(self) -> None:
+        """Spend one unit; RateLimitExceeded when the budget is used up."""
+
+    async def refund_last(self) -> None:
+        """Give back the unit last charged: the item it paid for was refused."""
 
 
 class IdempotencyKeyReused(KilnError):
@@ -418,7 +426,7 @@ async def create_generation_once(
     in_flight_override: int | None,
     request: ValidGeneration,
     key: IdempotencyKey,
-    charge: ChargeGeneration,
+    budget: GenerationBudget,
     *,
     generation_id: uuid.UUID | None = None,
 ) -> GenerationRecord | StoredResponse:
@@ -431,7 +439,7 @@ async def create_generation_once(
     cap = _in_flight_cap(resources.settings, in_flight_override)
 
     async def insert(conn: Any) -> tuple[int, dict[str, Any], GenerationRecord]:
-        await charge()
+        await budget.charge()
         row = await repository.insert_generation_in_transaction(conn, values, cap)
         if row is None:
             raise _over_cap(cap)
@@ -481,7 +489,7 @@ async def create_batch(
     project_id: uuid.UUID,
     in_flight_override: int | None,
     items: Sequence[msgspec.Raw],
-    charge: ChargeGeneration,
+    budget: GenerationBudget,
     key: IdempotencyKey | None = None,
 ) -> BatchEnvelope | StoredResponse:
     """Each item is validated and prepared on its own; the valid ones are then inserted in one
@@ -516,10 +524,11 @@ async def create_batch(
                 continue
             if refusal is None:
                 try:
-                    await charge()
+                    await budget.charge()
                     row = await repository.insert_generation_in_transaction(conn, item, cap)
                     if row is None:
                         refusal = _over_cap(cap)
+                        await budget.refund_last()  # the item was refused: its unit is given back
                 except RateLimitExceeded as exc:
                     refusal = exc
             if refusal is not None:

@@ -7,6 +7,8 @@ and 429 included, carries the rate-limit headers (added by the request-context m
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -14,8 +16,11 @@ from litestar.handlers.base import BaseRouteHandler
 
 from api.resources import resources_of
 from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, authenticate, principal_of
-from api.security.ratelimit import Budget
+from api.security.ratelimit import Budget, RateLimitResult, Receipt
 from shared.errors import Forbidden, RateLimitExceeded
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 
 async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -26,6 +31,10 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate
     state[PRINCIPAL_STATE_KEY] = principal
+    _refuse_unless_admitted(rate, budget)
+
+
+def _refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
     if not rate.admitted:
         raise RateLimitExceeded(
             f"Rate limit of {rate.limit} {budget.value} requests per hour exceeded; "
@@ -37,3 +46,75 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     if not principal_of(connection).is_admin:
         raise Forbidden("This route needs an admin key; project keys cannot manage projects or keys")
+
+
+class GenerationSpend:
+    """The generation-budget units one request spends, given back unless the work they paid for was
+    accepted: a request refused as invalid, over the in-flight cap or by an outage costs nothing.
+
+        async with GenerationSpend(request) as spend:  # takes over the unit the guard spent, if any
+            ... await spend.charge() ...               # one more unit (batch items, Idempotency-Key)
+            spend.keep()                               # the rows exist: the units stay spent
+
+    Leaving the block with an exception refunds every unit not kept.
+    """
+
+    def __init__(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        self._connection = connection
+        rate: RateLimitResult | None = connection.scope["state"].get(RATE_LIMIT_STATE_KEY)
+        self._receipts: list[Receipt] = []
+        if rate is not None and rate.receipt is not None and rate.receipt.budget is Budget.GENERATE:
+            self._receipts.append(rate.receipt)
+
+    async def charge(self) -> None:
+        """Spend one unit (RateLimitExceeded when the budget is used up)."""
+        resources = resources_of(self._connection)
+        principal, rate = await authenticate(
+            resources, self._connection.headers.get("x-api-key"), Budget.GENERATE
+        )
+        state = self._connection.scope["state"]
+        state[RATE_LIMIT_STATE_KEY] = rate  # the response's headers describe the generation budget
+        state[PRINCIPAL_STATE_KEY] = principal
+        _refuse_unless_admitted(rate, Budget.GENERATE)
+        assert rate.receipt is not None
+        self._receipts.append(rate.receipt)
+
+    def keep(self) -> None:
+        """The units spent so far paid for accepted work."""
+        self._receipts.clear()
+
+    async def refund_last(self) -> None:
+        """Give back the last unit charged: the item it paid for was refused."""
+        if self._receipts:
+            await self._refund([self._receipts.pop()])
+
+    async def refund_all(self) -> None:
+        receipts, self._receipts = self._receipts, []
+        await self._refund(receipts)
+
+    async def _refund(self, receipts: list[Receipt]) -> None:
+        limiter = resources_of(self._connection).limiter
+        refunded = 0
+        for receipt in receipts:
+            try:
+                await limiter.refund(receipt)
+                refunded += 1
+            except Exception as exc:  # Redis trouble: the unit stays spent, the answer stands
+                log.warning("could not refund a generation-budget unit", error=repr(exc))
+        state = self._connection.scope["state"]
+        rate: RateLimitResult | None = state.get(RATE_LIMIT_STATE_KEY)
+        if refunded and rate is not None:
+            state[RATE_LIMIT_STATE_KEY] = replace(
+                rate, remaining=min(rate.limit, rate.remaining + refunded), receipt=None
+            )
+
+    async def __aenter__(self) -> GenerationSpend:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.keep()
+        else:
+            await self.refund_all()

@@ -39,7 +39,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 local used = redis.call('ZCARD', KEYS[2])
 local admitted = 0
 if used < limit then
-  redis.call('ZADD', KEYS[2], now, t[1] .. t[2] .. ':' .. ARGV[4])
+  redis.call('ZADD', KEYS[2], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000))
   used = used + 1
   admitted = 1
@@ -62,11 +62,21 @@ OVERRIDE_FIELD = {Budget.GENERATE: "g", Budget.READ: "r"}
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """The unit a request spent: its entry in the key's window, so a refused request can give it back."""
+
+    window: str
+    entry: str
+    budget: Budget
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitResult:
     admitted: bool
     limit: int
     remaining: int
     reset_seconds: int  # until the window frees a slot
+    receipt: Receipt | None = None  # set when admitted
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         limit, remaining, reset = str(self.limit), str(self.remaining), str(self.reset_seconds)
@@ -97,12 +107,15 @@ def window_key(digest: str, budget: Budget) -> str:
 
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
 
     async def check(self, digest: str, budget: Budget, default_limit: int) -> LimiterReply:
+        window = window_key(digest, budget)
+        entry = os.urandom(12).hex()  # unique per request: the receipt that refunds exactly this unit
         reply = await self._script(
-            keys=[key_cache_key(digest), window_key(digest, budget)],
-            args=[WINDOW_SECONDS * 1_000_000, default_limit, OVERRIDE_FIELD[budget], os.urandom(6).hex()],
+            keys=[key_cache_key(digest), window],
+            args=[WINDOW_SECONDS * 1_000_000, default_limit, OVERRIDE_FIELD[budget], entry],
         )
         tag = int(reply[:1])
         if tag != KEY_ACCEPTED:
@@ -116,5 +129,11 @@ class RateLimiter:
                 limit=int(limit),
                 remaining=int(remaining),
                 reset_seconds=max(0, math.ceil(int(reset_us) / 1_000_000)),
+                receipt=Receipt(window, entry, budget) if admitted == b"1" else None,
             ),
         )
+
+    async def refund(self, receipt: Receipt) -> None:
+        """Give back a unit spent by a request that was then refused (invalid, over the in-flight cap,
+        an outage): only work that was accepted costs budget."""
+        await self._redis.zrem(receipt.window, receipt.entry)

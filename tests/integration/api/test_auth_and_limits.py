@@ -245,3 +245,51 @@ async def test_a_burst_larger_than_the_redis_pool_waits_instead_of_failing(api_s
         )
     assert [type(r).__name__ for r in results if not isinstance(r, tuple)] == []
     assert sorted(rate.remaining for _, rate in results) == list(range(100_000 - 300, 100_000))
+
+
+# --- refused requests cost no generation budget -----------------------------------------------
+
+
+def _remaining(response) -> int:
+    return int(response.headers["x-ratelimit-remaining"])
+
+
+async def test_requests_refused_as_invalid_over_the_cap_or_by_an_outage_spend_no_budget(
+    api_settings, tenant, engine
+):
+    settings = with_limits(api_settings, generations_per_hour=10, max_in_flight_per_project=1)
+    dead_database = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": "postgresql://k:k@127.0.0.1:1/k"})}
+    )
+    async with api_client(settings) as client:
+        first = await client.post(CREATE, json={"prompt": "fills the cap"}, headers=tenant.headers)
+        assert first.status_code == 201 and _remaining(first) == 9
+        invalid = await client.post(CREATE, json={"prompt": ""}, headers=tenant.headers)
+        over_cap = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+        over_cap_once = await client.post(
+            CREATE, json={"prompt": "x"}, headers={**tenant.headers, "Idempotency-Key": "k1"}
+        )
+        batch = await client.post(
+            f"{CREATE}/batch", json={"items": [{"prompt": "a"}, {"prompt": "b"}]}, headers=tenant.headers
+        )
+        bad_regenerate = await client.post(
+            f"{CREATE}/{first.json()['data']['id']}/regenerate",
+            json={"deadlineSeconds": 0},
+            headers=tenant.headers,
+        )
+    assert invalid.status_code == 400 and _remaining(invalid) == 9
+    assert over_cap.status_code == 429 and over_cap.json()["error"]["code"] == "CONCURRENCY_LIMIT_EXCEEDED"
+    assert _remaining(over_cap) == 9
+    assert over_cap_once.status_code == 429, over_cap_once.text
+    assert batch.status_code == 200 and batch.json()["summary"]["succeeded"] == 0
+    assert bad_regenerate.status_code == 400
+    async with api_client(dead_database) as client:  # the key record is cached: only the insert fails
+        outage = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert outage.status_code == 503, outage.text
+
+    async with engine.begin() as conn:  # the first generation finishes: the cap admits one more
+        await conn.execute(generations.update().values(status="success"))
+    async with api_client(settings) as client:
+        last = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert last.status_code == 201 and _remaining(last) == 8  # only the two creates that happened
+    assert await generation_rows(engine) == 2
