@@ -79,6 +79,16 @@ class RateLimitExceeded(KilnError):
     default_message = "Rate limit exceeded"
 
 
+class TooManyFailedAuthentications(RateLimitExceeded):
+    code = "TOO_MANY_FAILED_AUTHENTICATIONS"
+    default_message = "Too many requests with unknown API keys from this address; retry later"
+
+
+class TooManyStreams(RateLimitExceeded):
+    code = "TOO_MANY_STREAMS"
+    default_message = "This API key has too many event streams and long polls open"
+
+
 class ConcurrencyLimitExceeded(KilnError):
     status_code = 429
     code = "CONCURRENCY_LIMIT_EXCEEDED"

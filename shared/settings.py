@@ -79,6 +79,15 @@ class LimitSettings(BaseModel):
         default=100, description="Pending+processing generations per project (0: no cap)."
     )
     max_batch_items: int = Field(default=100, description="Most items one batch create may hold.")
+    auth_failures_per_minute: int = Field(
+        default=20,
+        description="Requests with unknown API keys one client address may send per minute; then 429 "
+        "before any database lookup (0: no limit).",
+    )
+    max_streams_per_key: int = Field(
+        default=20,
+        description="Event streams and long polls (`Prefer: wait`) one API key may hold open (0: no cap).",
+    )
 
 
 class GenerationSettings(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,8 +38,15 @@ from api.generations.schemas import (
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
 from api.parsing import decode_body, parse_uuid
 from api.resources import resources_of
-from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, Principal, authenticate, principal_of
-from api.security.guards import GenerationSpend, require_api_key
+from api.security.auth import (
+    PRINCIPAL_STATE_KEY,
+    RATE_LIMIT_STATE_KEY,
+    Principal,
+    authenticate,
+    client_address,
+    principal_of,
+)
+from api.security.guards import GenerationSpend, StreamSlot, require_api_key
 from api.security.ratelimit import Budget, RateLimitResult
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
 from shared.errors import Forbidden, RateLimitExceeded
@@ -174,7 +182,10 @@ async def _authenticate(
     connection: ASGIConnection[Any, Any, Any, Any], budget: Budget
 ) -> tuple[Principal, RateLimitResult]:
     principal, rate = await authenticate(
-        resources_of(connection), connection.headers.get("x-api-key"), budget
+        resources_of(connection),
+        connection.headers.get("x-api-key"),
+        budget,
+        address=client_address(connection),
     )
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate  # the response's rate-limit headers describe this budget
@@ -260,9 +271,10 @@ class GenerationController(Controller):
                 spend.keep()  # the row exists; whatever the wait does next, the unit paid for it
                 return created
 
-            result, waited = await service.submit_and_wait(
-                resources, status_hub_of(request), wait, project_id, create
-            )
+            async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
+                result, waited = await service.submit_and_wait(
+                    resources, status_hub_of(request), wait, project_id, create
+                )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
         if isinstance(result, service.StoredResponse):
             return _replayed(result, GenerationEnvelope, headers)
@@ -330,14 +342,15 @@ class GenerationController(Controller):
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[GenerationEnvelope]:
         wait = _wait_of(request)
-        view = await service.view_generation(
-            resources_of(request),
-            status_hub_of(request),
-            principal_of(request),
-            parse_uuid(generation_id, "id"),
-            if_none_match=request.headers.get("if-none-match"),
-            wait_seconds=wait,
-        )
+        async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
+            view = await service.view_generation(
+                resources_of(request),
+                status_hub_of(request),
+                principal_of(request),
+                parse_uuid(generation_id, "id"),
+                if_none_match=request.headers.get("if-none-match"),
+                wait_seconds=wait,
+            )
         headers = {"ETag": view.etag}
         if wait:
             headers["Preference-Applied"] = f"wait={wait}"
@@ -359,19 +372,25 @@ class GenerationController(Controller):
         hub = status_hub_of(request)
         parsed_id = parse_uuid(generation_id, "id")
         await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
+        slot = StreamSlot(request)
+        await slot.open()  # 429 before the stream starts; the stream frees it when it ends
 
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             retry: int | None = EVENTS_RETRY_MS
-            async for record in service.follow_generation(
-                resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
-            ):
-                if record is None:
-                    yield ServerSentEventMessage(data=None, comment="keep-alive")
-                    continue
-                yield ServerSentEventMessage(
-                    event="status", data=msgspec.json.encode(record).decode(), retry=retry
-                )
-                retry = None
+            try:
+                async for record in service.follow_generation(
+                    resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
+                ):
+                    await slot.renew()
+                    if record is None:
+                        yield ServerSentEventMessage(data=None, comment="keep-alive")
+                        continue
+                    yield ServerSentEventMessage(
+                        event="status", data=msgspec.json.encode(record).decode(), retry=retry
+                    )
+                    retry = None
+            finally:
+                await slot.close()
 
         return ServerSentEvent(messages())
 

@@ -10,6 +10,7 @@ from litestar.openapi import ResponseSpec
 
 from api.health import service
 from api.resources import resources_of
+from api.security.auth import client_address
 
 
 class HealthStatus(msgspec.Struct):
@@ -38,7 +39,9 @@ class HealthController(Controller):
     )
     async def ready(self, request: Request[Any, Any, Any]) -> Response[ReadyStatus]:
         resources = resources_of(request)
-        detailed = await service.is_admin_caller(resources, request.headers.get("x-api-key"))
+        detailed = await service.is_admin_caller(
+            resources, request.headers.get("x-api-key"), client_address(request)
+        )
         checks = await service.readiness(resources, detailed=detailed)
         if all(result == "ok" for result in checks.values()):
             return Response(ReadyStatus(status="ok", checks=checks))

@@ -68,13 +68,13 @@ async def readiness(resources: Resources, *, detailed: bool) -> dict[str, str]:
     return dict(zip(_CHECKS, results, strict=True))
 
 
-async def is_admin_caller(resources: Resources, raw_key: str | None) -> bool:
+async def is_admin_caller(resources: Resources, raw_key: str | None, address: str | None) -> bool:
     """Whether the caller presented a valid admin key. /ready stays unauthenticated: a missing, bad or
     uncheckable key (the database or Redis may be what is down) only means no detail."""
     if raw_key is None:
         return False
     try:
-        principal, _ = await authenticate(resources, raw_key, Budget.READ)
+        principal, _ = await authenticate(resources, raw_key, Budget.READ, address=address)
     except Exception:
         return False
     return principal.is_admin
