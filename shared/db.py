@@ -30,7 +30,11 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         async_url(settings.database_url),
         pool_size=pool_size or settings.database.pool_size,
         max_overflow=settings.database.max_overflow,
-        pool_pre_ping=False,  # a dead connection surfaces as DBAPIError → 503; pre-ping costs a round trip
+        # A connection the server closed (a restart, a failover, an idle timeout) is found on checkout
+        # and replaced, and a failed ping discards every older pooled connection too: the first
+        # request after PostgreSQL comes back succeeds instead of answering 503. Costs one round trip
+        # per checkout.
+        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={
             "timeout": 5,
