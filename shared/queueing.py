@@ -67,15 +67,19 @@ def generation_time_limits(deadline_at: datetime) -> tuple[int, int]:
     return hard - SOFT_TIME_LIMIT_LEAD_SECONDS, hard
 
 
-def default_task_time_limit(settings: Settings) -> int:
-    """The hard limit of a task sent without its own: the longest a generation may be given."""
-    return max(settings.generation.max_deadline_seconds, settings.generation.deadline_seconds) + (
-        TIME_LIMIT_MARGIN_SECONDS
-    )
+# Every other task (sweeps, webhook deliveries) is bounded by its own timeouts far below this.
+OTHER_TASKS_TIME_LIMIT_SECONDS = 3600
+
+
+def longest_generation_time_limit(settings: Settings) -> int:
+    """The hard limit of a `kiln.generate` message sent without its own (one queued before an
+    upgrade): the longest a generation may be given."""
+    g = settings.generation
+    return max(g.max_deadline_seconds, g.deadline_seconds) + TIME_LIMIT_MARGIN_SECONDS
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
-    task_time_limit = default_task_time_limit(settings)
+    generation_limit = longest_generation_time_limit(settings)
     broker_timeout = settings.redis.broker_timeout_seconds
     return {
         "broker_url": settings.broker_url,
@@ -84,10 +88,17 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,  # the database holds results
-        "task_time_limit": task_time_limit,
-        "task_soft_time_limit": task_time_limit - SOFT_TIME_LIMIT_LEAD_SECONDS,
+        "task_time_limit": OTHER_TASKS_TIME_LIMIT_SECONDS,
+        "task_soft_time_limit": OTHER_TASKS_TIME_LIMIT_SECONDS - SOFT_TIME_LIMIT_LEAD_SECONDS,
+        "task_annotations": {
+            GENERATE_TASK: {
+                "time_limit": generation_limit,
+                "soft_time_limit": generation_limit - SOFT_TIME_LIMIT_LEAD_SECONDS,
+            }
+        },
         "broker_transport_options": {
-            "visibility_timeout": task_time_limit + VISIBILITY_MARGIN_SECONDS,
+            "visibility_timeout": max(generation_limit, OTHER_TASKS_TIME_LIMIT_SECONDS)
+            + VISIBILITY_MARGIN_SECONDS,
             # A broker that accepts the connection but never answers must not hang a send forever.
             "socket_timeout": broker_timeout,
             "socket_connect_timeout": broker_timeout,
