@@ -4,6 +4,8 @@ against the session's PostgreSQL, and a real S3 endpoint that is down."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import asyncpg
 import pytest
@@ -105,3 +107,42 @@ async def test_an_unreachable_s3_endpoint_raises_storage_unavailable():
         await store.close()
     assert is_storage_outage(raised.value.__cause__)
     assert raised.value.status_code == 503 and raised.value.code == "STORAGE_UNAVAILABLE"
+
+
+class _OverloadedS3(BaseHTTPRequestHandler):
+    """Answers every request as an S3 endpoint that is throttling (503 SlowDown) or failing (500)."""
+
+    status = 503
+    code = "SlowDown"
+
+    def _answer(self) -> None:
+        body = f"<Error><Code>{self.code}</Code><Message>busy</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+async def test_a_throttling_or_failing_s3_endpoint_raises_storage_unavailable(status: int, code: str):
+    handler = type("Handler", (_OverloadedS3,), {"status": status, "code": code})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    store = S3Storage("kiln", endpoint_url=endpoint, access_key_id="k", secret_access_key="s")
+    try:
+        with pytest.raises(StorageUnavailable) as raised:
+            await store.get("projects/x/a.png")
+    finally:
+        await store.close()
+        server.shutdown()
+        server.server_close()
+    assert is_storage_outage(raised.value.__cause__)
