@@ -27,8 +27,7 @@ _BROKEN_CONNECTION = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,  # server shutting down / restarting
 )
-# Raised past SQLAlchemy's error translation, so the API maps them to 503 itself.
-DATABASE_UNAVAILABLE = (*_BROKEN_CONNECTION, asyncpg.exceptions.QueryCanceledError)
+# Raised past SQLAlchemy's error translation: shared.db.is_connection_error classifies them (SQLSTATE).
 
 
 class CompiledQuery:

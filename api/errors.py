@@ -15,9 +15,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from redis import exceptions as redis_errors
-from sqlalchemy import exc as sa_exc
 
-from api.compiled_query import DATABASE_UNAVAILABLE
 from api.envelope import ErrorBody, ErrorEnvelope
 from api.middleware import CLIENT_GONE_STATE_KEY, REQUEST_ID_STATE_KEY, incoming_request_id
 from shared.db import is_connection_error
@@ -54,10 +52,9 @@ def error_response(
 
 
 def _is_unavailable(exc: Exception) -> bool:
-    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, sa_exc.TimeoutError)):
-        return True  # Redis unreachable, or no pooled database connection came free in time
-    if isinstance(exc, DATABASE_UNAVAILABLE):
-        return True  # from queries run on the driver directly (api.compiled_query)
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+        return True  # Redis unreachable
+    # The database (through SQLAlchemy, or the driver directly for api.compiled_query), by SQLSTATE.
     return is_connection_error(exc)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -29,7 +30,11 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         async_url(settings.database_url),
         pool_size=pool_size or settings.database.pool_size,
         max_overflow=settings.database.max_overflow,
-        pool_pre_ping=False,  # a dead connection surfaces as DBAPIError → 503; pre-ping costs a round trip
+        # A connection the server closed (a restart, a failover, an idle timeout) is found on checkout
+        # and replaced, and a failed ping discards every older pooled connection too: the first
+        # request after PostgreSQL comes back succeeds instead of answering 503. Costs one round trip
+        # per checkout.
+        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={
             "timeout": 5,
@@ -53,22 +58,57 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
         yield session
 
 
+# SQLSTATEs meaning "the database cannot serve this now, the same statement may work later": class 08
+# (connection exception), 53 (insufficient resources: too many connections, out of memory or disk),
+# 57014 (statement timeout / cancel), 57P0x (shutdown, crash, starting up), 55P03 (lock not available).
+# Everything else (a unique violation 23505, a bad statement) is the request's or the code's fault.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53")
+_UNAVAILABLE_SQLSTATES = frozenset({"57014", "57P01", "57P02", "57P03", "57P04", "55P03"})
+# Driver errors without a SQLSTATE that mean the connection itself is gone or never came up.
+_DRIVER_CONNECTION_ERRORS = (
+    OSError,  # ConnectionError, refused, reset, unreachable
+    TimeoutError,  # connect timeout
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,  # "connection is closed" and the like, raised by the client
+)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, bare (asyncpg) or wrapped by SQLAlchemy (`.orig`)."""
+    for candidate in (
+        exc,
+        getattr(exc, "orig", None),
+        getattr(getattr(exc, "orig", None), "__cause__", None),
+    ):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
+def is_unavailable_sqlstate(state: str | None) -> bool:
+    return state is not None and (
+        state[:2] in _UNAVAILABLE_SQLSTATE_CLASSES or state in _UNAVAILABLE_SQLSTATES
+    )
+
+
 def is_connection_error(exc: BaseException) -> bool:
-    """True when the database could not be reached (as opposed to a bad statement)."""
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
-        return True
+    """True when the database could not serve the statement now (an outage: retry later), as opposed
+    to a statement that is wrong or violates a constraint. Decided by SQLSTATE and exception type,
+    never by the wording of a message."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return True  # no pooled connection came free in time
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True
-        orig = getattr(exc, "orig", None)
-        name = type(orig).__name__ if orig else ""
-        text = str(orig or exc).lower()
-        return (
-            isinstance(exc, sa_exc.InterfaceError)
-            or "connection" in name.lower()
-            or "cannotconnectnow" in name.lower()
-            or "connection" in text
-            or "the database system is" in text
-            or "terminating" in text
+        state = sqlstate_of(exc)
+        if state is not None:
+            return is_unavailable_sqlstate(state)
+        orig = exc.orig
+        return isinstance(orig, _DRIVER_CONNECTION_ERRORS) or isinstance(
+            getattr(orig, "__cause__", None), _DRIVER_CONNECTION_ERRORS
         )
-    return False
+    state = sqlstate_of(exc)
+    if state is not None:
+        return is_unavailable_sqlstate(state)
+    return isinstance(exc, _DRIVER_CONNECTION_ERRORS)

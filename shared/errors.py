@@ -79,6 +79,16 @@ class RateLimitExceeded(KilnError):
     default_message = "Rate limit exceeded"
 
 
+class TooManyFailedAuthentications(RateLimitExceeded):
+    code = "TOO_MANY_FAILED_AUTHENTICATIONS"
+    default_message = "Too many requests with unknown API keys from this address; retry later"
+
+
+class TooManyStreams(RateLimitExceeded):
+    code = "TOO_MANY_STREAMS"
+    default_message = "This API key has too many event streams and long polls open"
+
+
 class ConcurrencyLimitExceeded(KilnError):
     status_code = 429
     code = "CONCURRENCY_LIMIT_EXCEEDED"
@@ -92,6 +102,13 @@ class ServiceUnavailable(KilnError):
 
     def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """The object store cannot be reached or is overloaded (connection error, timeout, 5xx, SlowDown)."""
+
+    code = "STORAGE_UNAVAILABLE"
+    default_message = "Image storage is unavailable; retry later"
 
 
 # --- provider adapters raise only these two -------------------------------------------------

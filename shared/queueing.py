@@ -7,7 +7,9 @@ same names with the same configuration.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
+from datetime import UTC, datetime
 
 from celery import Celery
 
@@ -61,14 +63,38 @@ def worker_queues(settings: Settings) -> list[str]:
     return list(dict.fromkeys(queues))
 
 
-def celery_config(settings: Settings) -> dict[str, object]:
+# A generation's task may run until its deadline (the pipeline stops itself there), plus storing the
+# result; the hard limit only catches a task that overran all of that.
+TIME_LIMIT_MARGIN_SECONDS = 120
+SOFT_TIME_LIMIT_LEAD_SECONDS = 30  # the soft limit comes first, so the task can end the job itself
+# A message unacked for longer than the visibility timeout is redelivered: keep it above any task's
+# hard time limit, or a long job would run twice.
+VISIBILITY_MARGIN_SECONDS = 300
+
+
+def generation_time_limits(deadline_at: datetime) -> tuple[int, int]:
+    """(soft, hard) time limits of one `kiln.generate` message: the time left until the generation's
+    deadline, plus margin. Per message, because the deadline is per generation (up to
+    KILN_GENERATION_MAX_DEADLINE_SECONDS): one global limit would soft-kill long jobs."""
+    remaining = max(0, math.ceil((deadline_at - datetime.now(UTC)).total_seconds()))
+    hard = remaining + TIME_LIMIT_MARGIN_SECONDS
+    return hard - SOFT_TIME_LIMIT_LEAD_SECONDS, hard
+
+
+# Every other task (sweeps, webhook deliveries) is bounded by its own timeouts far below this.
+OTHER_TASKS_TIME_LIMIT_SECONDS = 3600
+
+
+def longest_generation_time_limit(settings: Settings) -> int:
+    """The hard limit of a `kiln.generate` message sent without its own (one queued before an
+    upgrade): the longest a generation may be given."""
     g = settings.generation
-    # Every provider try may take the full timeout (a connection may set its own, up to the maximum),
-    # plus the waits between tries, plus storage; the pipeline never runs past the generation's
-    # deadline, which bounds it all.
-    slowest_call = max(g.provider_timeout_seconds, CONNECTION_TIMEOUT_MAX_SECONDS)
-    provider_budget = slowest_call * (g.provider_retries + 1) + g.retry_max_wait_seconds * g.provider_retries
-    task_time_limit = int(min(provider_budget, g.deadline_seconds)) + 60
+    return max(g.max_deadline_seconds, g.deadline_seconds) + TIME_LIMIT_MARGIN_SECONDS
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    generation_limit = longest_generation_time_limit(settings)
+    broker_timeout = settings.redis.broker_timeout_seconds
     return {
         "broker_url": settings.broker_url,
         "task_default_queue": settings.worker.queue,
@@ -76,10 +102,22 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,  # the database holds results
-        "task_time_limit": task_time_limit,
-        "task_soft_time_limit": task_time_limit - 30,
-        # A message unacked for longer than this is redelivered: keep it above the task time limit.
-        "broker_transport_options": {"visibility_timeout": task_time_limit + 300},
+        "task_time_limit": OTHER_TASKS_TIME_LIMIT_SECONDS,
+        "task_soft_time_limit": OTHER_TASKS_TIME_LIMIT_SECONDS - SOFT_TIME_LIMIT_LEAD_SECONDS,
+        "task_annotations": {
+            GENERATE_TASK: {
+                "time_limit": generation_limit,
+                "soft_time_limit": generation_limit - SOFT_TIME_LIMIT_LEAD_SECONDS,
+            }
+        },
+        "broker_transport_options": {
+            "visibility_timeout": max(generation_limit, OTHER_TASKS_TIME_LIMIT_SECONDS)
+            + VISIBILITY_MARGIN_SECONDS,
+            # A broker that accepts the connection but never answers must not hang a send forever.
+            "socket_timeout": broker_timeout,
+            "socket_connect_timeout": broker_timeout,
+        },
+        "broker_connection_timeout": broker_timeout,
         "broker_connection_retry_on_startup": True,
         "broker_pool_limit": 20,
         "task_serializer": "json",
@@ -97,6 +135,39 @@ def create_producer(settings: Settings) -> Celery:
     return app
 
 
-async def enqueue_generation(app: Celery, generation_id: uuid.UUID, queue: str) -> None:
-    """Publish `kiln.generate(id)`. Celery's publish blocks, so it runs in a thread."""
-    await asyncio.to_thread(app.send_task, GENERATE_TASK, args=[str(generation_id)], queue=queue, retry=False)
+def send_generation(
+    app: Celery,
+    generation_id: uuid.UUID,
+    queue: str,
+    *,
+    deadline_at: datetime,
+    countdown: float | None = None,
+) -> None:
+    """Publish `kiln.generate(id)` with time limits that fit the generation's deadline. Every sender of
+    the task goes through here (create, batch, regenerate, the sweeper, a deferred requeue). Blocking:
+    the broker's socket timeouts bound it; no retry (the sweeper re-sends a row whose send failed)."""
+    soft, hard = generation_time_limits(deadline_at)
+    app.send_task(
+        GENERATE_TASK,
+        args=[str(generation_id)],
+        queue=queue,
+        countdown=countdown,
+        soft_time_limit=soft,
+        time_limit=hard,
+        retry=False,
+    )
+
+
+async def enqueue_generation(
+    app: Celery,
+    generation_id: uuid.UUID,
+    queue: str,
+    *,
+    deadline_at: datetime,
+    countdown: float | None = None,
+) -> None:
+    """`send_generation` in a thread (Celery's publish blocks), failing within about
+    KILN_REDIS_BROKER_TIMEOUT_SECONDS when the broker does not answer."""
+    await asyncio.to_thread(
+        send_generation, app, generation_id, queue, deadline_at=deadline_at, countdown=countdown
+    )

@@ -36,6 +36,12 @@ class RedisSettings(BaseModel):
         description="Redis URL for broker, rate limits and pub/sub. Empty: embedded server under var/.",
     )
     broker_url: str | None = Field(default=None, description="Celery broker URL if not the Redis above.")
+    broker_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Connect and socket timeout of broker connections: a send to a broker that does not "
+        "answer fails after about this long (the sweeper re-sends the job).",
+    )
 
 
 class StorageSettings(BaseModel):
@@ -98,6 +104,15 @@ class LimitSettings(BaseModel):
         default=100, description="Pending+processing generations per project (0: no cap)."
     )
     max_batch_items: int = Field(default=100, description="Most items one batch create may hold.")
+    auth_failures_per_minute: int = Field(
+        default=20,
+        description="Requests with unknown API keys one client address may send per minute; then 429 "
+        "before any database lookup (0: no limit).",
+    )
+    max_streams_per_key: int = Field(
+        default=20,
+        description="Event streams and long polls (`Prefer: wait`) one API key may hold open (0: no cap).",
+    )
 
 
 class GenerationSettings(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -19,16 +20,18 @@ from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+
+from shared.errors import StorageUnavailable
 
 if TYPE_CHECKING:
     from shared.settings import Settings
 
+T = TypeVar("T")
+
 _TMP_PREFIX = ".kiln-tmp-"  # local temp files; keys may not use it, list_keys skips it
 _S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
-
-
-T = TypeVar("T")
 
 
 class ObjectMissing(KeyError):
@@ -308,6 +311,18 @@ def _is_missing(exc: ClientError) -> bool:
     return status == 404 or _error_code(exc) in ("NoSuchKey", "404", "NotFound")
 
 
+def is_storage_outage(exc: BaseException) -> bool:
+    """The store could not serve the call now (the same call may work later): no connection, a
+    timeout, a 5xx or throttling. A 4xx (missing key, denied) is not an outage."""
+    # EndpointConnectionError, ConnectTimeoutError (connection); ReadTimeoutError, ConnectionClosedError
+    if isinstance(exc, (BotocoreConnectionError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or _error_code(exc) in ("SlowDown", "ServiceUnavailable", "InternalError")
+    return False
+
+
 class S3Storage:
     """Any S3 endpoint (AWS, MinIO, R2, ...) through boto3; every call runs in a thread."""
 
@@ -358,9 +373,22 @@ class S3Storage:
         )
         self._ping_client = session.client("s3", endpoint_url=endpoint_url, config=ping_config)
 
+    async def _call(self, fn: Callable[..., T], /, *args: Any, to_the_end: bool = False, **kwargs: Any) -> T:
+        """Run a blocking boto3 call in a thread; an outage leaves as StorageUnavailable (a 503).
+        `to_the_end`: a cancelled caller still waits for the thread (see `_in_thread_to_the_end`)."""
+        call = functools.partial(fn, *args, **kwargs)
+        try:
+            return await (_in_thread_to_the_end(call) if to_the_end else asyncio.to_thread(call))
+        except (ClientError, BotocoreConnectionError, HTTPClientError) as exc:
+            if is_storage_outage(exc):
+                raise StorageUnavailable(
+                    f"Image storage is unavailable ({type(exc).__name__}); retry later"
+                ) from exc
+            raise
+
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (first start against a fresh MinIO, tests)."""
-        await asyncio.to_thread(self._ensure_bucket)
+        await self._call(self._ensure_bucket)
 
     def _ensure_bucket(self) -> None:
         try:
@@ -380,14 +408,15 @@ class S3Storage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         validate_key(key)
-        await _in_thread_to_the_end(self._put, key, data, content_type)
+        # To the end: a cancelled put must not land after its caller deleted the prefix.
+        await self._call(self._put, key, data, content_type, to_the_end=True)
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     async def get(self, key: str) -> bytes:
         validate_key(key)
-        return await asyncio.to_thread(self._get, key)
+        return await self._call(self._get, key)
 
     def _get(self, key: str) -> bytes:
         try:
@@ -401,7 +430,7 @@ class S3Storage:
 
     async def exists(self, key: str) -> bool:
         validate_key(key)
-        return await asyncio.to_thread(self._exists, key)
+        return await self._call(self._exists, key)
 
     def _exists(self, key: str) -> bool:
         try:
@@ -416,7 +445,7 @@ class S3Storage:
         for key in keys:
             validate_key(key)
         if keys:
-            await asyncio.to_thread(self._delete, list(keys))
+            await self._call(self._delete, list(keys))
 
     def _delete(self, keys: list[str]) -> int:
         deleted = 0
@@ -437,7 +466,7 @@ class S3Storage:
 
     async def delete_prefix(self, prefix: str) -> int:
         validate_prefix(prefix)
-        return await asyncio.to_thread(self._delete_prefix, prefix)
+        return await self._call(self._delete_prefix, prefix)
 
     def _delete_prefix(self, prefix: str) -> int:
         # Each listing page holds at most 1000 keys: exactly one DeleteObjects batch.
@@ -451,7 +480,7 @@ class S3Storage:
 
     async def list_keys(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
-        return await asyncio.to_thread(self._list, prefix)
+        return await self._call(self._list, prefix)
 
     def _list(self, prefix: str) -> list[str]:
         paginator = self._client.get_paginator("list_objects_v2")
@@ -464,7 +493,7 @@ class S3Storage:
 
     async def list_objects(self, prefix: str, *, start_after: str = "", limit: int) -> list[StoredObject]:
         validate_prefix(prefix)
-        return await asyncio.to_thread(self._list_objects, prefix, start_after, limit)
+        return await self._call(self._list_objects, prefix, start_after, limit)
 
     def _list_objects(self, prefix: str, start_after: str, limit: int) -> list[StoredObject]:
         found: list[StoredObject] = []
@@ -482,14 +511,14 @@ class S3Storage:
         return found[:limit]
 
     async def ping(self) -> None:
-        await asyncio.to_thread(self._ping_client.head_bucket, Bucket=self.bucket)
+        await self._call(self._ping_client.head_bucket, Bucket=self.bucket)
 
     def direct_url(self, key: str) -> str | None:
         return _join_url(self.public_base_url, key)
 
     async def close(self) -> None:
         """Close the HTTP connection pools (on shutdown)."""
-        await asyncio.to_thread(self._close)
+        await self._call(self._close)
 
     def _close(self) -> None:
         self._client.close()

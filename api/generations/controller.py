@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,8 +38,15 @@ from api.generations.schemas import (
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
 from api.parsing import decode_body, parse_uuid
 from api.resources import resources_of
-from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, Principal, authenticate, principal_of
-from api.security.guards import require_api_key
+from api.security.auth import (
+    PRINCIPAL_STATE_KEY,
+    RATE_LIMIT_STATE_KEY,
+    Principal,
+    authenticate,
+    client_address,
+    principal_of,
+)
+from api.security.guards import GenerationSpend, StreamSlot, require_api_key
 from api.security.ratelimit import Budget, RateLimitResult
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
 from shared.errors import Forbidden, RateLimitExceeded
@@ -174,27 +182,15 @@ async def _authenticate(
     connection: ASGIConnection[Any, Any, Any, Any], budget: Budget
 ) -> tuple[Principal, RateLimitResult]:
     principal, rate = await authenticate(
-        resources_of(connection), connection.headers.get("x-api-key"), budget
+        resources_of(connection),
+        connection.headers.get("x-api-key"),
+        budget,
+        address=client_address(connection),
     )
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate  # the response's rate-limit headers describe this budget
     state[PRINCIPAL_STATE_KEY] = principal
     return principal, rate
-
-
-def _generation_charger(request: AnyRequest) -> service.ChargeGeneration:
-    """Spends one unit of the key's generation budget (raising RateLimitExceeded when it is used up)."""
-
-    async def charge() -> None:
-        _, rate = await _authenticate(request, Budget.GENERATE)
-        if not rate.admitted:
-            raise RateLimitExceeded(
-                f"Rate limit of {rate.limit} generate requests per hour exceeded; "
-                f"retry in {rate.reset_seconds} s",
-                headers={"Retry-After": str(max(1, rate.reset_seconds))},
-            )
-
-    return charge
 
 
 def _project_of(principal: Principal, action: str) -> uuid.UUID:
@@ -245,35 +241,40 @@ class GenerationController(Controller):
         idempotency_key: IdempotencyKeyHeader = None,
         prefer: PreferHeader = None,
     ) -> Response[GenerationEnvelope]:
-        principal = principal_of(request)
-        project_id = _project_of(principal, "create generations")
-        resources = resources_of(request)
-        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
-        body = decode_body(await request.body(), CreateGenerationRequest)
-        valid = service.validate_create(body, resources.settings)
-        wait = _wait_of(request)
+        async with GenerationSpend(request) as spend:  # a refused create costs no budget
+            principal = principal_of(request)
+            project_id = _project_of(principal, "create generations")
+            resources = resources_of(request)
+            key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            body = decode_body(await request.body(), CreateGenerationRequest)
+            valid = service.validate_create(body, resources.settings)
+            wait = _wait_of(request)
 
-        async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
-            if key is None:
-                return await service.create_generation(
-                    resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
+            async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
+                if key is None:
+                    created: GenerationRecord | service.StoredResponse = await service.create_generation(
+                        resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
+                    )
+                else:
+                    once = service.IdempotencyKey(
+                        key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
+                    )
+                    created = await service.create_generation_once(
+                        resources,
+                        project_id,
+                        principal.max_in_flight,
+                        valid,
+                        once,
+                        spend,
+                        generation_id=generation_id,
+                    )
+                spend.keep()  # the row exists; whatever the wait does next, the unit paid for it
+                return created
+
+            async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
+                result, waited = await service.submit_and_wait(
+                    resources, status_hub_of(request), wait, project_id, create
                 )
-            once = service.IdempotencyKey(
-                key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
-            )
-            return await service.create_generation_once(
-                resources,
-                project_id,
-                principal.max_in_flight,
-                valid,
-                once,
-                _generation_charger(request),
-                generation_id=generation_id,
-            )
-
-        result, waited = await service.submit_and_wait(
-            resources, status_hub_of(request), wait, project_id, create
-        )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
         if isinstance(result, service.StoredResponse):
             return _replayed(result, GenerationEnvelope, headers)
@@ -305,9 +306,10 @@ class GenerationController(Controller):
             once = service.IdempotencyKey(
                 key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
             )
-        result = await service.create_batch(
-            resources, project_id, principal.max_in_flight, body.items, _generation_charger(request), once
-        )
+        async with GenerationSpend(request) as spend:  # units of items then refused are given back
+            result = await service.create_batch(
+                resources, project_id, principal.max_in_flight, body.items, spend, once
+            )
         if isinstance(result, service.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
         return Response(result, status_code=200)
@@ -340,14 +342,15 @@ class GenerationController(Controller):
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[GenerationEnvelope]:
         wait = _wait_of(request)
-        view = await service.view_generation(
-            resources_of(request),
-            status_hub_of(request),
-            principal_of(request),
-            parse_uuid(generation_id, "id"),
-            if_none_match=request.headers.get("if-none-match"),
-            wait_seconds=wait,
-        )
+        async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
+            view = await service.view_generation(
+                resources_of(request),
+                status_hub_of(request),
+                principal_of(request),
+                parse_uuid(generation_id, "id"),
+                if_none_match=request.headers.get("if-none-match"),
+                wait_seconds=wait,
+            )
         headers = {"ETag": view.etag}
         if wait:
             headers["Preference-Applied"] = f"wait={wait}"
@@ -369,19 +372,25 @@ class GenerationController(Controller):
         hub = status_hub_of(request)
         parsed_id = parse_uuid(generation_id, "id")
         await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
+        slot = StreamSlot(request)
+        await slot.open()  # 429 before the stream starts; the stream frees it when it ends
 
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             retry: int | None = EVENTS_RETRY_MS
-            async for record in service.follow_generation(
-                resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
-            ):
-                if record is None:
-                    yield ServerSentEventMessage(data=None, comment="keep-alive")
-                    continue
-                yield ServerSentEventMessage(
-                    event="status", data=msgspec.json.encode(record).decode(), retry=retry
-                )
-                retry = None
+            try:
+                async for record in service.follow_generation(
+                    resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
+                ):
+                    await slot.renew()
+                    if record is None:
+                        yield ServerSentEventMessage(data=None, comment="keep-alive")
+                        continue
+                    yield ServerSentEventMessage(
+                        event="status", data=msgspec.json.encode(record).decode(), retry=retry
+                    )
+                    retry = None
+            finally:
+                await slot.close()
 
         return ServerSentEvent(messages())
 
@@ -415,16 +424,17 @@ class GenerationController(Controller):
     async def regenerate_generation(
         self, request: AnyRequest, generation_id: FromPath[str]
     ) -> GenerationEnvelope:
-        principal = principal_of(request)
-        _project_of(principal, "regenerate generations")
-        resources = resources_of(request)
-        parsed_id = parse_uuid(generation_id, "id")
-        raw = await request.body()
-        deadline_seconds = None
-        if raw.strip():
-            body = decode_body(raw, RegenerateRequest)
-            deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
-        record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
+        async with GenerationSpend(request):  # a refused regenerate costs no budget
+            principal = principal_of(request)
+            _project_of(principal, "regenerate generations")
+            resources = resources_of(request)
+            parsed_id = parse_uuid(generation_id, "id")
+            raw = await request.body()
+            deadline_seconds = None
+            if raw.strip():
+                body = decode_body(raw, RegenerateRequest)
+                deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
+            record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
     @get("/", summary="List generations, newest first", responses=error_responses(400, *AUTHENTICATED_ERRORS))

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy.exc import DBAPIError
@@ -82,8 +82,16 @@ _STATUSES = tuple(s.value for s in GenerationStatus)
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 _LOCK_NOT_AVAILABLE = "55P03"
 
-# Spends one unit of the caller's generation budget; raises RateLimitExceeded when it is used up.
-ChargeGeneration = Callable[[], Awaitable[None]]
+
+class GenerationBudget(Protocol):
+    """The caller's generation budget (api.security.guards.GenerationSpend). Units of a request that
+    then fails are given back by the caller; the service gives back an item refused on its own."""
+
+    async def charge(self) -> None:
+        """Spend one unit; RateLimitExceeded when the budget is used up."""
+
+    async def refund_last(self) -> None:
+        """Give back the unit last charged: the item it paid for was refused."""
 
 
 class IdempotencyKeyReused(KilnError):
@@ -256,15 +264,21 @@ def _over_cap(cap: int) -> ConcurrencyLimitExceeded:
     )
 
 
-async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str]]) -> None:
-    """Send `kiln.generate` for committed (id, provider) rows; a failed send is left to the sweeper."""
+async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
+    """Send `kiln.generate` for committed (id, provider, deadline_at) rows; a failed send is left to
+    the sweeper."""
     settings = resources.settings
 
-    async def send(generation_id: uuid.UUID, provider: str) -> None:
+    async def send(generation_id: uuid.UUID, provider: str, deadline_at: datetime) -> None:
         try:
             # Bounded: kombu retries a dead broker for seconds; the committed row is enough to answer.
             await asyncio.wait_for(
-                enqueue_generation(resources.producer, generation_id, queue_for_provider(settings, provider)),
+                enqueue_generation(
+                    resources.producer,
+                    generation_id,
+                    queue_for_provider(settings, provider),
+                    deadline_at=deadline_at,
+                ),
                 ENQUEUE_TIMEOUT_SECONDS,
             )
         except Exception as exc:  # the row is committed: the sweeper re-enqueues it
@@ -282,7 +296,11 @@ async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str]]) 
     if len(rows) == 1:
         await send(*rows[0])
     elif rows:
-        await asyncio.gather(*(send(generation_id, provider) for generation_id, provider in rows))
+        await asyncio.gather(*(send(*row) for row in rows))
+
+
+def _enqueued(record: GenerationRecord) -> tuple[uuid.UUID, str, datetime]:
+    return uuid.UUID(record.id), record.provider, datetime.fromisoformat(record.deadline_at)
 
 
 async def create_generation(
@@ -300,7 +318,7 @@ async def create_generation(
         row = await repository.insert_generation(conn, values, cap)
     if row is None:
         raise _over_cap(cap)
-    await _enqueue(resources, [(row["id"], row["provider"])])
+    await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
 
 
@@ -409,7 +427,7 @@ async def create_generation_once(
     in_flight_override: int | None,
     request: ValidGeneration,
     key: IdempotencyKey,
-    charge: ChargeGeneration,
+    budget: GenerationBudget,
     *,
     generation_id: uuid.UUID | None = None,
 ) -> GenerationRecord | StoredResponse:
@@ -422,7 +440,7 @@ async def create_generation_once(
     cap = _in_flight_cap(resources.settings, in_flight_override)
 
     async def insert(conn: Any) -> tuple[int, dict[str, Any], GenerationRecord]:
-        await charge()
+        await budget.charge()
         row = await repository.insert_generation_in_transaction(conn, values, cap)
         if row is None:
             raise _over_cap(cap)
@@ -432,7 +450,7 @@ async def create_generation_once(
     record, repeated = await _run_once_per_key(resources, project_id, key, insert)
     if repeated is not None:
         return repeated
-    await _enqueue(resources, [(uuid.UUID(record.id), record.provider)])
+    await _enqueue(resources, [_enqueued(record)])
     return record
 
 
@@ -472,7 +490,7 @@ async def create_batch(
     project_id: uuid.UUID,
     in_flight_override: int | None,
     items: Sequence[msgspec.Raw],
-    charge: ChargeGeneration,
+    budget: GenerationBudget,
     key: IdempotencyKey | None = None,
 ) -> BatchEnvelope | StoredResponse:
     """Each item is validated and prepared on its own; the valid ones are then inserted in one
@@ -507,10 +525,11 @@ async def create_batch(
                 continue
             if refusal is None:
                 try:
-                    await charge()
+                    await budget.charge()
                     row = await repository.insert_generation_in_transaction(conn, item, cap)
                     if row is None:
                         refusal = _over_cap(cap)
+                        await budget.refund_last()  # the item was refused: its unit is given back
                 except RateLimitExceeded as exc:
                     refusal = exc
             if refusal is not None:
@@ -534,7 +553,7 @@ async def create_batch(
         envelope, repeated = await _run_once_per_key(resources, project_id, key, insert)
         if repeated is not None:
             return repeated
-    created = [(uuid.UUID(r.data.id), r.data.provider) for r in envelope.data if r.data is not None]
+    created = [_enqueued(r.data) for r in envelope.data if r.data is not None]
     await _enqueue(resources, created)
     return envelope
 
@@ -823,7 +842,7 @@ async def regenerate_generation(
         row = await repository.regenerate_generation(conn, generation_id, deadline_seconds)
     # Wakes a worker still on the previous version (it abandons) and anyone waiting on the generation.
     await publish_status(resources.redis, row["id"], row["project_id"], row["status"], row["updated_at"])
-    await _enqueue(resources, [(row["id"], row["provider"])])
+    await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     log.info("generation regenerated", generation_id=str(generation_id), version=row["version"])
     return generation_record(row, resources.urls, with_image=False)
 

@@ -10,6 +10,7 @@ from litestar.openapi import ResponseSpec
 
 from api.health import service
 from api.resources import resources_of
+from api.security.auth import client_address
 
 
 class HealthStatus(msgspec.Struct):
@@ -31,12 +32,17 @@ class HealthController(Controller):
     @get(
         "/ready",
         summary="Database, Redis, broker and storage are reachable (else 503)",
+        description="A failed check reads `down`; with an admin `X-API-Key` it carries the failure.",
         responses={
             503: ResponseSpec(data_container=ReadyStatus, description="A dependency failed (see checks)")
         },
     )
     async def ready(self, request: Request[Any, Any, Any]) -> Response[ReadyStatus]:
-        checks = await service.readiness(resources_of(request))
+        resources = resources_of(request)
+        detailed = await service.is_admin_caller(
+            resources, request.headers.get("x-api-key"), client_address(request)
+        )
+        checks = await service.readiness(resources, detailed=detailed)
         if all(result == "ok" for result in checks.values()):
             return Response(ReadyStatus(status="ok", checks=checks))
         return Response(

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import text
 
 from api.resources import Resources
+from api.security.auth import authenticate
+from api.security.ratelimit import Budget
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -57,6 +59,22 @@ async def _run(check: Callable[[Resources], Awaitable[None]], resources: Resourc
     return "ok"
 
 
-async def readiness(resources: Resources) -> dict[str, str]:
+async def readiness(resources: Resources, *, detailed: bool) -> dict[str, str]:
+    """Each dependency's state. The failure text (exception, host names, endpoints) maps the
+    deployment for whoever asks, so only `detailed` (an admin key) gets it; anyone else reads `down`."""
     results = await asyncio.gather(*(_run(check, resources) for check in _CHECKS.values()))
+    if not detailed:
+        results = [result if result == "ok" else "down" for result in results]
     return dict(zip(_CHECKS, results, strict=True))
+
+
+async def is_admin_caller(resources: Resources, raw_key: str | None, address: str | None) -> bool:
+    """Whether the caller presented a valid admin key. /ready stays unauthenticated: a missing, bad or
+    uncheckable key (the database or Redis may be what is down) only means no detail."""
+    if raw_key is None:
+        return False
+    try:
+        principal, _ = await authenticate(resources, raw_key, Budget.READ, address=address)
+    except Exception:
+        return False
+    return principal.is_admin

@@ -28,9 +28,12 @@ from api.security.ratelimit import (
     key_cache_key,
 )
 from shared.apikeys import digest_key, looks_like_key
-from shared.errors import ServiceUnavailable, Unauthorized
+from shared.errors import ServiceUnavailable, TooManyFailedAuthentications, Unauthorized
+from shared.logging import get_logger
 from shared.models import ApiKeyKind
 from shared.settings import Settings
+
+log = get_logger(__name__)
 
 KEY_CACHE_TTL_SECONDS = 60
 # Longer than a cache entry lives, so a fill that read the database before the revoke is outlived.
@@ -74,9 +77,10 @@ def default_limit(settings: Settings, budget: Budget) -> int:
 
 
 async def authenticate(
-    resources: Resources, raw_key: str | None, budget: Budget
+    resources: Resources, raw_key: str | None, budget: Budget, *, address: str | None = None
 ) -> tuple[Principal, RateLimitResult]:
-    """Resolve the key and apply its budget: one Redis round trip unless the record is not cached."""
+    """Resolve the key and apply its budget: one Redis round trip unless the record is not cached.
+    `address` (the client's) is throttled once it failed too often: see `_refuse_if_throttled`."""
     if not raw_key or not looks_like_key(raw_key):
         raise Unauthorized()
     digest = digest_key(raw_key)
@@ -88,11 +92,38 @@ async def authenticate(
             cached = _decode_cached(reply.record)
             return Principal(cached.id, cached.k, cached.p, cached.m), reply.result
         if reply.tag != CACHE_MISS:
+            await _record_failure(resources, address)
             raise Unauthorized()
+        await _refuse_if_throttled(resources, address)
         record = await load_key_record(resources.reader, digest)
         value = msgspec.json.encode(record) if record is not None else KEY_CACHE_TOMBSTONE
         await resources.redis.set(key_cache_key(digest), value, ex=KEY_CACHE_TTL_SECONDS, nx=True)
     raise ServiceUnavailable("API key cache did not settle; retry")
+
+
+async def _refuse_if_throttled(resources: Resources, address: str | None) -> None:
+    """Before a key lookup in the database: an address that sent too many unknown keys this minute
+    waits (429), so random well-formed keys cannot buy a database query each. Known keys are cached
+    and never get here; unknown ones are cached as tombstones, so only fresh guesses do."""
+    limit = resources.settings.limits.auth_failures_per_minute
+    if address is None or limit <= 0:
+        return
+    wait = await resources.limiter.auth_failures_wait(address, limit)
+    if wait:
+        raise TooManyFailedAuthentications(
+            f"More than {limit} requests with unknown API keys from this address in a minute; "
+            f"retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+async def _record_failure(resources: Resources, address: str | None) -> None:
+    if address is None or resources.settings.limits.auth_failures_per_minute <= 0:
+        return
+    try:
+        await resources.limiter.record_auth_failure(address)
+    except Exception as exc:  # the answer is 401 either way; Redis trouble shows on the next request
+        log.warning("could not count a failed authentication", error=repr(exc))
 
 
 def cached_key_from_row(row: Any) -> CachedKey | None:
@@ -116,6 +147,11 @@ async def load_key_record(reader: AsyncEngine, digest: str) -> CachedKey | None:
 async def invalidate_cached_key(redis: aioredis.Redis, digest: str) -> None:
     """Make a revoked key answer 401 at once on every API process (the CLI calls this too)."""
     await redis.set(key_cache_key(digest), KEY_CACHE_TOMBSTONE, ex=TOMBSTONE_TTL_SECONDS)
+
+
+def client_address(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The peer's address (a reverse proxy's, unless the server is told to trust its headers)."""
+    return connection.client.host if connection.client else None
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -7,25 +7,44 @@ and 429 included, carries the rate-limit headers (added by the request-context m
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.resources import resources_of
-from api.security.auth import PRINCIPAL_STATE_KEY, RATE_LIMIT_STATE_KEY, authenticate, principal_of
-from api.security.ratelimit import Budget
-from shared.errors import Forbidden, RateLimitExceeded
+from api.security.auth import (
+    PRINCIPAL_STATE_KEY,
+    RATE_LIMIT_STATE_KEY,
+    authenticate,
+    client_address,
+    principal_of,
+)
+from api.security.ratelimit import Budget, RateLimitResult, Receipt
+from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 
 async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     budget: Budget = handler.opt.get("budget", Budget.READ)
     principal, rate = await authenticate(
-        resources_of(connection), connection.headers.get("x-api-key"), budget
+        resources_of(connection),
+        connection.headers.get("x-api-key"),
+        budget,
+        address=client_address(connection),
     )
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate
     state[PRINCIPAL_STATE_KEY] = principal
+    _refuse_unless_admitted(rate, budget)
+
+
+def _refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
     if not rate.admitted:
         raise RateLimitExceeded(
             f"Rate limit of {rate.limit} {budget.value} requests per hour exceeded; "
@@ -37,3 +56,130 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     if not principal_of(connection).is_admin:
         raise Forbidden("This route needs an admin key; project keys cannot manage projects or keys")
+
+
+class GenerationSpend:
+    """The generation-budget units one request spends, given back unless the work they paid for was
+    accepted: a request refused as invalid, over the in-flight cap or by an outage costs nothing.
+
+        async with GenerationSpend(request) as spend:  # takes over the unit the guard spent, if any
+            ... await spend.charge() ...               # one more unit (batch items, Idempotency-Key)
+            spend.keep()                               # the rows exist: the units stay spent
+
+    Leaving the block with an exception refunds every unit not kept.
+    """
+
+    def __init__(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        self._connection = connection
+        rate: RateLimitResult | None = connection.scope["state"].get(RATE_LIMIT_STATE_KEY)
+        self._receipts: list[Receipt] = []
+        if rate is not None and rate.receipt is not None and rate.receipt.budget is Budget.GENERATE:
+            self._receipts.append(rate.receipt)
+
+    async def charge(self) -> None:
+        """Spend one unit (RateLimitExceeded when the budget is used up)."""
+        resources = resources_of(self._connection)
+        principal, rate = await authenticate(
+            resources,
+            self._connection.headers.get("x-api-key"),
+            Budget.GENERATE,
+            address=client_address(self._connection),
+        )
+        state = self._connection.scope["state"]
+        state[RATE_LIMIT_STATE_KEY] = rate  # the response's headers describe the generation budget
+        state[PRINCIPAL_STATE_KEY] = principal
+        _refuse_unless_admitted(rate, Budget.GENERATE)
+        assert rate.receipt is not None
+        self._receipts.append(rate.receipt)
+
+    def keep(self) -> None:
+        """The units spent so far paid for accepted work."""
+        self._receipts.clear()
+
+    async def refund_last(self) -> None:
+        """Give back the last unit charged: the item it paid for was refused."""
+        if self._receipts:
+            await self._refund([self._receipts.pop()])
+
+    async def refund_all(self) -> None:
+        receipts, self._receipts = self._receipts, []
+        await self._refund(receipts)
+
+    async def _refund(self, receipts: list[Receipt]) -> None:
+        limiter = resources_of(self._connection).limiter
+        refunded = 0
+        for receipt in receipts:
+            try:
+                await limiter.refund(receipt)
+                refunded += 1
+            except Exception as exc:  # Redis trouble: the unit stays spent, the answer stands
+                log.warning("could not refund a generation-budget unit", error=repr(exc))
+        state = self._connection.scope["state"]
+        rate: RateLimitResult | None = state.get(RATE_LIMIT_STATE_KEY)
+        if refunded and rate is not None:
+            state[RATE_LIMIT_STATE_KEY] = replace(
+                rate, remaining=min(rate.limit, rate.remaining + refunded), receipt=None
+            )
+
+    async def __aenter__(self) -> GenerationSpend:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.keep()
+        else:
+            await self.refund_all()
+
+
+class StreamSlot:
+    """One of the key's KILN_LIMITS_MAX_STREAMS_PER_KEY slots, held while an event stream or a long
+    poll is open: each holds a connection and a Redis subscription, so one key cannot hold them all.
+    A slot is a lease in Redis (renewed while the stream lives), so a crashed process frees its slots.
+
+        async with StreamSlot(request):  # 429 TOO_MANY_STREAMS when all are taken
+            ...
+    """
+
+    def __init__(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        self._limiter = resources_of(connection).limiter
+        self._cap = resources_of(connection).settings.limits.max_streams_per_key
+        self._key_id = str(principal_of(connection).key_id)
+        self._token = secrets.token_hex(12)
+        self._open = False
+
+    async def open(self) -> None:
+        if self._cap <= 0:
+            return
+        if not await self._limiter.open_stream(self._key_id, self._token, self._cap):
+            raise TooManyStreams(
+                f"This API key already has {self._cap} event streams or long polls open; "
+                "close one or retry later",
+                headers={"Retry-After": "5"},
+            )
+        self._open = True
+
+    async def renew(self) -> None:
+        if self._open:
+            try:
+                await self._limiter.renew_stream(self._key_id, self._token)
+            except Exception as exc:  # the lease runs a while yet; the next renewal may work
+                log.warning("could not renew a stream slot", error=repr(exc))
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                await self._limiter.close_stream(self._key_id, self._token)
+            except Exception as exc:  # the lease expires on its own
+                log.warning("could not free a stream slot", error=repr(exc))
+
+    async def __aenter__(self) -> StreamSlot:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

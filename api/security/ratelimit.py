@@ -39,7 +39,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 local used = redis.call('ZCARD', KEYS[2])
 local admitted = 0
 if used < limit then
-  redis.call('ZADD', KEYS[2], now, t[1] .. t[2] .. ':' .. ARGV[4])
+  redis.call('ZADD', KEYS[2], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000))
   used = used + 1
   admitted = 1
@@ -52,6 +52,29 @@ return string.format('2:%d:%d:%d:%.0f:', admitted, limit, math.max(limit - used,
 """
 
 
+# Stream slots: a sorted set per key of (token, lease end). Expired leases are dropped first, so a
+# process that died holding slots frees them within one lease.
+_STREAM_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[3] == 'renew' then
+  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[2])
+elseif redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+else
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], lease)
+return 1
+"""
+
+AUTH_FAILURE_WINDOW_SECONDS = 60
+# Longer than the longest long poll (60 s) and four SSE heartbeats, each of which renews it.
+STREAM_LEASE_SECONDS = 90
+
+
 class Budget(StrEnum):
     GENERATE = "generate"  # work-starting requests (create; later batch items, regenerate)
     READ = "read"  # everything else authenticated (polling, listing, admin)
@@ -62,11 +85,21 @@ OVERRIDE_FIELD = {Budget.GENERATE: "g", Budget.READ: "r"}
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """The unit a request spent: its entry in the key's window, so a refused request can give it back."""
+
+    window: str
+    entry: str
+    budget: Budget
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitResult:
     admitted: bool
     limit: int
     remaining: int
     reset_seconds: int  # until the window frees a slot
+    receipt: Receipt | None = None  # set when admitted
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         limit, remaining, reset = str(self.limit), str(self.remaining), str(self.reset_seconds)
@@ -95,14 +128,26 @@ def window_key(digest: str, budget: Budget) -> str:
     return f"kiln:rl:{{{digest}}}:{budget.value}"
 
 
+def auth_failures_key(address: str) -> str:
+    return f"kiln:authfail:{address}"
+
+
+def streams_key(key_id: str) -> str:
+    return f"kiln:streams:{key_id}"
+
+
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
+        self._streams = redis.register_script(_STREAM_SCRIPT)
 
     async def check(self, digest: str, budget: Budget, default_limit: int) -> LimiterReply:
+        window = window_key(digest, budget)
+        entry = os.urandom(12).hex()  # unique per request: the receipt that refunds exactly this unit
         reply = await self._script(
-            keys=[key_cache_key(digest), window_key(digest, budget)],
-            args=[WINDOW_SECONDS * 1_000_000, default_limit, OVERRIDE_FIELD[budget], os.urandom(6).hex()],
+            keys=[key_cache_key(digest), window],
+            args=[WINDOW_SECONDS * 1_000_000, default_limit, OVERRIDE_FIELD[budget], entry],
         )
         tag = int(reply[:1])
         if tag != KEY_ACCEPTED:
@@ -116,5 +161,48 @@ class RateLimiter:
                 limit=int(limit),
                 remaining=int(remaining),
                 reset_seconds=max(0, math.ceil(int(reset_us) / 1_000_000)),
+                receipt=Receipt(window, entry, budget) if admitted == b"1" else None,
             ),
         )
+
+    async def refund(self, receipt: Receipt) -> None:
+        """Give back a unit spent by a request that was then refused (invalid, over the in-flight cap,
+        an outage): only work that was accepted costs budget."""
+        await self._redis.zrem(receipt.window, receipt.entry)
+
+    # --- failed authentications per client address -----------------------------------------------
+
+    async def auth_failures_wait(self, address: str, limit: int) -> int:
+        """Seconds this address must wait (0: none) because it failed authentication `limit` times in
+        the current minute. Asked before a key lookup in the database, so that a flood of random
+        well-formed keys costs Redis reads, not database queries."""
+        key = auth_failures_key(address)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.ttl(key)
+            failures, ttl = await pipe.execute()
+        if failures is None or int(failures) < limit:
+            return 0
+        return max(1, int(ttl))
+
+    async def record_auth_failure(self, address: str) -> None:
+        key = auth_failures_key(address)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, 0, ex=AUTH_FAILURE_WINDOW_SECONDS, nx=True)
+            pipe.incr(key)
+            await pipe.execute()
+
+    # --- open streams (SSE, long polls) per key ------------------------------------------------
+
+    async def open_stream(self, key_id: str, token: str, cap: int) -> bool:
+        """Take one of the key's `cap` stream slots for `token`; False when all are held."""
+        reply = await self._streams(
+            keys=[streams_key(key_id)], args=[STREAM_LEASE_SECONDS * 1000, token, "open", cap]
+        )
+        return bool(int(reply))
+
+    async def renew_stream(self, key_id: str, token: str) -> None:
+        await self._streams(keys=[streams_key(key_id)], args=[STREAM_LEASE_SECONDS * 1000, token, "renew", 0])
+
+    async def close_stream(self, key_id: str, token: str) -> None:
+        await self._redis.zrem(streams_key(key_id), token)

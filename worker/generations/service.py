@@ -71,8 +71,8 @@ STATUS_WATCH_SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # scripted providers.
 ProviderFactory = Callable[[str, ProviderConnection], ImageProvider]
 # Sends `kiln.generate(id)` again to the provider's queue after `countdown` seconds (a job handed back
-# because its connection was at its concurrency limit).
-Requeue = Callable[[uuid.UUID, str, float], Awaitable[None]]
+# because its connection was at its concurrency limit); the deadline sets the task's time limits.
+Requeue = Callable[[uuid.UUID, str, float, datetime], Awaitable[None]]
 
 # How a retryable failure that used up the retries is reported: what the vendor last said.
 _RATE_LIMITED = re.compile(r"\bHTTP 429\b|rate.?limit|too many requests|RESOURCE_EXHAUSTED", re.IGNORECASE)
@@ -415,7 +415,7 @@ class GenerationPipeline:
         )
         if self.deps.requeue is not None:
             try:
-                await self.deps.requeue(claim.id, claim.provider, countdown)
+                await self.deps.requeue(claim.id, claim.provider, countdown, claim.deadline_at)
             except Exception as exc:  # it is pending and marked enqueued: the sweeper sends it again
                 log.warning("could not re-enqueue a job handed back; the sweeper will", error=str(exc))
         return PipelineOutcome.DEFERRED

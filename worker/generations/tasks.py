@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
+from datetime import datetime
 
 from celery import Task
 
 from shared.db import is_connection_error
 from shared.logging import get_logger
 from shared.providers import ImageProvider, ProviderConnection, get_provider
-from shared.queueing import GENERATE_TASK, queue_for_provider
+from shared.queueing import GENERATE_TASK, enqueue_generation, queue_for_provider
 from worker.celery_app import WorkerRuntime, app, get_runtime
 from worker.generations.service import (
     AttemptInterrupted,
@@ -32,13 +32,13 @@ def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
     def provider_for(name: str, connection: ProviderConnection) -> ImageProvider:
         return get_provider(name, runtime.http, connection)
 
-    async def requeue(generation_id: uuid.UUID, provider: str, countdown: float) -> None:
+    async def requeue(
+        generation_id: uuid.UUID, provider: str, countdown: float, deadline_at: datetime
+    ) -> None:
         # Back to the provider's own queue. A countdown task is held by the consumer, not by a pool
         # process: no worker slot waits for the connection to free up.
         queue = queue_for_provider(runtime.settings, provider)
-        await asyncio.to_thread(
-            generate.apply_async, args=[str(generation_id)], queue=queue, countdown=countdown, retry=False
-        )
+        await enqueue_generation(app, generation_id, queue, deadline_at=deadline_at, countdown=countdown)
 
     return PipelineDependencies(
         settings=runtime.settings,

@@ -36,6 +36,7 @@ class SweptGeneration:
     status: str
     updated_at: datetime
     provider: str = ""  # which queue a re-enqueue goes to
+    deadline_at: datetime | None = None  # the time limits of a re-enqueued task
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class SweepRepository:
                 g.status,
                 g.updated_at,
                 g.provider,
+                g.deadline_at,
             )
         )
         rows = (await self.session.execute(stmt)).all()
@@ -82,6 +84,7 @@ class SweepRepository:
                 status=row.status,
                 updated_at=row.updated_at,
                 provider=row.provider,
+                deadline_at=row.deadline_at,
             )
             for row in rows
         ]

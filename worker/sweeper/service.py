@@ -233,7 +233,13 @@ async def _enqueue(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -
     the rest. Returns unsent."""
     for position, row in enumerate(rows):
         try:
-            await enqueue_generation(deps.producer, row.id, queue_for_provider(deps.settings, row.provider))
+            assert row.deadline_at is not None  # every re-enqueue query returns it
+            await enqueue_generation(
+                deps.producer,
+                row.id,
+                queue_for_provider(deps.settings, row.provider),
+                deadline_at=row.deadline_at,
+            )
         except Exception as exc:
             unsent = [r.id for r in rows[position:]]
             log.warning("broker unavailable; re-enqueue postponed", unsent=len(unsent), error=str(exc))

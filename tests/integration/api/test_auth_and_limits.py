@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import uuid
 
 import pytest
@@ -13,7 +14,8 @@ from api.admin.service import revoke_api_key
 from api.app import create_app
 from api.resources import resources_lifespan
 from api.security.auth import authenticate, invalidate_cached_key
-from api.security.ratelimit import Budget
+from api.security.ratelimit import Budget, key_cache_key
+from shared.apikeys import digest_key
 from shared.db import transaction
 from tests.integration.api.conftest import (
     api_client,
@@ -245,3 +247,114 @@ async def test_a_burst_larger_than_the_redis_pool_waits_instead_of_failing(api_s
         )
     assert [type(r).__name__ for r in results if not isinstance(r, tuple)] == []
     assert sorted(rate.remaining for _, rate in results) == list(range(100_000 - 300, 100_000))
+
+
+# --- refused requests cost no generation budget -----------------------------------------------
+
+
+def _remaining(response) -> int:
+    return int(response.headers["x-ratelimit-remaining"])
+
+
+async def test_requests_refused_as_invalid_over_the_cap_or_by_an_outage_spend_no_budget(
+    api_settings, tenant, engine
+):
+    settings = with_limits(api_settings, generations_per_hour=10, max_in_flight_per_project=1)
+    dead_database = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": "postgresql://k:k@127.0.0.1:1/k"})}
+    )
+    async with api_client(settings) as client:
+        first = await client.post(CREATE, json={"prompt": "fills the cap"}, headers=tenant.headers)
+        assert first.status_code == 201 and _remaining(first) == 9
+        invalid = await client.post(CREATE, json={"prompt": ""}, headers=tenant.headers)
+        over_cap = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+        over_cap_once = await client.post(
+            CREATE, json={"prompt": "x"}, headers={**tenant.headers, "Idempotency-Key": "k1"}
+        )
+        batch = await client.post(
+            f"{CREATE}/batch", json={"items": [{"prompt": "a"}, {"prompt": "b"}]}, headers=tenant.headers
+        )
+        bad_regenerate = await client.post(
+            f"{CREATE}/{first.json()['data']['id']}/regenerate",
+            json={"deadlineSeconds": 0},
+            headers=tenant.headers,
+        )
+    assert invalid.status_code == 400 and _remaining(invalid) == 9
+    assert over_cap.status_code == 429 and over_cap.json()["error"]["code"] == "CONCURRENCY_LIMIT_EXCEEDED"
+    assert _remaining(over_cap) == 9
+    assert over_cap_once.status_code == 429, over_cap_once.text
+    assert batch.status_code == 200 and batch.json()["summary"]["succeeded"] == 0
+    assert bad_regenerate.status_code == 400
+    async with api_client(dead_database) as client:  # the key record is cached: only the insert fails
+        outage = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert outage.status_code == 503, outage.text
+
+    async with engine.begin() as conn:  # the first generation finishes: the cap admits one more
+        await conn.execute(generations.update().values(status="success"))
+    async with api_client(settings) as client:
+        last = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
+    assert last.status_code == 201 and _remaining(last) == 8  # only the two creates that happened
+    assert await generation_rows(engine) == 2
+
+
+# --- failed authentications and open streams ------------------------------------------------
+
+
+def random_key() -> str:
+    return "kiln_" + secrets.token_hex(20)
+
+
+async def test_an_address_sending_unknown_keys_is_throttled_before_any_database_lookup(
+    api_settings, tenant, redis_client
+):
+    settings = with_limits(api_settings, auth_failures_per_minute=3)
+    async with api_client(settings) as client:
+        known = await client.get(CREATE, headers=tenant.headers)  # the real key is cached from now on
+        assert known.status_code == 200
+        for _ in range(3):
+            r = await client.get(CREATE, headers={"X-API-Key": random_key()})
+            assert r.status_code == 401
+        fresh = random_key()
+        throttled = await client.get(CREATE, headers={"X-API-Key": fresh})
+        still_known = await client.get(CREATE, headers=tenant.headers)
+    assert throttled.status_code == 429, throttled.text
+    assert throttled.json()["error"]["code"] == "TOO_MANY_FAILED_AUTHENTICATIONS"
+    assert 1 <= int(throttled.headers["retry-after"]) <= 60
+    # Refused before the lookup: the database was never asked, so nothing was cached for the key.
+    assert await redis_client.get(key_cache_key(digest_key(fresh))) is None
+    assert still_known.status_code == 200  # a cached key of the same address is not held up
+
+
+async def test_a_key_may_hold_only_so_many_streams_and_long_polls(api_settings, tenant, engine, live_api):
+    # live_api runs requests concurrently; its settings are the session's, so cap through Redis state:
+    # open slots directly up to the default cap and check the next stream is refused.
+    generation_id = await insert_generation(engine, tenant.project_id, status="pending")
+    cap = api_settings.limits.max_streams_per_key
+    limiter = live_api.app.state.resources.limiter
+    held = [secrets.token_hex(4) for _ in range(cap - 1)]
+    for token in held:
+        assert await limiter.open_stream(str(tenant.key_id), token, cap)
+    async with live_api.http.stream(
+        "GET", f"{CREATE}/{generation_id}/events", headers=tenant.headers
+    ) as stream:  # takes the last slot
+        assert stream.status_code == 200
+        sse = await live_api.http.get(f"{CREATE}/{generation_id}/events", headers=tenant.headers)
+        poll = await live_api.http.get(
+            f"{CREATE}/{generation_id}", headers={**tenant.headers, "Prefer": "wait=5"}
+        )
+        plain = await live_api.http.get(f"{CREATE}/{generation_id}", headers=tenant.headers)
+    for r in (sse, poll):
+        assert r.status_code == 429 and r.json()["error"]["code"] == "TOO_MANY_STREAMS", r.text
+        assert r.headers["retry-after"]
+    assert plain.status_code == 200  # a plain read holds no slot
+
+    # Closing the stream gave its slot back.
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        poll = await live_api.http.get(
+            f"{CREATE}/{generation_id}", headers={**tenant.headers, "Prefer": "wait=1"}
+        )
+        if poll.status_code == 200 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert poll.status_code == 200, poll.text

@@ -13,7 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from api.images.schemas import UPLOAD_MAX_BODY_BYTES, UPLOAD_MAX_FILE_BYTES
-from tests.integration.api.conftest import BASE_URL, images
+from tests.integration.api.conftest import BASE_URL, api_client, images, insert_image
 
 UPLOAD = "/api/v1/images/upload"
 
@@ -272,3 +272,31 @@ async def test_admin_keys_and_missing_keys_cannot_upload(client, admin_headers, 
     assert (await client.post(UPLOAD, files=files, headers=admin_headers)).status_code == 403
     assert (await client.post(UPLOAD, files=files)).status_code == 401
     assert await image_rows(engine) == 0
+
+
+async def test_an_unreachable_s3_endpoint_answers_503_storage_unavailable(
+    api_settings, tenant, engine, storage
+):
+    row = await insert_image(engine, storage, tenant.project_id, None)  # its objects are in local storage
+    down = api_settings.model_copy(
+        update={
+            "storage": api_settings.storage.model_copy(
+                update={
+                    "backend": "s3",
+                    "s3_endpoint_url": "http://127.0.0.1:1",
+                    "s3_access_key_id": "k",
+                    "s3_secret_access_key": "s",
+                }
+            )
+        }
+    )
+    before = await image_rows(engine)
+    async with api_client(down) as client:
+        upload = await client.post(
+            UPLOAD, files={"file": ("a.png", encode("PNG"), "image/png")}, headers=tenant.headers
+        )
+        content = await client.get(f"/api/v1/images/{row['id']}/content", headers=tenant.headers)
+    for r in (upload, content):
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "STORAGE_UNAVAILABLE" and r.headers["retry-after"]
+    assert await image_rows(engine) == before  # nothing half-written

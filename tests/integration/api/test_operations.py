@@ -8,7 +8,7 @@ from openapi_spec_validator import validate
 from sqlalchemy import func, select
 
 from api.generations import service as generations_service
-from tests.integration.api.conftest import api_client, generations, make_tenant
+from tests.integration.api.conftest import api_client, generations, make_admin_key, make_tenant
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"
 
@@ -124,3 +124,34 @@ async def test_an_unexpected_error_is_a_500_without_a_stack_trace(client, tenant
     assert r.json() == {"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal error"}}
     assert "secret internals" not in r.text and "Traceback" not in r.text
     assert r.headers["x-ratelimit-limit"]  # still an authenticated response
+
+
+def _with_dead_broker(api_settings):
+    return api_settings.model_copy(
+        update={"redis": api_settings.redis.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})}
+    )
+
+
+async def test_ready_names_the_failed_dependency_without_its_detail_to_anonymous_callers(
+    api_settings, sessions, clean_state
+):
+    tenant = await make_tenant(sessions)  # a project key is no admin: still no detail
+    async with api_client(_with_dead_broker(api_settings)) as client:
+        anonymous = await client.get("/ready")
+        project = await client.get("/ready", headers=tenant.headers)
+    for r in (anonymous, project):
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json() == {
+            "status": "unavailable",
+            "checks": {"database": "ok", "redis": "ok", "broker": "down", "storage": "ok"},
+        }
+        assert "127.0.0.1" not in r.text and "Error" not in r.text
+
+
+async def test_ready_gives_the_failure_detail_to_an_admin_key(api_settings, sessions, clean_state):
+    admin_key = await make_admin_key(sessions)
+    async with api_client(_with_dead_broker(api_settings)) as client:
+        r = await client.get("/ready", headers={"X-API-Key": admin_key})
+    assert r.status_code == 503
+    broker = r.json()["checks"]["broker"]
+    assert broker not in ("ok", "down") and ("failed" in broker or "timed out" in broker)

@@ -90,7 +90,7 @@ def deps(
     http: httpx.AsyncClient,
     requeued: list[tuple[uuid.UUID, str, float]] | None = None,
 ) -> PipelineDependencies:
-    async def requeue(generation_id: uuid.UUID, provider: str, countdown: float) -> None:
+    async def requeue(generation_id: uuid.UUID, provider: str, countdown: float, deadline_at: Any) -> None:
         if requeued is not None:
             requeued.append((generation_id, provider, countdown))
 

@@ -168,7 +168,9 @@ async def test_a_real_worker_process_delivers_a_signed_success_webhook(
     gid = await insert_generation(engine, tenant.project_id, provider="placeholder", aspect_ratio="16:9")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
     finally:
         producer.close()
 

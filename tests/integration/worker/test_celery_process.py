@@ -111,7 +111,9 @@ async def test_a_real_worker_process_runs_kiln_generate_sent_by_name(
     gid = await make_generation(provider="placeholder", aspect_ratio="3:2")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
     finally:
         producer.close()
 
@@ -201,7 +203,9 @@ async def test_a_task_that_finds_the_database_down_retries_later_and_then_succee
     gid = await make_generation(provider="placeholder")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
         await wait_for_log(worker, "database unreachable; task retries later", timeout=45)
         assert (await fetch_generation(sessions, gid)).status == "pending"  # nothing marked meanwhile
 
@@ -239,7 +243,9 @@ async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attem
     worker = start_worker(KILN_GENERATION_LEASE_SECONDS="600")
     producer = create_producer(settings)
     try:
-        await enqueue_generation(producer, gid, settings.worker.queue)
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )
         row = await wait_for_terminal(sessions, gid, worker, timeout=60)
     finally:
         producer.close()
@@ -264,7 +270,9 @@ async def test_a_kiln_generate_message_with_a_hostile_attempt_is_ignored(
                 queue=settings.worker.queue,
             )
         await wait_for_log(worker_process, "kiln.generate ignored: bad attempt", timeout=45)
-        await enqueue_generation(producer, gid, settings.worker.queue)  # a proper message after them
+        await enqueue_generation(
+            producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+        )  # a proper message after them
         row = await wait_for_terminal(sessions, gid, worker_process, timeout=45)
     finally:
         producer.close()

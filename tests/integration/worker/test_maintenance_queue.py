@@ -76,7 +76,9 @@ async def test_a_sweep_runs_on_time_while_every_worker_process_is_busy_with_a_ba
         backlog = []
         for _ in range(6):
             gid = await make_generation(provider="placeholder", parameters={"delayMs": SLOW_JOB_MS})
-            await enqueue_generation(producer, gid, settings.worker.queue)
+            await enqueue_generation(
+                producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+            )
             backlog.append(gid)
     finally:
         producer.close()
