@@ -65,6 +65,7 @@ T = TypeVar("T")
 # jobs that finish sooner never pay for a subscription.
 STATUS_WATCH_DELAY_SECONDS = 0.5
 STATUS_WATCH_SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+STATUS_WATCH_POLL_SECONDS = 1.0
 
 # Resolves a generation's `provider` name and its connection (URL, decrypted key, settings) to an
 # adapter. The worker passes `get_provider` bound to its process-wide HTTP client; tests pass their own
@@ -251,13 +252,15 @@ class GenerationPipeline:
     async def _lease_kept(self, claim: ClaimedGeneration) -> AsyncIterator[None]:
         """Renew the claim's lease (and watch for a cancel) until the block ends."""
         check_now = asyncio.Event()  # set by a status event: renew (and so check the row) at once
+        stop_watching = asyncio.Event()
         heartbeat = asyncio.ensure_future(self._keep_lease(claim, check_now))
-        watcher = asyncio.ensure_future(self._watch_status_events(claim, check_now))
+        watcher = asyncio.ensure_future(self._watch_status_events(claim, check_now, stop_watching))
         self._heartbeat = heartbeat
         try:
             yield
         finally:
             self._heartbeat = None
+            stop_watching.set()
             for task in (heartbeat, watcher):
                 task.cancel()
             await asyncio.gather(heartbeat, watcher, return_exceptions=True)
@@ -297,7 +300,9 @@ class GenerationPipeline:
             if not renewed:
                 return
 
-    async def _watch_status_events(self, claim: ClaimedGeneration, check_now: asyncio.Event) -> None:
+    async def _watch_status_events(
+        self, claim: ClaimedGeneration, check_now: asyncio.Event, stop: asyncio.Event
+    ) -> None:
         """Hear the generation's status events while the attempt runs, so that a cancel (or a new version)
         is noticed at once instead of at the next heartbeat: any event makes the heartbeat check the row.
         Best effort: without Redis the heartbeat alone notices, within lease/3. Starts after a short
@@ -310,8 +315,13 @@ class GenerationPipeline:
                 while (await pubsub.get_message(timeout=None) or {}).get("type") != "subscribe":
                     pass
             check_now.set()  # subscribed: also catch a cancel that committed before the subscription
-            while True:
-                if await pubsub.get_message(ignore_subscribe_messages=True, timeout=None) is not None:
+            # Bounded reads and a stop flag, not one endless read: redis-py can swallow a cancellation that
+            # lands while a message is being read, and the attempt would then wait on this task forever.
+            while not stop.is_set():
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=STATUS_WATCH_POLL_SECONDS
+                )
+                if message is not None:
                     check_now.set()
         except asyncio.CancelledError:
             raise

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from api import cli
 from shared.providers import PROVIDER_NAMES
-from shared.queueing import celery_config, generation_queues, queue_for_provider
+from shared.queueing import generation_queues, queue_for_provider
 
 
 def test_a_queue_per_provider_and_the_placeholder_on_the_default_one(settings):
@@ -42,11 +42,3 @@ def test_kiln_worker_consumes_every_generation_queue_unless_narrowed(settings):
         result = runner.invoke(cli.app, ["worker", "--queues", "kiln.generations.comfyui"])
         argv = exec_.call_args.args[0]
         assert argv[argv.index("-Q") + 1] == "kiln.generations.comfyui"
-
-
-def test_task_time_limits_cover_the_slowest_connection_but_not_past_the_deadline(settings):
-    config = celery_config(settings)
-    limit = config["task_time_limit"]
-    assert isinstance(limit, int)
-    assert limit == settings.generation.deadline_seconds + 60  # a 3600 s connection timeout fits
-    assert config["broker_transport_options"] == {"visibility_timeout": limit + 300}

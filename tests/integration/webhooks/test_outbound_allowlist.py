@@ -4,19 +4,20 @@ loopback address is refused, unless an admin listed its host for that project (a
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 from sqlalchemy import update
 
 from shared.models import Project
 from tests.integration.webhooks.conftest import (
+    announce,
     create_endpoint,
     fetch_delivery,
     insert_generation,
     run_queued,
     webhook_tuned,
 )
-from tests.integration.webhooks.test_delivery import announce
-from worker.webhooks.service import DeliveryOutcome, WebhookDependencies
+from worker.webhooks.service import DeliveryOutcome
 
 
 async def list_hosts(engine, project_id: uuid.UUID, hosts: list[str]) -> None:
@@ -29,12 +30,7 @@ async def test_a_loopback_receiver_is_reached_in_production_only_when_its_projec
 ):
     settings = webhook_tuned(webhook_deps.settings)
     closed = settings.network.model_copy(update={"allow_private": False, "allow_loopback": False})
-    deps = WebhookDependencies(
-        settings=settings.model_copy(update={"network": closed}),
-        sessions=webhook_deps.sessions,
-        http=webhook_deps.http,
-        producer=webhook_deps.producer,
-    )
+    deps = replace(webhook_deps, settings=settings.model_copy(update={"network": closed}))
     await list_hosts(engine, tenant.project_id, ["127.0.0.1"])
     for who in (tenant, other_tenant):
         await create_endpoint(client, who, receiver.at(f"/{who.project_id}"))
