@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.crypto import decrypt_secret
-from shared.providers import CAPABILITIES, ProviderConnection
+from shared.providers import CAPABILITIES, OverridePermissions, ProviderConnection
 from shared.settings import Settings
 
 # The Redis semaphore scope of jobs that run on the server-wide default connection.
@@ -34,6 +34,13 @@ def call_timeout(settings: Settings, connection_timeout: float | None) -> float:
     return float(connection_timeout or settings.generation.provider_timeout_seconds)
 
 
+def override_permissions(settings: Settings, *, server_default: bool) -> OverridePermissions:
+    """What `rawRequestOverride` may do on a connection: on the server default (the operator's key)
+    nothing unless KILN_PROVIDERS_ALLOW_RAW_OVERRIDE; safety settings only with the operator's consent."""
+    p = settings.providers
+    return OverridePermissions(raw=p.allow_raw_override or not server_default, safety=p.allow_safety_override)
+
+
 def server_default_connection(settings: Settings, provider: str) -> ResolvedConnection:
     """The server-wide default connection (KILN_PROVIDERS_*) for `provider`.
 
@@ -44,7 +51,10 @@ def server_default_connection(settings: Settings, provider: str) -> ResolvedConn
     if provider != p.default:
         return ResolvedConnection(
             provider=provider,
-            connection=ProviderConnection(timeout_seconds=call_timeout(settings, None)),
+            connection=ProviderConnection(
+                timeout_seconds=call_timeout(settings, None),
+                overrides=override_permissions(settings, server_default=True),
+            ),
             max_concurrency=None,
             scope=f"{SERVER_DEFAULT_SCOPE}:{provider}",
         )
@@ -56,6 +66,7 @@ def server_default_connection(settings: Settings, provider: str) -> ResolvedConn
             model=p.model or None,
             settings=dict(p.settings),
             timeout_seconds=call_timeout(settings, p.timeout_seconds),
+            overrides=override_permissions(settings, server_default=True),
         ),
         max_concurrency=p.max_concurrency,
         scope=SERVER_DEFAULT_SCOPE,
@@ -77,6 +88,7 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
             model=row.model or None,
             settings=dict(row.meta or {}),
             timeout_seconds=call_timeout(settings, row.timeout_seconds),
+            overrides=override_permissions(settings, server_default=False),
         ),
         max_concurrency=row.max_concurrency,
         scope=str(connection_id),

@@ -125,6 +125,17 @@ class ProviderSettings(BaseModel):
         default=1.0,
         description="A job whose connection is at its concurrency limit is re-queued after about this long.",
     )
+    allow_raw_override: bool = Field(
+        default=False,
+        description=(
+            "Accept `parameters.rawRequestOverride` on generations that run on this server-wide default "
+            "connection (the operator's key); project connections always accept it."
+        ),
+    )
+    allow_safety_override: bool = Field(
+        default=False,
+        description="Let `rawRequestOverride` set Gemini `safetySettings` (loosen its safety filters).",
+    )
 
     @field_validator("default")
     @classmethod

@@ -31,7 +31,16 @@ from typing import Any
 import httpx
 
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
-from shared.providers.base import ParameterSpec, apply_raw_request_override, check_parameters
+from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
+    OverrideRules,
+    ParameterSpec,
+    ProviderConnection,
+    check_parameters,
+    deep_merge,
+    override_problems,
+    parse_override,
+)
 
 MESSAGE_LIMIT = 300
 _REDACTED = "[redacted]"
@@ -284,8 +293,6 @@ class VendorHTTP:
 
 # --- parameters and the request body -------------------------------------------------------------------
 
-RAW_REQUEST_OVERRIDE = "rawRequestOverride"
-
 
 def checked_parameters(schema: dict[str, ParameterSpec], parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The request's parameters that `schema` declares, checked; everything else is dropped.
@@ -301,11 +308,22 @@ def checked_parameters(schema: dict[str, ParameterSpec], parameters: dict[str, A
     return clean_values
 
 
-def with_override(body: dict[str, Any], parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """`apply_raw_request_override`, with a malformed override reported as INVALID_PARAMETERS."""
+def with_override(
+    body: dict[str, Any],
+    parameters: dict[str, Any] | None,
+    rules: OverrideRules,
+    connection: ProviderConnection,
+) -> dict[str, Any]:
+    """`parameters.rawRequestOverride` merged into `body` after the checks the API ran at create time,
+    run again: a row stored before a rule existed must not send what it forbids. INVALID_PARAMETERS."""
     try:
-        return apply_raw_request_override(body, parameters or {})
+        override = parse_override((parameters or {}).get(RAW_REQUEST_OVERRIDE))
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise ProviderPermanent(
-            "INVALID_PARAMETERS", f"parameters.{RAW_REQUEST_OVERRIDE}: not a JSON object string ({exc})"
-        ) from None
+        raise ProviderPermanent("INVALID_PARAMETERS", f"parameters.{RAW_REQUEST_OVERRIDE}: {exc}") from None
+    if override is None:
+        return body
+    problems = override_problems(rules, override, connection.overrides, connection.settings)
+    if problems:
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise ProviderPermanent("INVALID_PARAMETERS", text)
+    return deep_merge(body, override)
