@@ -90,7 +90,15 @@ def check_json_object(value: dict[str, Any], field: str, *, max_bytes: int) -> d
         raise ValidationFailed.field(where, f"must not nest deeper than {JSON_DEPTH_LIMIT} levels")
     encoded = msgspec.json.encode(value)
     if len(encoded) > max_bytes:
-        raise ValidationFailed.field(field, f"must be at most {max_bytes} bytes as JSON (got {len(encoded)})")
+        message = f"must be at most {max_bytes} bytes as JSON (got {len(encoded)})"
+        details = [{"field": field, "message": message}]
+        if value:  # also name the member that makes it big (a pasted workflow, a huge override string)
+            sizes = {key: len(msgspec.json.encode(member)) for key, member in value.items()}
+            largest = max(sizes, key=lambda key: sizes[key])
+            details.append(
+                {"field": f"{field}.{largest}", "message": f"the largest member: {sizes[largest]} bytes"}
+            )
+        raise ValidationFailed(f"{field}: {message}", details=details)
     if b"\\u0000" in encoded:
         raise ValidationFailed.field(field, "must not contain NUL characters")
     return value
