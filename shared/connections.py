@@ -78,7 +78,7 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
 
     Raises `shared.crypto.SecretUnreadable` when the key was encrypted with another KILN_SECRET_KEY.
     """
-    api_key = decrypt_secret(settings.secret_key, row.api_key_encrypted) if row.api_key_encrypted else None
+    api_key = decrypt_secret(settings.secret_keys, row.api_key_encrypted) if row.api_key_encrypted else None
     connection_id: uuid.UUID = row.id
     return ResolvedConnection(
         provider=row.provider,

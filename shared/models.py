@@ -66,6 +66,8 @@ class Project(SQLModel, table=True):
     name: str = Field(sa_type=Text)
     slug: str = Field(sa_type=Text, unique=True)
     max_in_flight: int | None = Field(default=None)
+    # Mixed into the project's generation-webhook secret; `POST /api/v1/webhooks/secret/rotate` bumps it.
+    generation_webhook_secret_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = _ts(nullable=False, default_now=True)
 
 
