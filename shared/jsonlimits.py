@@ -16,9 +16,10 @@ JSON_DEPTH_LIMIT = 32
 
 Path = list[str | int]
 
-# Tokens that change nesting: strings (skipped whole, so brackets inside them do not count), brackets,
-# and the colon that marks the string before it as a key.
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]', re.DOTALL)
+# Tokens that matter for nesting and paths: strings (skipped whole, so brackets inside them do not
+# count), brackets, the colon that marks the string before it as a key, and the comma that moves an
+# array to its next position.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:,]', re.DOTALL)
 
 
 class JSONTooDeep(ValueError):
@@ -49,11 +50,9 @@ def too_deep_path(value: Any, limit: int = JSON_DEPTH_LIMIT) -> Path | None:
 
 
 def too_deep_path_in_text(data: bytes, limit: int = JSON_DEPTH_LIMIT) -> Path | None:
-    """The same for JSON text that cannot be decoded because it is too deep (msgspec's RecursionError).
-
-    Keys are tracked; array positions are not (an index would cost a comma scan): a path through an
-    array shows index 0."""
-    path: Path = []
+    """The same for JSON text that cannot be decoded because it is too deep (msgspec's RecursionError)."""
+    path: Path = []  # the key or position of each open container in its parent (the document has none)
+    positions: list[int | None] = []  # per open container: the current position if it is an array
     pending_key: str | None = None
     last_string: str | None = None
     for match in _TOKENS.finditer(data):
@@ -62,15 +61,21 @@ def too_deep_path_in_text(data: bytes, limit: int = JSON_DEPTH_LIMIT) -> Path | 
             last_string = token[1:-1].decode("utf-8", errors="replace")
         elif token == b":":
             pending_key = last_string
+        elif token == b",":
+            if positions and positions[-1] is not None:
+                positions[-1] += 1
         elif token in (b"{", b"["):
-            path.append(pending_key if pending_key is not None else 0)
+            if positions:
+                position = positions[-1]
+                path.append(position if position is not None else (pending_key or ""))
+            positions.append(0 if token == b"[" else None)
             pending_key = None
-            if len(path) > limit:
-                return path[1:]  # the document itself is no step of the path
-        else:  # } or ]
+            if len(positions) > limit:
+                return path
+        elif positions:  # } or ]
+            positions.pop()
             if path:
                 path.pop()
-            pending_key = None
     return None
 
 
