@@ -183,6 +183,11 @@ class OverridePermissions:
     def allows(self, permission: str) -> bool:
         return bool(getattr(self, permission, False))
 
+    @staticmethod
+    def setting(permission: str) -> str:
+        """The operator's setting that grants `permission` (shared.settings.ProviderSettings)."""
+        return f"KILN_PROVIDERS_ALLOW_{permission.upper()}_OVERRIDE"
+
 
 @dataclass(frozen=True)
 class OverrideRules:
@@ -296,7 +301,7 @@ def override_problems(
     problems: list[dict[str, str]] = []
     for key in override:
         if key in rules.gated and not permissions.allows(rules.gated[key]):
-            setting = f"KILN_PROVIDERS_ALLOW_{rules.gated[key].upper()}_OVERRIDE"
+            setting = OverridePermissions.setting(rules.gated[key])
             problems.append({"field": f"{where}.{key}", "message": f"not allowed on this server ({setting})"})
         elif key not in rules.keys and key not in rules.gated:
             allowed = ", ".join(sorted(rules.keys)) or "none"

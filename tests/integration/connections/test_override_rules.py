@@ -166,3 +166,16 @@ async def test_gemini_safety_settings_pass_when_the_operator_allows_them(
             allowed, tenant, connectionId=conn["id"], parameters={"rawRequestOverride": override}
         )
         assert r.status_code == 201, r.text
+
+
+async def test_each_providers_override_rules_are_published(client, tenant: Tenant):
+    r = await client.get("/api/v1/providers", headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    rules = {p["id"]: p["capabilities"]["rawRequestOverride"] for p in r.json()["data"]}
+    assert rules["openai"]["pinned"] == {"n": 1} and "user" in rules["openai"]["keys"]
+    assert rules["openai"]["bounds"]["output_compression"]["max"] == 100
+    assert rules["automatic1111"]["pinned"]["save_images"] is False
+    assert "script_name" not in rules["automatic1111"]["keys"]
+    assert rules["gemini"]["operatorSettings"] == {"safetySettings": "KILN_PROVIDERS_ALLOW_SAFETY_OVERRIDE"}
+    assert rules["comfyui"]["keys"] == ["prompt"] and rules["comfyui"]["nodeInputsOnly"] == "prompt"
+    assert rules["placeholder"]["keys"] == []
