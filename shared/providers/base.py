@@ -212,14 +212,6 @@ class OverrideRules:
     graph_of: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, ParameterSpec]]] | None = None
 
 
-class OverrideRefused(ValueError):
-    """The override sets something its adapter's rules refuse; `details` name each path."""
-
-    def __init__(self, details: list[dict[str, str]]) -> None:
-        super().__init__("; ".join(f"{d['field']}: {d['message']}" for d in details))
-        self.details = details
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
@@ -269,7 +261,7 @@ def strip_override(value: Any) -> Any:
 
 _MISSING = object()
 _RAW_REFUSED = (
-    "not allowed on the server's default connection (KILN_PROVIDERS_ALLOW_RAW_OVERRIDE); "
+    f"not allowed on the server's default connection ({OverridePermissions.setting('raw')}); "
     "use a project connection"
 )
 

@@ -102,10 +102,16 @@ PARAMETERS: dict[str, ParameterSpec] = {
 
 # generateContent: `generationConfig` (its candidateCount multiplies the bill), `safetySettings` only if
 # the operator allows it; predict (Imagen): `parameters` (sampleCount likewise). The prompt lives in
-# `contents`/`instances` and is not overridable: it has its own field.
+# `contents`/`instances` and is not overridable: it has its own field. Google also reads snake_case
+# field names, so both spellings are pinned.
 OVERRIDE_RULES = OverrideRules(
     keys=frozenset({"generationConfig", "parameters"}),
-    pinned={"generationConfig.candidateCount": 1, "parameters.sampleCount": 1},
+    pinned={
+        "generationConfig.candidateCount": 1,
+        "generationConfig.candidate_count": 1,
+        "parameters.sampleCount": 1,
+        "parameters.sample_count": 1,
+    },
     bounds={
         "generationConfig.imageConfig.imageSize": PARAMETERS["imageSize"],
         "parameters.sampleImageSize": PARAMETERS["imageSize"],

@@ -194,6 +194,7 @@ async def test_safety_settings_and_extra_candidates_need_the_operator(
     for override, field in [
         (safety, "safetySettings"),
         ({"generationConfig": {"candidateCount": 4}}, "generationConfig.candidateCount"),
+        ({"generationConfig": {"candidate_count": 4}}, "generationConfig.candidate_count"),  # read too
         ({"contents": [{"parts": [{"text": "another prompt"}]}]}, "contents"),
     ]:
         params = {"rawRequestOverride": json.dumps(override)}
