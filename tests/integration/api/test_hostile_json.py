@@ -122,9 +122,8 @@ async def test_a_deep_upload_meta_answers_400_naming_it(client, tenant, engine):
 async def test_a_deep_batch_item_answers_400_naming_it(client, tenant, engine):
     item = '{"prompt": "x", "meta": ' + nested(DEEP) + "}"
     raw = ('{"items": [{"prompt": "fine"}, ' + item + "]}").encode()
-    r = await client.post(
-        "/api/v1/generations/batch", content=raw, headers={**tenant.headers, "Content-Type": "application/json"}
-    )
+    headers = {**tenant.headers, "Content-Type": "application/json"}
+    r = await client.post("/api/v1/generations/batch", content=raw, headers=headers)
     assert r.status_code == 400, r.text
     assert "items[1].meta" in fields_of(r), r.text
     assert await rows(engine, "generations") == 0
