@@ -157,15 +157,16 @@ def _check_raw_request_override(
     where = f"parameters.{RAW_REQUEST_OVERRIDE}"
     if not isinstance(value, dict | str):
         return None, [{"field": where, "message": "must be a JSON object (or a string holding one)"}]
+    too_big = [{"field": where, "message": f"must be at most {RAW_REQUEST_OVERRIDE_MAX_BYTES} bytes as JSON"}]
+    if isinstance(value, str) and len(value.encode()) > RAW_REQUEST_OVERRIDE_MAX_BYTES:
+        return None, too_big  # before decoding it: memory stays bounded
     try:
-        override = parse_override(value)
+        override = parse_override(value)  # depth-bounded first, so json.dumps below cannot recurse away
     except ValueError as exc:
         return None, [{"field": where, "message": str(exc)}]
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > RAW_REQUEST_OVERRIDE_MAX_BYTES:
-        return None, [
-            {"field": where, "message": f"must be at most {RAW_REQUEST_OVERRIDE_MAX_BYTES} bytes as JSON"}
-        ]
+        return None, too_big
     problems = override_problems(
         CAPABILITIES[provider].override_rules, override or {}, permissions, connection_settings
     )
