@@ -26,8 +26,10 @@ app = typer.Typer(
 )
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+secrets_app = typer.Typer(help="Manage secrets at rest (KILN_SECRET_KEY rotation).", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
 app.add_typer(keys_app, name="keys")
+app.add_typer(secrets_app, name="secrets")
 
 T = TypeVar("T")
 DEMO_PROJECT_SLUG = "demo"
@@ -351,6 +353,43 @@ def keys_revoke(key_id: str) -> None:
 
     asyncio.run(invalidate())
     typer.echo(f"key {key.prefix}… revoked")
+
+
+@secrets_app.command("reencrypt")
+def secrets_reencrypt() -> None:
+    """Rewrite every stored secret (connection keys, webhook endpoint secrets) under KILN_SECRET_KEY.
+
+    Rotation: set the new KILN_SECRET_KEY and the old one as KILN_SECRET_KEY_PREVIOUS, restart, run this;
+    then KILN_SECRET_KEY_PREVIOUS can go. Safe to run again; the API may keep running.
+    """
+    from api.admin.service import ReencryptCount, reencrypt_secrets
+    from shared.db import create_engine
+
+    settings = _settings()
+
+    def progress(count: ReencryptCount) -> None:
+        done = count.current + count.rewritten + len(count.unreadable)
+        typer.echo(
+            f"{count.table}: {done}/{count.total} checked, {count.rewritten} re-encrypted, "
+            f"{len(count.unreadable)} unreadable"
+        )
+
+    async def main() -> list[ReencryptCount]:
+        engine = create_engine(settings, pool_size=1)
+        try:
+            return await reencrypt_secrets(engine, settings.secret_keys, progress)
+        finally:
+            await engine.dispose()
+
+    counts = asyncio.run(main())
+    unreadable = [(c.table, row_id) for c in counts for row_id in c.unreadable]
+    for table, row_id in unreadable:
+        message = f"{table} {row_id}: no key reads it; set this secret again"
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+    total = sum(c.rewritten for c in counts)
+    typer.echo(f"done: {total} secret(s) re-encrypted under the current KILN_SECRET_KEY")
+    if unreadable:
+        raise typer.Exit(1)
 
 
 # --- client ---------------------------------------------------------------------------------

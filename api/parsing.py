@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import msgspec
 
 from shared.errors import ValidationFailed
+from shared.jsonlimits import JSON_DEPTH_LIMIT, format_path, too_deep_path, too_deep_path_in_text
 
 T = TypeVar("T")
 
 _AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD_IN_MESSAGE = re.compile(r"(?:unknown|missing required) field `(?P<name>[^`]+)`")
-_JSON_DEPTH_LIMIT = 32
 
 
 def _field_of(message: str) -> tuple[str, str]:
@@ -43,8 +43,10 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise ValidationFailed.field("body", f"malformed JSON: {exc}") from None
     except UnicodeDecodeError:
         raise ValidationFailed.field("body", "malformed JSON: not valid UTF-8") from None
-    except RecursionError:
-        raise ValidationFailed.field("body", "JSON nested too deeply") from None
+    except RecursionError:  # msgspec gives up past ~1000 levels; name the field that goes that deep
+        path = too_deep_path_in_text(body, JSON_DEPTH_LIMIT)
+        field = _deep_field(path or [])
+        raise ValidationFailed.field(field, f"must not nest deeper than {JSON_DEPTH_LIMIT} levels") from None
 
 
 def parse_uuid(value: str, field: str) -> uuid.UUID:
@@ -68,28 +70,37 @@ def check_text(value: str | None, field: str, *, max_length: int, required: bool
     return value
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item)
-    return deepest
+def _deep_field(path: list[str | int]) -> str:
+    """A too-deep path named down to its second key (`parameters.rawRequestOverride`, `meta.a`)."""
+    keys, cut = 0, len(path)
+    for index, part in enumerate(path):
+        keys += isinstance(part, str)
+        if keys == 2:
+            cut = index + 1
+            break
+    return format_path(path[:cut]) or "body"
 
 
 def check_json_object(value: dict[str, Any], field: str, *, max_bytes: int) -> dict[str, Any]:
-    """A free-form JSON object that PostgreSQL's jsonb will store as sent."""
+    """A free-form JSON object that PostgreSQL's jsonb will store as sent, at most JSON_DEPTH_LIMIT deep
+    (checked first: encoding a deeper one recurses)."""
+    path = too_deep_path(value, JSON_DEPTH_LIMIT)
+    if path is not None:
+        where = format_path([field, *path[:1]])
+        raise ValidationFailed.field(where, f"must not nest deeper than {JSON_DEPTH_LIMIT} levels")
     encoded = msgspec.json.encode(value)
     if len(encoded) > max_bytes:
-        raise ValidationFailed.field(field, f"must be at most {max_bytes} bytes as JSON (got {len(encoded)})")
+        message = f"must be at most {max_bytes} bytes as JSON (got {len(encoded)})"
+        details = [{"field": field, "message": message}]
+        if value:  # also name the member that makes it big (a pasted workflow, a huge override string)
+            sizes = {key: len(msgspec.json.encode(member)) for key, member in value.items()}
+            largest = max(sizes, key=lambda key: sizes[key])
+            details.append(
+                {"field": f"{field}.{largest}", "message": f"the largest member: {sizes[largest]} bytes"}
+            )
+        raise ValidationFailed(f"{field}: {message}", details=details)
     if b"\\u0000" in encoded:
         raise ValidationFailed.field(field, "must not contain NUL characters")
-    if _depth(value) > _JSON_DEPTH_LIMIT:
-        raise ValidationFailed.field(field, f"must not nest deeper than {_JSON_DEPTH_LIMIT} levels")
     return value
 
 

@@ -19,7 +19,7 @@ from sqlmodel import col
 from shared.crypto import decrypt_secret
 from shared.models import Project
 from shared.netguard import OutboundPolicy
-from shared.providers import ProviderConnection
+from shared.providers import OverridePermissions, ProviderConnection
 from shared.settings import Settings
 
 # The Redis semaphore scope of jobs that run on the server-wide default connection.
@@ -41,6 +41,13 @@ def call_timeout(settings: Settings, connection_timeout: float | None) -> float:
     return float(connection_timeout or settings.generation.provider_timeout_seconds)
 
 
+def override_permissions(settings: Settings, *, server_default: bool) -> OverridePermissions:
+    """What `rawRequestOverride` may do on a connection: on the server default (the operator's key)
+    nothing unless KILN_PROVIDERS_ALLOW_RAW_OVERRIDE; safety settings only with the operator's consent."""
+    p = settings.providers
+    return OverridePermissions(raw=p.allow_raw_override or not server_default, safety=p.allow_safety_override)
+
+
 def server_default_connection(settings: Settings, provider: str) -> ResolvedConnection:
     """The server-wide default connection (KILN_PROVIDERS_*) for `provider`.
 
@@ -51,7 +58,10 @@ def server_default_connection(settings: Settings, provider: str) -> ResolvedConn
     if provider != p.default:
         return ResolvedConnection(
             provider=provider,
-            connection=ProviderConnection(timeout_seconds=call_timeout(settings, None)),
+            connection=ProviderConnection(
+                timeout_seconds=call_timeout(settings, None),
+                overrides=override_permissions(settings, server_default=True),
+            ),
             max_concurrency=None,
             scope=f"{SERVER_DEFAULT_SCOPE}:{provider}",
         )
@@ -63,6 +73,7 @@ def server_default_connection(settings: Settings, provider: str) -> ResolvedConn
             model=p.model or None,
             settings=dict(p.settings),
             timeout_seconds=call_timeout(settings, p.timeout_seconds),
+            overrides=override_permissions(settings, server_default=True),
         ),
         max_concurrency=p.max_concurrency,
         scope=SERVER_DEFAULT_SCOPE,
@@ -74,7 +85,7 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
 
     Raises `shared.crypto.SecretUnreadable` when the key was encrypted with another KILN_SECRET_KEY.
     """
-    api_key = decrypt_secret(settings.secret_key, row.api_key_encrypted) if row.api_key_encrypted else None
+    api_key = decrypt_secret(settings.secret_keys, row.api_key_encrypted) if row.api_key_encrypted else None
     connection_id: uuid.UUID = row.id
     return ResolvedConnection(
         provider=row.provider,
@@ -84,6 +95,7 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
             model=row.model or None,
             settings=dict(row.meta or {}),
             timeout_seconds=call_timeout(settings, row.timeout_seconds),
+            overrides=override_permissions(settings, server_default=False),
         ),
         max_concurrency=row.max_concurrency,
         scope=str(connection_id),

@@ -71,6 +71,8 @@ class Project(SQLModel, table=True):
     outbound_allow_hosts: list[str] = Field(
         default_factory=list, sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
     )
+    # Mixed into the project's generation-webhook secret; `POST /api/v1/webhooks/secret/rotate` bumps it.
+    generation_webhook_secret_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = _ts(nullable=False, default_now=True)
 
 

@@ -18,6 +18,7 @@ from shared.netguard import OutboundPolicy
 from shared.outbound import DEFAULT_MAX_IMAGE_RESPONSE_BYTES
 
 DEFAULT_SECRET_KEY = "kiln-embedded-insecure-secret-key"  # noqa: S105 - refused outside embedded mode
+SECRET_KEY_MIN_BYTES = 32  # HKDF stretches but cannot add entropy: a short key is a guessable key
 
 
 class DatabaseSettings(BaseModel):
@@ -164,6 +165,17 @@ class ProviderSettings(BaseModel):
     busy_retry_seconds: float = Field(
         default=1.0,
         description="A job whose connection is at its concurrency limit is re-queued after about this long.",
+    )
+    allow_raw_override: bool = Field(
+        default=False,
+        description=(
+            "Accept `parameters.rawRequestOverride` on generations that run on this server-wide default "
+            "connection (the operator's key); project connections always accept it."
+        ),
+    )
+    allow_safety_override: bool = Field(
+        default=False,
+        description="Let `rawRequestOverride` set Gemini `safetySettings` (loosen its safety filters).",
     )
 
     @field_validator("default")
@@ -339,13 +351,29 @@ class Settings(BaseSettings):
         env_nested_max_split=1,
         env_file=".env",
         extra="ignore",
+        hide_input_in_errors=True,  # a rejected KILN_SECRET_KEY must not be echoed into a log
     )
 
     mode: Literal["embedded", "production"] = Field(
         default="embedded",
         description="`production` refuses default secrets and private/loopback outbound addresses.",
     )
-    secret_key: str = Field(default=DEFAULT_SECRET_KEY, description="Secret for encryption and tokens.")
+    secret_key: str = Field(
+        default=DEFAULT_SECRET_KEY,
+        repr=False,
+        description=(
+            "Secret the encryption key of stored secrets and the webhook signing keys are derived from "
+            f"(HKDF, one `info` per purpose); production needs at least {SECRET_KEY_MIN_BYTES} bytes."
+        ),
+    )
+    secret_key_previous: str | None = Field(
+        default=None,
+        repr=False,
+        description=(
+            "During a rotation, the previous KILN_SECRET_KEY: stored secrets encrypted with it stay "
+            "readable until `kiln secrets reencrypt` has rewritten them under the current key."
+        ),
+    )
     log_level: str = Field(default="INFO", description="Log level.")
     log_json: bool = Field(default=False, description="JSON logs (else readable console lines).")
     database: DatabaseSettings = DatabaseSettings()
@@ -379,7 +407,18 @@ class Settings(BaseSettings):
     def _refuse_default_secrets(self) -> Settings:
         if self.mode == "production" and self.secret_key == DEFAULT_SECRET_KEY:
             raise ValueError("KILN_SECRET_KEY must be set to a real secret when KILN_MODE=production")
+        if self.mode == "production" and len(self.secret_key.encode()) < SECRET_KEY_MIN_BYTES:
+            raise ValueError(
+                f"KILN_SECRET_KEY must be at least {SECRET_KEY_MIN_BYTES} bytes when KILN_MODE=production "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
         return self
+
+    @property
+    def secret_keys(self) -> tuple[str, ...]:
+        """The keys stored secrets are read with: the current one first (it also encrypts)."""
+        previous = self.secret_key_previous
+        return (self.secret_key, previous) if previous and previous != self.secret_key else (self.secret_key,)
 
     @property
     def broker_url(self) -> str:

@@ -5,7 +5,8 @@ headers `webhook-id` (the delivery id: the same on every retry, so receivers can
 `webhook-timestamp` (unix seconds of this attempt) and `webhook-signature: v1,<base64 HMAC-SHA256 of
 "{id}.{timestamp}.{body}">`. Project endpoints have their own secret (shown once at creation); a
 generation's own `webhookUrl` is signed with the project's generation-webhook secret, derived from
-KILN_SECRET_KEY and the project id (`GET /api/v1/webhooks/secret` shows it).
+KILN_SECRET_KEY (HKDF, its own `info`), the project id and the project's secret version
+(`GET /api/v1/webhooks/secret` shows it, `POST /api/v1/webhooks/secret/rotate` replaces it).
 
 Deliveries of a status change are inserted in the same transaction as the change and sent after the
 commit: `shared.status_changes` owns that (`record_in_transaction`, then `after_commit`).
@@ -37,6 +38,7 @@ from sqlalchemy import func, insert, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from shared.crypto import WEBHOOK_SIGNING_INFO, derive_key
 from shared.errors import ValidationFailed
 from shared.events import StatusChange, api_timestamp
 from shared.logging import get_logger
@@ -51,6 +53,7 @@ generations = metadata.tables["generations"]
 images = metadata.tables["images"]
 webhook_endpoints = metadata.tables["webhook_endpoints"]
 webhook_deliveries = metadata.tables["webhook_deliveries"]
+projects = metadata.tables["projects"]
 
 # Statuses a webhook can announce (as `generation.<status>`); `pending` is never announced.
 WEBHOOK_EVENTS: tuple[str, ...] = (
@@ -146,16 +149,28 @@ def verify(
     raise WebhookVerificationError("no matching signature")
 
 
-def generation_webhook_secret(secret_key: str, project_id: uuid.UUID | str) -> str:
+def generation_webhook_secret(secret_key: str, project_id: uuid.UUID | str, version: int = 0) -> str:
     """The secret that signs a project's per-generation `webhookUrl` deliveries.
 
-    Derived (HMAC of the project id under KILN_SECRET_KEY), so nothing is stored; it changes only
-    when KILN_SECRET_KEY does.
+    Derived, so nothing secret is stored: HMAC of the project id and its secret version under the
+    webhook-signing key (HKDF of KILN_SECRET_KEY with its own `info`, never the encryption key). It
+    changes when KILN_SECRET_KEY does or when the project rotates it (the version).
     """
-    key = hmac.new(
-        secret_key.encode(), f"kiln-generation-webhooks:{project_id}".encode(), hashlib.sha256
-    ).digest()
+    signing_key = derive_key(secret_key, WEBHOOK_SIGNING_INFO)
+    key = hmac.new(signing_key, f"{project_id}:{version}".encode(), hashlib.sha256).digest()
     return SECRET_PREFIX + base64.b64encode(key).decode()
+
+
+async def current_generation_webhook_secret(
+    conn: AsyncConnection | AsyncSession, secret_key: str, project_id: uuid.UUID
+) -> str:
+    """The project's generation-webhook secret as of now (its stored secret version)."""
+    version = (
+        await conn.execute(
+            select(projects.c.generation_webhook_secret_version).where(projects.c.id == project_id)
+        )
+    ).scalar_one_or_none()
+    return generation_webhook_secret(secret_key, project_id, version or 0)
 
 
 # --- configuration helpers ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Projects and API keys. The admin routes and the CLI (`kiln projects|keys ...`) call these.
+"""Projects, API keys and secrets at rest. The admin routes and the CLI (`kiln projects|keys|secrets ...`)
+call these.
 
 Every function takes the session and leaves the transaction to the caller
 (`async with shared.db.transaction(sessions) as session: ...`). After revoking a key, also call
@@ -11,15 +12,18 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from api.admin import repository
 from shared.apikeys import generate_api_key
+from shared.crypto import SecretUnreadable, is_current, reencrypt_secret
 from shared.errors import NotFound, ValidationFailed
-from shared.models import ApiKey, ApiKeyKind, Project, utcnow
+from shared.models import ApiKey, ApiKeyKind, Project, metadata, utcnow
 from shared.netguard import ALLOW_HOSTS_MAX, allow_host_entry
 
 NAME_MAX_LENGTH = 200
@@ -156,3 +160,68 @@ async def revoke_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey:
         key.revoked_at = utcnow()
         await session.flush()
     return key
+
+
+# --- secrets at rest ------------------------------------------------------------------------------
+
+REENCRYPT_BATCH = 200
+# Every column that holds a secret encrypted with shared.crypto (one home: add new ones here).
+ENCRYPTED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("connections", "api_key_encrypted"),
+    ("webhook_endpoints", "secret_encrypted"),
+)
+
+
+@dataclass
+class ReencryptCount:
+    table: str
+    total: int = 0
+    rewritten: int = 0  # read with KILN_SECRET_KEY_PREVIOUS, now under the current key
+    current: int = 0  # already under the current key
+    unreadable: list[str] = field(default_factory=list)  # ids no key reads: their secret must be set again
+
+
+async def reencrypt_secrets(
+    engine: AsyncEngine, keys: Sequence[str], progress: Callable[[ReencryptCount], None]
+) -> list[ReencryptCount]:
+    """Rewrite every stored secret under the current key (`keys[0]`), reading with any of `keys`.
+
+    In batches, each its own transaction with its rows locked, so the API keeps running; a row changed
+    meanwhile (its ciphertext is not the one read) is left as it is: the API wrote it with the current key.
+    Safe to run again: rows already under the current key are only counted. `progress` is called per batch.
+    """
+    counts = []
+    for table_name, column_name in ENCRYPTED_COLUMNS:
+        table = metadata.tables[table_name]
+        column = table.c[column_name]
+        count = ReencryptCount(table_name)
+        async with engine.connect() as conn:
+            count.total = int(
+                (await conn.execute(select(func.count()).where(column.is_not(None)))).scalar_one()
+            )
+        last_id: uuid.UUID | None = None
+        while True:
+            async with engine.begin() as conn:
+                query = select(table.c.id, column).where(column.is_not(None)).order_by(table.c.id)
+                if last_id is not None:
+                    query = query.where(table.c.id > last_id)
+                batch = (await conn.execute(query.limit(REENCRYPT_BATCH).with_for_update())).all()
+                for row_id, token in batch:
+                    if is_current(keys[0], token):
+                        count.current += 1
+                        continue
+                    try:
+                        fresh = reencrypt_secret(keys, token)
+                    except SecretUnreadable:
+                        count.unreadable.append(str(row_id))
+                        continue
+                    await conn.execute(
+                        update(table).where(table.c.id == row_id, column == token).values({column: fresh})
+                    )
+                    count.rewritten += 1
+            if not batch:
+                break
+            last_id = batch[-1][0]
+            progress(count)
+        counts.append(count)
+    return counts

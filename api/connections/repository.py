@@ -103,6 +103,7 @@ _TARGET_COLUMNS = (
     connections.c.provider,
     connections.c.model,
     connections.c.default_parameters,
+    connections.c.meta,  # ComfyUI's workflow: which nodes a rawRequestOverride may touch
 )
 _TARGET_BY_ID = CompiledQuery(
     select(*_TARGET_COLUMNS).where(

@@ -8,7 +8,6 @@ KILN_SECRET_KEY before it is stored, decrypted only to build an adapter, never r
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -36,9 +35,15 @@ from api.connections.schemas import (
 from api.envelope import Pagination
 from api.parsing import check_json_object, check_text, parse_int
 from api.resources import Resources
-from shared.connections import ResolvedConnection, project_outbound_policy, stored_connection
+from shared.connections import (
+    ResolvedConnection,
+    override_permissions,
+    project_outbound_policy,
+    stored_connection,
+)
 from shared.crypto import SecretUnreadable, encrypt_secret
 from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
+from shared.jsonlimits import decode_json_text
 from shared.logging import get_logger
 from shared.models import new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
@@ -151,7 +156,9 @@ def _check_api_url(value: str | None, policy: OutboundPolicy, problems: _Problem
 
 
 def _load_json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+    """A JSON value that may arrive as text (a workflow pasted as a string, a jsonb column): ValueError
+    if malformed or nested deeper than JSON_DEPTH_LIMIT."""
+    return decode_json_text(value) if isinstance(value, str) else value
 
 
 def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> None:
@@ -159,7 +166,7 @@ def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> No
     try:
         workflow = _load_json(metadata.get("workflow"))
     except ValueError as exc:
-        problems.add("metadata.workflow", f"not valid JSON: {exc}")
+        problems.add("metadata.workflow", str(exc))
         return
     if workflow is None:
         problems.add("metadata.workflow", "required for comfyui: the workflow in API format (object or JSON)")
@@ -173,7 +180,7 @@ def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> No
     try:
         nodes = _load_json(metadata.get("nodes"))
     except ValueError as exc:
-        problems.add("metadata.nodes", f"not valid JSON: {exc}")
+        problems.add("metadata.nodes", str(exc))
         return
     if not isinstance(nodes, list) or not nodes:
         problems.add("metadata.nodes", "required for comfyui: a list of {type, key, node_ids}")
@@ -235,7 +242,11 @@ def _check_metadata(
 
 
 def _check_default_parameters(
-    provider: str | None, value: dict[str, Any] | None, problems: _Problems
+    resources: Resources,
+    provider: str | None,
+    value: dict[str, Any] | None,
+    metadata: dict[str, Any],
+    problems: _Problems,
 ) -> dict[str, Any]:
     if not value:
         return {}
@@ -246,7 +257,12 @@ def _check_default_parameters(
     if checked is None or provider is None:
         return {}
     try:
-        return validate_parameters(provider, checked)
+        return validate_parameters(
+            provider,
+            checked,
+            permissions=override_permissions(resources.settings, server_default=False),
+            connection_settings=metadata,
+        )
     except ValidationFailed as exc:
         for detail in exc.details or []:
             problems.add(detail["field"].replace("parameters", "defaultParameters", 1), detail["message"])
@@ -278,8 +294,10 @@ def _check_fields(
     url = _check_api_url(api_url, policy, problems)
     key = problems.check("apiKey", lambda: check_text(api_key, "apiKey", max_length=API_KEY_MAX_LENGTH))
     checked_model = problems.check("model", lambda: check_text(model, "model", max_length=MODEL_MAX_LENGTH))
-    parameters = _check_default_parameters(provider, default_parameters, problems)
     checked_metadata = _check_metadata(provider, metadata, policy, problems)
+    parameters = _check_default_parameters(
+        resources, provider, default_parameters, checked_metadata, problems
+    )
     if timeout_seconds is not None and not (
         TIMEOUT_MIN_SECONDS <= timeout_seconds <= CONNECTION_TIMEOUT_MAX_SECONDS
     ):
@@ -582,16 +600,24 @@ async def resolve_generation_target(
         configured_model = row["model"]
         defaults = _load_json(row["default_parameters"]) or {}
         chosen_connection: uuid.UUID | None = row["id"]
+        connection_settings = _load_json(row["meta"]) or {}
     else:
         provider = settings.providers.default
         configured_model = settings.providers.model
         defaults = {}
         chosen_connection = None
+        connection_settings = dict(settings.providers.settings)
     merged = {**defaults, **parameters}
+    checked = validate_parameters(
+        provider,
+        merged,
+        permissions=override_permissions(settings, server_default=row is None),
+        connection_settings=connection_settings,
+    )
     return GenerationTarget(
         provider=provider,
         model=model or configured_model or CAPABILITIES[provider].default_model,
         connection_id=chosen_connection,
-        parameters=validate_parameters(provider, merged),
+        parameters=checked,
         queue=queue_for_provider(settings, provider),
     )

@@ -116,7 +116,18 @@ class WebhookController(Controller):
     )
     async def generation_webhook_secret(self, request: AnyRequest) -> WebhookSecretEnvelope:
         return WebhookSecretEnvelope(
-            data=service.generation_secret(resources_of(request), _project_of(request))
+            data=await service.generation_secret(resources_of(request), _project_of(request))
+        )
+
+    @post(
+        "/secret/rotate",
+        status_code=200,
+        summary="Replace the project's generation-webhook secret (later deliveries use the new one)",
+        responses=error_responses(403, *AUTHENTICATED_ERRORS),
+    )
+    async def rotate_generation_webhook_secret(self, request: AnyRequest) -> WebhookSecretEnvelope:
+        return WebhookSecretEnvelope(
+            data=await service.rotate_generation_secret(resources_of(request), _project_of(request))
         )
 
     @get(

@@ -15,6 +15,7 @@ from shared.models import metadata
 
 webhook_endpoints = metadata.tables["webhook_endpoints"]
 webhook_deliveries = metadata.tables["webhook_deliveries"]
+projects = metadata.tables["projects"]
 
 _ENDPOINT_COLUMNS = [
     webhook_endpoints.c[name]
@@ -29,6 +30,15 @@ _ENDPOINT_COLUMNS = [
         "created_at",
     )
 ]
+
+
+async def bump_generation_secret_version(conn: AsyncConnection, project_id: uuid.UUID) -> int:
+    """The project's generation-webhook secret version, incremented (a new secret from now on)."""
+    version = projects.c.generation_webhook_secret_version
+    stmt = (
+        update(projects).where(projects.c.id == project_id).values({version: version + 1}).returning(version)
+    )
+    return int((await conn.execute(stmt)).scalar_one())
 
 
 async def insert_endpoint(

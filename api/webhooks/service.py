@@ -40,6 +40,7 @@ from shared.logging import get_logger
 from shared.models import new_id
 from shared.webhooks import (
     WEBHOOK_EVENTS,
+    current_generation_webhook_secret,
     enqueue_webhook_deliveries,
     generate_secret,
     generation_webhook_secret,
@@ -98,7 +99,7 @@ async def create_endpoint(
         "project_id": project_id,
         "url": url,
         "description": description,
-        "secret_encrypted": encrypt_secret(settings.secret_key, secret),
+        "secret_encrypted": encrypt_secret(settings.secret_key, secret),  # the current key encrypts
         "events": events,
         "enabled": True,
         "disabled_reason": None,
@@ -171,10 +172,23 @@ async def delete_endpoint(resources: Resources, project_id: uuid.UUID, endpoint_
     log.info("webhook endpoint deleted", endpoint_id=str(endpoint_id))
 
 
-def generation_secret(resources: Resources, project_id: uuid.UUID) -> WebhookSecretRecord:
+_GENERATION_SECRET_APPLIES_TO = "deliveries to a generation's own webhookUrl"  # noqa: S105 - a label
+
+
+async def generation_secret(resources: Resources, project_id: uuid.UUID) -> WebhookSecretRecord:
+    async with resources.reader.connect() as conn:
+        secret = await current_generation_webhook_secret(conn, resources.settings.secret_key, project_id)
+    return WebhookSecretRecord(secret=secret, applies_to=_GENERATION_SECRET_APPLIES_TO)
+
+
+async def rotate_generation_secret(resources: Resources, project_id: uuid.UUID) -> WebhookSecretRecord:
+    """A new generation-webhook secret: every delivery sent from now on (retries too) is signed with it."""
+    async with resources.engine.begin() as conn:
+        version = await repository.bump_generation_secret_version(conn, project_id)
+    log.info("generation webhook secret rotated", project_id=str(project_id), version=version)
     return WebhookSecretRecord(
-        secret=generation_webhook_secret(resources.settings.secret_key, project_id),
-        applies_to="deliveries to a generation's own webhookUrl",
+        secret=generation_webhook_secret(resources.settings.secret_key, project_id, version),
+        applies_to=_GENERATION_SECRET_APPLIES_TO,
     )
 
 

@@ -23,14 +23,19 @@ from shared.providers import (
     placeholder,
 )
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ImageProvider,
     ModelInfo,
+    OverridePermissions,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
     check_parameters,
+    override_problems,
+    parse_override,
 )
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "ConnectableProvider",
     "ImageProvider",
     "ModelInfo",
+    "OverridePermissions",
+    "OverrideRules",
     "ParameterSpec",
     "ProviderCapabilities",
     "ProviderConnection",
@@ -91,13 +98,14 @@ PARAMETER_SCHEMAS: dict[str, dict[str, ParameterSpec]] = {
     name: caps.parameters for name, caps in CAPABILITIES.items()
 }
 
-RAW_REQUEST_OVERRIDE = "rawRequestOverride"
 RAW_REQUEST_OVERRIDE_MAX_BYTES = 16 * 1024
 _RAW_REQUEST_OVERRIDE_SPEC = ParameterSpec(
     "string",
     description=(
         "A JSON object (or a JSON string of one, at most 16 KiB) deep-merged into the vendor request body "
-        "just before sending; arrays are replaced, credential, URL and header keys are dropped first."
+        "just before sending; arrays are replaced, credential, URL and header keys are dropped first. Each "
+        "provider allows only some keys (cost multipliers pinned, values held to the parameters' bounds); "
+        "on the server's default connection only with KILN_PROVIDERS_ALLOW_RAW_OVERRIDE=true."
     ),
     group="advanced",
 )
@@ -138,32 +146,44 @@ def published_parameters(provider: str) -> dict[str, ParameterSpec]:
     return parameters
 
 
-def _check_raw_request_override(value: Any) -> tuple[str | None, str | None]:
-    """(the override as a compact JSON object string, None) or (None, what is wrong).
+def _check_raw_request_override(
+    provider: str, value: Any, permissions: OverridePermissions, connection_settings: dict[str, Any] | None
+) -> tuple[str | None, list[dict[str, str]]]:
+    """(the override as a JSON object string, []) or (None, what is wrong, naming each path).
 
-    Stored as a string whatever the client sent: every adapter reads it that way.
+    Stored as a string whatever the client sent: every adapter reads it that way. The adapter's
+    `override_rules` are checked here and again by the adapter before the request goes out.
     """
-    if isinstance(value, dict):
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    elif isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except ValueError as exc:
-            return None, f"not valid JSON: {exc}"
-        if not isinstance(parsed, dict):
-            return None, "must be a JSON object (or a string holding one)"
-        text = value
-    else:
-        return None, "must be a JSON object (or a string holding one)"
+    where = f"parameters.{RAW_REQUEST_OVERRIDE}"
+    if not isinstance(value, dict | str):
+        return None, [{"field": where, "message": "must be a JSON object (or a string holding one)"}]
+    too_big = [{"field": where, "message": f"must be at most {RAW_REQUEST_OVERRIDE_MAX_BYTES} bytes as JSON"}]
+    if isinstance(value, str) and len(value.encode()) > RAW_REQUEST_OVERRIDE_MAX_BYTES:
+        return None, too_big  # before decoding it: memory stays bounded
+    try:
+        override = parse_override(value)  # depth-bounded first, so json.dumps below cannot recurse away
+    except ValueError as exc:
+        return None, [{"field": where, "message": str(exc)}]
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > RAW_REQUEST_OVERRIDE_MAX_BYTES:
-        return None, f"must be at most {RAW_REQUEST_OVERRIDE_MAX_BYTES} bytes as JSON"
-    return text, None
+        return None, too_big
+    problems = override_problems(
+        CAPABILITIES[provider].override_rules, override or {}, permissions, connection_settings
+    )
+    return (None, problems) if problems else (text, [])
 
 
-def validate_parameters(provider: str, parameters: dict[str, Any]) -> dict[str, Any]:
+def validate_parameters(
+    provider: str,
+    parameters: dict[str, Any],
+    *,
+    permissions: OverridePermissions | None = None,
+    connection_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The given parameters, checked against `provider`'s schema and normalized; ValidationFailed names
-    each bad `parameters.<name>`. `rawRequestOverride` is always allowed (an object or a JSON string of
-    one) and comes back as a JSON string."""
+    each bad `parameters.<name>`. `rawRequestOverride` (an object or a JSON string of one) is checked
+    against the adapter's override rules under `permissions` (the connection's; `connection_settings`
+    is its metadata, ComfyUI's workflow) and comes back as a JSON string."""
     caps = CAPABILITIES.get(provider)
     if caps is None:
         raise _unknown(provider)
@@ -174,10 +194,11 @@ def validate_parameters(provider: str, parameters: dict[str, Any]) -> dict[str, 
     schema = {k: v for k, v in caps.parameters.items() if k != RAW_REQUEST_OVERRIDE}
     clean, problems = check_parameters(schema, parameters)
     if override is not None:
-        text, problem = _check_raw_request_override(override)
-        if problem:
-            problems.append({"field": f"parameters.{RAW_REQUEST_OVERRIDE}", "message": problem})
-        else:
+        text, override_problems_found = _check_raw_request_override(
+            provider, override, permissions or OverridePermissions(), connection_settings
+        )
+        problems += override_problems_found
+        if text is not None:
             clean[RAW_REQUEST_OVERRIDE] = text
     if problems:
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)

@@ -20,6 +20,7 @@ import httpx
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.providers.base import (
     ModelInfo,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
@@ -112,6 +113,45 @@ PARAMETERS: dict[str, ParameterSpec] = {
     ),
 }
 
+# txt2img fields an override may set. Pinned: batch_size/n_iter multiply the GPU time, save_images and
+# a non-restored override_settings change the shared server; scripts (script_name, script_args,
+# alwayson_scripts) run server-side code and are not in the list. prompt/negative_prompt have fields.
+_SIDE = ParameterSpec("integer", min=64, max=4096, description="Image side in pixels.")
+_HR_SIDE = ParameterSpec("integer", min=0, max=4096, description="Hires. fix target side; 0: by hr_scale.")
+OVERRIDE_RULES = OverrideRules(
+    keys=frozenset(
+        "steps cfg_scale width height seed subseed subseed_strength seed_resize_from_h seed_resize_from_w"
+        " sampler_name scheduler eta s_churn s_tmax s_tmin s_noise enable_hr hr_scale hr_upscaler"
+        " hr_second_pass_steps hr_resize_x hr_resize_y hr_sampler_name hr_scheduler denoising_strength"
+        " restore_faces tiling override_settings override_settings_restore_afterwards batch_size n_iter"
+        " save_images send_images refiner_checkpoint refiner_switch_at".split()
+    ),
+    pinned={
+        "batch_size": 1,
+        "n_iter": 1,
+        "save_images": False,
+        "send_images": True,
+        "override_settings_restore_afterwards": True,
+    },
+    bounds={
+        "steps": PARAMETERS["steps"],
+        "hr_second_pass_steps": PARAMETERS["steps"],
+        "cfg_scale": PARAMETERS["cfgScale"],
+        "hr_scale": PARAMETERS["hrScale"],
+        "denoising_strength": PARAMETERS["denoisingStrength"],
+        "sampler_name": PARAMETERS["samplerName"],
+        "scheduler": PARAMETERS["scheduler"],
+        "hr_upscaler": PARAMETERS["hrUpscaler"],
+        "enable_hr": PARAMETERS["enableHr"],
+        "restore_faces": PARAMETERS["restoreFaces"],
+        "tiling": PARAMETERS["tiling"],
+        "width": _SIDE,
+        "height": _SIDE,
+        "hr_resize_x": _HR_SIDE,
+        "hr_resize_y": _HR_SIDE,
+    },
+)
+
 CAPABILITIES = ProviderCapabilities(
     name="Stable Diffusion WebUI (AUTOMATIC1111)",
     parameters=PARAMETERS,
@@ -120,6 +160,7 @@ CAPABILITIES = ProviderCapabilities(
     static_models=(),
     default_url=DEFAULT_URL,
     default_model=None,
+    override_rules=OVERRIDE_RULES,
 )
 
 # camelCase parameter -> txt2img field, for the optional ones sent only when given.
@@ -230,7 +271,8 @@ class Automatic1111Provider:
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
         params = checked_parameters(PARAMETERS, request.parameters)
-        body = with_override(self._body(request, params), request.parameters)
+        body = self._body(request, params)
+        body = with_override(body, request.parameters, OVERRIDE_RULES, self._connection)
 
         try:
             resp = await self._call("POST", "/sdapi/v1/txt2img", what="txt2img", json_body=body, image=True)

@@ -6,8 +6,12 @@ ProviderResult. It raises only `errors.ProviderRetryable` or `errors.ProviderPer
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+from shared.jsonlimits import JSON_DEPTH_LIMIT, decode_json_text, too_deep_path
 
 ParameterType = Literal["integer", "number", "boolean", "string"]
 
@@ -137,40 +141,6 @@ def check_parameters(
     return clean, errors
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    id: str
-    label: str
-
-
-@dataclass(frozen=True)
-class ProviderCapabilities:
-    """What `GET /api/v1/providers` publishes for one provider."""
-
-    name: str  # display name
-    parameters: dict[str, ParameterSpec]
-    api_key_required: bool
-    model_list_style: Literal["static", "dynamic", "google"]
-    static_models: tuple[ModelInfo, ...] = ()
-    default_url: str | None = None
-    default_model: str | None = None
-
-
-@dataclass(frozen=True)
-class ProviderConnection:
-    """What an adapter gets from a connection profile (or the server default), secrets decrypted.
-
-    `settings` holds provider-specific configuration that is not a generation parameter (ComfyUI
-    workflow + node mapping, Gemini method, Azure api-version, A1111 basic-auth, ...).
-    """
-
-    api_url: str | None = None  # None: the provider's default URL
-    api_key: str | None = field(default=None, repr=False)  # never in a repr (logs, tracebacks)
-    model: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    timeout_seconds: float = 120.0
-
-
 # Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
 _FORBIDDEN_OVERRIDE_KEYS = frozenset(
     {
@@ -198,6 +168,85 @@ _FORBIDDEN_OVERRIDE_KEYS = frozenset(
     }
 )
 
+RAW_REQUEST_OVERRIDE = "rawRequestOverride"
+# Operator permissions an override key may need (`OverrideRules.gated`); see OverridePermissions.
+SAFETY = "safety"
+
+
+@dataclass(frozen=True)
+class OverridePermissions:
+    """What the operator lets overrides do on one connection (set from settings in shared.connections)."""
+
+    raw: bool = True  # False on the server-default connection unless KILN_PROVIDERS_ALLOW_RAW_OVERRIDE
+    safety: bool = False  # KILN_PROVIDERS_ALLOW_SAFETY_OVERRIDE: Gemini `safetySettings`
+
+    def allows(self, permission: str) -> bool:
+        return bool(getattr(self, permission, False))
+
+    @staticmethod
+    def setting(permission: str) -> str:
+        """The operator's setting that grants `permission` (shared.settings.ProviderSettings)."""
+        return f"KILN_PROVIDERS_ALLOW_{permission.upper()}_OVERRIDE"
+
+
+@dataclass(frozen=True)
+class OverrideRules:
+    """What a `rawRequestOverride` may set in one adapter's request body (paths are dotted body paths).
+
+    - `keys`: the top-level body keys it may set at all (an allowlist; everything else is refused);
+    - `pinned`: paths whose only accepted value is the one given (cost multipliers like `n`, switches
+      that touch the server like `save_images`);
+    - `bounds`: paths re-checked against a ParameterSpec, usually the one of the declared parameter the
+      adapter writes there (`steps: 100000` is refused as `parameters.steps` would be);
+    - `gated`: top-level keys that need an operator permission (OverridePermissions field name);
+    - `graph`: the top-level key holding a ComfyUI-style graph, where only `<node id>.inputs.<name>` of
+      nodes already in the connection's workflow may be set; `graph_of(connection settings)` gives that
+      workflow and the bounds of its mapped inputs (`prompt.<id>.inputs.steps` like `steps`).
+    """
+
+    keys: frozenset[str] = frozenset()
+    pinned: dict[str, Any] = field(default_factory=dict)
+    bounds: dict[str, ParameterSpec] = field(default_factory=dict)
+    gated: dict[str, str] = field(default_factory=dict)
+    graph: str | None = None
+    graph_of: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, ParameterSpec]]] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    label: str
+
+
+@dataclass(frozen=True)
+class ProviderCapabilities:
+    """What `GET /api/v1/providers` publishes for one provider."""
+
+    name: str  # display name
+    parameters: dict[str, ParameterSpec]
+    api_key_required: bool
+    model_list_style: Literal["static", "dynamic", "google"]
+    static_models: tuple[ModelInfo, ...] = ()
+    default_url: str | None = None
+    default_model: str | None = None
+    override_rules: OverrideRules = field(default_factory=OverrideRules)
+
+
+@dataclass(frozen=True)
+class ProviderConnection:
+    """What an adapter gets from a connection profile (or the server default), secrets decrypted.
+
+    `settings` holds provider-specific configuration that is not a generation parameter (ComfyUI
+    workflow + node mapping, Gemini method, Azure api-version, A1111 basic-auth, ...).
+    """
+
+    api_url: str | None = None  # None: the provider's default URL
+    api_key: str | None = field(default=None, repr=False)  # never in a repr (logs, tracebacks)
+    model: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timeout_seconds: float = 120.0
+    overrides: OverridePermissions = field(default_factory=OverridePermissions)
+
 
 def strip_override(value: Any) -> Any:
     """Drop credential, URL and header keys (at any depth, case-insensitively) from an override."""
@@ -208,6 +257,82 @@ def strip_override(value: Any) -> Any:
     if isinstance(value, list):
         return [strip_override(v) for v in value]
     return value
+
+
+_MISSING = object()
+_RAW_REFUSED = (
+    f"not allowed on the server's default connection ({OverridePermissions.setting('raw')}); "
+    "use a project connection"
+)
+
+
+def _at(value: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def override_problems(
+    rules: OverrideRules,
+    override: dict[str, Any],
+    permissions: OverridePermissions,
+    connection_settings: dict[str, Any] | None = None,
+) -> list[dict[str, str]]:
+    """Everything `override` (already stripped) may not set under `rules`, as error details naming
+    `parameters.rawRequestOverride.<path>`. The one check, run at create time and again by the adapter
+    right before the merge. `connection_settings`: the connection's metadata (ComfyUI's workflow)."""
+    where = f"parameters.{RAW_REQUEST_OVERRIDE}"
+    if not permissions.raw:
+        return [{"field": where, "message": _RAW_REFUSED}]
+    graph_nodes: dict[str, Any] = {}
+    graph_bounds: dict[str, ParameterSpec] = {}
+    if rules.graph is not None and rules.graph_of is not None:
+        graph_nodes, graph_bounds = rules.graph_of(connection_settings or {})
+    problems: list[dict[str, str]] = []
+    for key in override:
+        if key in rules.gated and not permissions.allows(rules.gated[key]):
+            setting = OverridePermissions.setting(rules.gated[key])
+            problems.append({"field": f"{where}.{key}", "message": f"not allowed on this server ({setting})"})
+        elif key not in rules.keys and key not in rules.gated:
+            allowed = ", ".join(sorted(rules.keys)) or "none"
+            problems.append(
+                {"field": f"{where}.{key}", "message": f"may not be set by an override (allowed: {allowed})"}
+            )
+    for path, only in rules.pinned.items():
+        value = _at(override, path)
+        if value is not _MISSING and (value != only or type(value) is not type(only)):
+            problems.append({"field": f"{where}.{path}", "message": f"may only be {json.dumps(only)}"})
+    bounds = {**rules.bounds, **graph_bounds}
+    for path, spec in bounds.items():
+        value = _at(override, path)
+        if value is not _MISSING:
+            _, problem = _check_value(spec, value)
+            if problem:
+                problems.append({"field": f"{where}.{path}", "message": problem})
+    if rules.graph is not None and rules.graph in override:
+        problems += _graph_problems(override[rules.graph], graph_nodes, f"{where}.{rules.graph}")
+    return problems
+
+
+def _graph_problems(graph: Any, nodes: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Only `<node id>.inputs.<name>` of nodes already in the workflow: no new node, no class change."""
+    if not isinstance(graph, dict):
+        return [{"field": where, "message": "must be an object of {<node id>: {inputs: {...}}}"}]
+    problems = []
+    for node_id, node in graph.items():
+        if node_id not in nodes:
+            problems.append({"field": f"{where}.{node_id}", "message": "not a node of the workflow"})
+        elif not isinstance(node, dict) or not isinstance(node.get("inputs", {}), dict):
+            problems.append({"field": f"{where}.{node_id}", "message": "must be an object {inputs: {...}}"})
+        else:
+            problems += [
+                {"field": f"{where}.{node_id}.{key}", "message": "only inputs may change"}
+                for key in node
+                if key != "inputs"
+            ]
+    return problems
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -221,15 +346,16 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def apply_raw_request_override(body: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-    """Merge `parameters.rawRequestOverride` (an object, or a JSON string of one) into a vendor body."""
-    import json
-
-    raw = parameters.get("rawRequestOverride")
+def parse_override(raw: Any) -> dict[str, Any] | None:
+    """The override (an object, or a JSON string of one) stripped of credential/URL/header keys; None
+    if absent. ValueError if it is not an object or nests deeper than JSON_DEPTH_LIMIT."""
     if raw is None:
-        return body
+        return None
     if isinstance(raw, str):
-        raw = json.loads(raw)
+        raw = decode_json_text(raw)
+    elif too_deep_path(raw) is not None:
+        raise ValueError(f"must not nest deeper than {JSON_DEPTH_LIMIT} levels")
     if not isinstance(raw, dict):
-        return body
-    return deep_merge(body, strip_override(raw))
+        raise ValueError("must be a JSON object (or a string holding one)")
+    stripped: dict[str, Any] = strip_override(raw)
+    return stripped

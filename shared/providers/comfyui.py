@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 import httpx
 
 from shared.errors import ProviderPermanent, ProviderRetryable
+from shared.jsonlimits import decode_json_text
 from shared.providers.base import (
     ModelInfo,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
@@ -95,6 +97,33 @@ PARAMETERS: dict[str, ParameterSpec] = {
     ),
 }
 
+
+def _override_graph(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, ParameterSpec]]:
+    """The connection's workflow, and the bounds of the node inputs a declared parameter is mapped to
+    (an override of `prompt.<id>.inputs.steps` is held to `steps`' range). A broken setting: no nodes."""
+    try:
+        workflow = _load_json_setting(settings.get("workflow"), "workflow")
+        nodes = _load_json_setting(settings.get("nodes") or [], "node mapping")
+    except ProviderPermanent:
+        return {}, {}
+    if not isinstance(workflow, dict):
+        return {}, {}
+    bounds: dict[str, ParameterSpec] = {}
+    for entry in nodes if isinstance(nodes, list) else []:
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in PARAMETERS:
+            continue
+        key = entry.get("key") or DEFAULT_KEYS[kind]
+        node_ids = entry.get("node_ids") or []
+        for node_id in node_ids if isinstance(node_ids, list) else [node_ids]:
+            bounds[f"prompt.{node_id}.inputs.{key}"] = PARAMETERS[kind]
+    return workflow, bounds
+
+
+# Only `prompt.<node id>.inputs.<name>` of nodes the connection's workflow has: no new nodes (they
+# could run anything installed on the server), no class_type change, no client_id/extra_data.
+OVERRIDE_RULES = OverrideRules(keys=frozenset({"prompt"}), graph="prompt", graph_of=_override_graph)
+
 CAPABILITIES = ProviderCapabilities(
     name="ComfyUI",
     parameters=PARAMETERS,
@@ -103,6 +132,7 @@ CAPABILITIES = ProviderCapabilities(
     static_models=(),
     default_url=DEFAULT_URL,
     default_model=None,
+    override_rules=OVERRIDE_RULES,
 )
 
 NODE_TYPES = ("prompt", "negative_prompt", "model", "width", "height", "steps", "seed", "cfg", "image")
@@ -154,7 +184,7 @@ def _userinfo(url: str) -> str:
 def _load_json_setting(value: Any, what: str) -> Any:
     if isinstance(value, str | bytes):
         try:
-            return json.loads(value)
+            return decode_json_text(value)  # depth-bounded: a 10,000-deep workflow string is refused
         except ValueError as exc:
             raise ProviderPermanent(MISCONFIGURED, f"ComfyUI {what} is not valid JSON: {exc}") from exc
     return value
@@ -195,7 +225,10 @@ class ComfyUIProvider:
         own_id = str(uuid.uuid4())
         # The override applies to the whole /prompt body: {"prompt": {"3": {"inputs": {...}}}} reaches a node.
         body = with_override(
-            {"prompt": built.graph, "client_id": uuid.uuid4().hex, "prompt_id": own_id}, request.parameters
+            {"prompt": built.graph, "client_id": uuid.uuid4().hex, "prompt_id": own_id},
+            request.parameters,
+            OVERRIDE_RULES,
+            self._connection,
         )
         seed = _seed_in(body.get("prompt"), built.seed_at, built.seed)  # the override may have set one
 

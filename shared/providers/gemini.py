@@ -38,7 +38,9 @@ from PIL import Image, UnidentifiedImageError
 from shared.errors import ProviderError, ProviderPermanent
 from shared.imaging import decode_slots
 from shared.providers.base import (
+    SAFETY,
     ModelInfo,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
@@ -99,6 +101,26 @@ PARAMETERS: dict[str, ParameterSpec] = {
     ),
 }
 
+# generateContent: `generationConfig` (its candidateCount multiplies the bill), `safetySettings` only if
+# the operator allows it; predict (Imagen): `parameters` (sampleCount likewise). The prompt lives in
+# `contents`/`instances` and is not overridable: it has its own field. Google also reads snake_case
+# field names, so both spellings are pinned.
+OVERRIDE_RULES = OverrideRules(
+    keys=frozenset({"generationConfig", "parameters"}),
+    pinned={
+        "generationConfig.candidateCount": 1,
+        "generationConfig.candidate_count": 1,
+        "parameters.sampleCount": 1,
+        "parameters.sample_count": 1,
+    },
+    bounds={
+        "generationConfig.imageConfig.imageSize": PARAMETERS["imageSize"],
+        "parameters.sampleImageSize": PARAMETERS["imageSize"],
+        "parameters.personGeneration": PARAMETERS["personGeneration"],
+    },
+    gated={"safetySettings": SAFETY},
+)
+
 CAPABILITIES = ProviderCapabilities(
     name="Google Gemini",
     parameters=PARAMETERS,
@@ -114,6 +136,7 @@ CAPABILITIES = ProviderCapabilities(
     ),
     default_url=DEFAULT_URL,
     default_model="gemini-2.5-flash-image",
+    override_rules=OVERRIDE_RULES,
 )
 
 # What the models deliver per ratio (Gemini 2.5 Flash Image, Imagen): for size_for's estimate only, the
@@ -246,7 +269,7 @@ class GeminiProvider:
             body, sent_ratio = self._predict_body(request, params)
             if sent_ratio != request.aspect_ratio:
                 meta["croppedFrom"] = sent_ratio
-        body = with_override(body, request.parameters)
+        body = with_override(body, request.parameters, OVERRIDE_RULES, self.connection)
 
         response = await self.http.request(
             "POST", self._api(f"models/{model}:{method}"), json=body, headers=self._headers(), image=True

@@ -35,7 +35,16 @@ import httpx
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.netguard import OutboundUrlRefused
 from shared.outbound import MAX_JSON_RESPONSE_BYTES, ResponseTooLarge, fetch, max_image_bytes
-from shared.providers.base import ParameterSpec, apply_raw_request_override, check_parameters
+from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
+    OverrideRules,
+    ParameterSpec,
+    ProviderConnection,
+    check_parameters,
+    deep_merge,
+    override_problems,
+    parse_override,
+)
 
 MESSAGE_LIMIT = 300
 _REDACTED = "[redacted]"
@@ -306,8 +315,6 @@ class VendorHTTP:
 
 # --- parameters and the request body -------------------------------------------------------------------
 
-RAW_REQUEST_OVERRIDE = "rawRequestOverride"
-
 
 def checked_parameters(schema: dict[str, ParameterSpec], parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The request's parameters that `schema` declares, checked; everything else is dropped.
@@ -323,11 +330,22 @@ def checked_parameters(schema: dict[str, ParameterSpec], parameters: dict[str, A
     return clean_values
 
 
-def with_override(body: dict[str, Any], parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """`apply_raw_request_override`, with a malformed override reported as INVALID_PARAMETERS."""
+def with_override(
+    body: dict[str, Any],
+    parameters: dict[str, Any] | None,
+    rules: OverrideRules,
+    connection: ProviderConnection,
+) -> dict[str, Any]:
+    """`parameters.rawRequestOverride` merged into `body` after the checks the API ran at create time,
+    run again: a row stored before a rule existed must not send what it forbids. INVALID_PARAMETERS."""
     try:
-        return apply_raw_request_override(body, parameters or {})
+        override = parse_override((parameters or {}).get(RAW_REQUEST_OVERRIDE))
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise ProviderPermanent(
-            "INVALID_PARAMETERS", f"parameters.{RAW_REQUEST_OVERRIDE}: not a JSON object string ({exc})"
-        ) from None
+        raise ProviderPermanent("INVALID_PARAMETERS", f"parameters.{RAW_REQUEST_OVERRIDE}: {exc}") from None
+    if override is None:
+        return body
+    problems = override_problems(rules, override, connection.overrides, connection.settings)
+    if problems:
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise ProviderPermanent("INVALID_PARAMETERS", text)
+    return deep_merge(body, override)

@@ -15,12 +15,27 @@ from __future__ import annotations
 
 import httpx
 
-from shared.providers.base import ModelInfo, ProviderCapabilities, ProviderConnection
+from shared.providers.base import (
+    ModelInfo,
+    OverrideRules,
+    ParameterSpec,
+    ProviderCapabilities,
+    ProviderConnection,
+)
+from shared.providers.openai import OVERRIDE_RULES as OPENAI_OVERRIDE_RULES
 from shared.providers.openai import PARAMETERS, OpenAIProvider
 
 __all__ = ["CAPABILITIES", "DEFAULT_URL", "PARAMETERS", "NanoGPTProvider", "create"]
 
 DEFAULT_URL = "https://nano-gpt.com/api"
+
+# OpenAI's fields plus the diffusion knobs NanoGPT's models take; `nImages` multiplies the bill like `n`.
+_STEPS = ParameterSpec("integer", min=1, max=150, description="Sampling steps (NanoGPT diffusion models).")
+OVERRIDE_RULES = OverrideRules(
+    keys=OPENAI_OVERRIDE_RULES.keys | {"nImages", "steps", "guidance_scale", "negative_prompt", "seed"},
+    pinned={**OPENAI_OVERRIDE_RULES.pinned, "nImages": 1},
+    bounds={**OPENAI_OVERRIDE_RULES.bounds, "steps": _STEPS},
+)
 
 CAPABILITIES = ProviderCapabilities(
     name="NanoGPT",
@@ -30,6 +45,7 @@ CAPABILITIES = ProviderCapabilities(
     static_models=(),
     default_url=DEFAULT_URL,
     default_model="hidream",
+    override_rules=OVERRIDE_RULES,
 )
 
 

@@ -31,6 +31,7 @@ import httpx
 from shared.errors import ProviderError, ProviderPermanent
 from shared.providers.base import (
     ModelInfo,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
@@ -102,6 +103,24 @@ PARAMETERS: dict[str, ParameterSpec] = {
     ),
 }
 
+# Only the generation `parameters` (not `input`, `model` or `action`: they have their own fields, and
+# `action` would switch to img2img/infill). More samples or pixels cost more Anlas.
+_SIDE = ParameterSpec("integer", min=64, max=4096, description="Image side in pixels.")
+OVERRIDE_RULES = OverrideRules(
+    keys=frozenset({"parameters"}),
+    pinned={"parameters.n_samples": 1},
+    bounds={
+        "parameters.steps": PARAMETERS["steps"],
+        "parameters.scale": PARAMETERS["scale"],
+        "parameters.cfg_rescale": PARAMETERS["cfgRescale"],
+        "parameters.noise_schedule": PARAMETERS["noiseSchedule"],
+        "parameters.ucPreset": PARAMETERS["ucPreset"],
+        "parameters.qualityToggle": PARAMETERS["qualityToggle"],
+        "parameters.width": _SIDE,
+        "parameters.height": _SIDE,
+    },
+)
+
 CAPABILITIES = ProviderCapabilities(
     name="NovelAI",
     parameters=PARAMETERS,
@@ -115,6 +134,7 @@ CAPABILITIES = ProviderCapabilities(
     ),
     default_url=DEFAULT_URL,
     default_model="nai-diffusion-4-5-full",
+    override_rules=OVERRIDE_RULES,
 )
 
 _SEED_MAX = 2**32 - 1
@@ -218,7 +238,7 @@ class NovelAIProvider:
         body = build_body(
             request.prompt, request.negative_prompt, model, request.width, request.height, seed, params
         )
-        body = with_override(body, request.parameters)
+        body = with_override(body, request.parameters, OVERRIDE_RULES, self.connection)
         response = await self.http.request(
             "POST", f"{self.base_url}/ai/generate-image", json=body, headers=self._headers(), image=True
         )

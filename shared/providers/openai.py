@@ -39,6 +39,7 @@ import httpx
 from shared.errors import ProviderError, ProviderPermanent
 from shared.providers.base import (
     ModelInfo,
+    OverrideRules,
     ParameterSpec,
     ProviderCapabilities,
     ProviderConnection,
@@ -116,6 +117,21 @@ PARAMETERS: dict[str, ParameterSpec] = {
     ),
 }
 
+# Body fields an override may set, each checked like the parameter the adapter writes there; `n`
+# multiplies the bill and stays 1. `model`, `prompt` and `size` have their own request fields.
+OVERRIDE_BOUNDS: dict[str, ParameterSpec] = {
+    "quality": PARAMETERS["quality"],
+    "style": PARAMETERS["style"],
+    "background": PARAMETERS["background"],
+    "output_format": PARAMETERS["outputFormat"],
+    "output_compression": PARAMETERS["outputCompression"],
+    "moderation": PARAMETERS["moderation"],
+    "response_format": PARAMETERS["responseFormat"],
+}
+OVERRIDE_RULES = OverrideRules(
+    keys=frozenset({*OVERRIDE_BOUNDS, "n", "user"}), pinned={"n": 1}, bounds=OVERRIDE_BOUNDS
+)
+
 CAPABILITIES = ProviderCapabilities(
     name="OpenAI",
     parameters=PARAMETERS,
@@ -129,6 +145,7 @@ CAPABILITIES = ProviderCapabilities(
     ),
     default_url="https://api.openai.com/v1",
     default_model="gpt-image-1",
+    override_rules=OVERRIDE_RULES,
 )
 
 # Model families with fixed size sets; the first entry wins ties (square).
@@ -240,7 +257,7 @@ class OpenAIProvider:
         family = image_family(model)
         width, height = self._size(request, model, family)
         body = self.build_body(request.prompt, model, family, f"{width}x{height}", params)
-        body = with_override(body, request.parameters)
+        body = with_override(body, request.parameters, self.capabilities.override_rules, self.connection)
 
         response = await self.http.request(
             "POST",

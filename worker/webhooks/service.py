@@ -37,9 +37,9 @@ from shared.settings import Settings
 from shared.webhooks import (
     USER_AGENT,
     attempt_lease_seconds,
+    current_generation_webhook_secret,
     encode_body,
     enqueue_webhook_deliveries,
-    generation_webhook_secret,
     retry_delay_seconds,
     signature_headers,
 )
@@ -201,14 +201,17 @@ class WebhookDelivery:
         """Where to send and the secret to sign with: the endpoint's current URL and secret, or the
         generation's own URL signed with the project's generation-webhook secret."""
         if claimed.endpoint_id is None:
-            return claimed.url, generation_webhook_secret(self.deps.settings.secret_key, claimed.project_id)
+            secret_key = self.deps.settings.secret_key
+            return claimed.url, await current_generation_webhook_secret(
+                repository.session, secret_key, claimed.project_id
+            )
         endpoint = await repository.get_endpoint(claimed.endpoint_id)
         if endpoint is None:  # deleting an endpoint deletes its deliveries; this is a race with that
             raise DeliveryRefused("the endpoint was deleted")
         if not endpoint.enabled:
             raise DeliveryRefused(f"the endpoint is disabled: {endpoint.disabled_reason or 'by its owner'}")
         try:
-            secret = decrypt_secret(self.deps.settings.secret_key, endpoint.secret_encrypted)
+            secret = decrypt_secret(self.deps.settings.secret_keys, endpoint.secret_encrypted)
         except SecretUnreadable:
             raise DeliveryRefused(
                 "the endpoint's secret cannot be decrypted (KILN_SECRET_KEY changed): recreate the endpoint"

@@ -21,7 +21,7 @@ BAD_BODIES = [
     ("json string", b'"a cat"', "body"),
     ("invalid utf-8", b'{"prompt": "\xff\xfe"}', "body"),
     ("lone surrogate", b'{"prompt": "a \\ud800 cat"}', "body"),
-    ("deep nesting", b'{"prompt": "x", "meta": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "body"),
+    ("deep nesting", b'{"prompt": "x", "meta": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "meta.a"),
     ("missing prompt", b"{}", "prompt"),
     ("prompt null", b'{"prompt": null}', "prompt"),
     ("prompt wrong type", b'{"prompt": 42}', "prompt"),
@@ -59,7 +59,7 @@ BAD_BODIES = [
     ("meta string", b'{"prompt": "x", "meta": "note"}', "meta"),
     ("meta too big", json.dumps({"prompt": "x", "meta": {"blob": "y" * 17_000}}).encode(), "meta"),
     ("meta with NUL", b'{"prompt": "x", "meta": {"a": "\\u0000"}}', "meta"),
-    ("meta nested deep", b'{"prompt": "x", "meta": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}", "meta"),
+    ("meta nested deep", b'{"prompt": "x", "meta": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}", "meta.a"),
     (
         "negativePrompt too long",
         json.dumps({"prompt": "x", "negativePrompt": "n" * 4001}).encode(),

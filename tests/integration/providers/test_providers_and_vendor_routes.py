@@ -40,6 +40,7 @@ async def test_providers_publish_their_capability_schemas(client, tenant: Tenant
             "staticModels",
             "defaultUrl",
             "defaultModel",
+            "rawRequestOverride",
         }
         assert caps["modelListStyle"] in ("static", "dynamic", "google")
         assert "rawRequestOverride" in caps["parameters"]  # accepted by every provider

@@ -187,6 +187,29 @@ async def test_raw_request_override_is_merged_and_forbidden_keys_stripped(
 
 
 @pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"batch_size": 8}, "batch_size"),
+        ({"n_iter": 4}, "n_iter"),
+        ({"save_images": True}, "save_images"),
+        ({"override_settings_restore_afterwards": False}, "override_settings_restore_afterwards"),
+        ({"script_name": "x/y/z plot", "script_args": []}, "script_name"),
+        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+        ({"steps": 100_000}, "steps"),  # held to parameters.steps' range
+        ({"width": 100_000}, "width"),
+    ],
+)
+async def test_an_override_that_multiplies_cost_or_touches_the_server_is_never_sent(
+    http: httpx.AsyncClient, url: str, fake: FakeAutomatic1111, override: dict[str, Any], field: str
+) -> None:
+    params = {"rawRequestOverride": json.dumps(override)}
+    call = adapter(http, url).generate(request(parameters=params))
+    error = await expect_permanent("INVALID_PARAMETERS", call)
+    assert f"parameters.rawRequestOverride.{field}: " in error.message
+    assert fake.txt2img_bodies == []
+
+
+@pytest.mark.parametrize(
     ("changes", "user", "password"),
     [
         ({"settings": {"auth": "kiln:s3cret-pass"}}, "kiln", "s3cret-pass"),
@@ -259,11 +282,11 @@ async def test_500_is_retryable_quoting_the_error_then_succeeds(
 async def test_validation_error_is_a_bad_request(
     http: httpx.AsyncClient, url: str, fake: FakeAutomatic1111
 ) -> None:
-    params = {"rawRequestOverride": json.dumps({"steps": "many"})}
+    params = {"rawRequestOverride": json.dumps({"seed": "many"})}  # a type only the server checks
     error = await expect_permanent(
         "PROVIDER_BAD_REQUEST", adapter(http, url).generate(request(parameters=params))
     )
-    assert "steps: value is not a valid int" in error.message
+    assert "seed: value is not a valid int" in error.message
 
 
 async def test_a_server_that_is_down_is_retryable(http: httpx.AsyncClient) -> None:

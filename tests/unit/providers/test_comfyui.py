@@ -192,8 +192,7 @@ async def test_raw_request_override_reaches_nodes_and_loses_forbidden_keys(
     http: httpx.AsyncClient, url: str, fake: FakeComfyUI
 ) -> None:
     override = {
-        "prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m", "seed": 42}}},
-        "extra_data": {"api_key": "comfy-org-key", "note": "kept"},
+        "prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m", "seed": 42, "api_key": "comfy-org-key"}}},
         "headers": {"X-Evil": "1"},
     }
     result = await adapter(http, url).generate(
@@ -202,8 +201,30 @@ async def test_raw_request_override_reaches_nodes_and_loses_forbidden_keys(
     body = fake.requests_to("POST", "/prompt")[0].json
     assert body["prompt"]["3"]["inputs"]["sampler_name"] == "dpmpp_2m"
     assert body["prompt"]["3"]["inputs"]["steps"] == 20  # merged, not replaced
-    assert body["extra_data"] == {"note": "kept"} and "headers" not in body
+    assert "api_key" not in body["prompt"]["3"]["inputs"] and "headers" not in body
     assert result.seed == 42  # the seed the graph really ran with
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"prompt": {"99": {"class_type": "SaveImage", "inputs": {}}}}, "prompt.99"),  # a new node
+        ({"prompt": {"3": {"class_type": "LoadImage"}}}, "prompt.3.class_type"),
+        ({"prompt": {"3": {"inputs": {"steps": 100_000}}}}, "prompt.3.inputs.steps"),  # mapped: steps' range
+        ({"extra_data": {"note": "x"}}, "extra_data"),
+        ({"client_id": "someone-else"}, "client_id"),
+    ],
+)
+async def test_an_override_outside_the_workflows_node_inputs_is_refused_before_sending(
+    http: httpx.AsyncClient, url: str, fake: FakeComfyUI, override: dict[str, Any], field: str
+) -> None:
+    """Defence in depth: a stored row that predates the create-time check still never reaches ComfyUI."""
+    error = await expect_permanent(
+        "INVALID_PARAMETERS",
+        adapter(http, url).generate(request(parameters={"rawRequestOverride": json.dumps(override)})),
+    )
+    assert f"parameters.rawRequestOverride.{field}" in error.message
+    assert fake.requests_to("POST", "/prompt") == []
 
 
 async def test_api_key_is_sent_as_bearer(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.providers import gemini
-from shared.providers.base import ModelInfo, ProviderConnection, ProviderRequest
+from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnection, ProviderRequest
 from shared.providers.gemini import GeminiProvider, center_crop, imagen_ratio
 from shared.sizes import ASPECT_RATIOS, parse_aspect_ratio
 from tests.fakes.gemini import FakeGemini
@@ -169,7 +169,7 @@ async def test_base_url_with_version_not_doubled(fake: FakeGemini, url: str, htt
 
 
 async def test_override_merged_and_stripped(fake: FakeGemini, url: str, http: httpx.AsyncClient) -> None:
-    provider = adapter(http, url)
+    provider = adapter(http, url, overrides=OverridePermissions(safety=True))
     override = {
         "generationConfig": {"imageConfig": {"aspectRatio": "21:9"}, "temperature": 0.3},
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_ONLY_HIGH"}],
@@ -184,6 +184,25 @@ async def test_override_merged_and_stripped(fake: FakeGemini, url: str, http: ht
     assert body["generationConfig"]["responseModalities"] == ["TEXT", "IMAGE"]
     assert body["safetySettings"][0]["threshold"] == "BLOCK_ONLY_HIGH"
     assert not {"x-goog-api-key", "key", "negativePrompt", "steps"} & set(body)
+
+
+async def test_safety_settings_and_extra_candidates_need_the_operator(
+    fake: FakeGemini, url: str, http: httpx.AsyncClient
+) -> None:
+    provider = adapter(http, url)  # KILN_PROVIDERS_ALLOW_SAFETY_OVERRIDE not set
+    safety = {"safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]}
+    for override, field in [
+        (safety, "safetySettings"),
+        ({"generationConfig": {"candidateCount": 4}}, "generationConfig.candidateCount"),
+        ({"generationConfig": {"candidate_count": 4}}, "generationConfig.candidate_count"),  # read too
+        ({"contents": [{"parts": [{"text": "another prompt"}]}]}, "contents"),
+    ]:
+        params = {"rawRequestOverride": json.dumps(override)}
+        with pytest.raises(ProviderPermanent) as info:
+            await provider.generate(request(provider, parameters=params))
+        assert info.value.code == "INVALID_PARAMETERS"
+        assert f"parameters.rawRequestOverride.{field}" in info.value.message
+    assert fake.received("generate") == []
 
 
 @pytest.mark.parametrize("where", ["prompt", "finish"])

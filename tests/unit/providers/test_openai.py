@@ -17,7 +17,7 @@ from PIL import Image
 from shared.embedded import free_port
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.providers import http_errors, openai
-from shared.providers.base import ModelInfo, ProviderConnection, ProviderRequest
+from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnection, ProviderRequest
 from shared.providers.openai import OpenAIProvider, openai_size
 from tests.fakes.openai import FakeOpenAI, step
 from tests.fakes.server import serve
@@ -314,7 +314,7 @@ async def test_raw_request_override_merged_and_stripped(
         "api_key": "sk-other",
         "Authorization": "Bearer sk-other",
         "headers": {"x-evil": "1"},
-        "extra": {"url": "http://elsewhere", "keep": True},
+        "n": 1,
     }
     provider = adapter(http, url)
     params = {"quality": "high", "rawRequestOverride": json.dumps(override) if as_string else override}
@@ -323,9 +323,40 @@ async def test_raw_request_override_merged_and_stripped(
     assert body["user"] == "end-user-7"
     assert body["quality"] == "low"  # the override wins
     assert body["moderation"] == "low"
-    assert body["extra"] == {"keep": True}
     for forbidden in ("api_key", "Authorization", "headers"):
         assert forbidden not in body
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "message"),
+    [
+        ({"n": 8}, "n", "may only be 1"),  # eight images billed for one
+        ({"output_compression": 1000}, "output_compression", "between 0 and 100"),
+        ({"quality": "ultra"}, "quality", "must be one of"),
+        ({"extra": {"keep": True}}, "extra", "may not be set"),
+        ({"prompt": "something else"}, "prompt", "may not be set"),
+    ],
+)
+async def test_an_override_the_rules_refuse_is_never_sent(
+    fake: FakeOpenAI, url: str, http: httpx.AsyncClient, override: dict, field: str, message: str
+) -> None:
+    provider = adapter(http, url)
+    with pytest.raises(ProviderPermanent) as info:
+        await provider.generate(request(provider, parameters={"rawRequestOverride": json.dumps(override)}))
+    assert info.value.code == "INVALID_PARAMETERS"
+    assert f"parameters.rawRequestOverride.{field}: " in info.value.message and message in info.value.message
+    assert fake.received("generate") == []
+
+
+async def test_the_server_default_connection_sends_no_override_unless_the_operator_allows_it(
+    fake: FakeOpenAI, url: str, http: httpx.AsyncClient
+) -> None:
+    provider = adapter(http, url, overrides=OverridePermissions(raw=False))
+    with pytest.raises(ProviderPermanent) as info:
+        await provider.generate(request(provider, parameters={"rawRequestOverride": '{"user": "x"}'}))
+    assert info.value.code == "INVALID_PARAMETERS"
+    assert "KILN_PROVIDERS_ALLOW_RAW_OVERRIDE" in info.value.message
+    assert fake.received("generate") == []
 
 
 async def test_unknown_parameters_are_not_forwarded(
