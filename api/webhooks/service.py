@@ -34,10 +34,12 @@ from api.webhooks.schemas import (
     delivery_record,
     endpoint_record,
 )
+from shared.connections import project_outbound_policy
 from shared.crypto import encrypt_secret
 from shared.errors import InvalidState, NotFound, ValidationFailed
 from shared.logging import get_logger
 from shared.models import new_id
+from shared.netguard import OutboundPolicy
 from shared.webhooks import (
     WEBHOOK_EVENTS,
     current_generation_webhook_secret,
@@ -82,6 +84,13 @@ def _events(value: list[str] | None) -> list[str]:
     return [event for event in WEBHOOK_EVENTS if event in chosen]
 
 
+async def _project_policy(resources: Resources, project_id: uuid.UUID) -> OutboundPolicy:
+    """The network settings plus the project's `outboundAllowHosts`: a receiver at a listed address
+    (a literal IP included) is accepted when saved, as it is reached when delivered."""
+    async with resources.reader.connect() as conn:
+        return await project_outbound_policy(conn, resources.settings, project_id)
+
+
 def _description(value: str | None) -> str:
     return check_text(value, "description", max_length=DESCRIPTION_MAX_LENGTH) or ""
 
@@ -90,7 +99,7 @@ async def create_endpoint(
     resources: Resources, project_id: uuid.UUID, body: CreateWebhookRequest
 ) -> CreatedWebhookEndpointRecord:
     settings = resources.settings
-    url = validate_webhook_url(body.url, settings.network.policy())
+    url = validate_webhook_url(body.url, await _project_policy(resources, project_id))
     events = _events(body.events)
     description = _description(body.description)
     secret = generate_secret()
@@ -146,7 +155,7 @@ async def update_endpoint(
 ) -> WebhookEndpointRecord:
     values: dict[str, Any] = {}
     if body.url is not None:
-        values["url"] = validate_webhook_url(body.url, resources.settings.network.policy())
+        values["url"] = validate_webhook_url(body.url, await _project_policy(resources, project_id))
     if body.events is not None:
         values["events"] = _events(body.events)
     if body.description is not None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from sqlalchemy import update
 
 from shared.models import Project
+from tests.integration.api.conftest import api_client
 from tests.integration.webhooks.conftest import (
     announce,
     create_endpoint,
@@ -45,3 +46,23 @@ async def test_a_loopback_receiver_is_reached_in_production_only_when_its_projec
     assert [r.path for r in receiver.received()] == [f"/{tenant.project_id}"]
     refused = await fetch_delivery(engine, other)
     assert refused.last_error.startswith("refused: 127.0.0.1 is a loopback address"), refused.last_error
+
+
+async def test_a_receiver_at_a_listed_ip_is_accepted_when_saved_in_production_and_refused_elsewhere(
+    api_settings, tenant, other_tenant, engine
+):
+    closed = api_settings.network.model_copy(update={"allow_private": False, "allow_loopback": False})
+    await list_hosts(engine, tenant.project_id, ["10.20.30.40"])
+    url = "http://10.20.30.40:9000/hooks"
+    async with api_client(api_settings.model_copy(update={"network": closed})) as client:
+        listed = await client.post("/api/v1/webhooks", json={"url": url}, headers=tenant.headers)
+        assert listed.status_code == 201, listed.text
+        moved = await client.patch(
+            f"/api/v1/webhooks/{listed.json()['data']['id']}",
+            json={"url": "http://10.20.30.41/hooks"},
+            headers=tenant.headers,
+        )
+        assert moved.status_code == 400 and moved.json()["error"]["details"][0]["field"] == "url", moved.text
+        unlisted = await client.post("/api/v1/webhooks", json={"url": url}, headers=other_tenant.headers)
+        assert unlisted.status_code == 400, unlisted.text
+        assert "private address" in unlisted.json()["error"]["details"][0]["message"]
