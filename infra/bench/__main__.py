@@ -91,7 +91,8 @@ def measure_pickup(bench: BenchPlatform, client: httpx.Client) -> tuple[list[flo
         time.sleep(0.05)  # idle between jobs: nothing queued when the next one arrives
     with psycopg.connect(bench.database_url) as conn:
         rows = conn.execute(
-            "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM generations WHERE id = ANY(%s::uuid[])",
+            "SELECT extract(epoch FROM started_at - created_at) * 1000"
+            " FROM generations WHERE id = ANY(%s::uuid[])",
             (ids,),
         ).fetchall()
     return [float(r[0]) for r in rows], ids[-1]
@@ -130,23 +131,25 @@ def offline_verify_thumbnail_split() -> tuple[float, float]:
     return statistics.median(verify), statistics.median(thumbs)
 
 
+def _output(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603
+    return (done.stdout or done.stderr).strip()
+
+
 def run_context(stamp: str, runner: WrkRunner) -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()  # noqa: S607
-    dirty = bool(
-        subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    )  # noqa: S607
-    wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True)  # noqa: S603
+    git = shutil.which("git") or "git"
+    commit = _output(git, "rev-parse", "--short", "HEAD")
+    dirty = bool(_output(git, "status", "--porcelain", "--untracked-files=no"))
+    wrk_version = _output(shutil.which("wrk") or "wrk", "-v").splitlines()
     return {
         "started": stamp,
         "commit": commit + (" (uncommitted changes)" if dirty else ""),
         "cores": os.cpu_count(),
         "machine": f"{host.system()} {host.release()} {host.machine()}",
         "python": sys.version.split()[0],
-        "wrk": (wrk_version.stdout or wrk_version.stderr).splitlines()[0] if wrk_version else "",
-        "wrk_parameters": f"-t{runner.threads} -c{runner.connections} --latency, {SECONDS:.0f} s per headline run,"
-        f" {GROWTH_SECONDS:.0f} s per growth point",
+        "wrk": wrk_version[0] if wrk_version else "",
+        "wrk_parameters": f"-t{runner.threads} -c{runner.connections} --latency,"
+        f" {SECONDS:.0f} s per headline run, {GROWTH_SECONDS:.0f} s per growth point",
         "settings": {**RAISED_LIMITS, "api processes": 1, "worker concurrency": 2, "provider": "placeholder"},
         "quick": QUICK,
         "command": "make bench" + (" BENCH_QUICK=1" if QUICK else ""),
