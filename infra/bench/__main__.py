@@ -28,7 +28,7 @@ from infra.bench.seed import deep_row, seed_rows
 from infra.bench.wrk import WrkResult, WrkRunner, lua_script
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-SECONDS = float(os.environ.get("BENCH_SECONDS", "3" if QUICK else "15"))
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3" if QUICK else "30"))
 GROWTH_SECONDS = 3.0 if QUICK else 6.0
 PICKUP_JOBS = 10 if QUICK else 50
 E2E_JOBS = 40 if QUICK else 300
