@@ -194,7 +194,7 @@ def main() -> int:
             rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
 
         for concurrency in CONCURRENCIES:
-            if concurrency != 2:
+            if bench.worker_concurrency != concurrency:  # a fresh worker for each step
                 bench.start_worker(concurrency)
             say(f"end to end: {E2E_JOBS} jobs, placeholder 1024², worker concurrency {concurrency}")
             started = time.monotonic()

@@ -84,6 +84,7 @@ class BenchPlatform:
     redis: EmbeddedRedis | None = None
     api: Service | None = None
     worker: Service | None = None
+    worker_concurrency: int = 0
     database_url: str = ""
 
     @property
@@ -136,6 +137,7 @@ class BenchPlatform:
 
     def start_worker(self, concurrency: int) -> None:
         self.stop_worker()
+        self.worker_concurrency = concurrency
         self.worker = self._start(f"worker-c{concurrency}", "worker", "--concurrency", str(concurrency))
         worker = self.worker
 
@@ -150,6 +152,7 @@ class BenchPlatform:
         if self.worker:
             self.worker.stop()
             self.worker = None
+            self.worker_concurrency = 0
 
     def cli_json(self, *args: str) -> Any:
         done = subprocess.run(  # noqa: S603
