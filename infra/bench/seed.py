@@ -45,7 +45,7 @@ def seed_rows(database_url: str, project_id: str, first: int, last: int) -> None
     with psycopg.connect(database_url) as conn:
         params = {"project": project_id, "first": first, "last": last}
         for statement in _SEED.split(";\n\n"):  # one statement per execute: parameters need it
-            conn.execute(statement, params)  # type: ignore[arg-type]
+            conn.execute(statement, params)
         conn.commit()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ANALYZE generations")
