@@ -277,7 +277,9 @@ def main() -> int:
         },
     )
     print(f"\nwritten: {path} and {OUT_DIR / 'latest.json'}")
-    shutil.rmtree(workdir / "storage", ignore_errors=True)  # the images; logs and data stay for a look
+    # The database (GBs after 1M rows) and images go; the logs and wrk scripts stay for a look.
+    for bulky in ("storage", "postgres", "redis"):
+        shutil.rmtree(workdir / bulky, ignore_errors=True)
     return 0
 
 
