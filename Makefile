@@ -37,5 +37,11 @@ format: install
 migrate: install
 	$(VENV)/bin/kiln migrate
 
+## Measure throughput, latency, cost growth and memory on this machine (BENCH_QUICK=1: a short smoke
+## run). Starts its own platform; prints one table; writes var/bench/<time>.json and var/bench/latest.json.
+bench: install
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(PY) -m infra.bench
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

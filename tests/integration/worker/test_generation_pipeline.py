@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 from PIL import Image
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -113,6 +114,22 @@ async def test_success_stores_the_provider_bytes_and_finishes_the_row(
     assert [e["status"] for e in received] == ["processing", "success"]
     assert all(e["id"] == str(gid) and e["projectId"] == str(project_id) for e in received)
     assert all(ISO_MS.match(e["updatedAt"]) for e in received)
+
+
+async def test_success_logs_the_time_of_each_phase_once_for_the_bench(
+    settings, sessions, redis_client, storage: LocalStorage, make_generation: GenerationFactory
+):
+    """`make bench` splits the per-job overhead from this one log line (phase → whole milliseconds)."""
+    gid = await make_generation(provider="placeholder")
+    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, RecordingProvider())
+
+    with structlog.testing.capture_logs() as logs:
+        assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+
+    [succeeded] = [entry for entry in logs if entry["event"] == "generation succeeded"]
+    phases = succeeded["phase_ms"]
+    assert list(phases) == ["claim", "provider", "verify_thumbnails", "store", "finalize"]
+    assert all(isinstance(ms, int) and ms >= 0 for ms in phases.values())
 
 
 async def test_retryable_errors_are_retried_and_counted_on_the_row(

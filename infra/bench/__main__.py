@@ -1,0 +1,287 @@
+"""`make bench` (`python -m infra.bench`): measure the platform on this machine, print one table.
+
+Starts its own platform (embedded PostgreSQL/Redis on free ports, data in var/bench/run-<stamp>/,
+limits raised), drives it with wrk, and writes the same figures to var/bench/<stamp>.json and
+var/bench/latest.json. BENCH_QUICK=1: a short smoke run. BENCH_SECONDS: length of each headline wrk run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as host
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from infra.bench.platform import RAISED_LIMITS, BenchPlatform, wait_until
+from infra.bench.report import Row, at_least, at_most, render_table, write_json
+from infra.bench.seed import deep_row, seed_rows
+from infra.bench.wrk import WrkResult, WrkRunner, lua_script
+
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3" if QUICK else "30"))
+GROWTH_SECONDS = 3.0 if QUICK else 6.0
+PICKUP_JOBS = 10 if QUICK else 50
+E2E_JOBS = 40 if QUICK else 300
+ROW_STEPS = (1_000, 10_000) if QUICK else (10_000, 100_000, 1_000_000)
+CONCURRENCIES = (1, 2) if QUICK else (1, 2, 3, 4)
+OUT_DIR = Path("var/bench")
+TERMINAL = ("success", "failed", "cancelled")
+JOB = {"prompt": "bench", "autoEnhance": False, "parameters": {"width": 1024, "height": 1024}}
+GENERATIONS = "/api/v1/generations"
+LIST_QUERY = f"{GENERATIONS}?status=success&limit=20"
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+def wrk_rows(name: str, result: WrkResult, rps_target: float | None, p99_target: float | None) -> list[Row]:
+    note = f"{result.failed} failed of {result.requests}" if result.failed else ""
+    return [
+        Row(f"{name} req/s", result.rps, "req/s", at_least(rps_target) if rps_target else None, note),
+        Row(f"{name} p99", result.p99_ms, "ms", at_most(p99_target) if p99_target else None),
+    ]
+
+
+def terminal_count(database_url: str, ids: list[str]) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM generations WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)",
+            (ids, list(TERMINAL)),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def create_batch(client: httpx.Client, count: int) -> list[str]:
+    ids: list[str] = []
+    while len(ids) < count:
+        items = [JOB] * min(100, count - len(ids))
+        r = client.post(f"{GENERATIONS}/batch", json={"items": items})
+        r.raise_for_status()
+        ids += [item["data"]["id"] for item in r.json()["data"] if item["success"]]
+    return ids
+
+
+def measure_pickup(bench: BenchPlatform, client: httpx.Client) -> tuple[list[float], str]:
+    """Sequential jobs on an idle system: each waits (long poll, no busy polling) for the previous."""
+    ids = []
+    for _ in range(PICKUP_JOBS):
+        r = client.post(GENERATIONS, json=JOB)
+        r.raise_for_status()
+        record = r.json()["data"]
+        while record["status"] not in TERMINAL:
+            r = client.get(f"{GENERATIONS}/{record['id']}", headers={"Prefer": "wait=10"})
+            record = r.json()["data"]
+        ids.append(record["id"])
+        time.sleep(0.05)  # idle between jobs: nothing queued when the next one arrives
+    with psycopg.connect(bench.database_url) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM started_at - created_at) * 1000"
+            " FROM generations WHERE id = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+    return [float(r[0]) for r in rows], ids[-1]
+
+
+def phase_split(worker_log: str) -> dict[str, float]:
+    """Median milliseconds per pipeline phase, from the worker's "generation succeeded" log lines."""
+    phases: dict[str, list[float]] = {}
+    for line in worker_log.splitlines():
+        if '"generation succeeded"' not in line:
+            continue
+        try:
+            event = json.loads(line[line.index("{") :])
+        except ValueError:
+            continue
+        for name, ms in (event.get("phase_ms") or {}).items():
+            phases.setdefault(name, []).append(float(ms))
+    return {name: statistics.median(values) for name, values in phases.items()}
+
+
+def offline_verify_thumbnail_split() -> tuple[float, float]:
+    """verify vs thumbnails of one placeholder 1024² image in this process (the pipeline does both in
+    one thread hop, so it times them together)."""
+    from shared.imaging import inspect_image, make_thumbnails
+    from shared.providers.placeholder import render
+
+    data = render("bench", 1, 1024, 1024)
+    verify, thumbs = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        inspect_image(data, max_pixels=1 << 26)
+        t1 = time.perf_counter()
+        make_thumbnails(data, max_pixels=1 << 26)
+        verify.append((t1 - t0) * 1000)
+        thumbs.append((time.perf_counter() - t1) * 1000)
+    return statistics.median(verify), statistics.median(thumbs)
+
+
+def _output(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603
+    return (done.stdout or done.stderr).strip()
+
+
+def run_context(stamp: str, runner: WrkRunner) -> dict[str, Any]:
+    git = shutil.which("git") or "git"
+    commit = _output(git, "rev-parse", "--short", "HEAD")
+    dirty = bool(_output(git, "status", "--porcelain", "--untracked-files=no"))
+    wrk_version = _output(shutil.which("wrk") or "wrk", "-v").splitlines()
+    return {
+        "started": stamp,
+        "commit": commit + (" (uncommitted changes)" if dirty else ""),
+        "cores": os.cpu_count(),
+        "machine": f"{host.system()} {host.release()} {host.machine()}",
+        "python": sys.version.split()[0],
+        "wrk": wrk_version[0] if wrk_version else "",
+        "wrk_parameters": f"-t{runner.threads} -c{runner.connections} --latency,"
+        f" {SECONDS:.0f} s per headline run, {GROWTH_SECONDS:.0f} s per growth point",
+        "settings": {**RAISED_LIMITS, "api processes": 1, "worker concurrency": 2, "provider": "placeholder"},
+        "quick": QUICK,
+        "command": "make bench" + (" BENCH_QUICK=1" if QUICK else ""),
+    }
+
+
+def main() -> int:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    workdir = (OUT_DIR / f"run-{stamp}").resolve()
+    workdir.mkdir(parents=True)
+    bench = BenchPlatform(workdir)
+    runner = WrkRunner("", workdir)
+    rows: list[Row] = []
+    growth: list[Row] = []
+    raw: dict[str, Any] = {}
+    began = time.monotonic()
+    try:
+        say(f"starting embedded PostgreSQL + Redis, the API and a worker (data in {workdir})")
+        bench.start_services()
+        bench.start_api(1)
+        bench.start_worker(2)
+        runner = WrkRunner(bench.base_url, workdir)
+        project_id, key = bench.new_project_key("bench")
+        client = httpx.Client(base_url=bench.base_url, headers={"X-API-Key": key}, timeout=60)
+        auth = {"X-API-Key": key}
+
+        say(f"pickup on an idle system: {PICKUP_JOBS} sequential jobs")
+        pickups, finished_id = measure_pickup(bench, client)
+        raw["pickup_ms"] = pickups
+        rows += [
+            Row("pickup p50 (created → claimed)", percentile(pickups, 50), "ms", at_most(5)),
+            Row("pickup p99 (created → claimed)", percentile(pickups, 99), "ms", at_most(50)),
+        ]
+        phases = phase_split(bench.worker.output() if bench.worker else "")
+        raw["phase_ms_median"] = phases
+        verify_ms, thumbs_ms = offline_verify_thumbnail_split()
+        for name in ("claim", "provider", "verify_thumbnails", "store", "finalize"):
+            value = phases.get(name)
+            note = "median of the sequential jobs" if value is not None else "no phase_ms in the worker log"
+            if name == "verify_thumbnails":
+                note = f"split offline: verify {verify_ms:.1f} ms, thumbnails {thumbs_ms:.1f} ms"
+            rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
+
+        for concurrency in CONCURRENCIES:
+            if bench.worker_concurrency != concurrency:  # a fresh worker for each step
+                bench.start_worker(concurrency)
+            say(f"end to end: {E2E_JOBS} jobs, placeholder 1024², worker concurrency {concurrency}")
+            started = time.monotonic()
+            ids = create_batch(client, E2E_JOBS)
+            wait_until(lambda ids=ids: terminal_count(bench.database_url, ids) == len(ids), 600, "jobs", 0.1)
+            jobs_per_s = len(ids) / (time.monotonic() - started)
+            if concurrency == 2:
+                worker_rss = bench.worker_child_rss_mb()
+                rows.append(Row("end to end jobs/s (concurrency 2)", jobs_per_s, "jobs/s", at_least(100)))
+            growth.append(Row(f"jobs/s at worker concurrency {concurrency}", jobs_per_s, "jobs/s"))
+        rows.append(
+            Row("worker child RSS (max)", worker_rss, "MB", at_most(200), "after the concurrency-2 run")
+        )
+        bench.stop_worker()  # the create run below must not queue work that disturbs later runs
+
+        etag = client.get(f"{GENERATIONS}/{finished_id}").headers.get("ETag", "")
+        say("poll a finished job: 200 and 304")
+        poll_script = lua_script("GET", f"{GENERATIONS}/{finished_id}", auth)
+        poll = runner.run("poll-200", poll_script, SECONDS)
+        rows += wrk_rows("poll 200", poll, 5000, 15)
+        poll_304 = runner.run(
+            "poll-304",
+            lua_script("GET", f"{GENERATIONS}/{finished_id}", {**auth, "If-None-Match": etag}),
+            SECONDS,
+        )
+        rows += wrk_rows("poll 304", poll_304, 5000, 15)
+        rows.append(Row("API RSS", bench.api_rss_mb(), "MB", at_most(150), "after the poll runs"))
+
+        say("create (worker stopped: rows stay pending)")
+        create_script = lua_script(
+            "POST", GENERATIONS, {**auth, "Content-Type": "application/json"}, json.dumps(JOB)
+        )
+        rows += wrk_rows("create", runner.run("create", create_script, SECONDS), 1500, 50)
+
+        seeded = 0
+        list_script = lua_script("GET", LIST_QUERY, auth)
+        for step in ROW_STEPS:
+            say(f"seeding to {step:,} rows (generate_series)")
+            seed_rows(bench.database_url, project_id, seeded + 1, step)
+            seeded = step
+            last = step == ROW_STEPS[-1]
+            result = runner.run(f"list-{step}", list_script, SECONDS if last else GROWTH_SECONDS)
+            growth.append(Row(f"list first page p99 at {step:,} rows", result.p99_ms, "ms"))
+            raw[f"list_{step}"] = result.as_dict()
+        rows += wrk_rows(f"list first page ({seeded:,} rows)", result, 1000, 25)
+
+        from api.pagination import encode_cursor
+
+        created_at, row_id = deep_row(bench.database_url, project_id, "success", int(seeded * 0.7 * 0.9))
+        deep_path = f"{LIST_QUERY}&cursor={encode_cursor(created_at, row_id)}"  # type: ignore[arg-type]
+        deep = runner.run("list-deep", lua_script("GET", deep_path, auth), SECONDS)
+        rows += wrk_rows(f"list deep cursor page (90% in, {seeded:,} rows)", deep, 1000, 25)
+
+        growth.append(Row("poll 200 req/s at 1 API process", poll.rps, "req/s"))
+        say("poll a finished job with 2 API processes")
+        bench.start_api(2)
+        poll_two = runner.run("poll-200-2proc", poll_script, SECONDS)
+        growth.append(Row("poll 200 req/s at 2 API processes", poll_two.rps, "req/s"))
+    finally:
+        bench.stop()
+
+    context = run_context(stamp, runner)
+    context["wall_seconds"] = round(time.monotonic() - began, 1)
+    print()
+    print(render_table(rows, "Kiln bench: measures against the issue 8 targets"))
+    print()
+    print(render_table(growth, "How cost grows"))
+    print()
+    print("How it was run:")
+    for name, value in context.items():
+        print(f"  {name}: {value}")
+    path = write_json(
+        OUT_DIR,
+        stamp,
+        {
+            "context": context,
+            "measures": [r.as_dict() for r in rows],
+            "growth": [r.as_dict() for r in growth],
+            "raw": raw,
+        },
+    )
+    print(f"\nwritten: {path} and {OUT_DIR / 'latest.json'}")
+    # The database (GBs after 1M rows) and images go; the logs and wrk scripts stay for a look.
+    for bulky in ("storage", "postgres", "redis"):
+        shutil.rmtree(workdir / bulky, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
