@@ -25,13 +25,13 @@ test: install
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check api worker shared tests
-	$(VENV)/bin/ruff format --check api worker shared tests
+	$(VENV)/bin/ruff check api worker shared tests infra/bench
+	$(VENV)/bin/ruff format --check api worker shared tests infra/bench
 	$(VENV)/bin/mypy api worker shared
 
 format: install
-	$(VENV)/bin/ruff check --fix api worker shared tests
-	$(VENV)/bin/ruff format api worker shared tests
+	$(VENV)/bin/ruff check --fix api worker shared tests infra/bench
+	$(VENV)/bin/ruff format api worker shared tests infra/bench
 
 ## Apply migrations to KILN_DATABASE_URL.
 migrate: install
