@@ -202,7 +202,6 @@ class ComfyUIProvider:
     name = NAME
 
     def __init__(self, http: httpx.AsyncClient, connection: ProviderConnection) -> None:
-        self._http = http
         self._connection = connection
         self._base = (connection.api_url or DEFAULT_URL).rstrip("/")
         self._timeout = connection.timeout_seconds
