@@ -170,12 +170,12 @@ class GenerationPipeline:
         self._heartbeat: asyncio.Future[None] | None = None  # renews the lease from the claim on
         self._resumed = False
         # Milliseconds per phase, logged once with "generation succeeded" (read by `make bench`).
-        self._phase_ms: dict[str, int] = {}
+        self.phase_ms: dict[str, int] = {}
 
     async def run(self, generation_id: uuid.UUID, resume: AttemptRef | None = None) -> PipelineOutcome:
         started = time.monotonic()
         claim = await self._claim(generation_id, resume)
-        self._phase_ms["claim"] = _ms_since(started)
+        self.phase_ms["claim"] = _ms_since(started)
         if claim is None:
             return await self._end_unclaimable(generation_id)
         with structlog.contextvars.bound_contextvars(attempt=claim.attempt, version=claim.version):
@@ -338,7 +338,7 @@ class GenerationPipeline:
     async def _produce(self, claim: ClaimedGeneration, prefix: str) -> StoredImage:
         started = time.monotonic()
         result = await self._call_provider(claim)
-        self._phase_ms["provider"] = _ms_since(started)
+        self.phase_ms["provider"] = _ms_since(started)
         if not result.images:
             raise GenerationFailure("INVALID_PROVIDER_OUTPUT", "the provider returned no image")
         original = result.images[0]
@@ -351,7 +351,7 @@ class GenerationPipeline:
             raise GenerationFailure(
                 "INVALID_PROVIDER_OUTPUT", f"the provider returned an unusable image: {exc}"
             ) from exc
-        self._phase_ms["verify_thumbnails"] = _ms_since(checked)
+        self.phase_ms["verify_thumbnails"] = _ms_since(checked)
         stored_at = time.monotonic()
         keys = (f"{prefix}original.{info.extension}", f"{prefix}thumb-sm.webp", f"{prefix}thumb-lg.webp")
         storage = self.deps.storage
@@ -360,7 +360,7 @@ class GenerationPipeline:
             puts.create_task(storage.put(keys[0], original, info.mime_type))  # the bytes as they came
             puts.create_task(storage.put(keys[1], thumbnails["sm"], "image/webp"))
             puts.create_task(storage.put(keys[2], thumbnails["lg"], "image/webp"))
-        self._phase_ms["store"] = _ms_since(stored_at)
+        self.phase_ms["store"] = _ms_since(stored_at)
         elapsed_ms = round((time.monotonic() - started) * 1000)
         return StoredImage(keys=keys, info=info, result=result, processing_time_ms=elapsed_ms)
 
@@ -615,14 +615,14 @@ class GenerationPipeline:
             return PipelineOutcome.ABANDONED
         # Any other error (e.g. the connection dropped around COMMIT) leaves the objects: the commit may
         # have landed. If it did not, the sweeper takes the lease back and deletes this attempt's prefix.
-        self._phase_ms["finalize"] = _ms_since(finalizing)
+        self.phase_ms["finalize"] = _ms_since(finalizing)
         log.info(
             "generation succeeded",
             image_id=str(image.id),
             processing_time_ms=stored.processing_time_ms,
             width=info.width,
             height=info.height,
-            phase_ms=self._phase_ms,
+            phase_ms=self.phase_ms,
         )
         await self._after_commit(recorded)
         return PipelineOutcome.SUCCEEDED
