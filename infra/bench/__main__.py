@@ -3,6 +3,9 @@
 Starts its own platform (embedded PostgreSQL/Redis on free ports, data in var/bench/run-<stamp>/,
 limits raised), drives it with wrk, and writes the same figures to var/bench/<stamp>.json and
 var/bench/latest.json. BENCH_QUICK=1: a short smoke run. BENCH_SECONDS: length of each headline wrk run.
+BENCH_ONLY=poll,create: only those sections (pickup, e2e, poll, create, list, scale), for working on
+one path. Every wrk row also says how much API CPU one request cost (user+system time of the API
+processes over the run / requests): unlike req/s, that figure holds when the machine is busy.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ PICKUP_JOBS = 10 if QUICK else 50
 E2E_JOBS = 40 if QUICK else 300
 ROW_STEPS = (1_000, 10_000) if QUICK else (10_000, 100_000, 1_000_000)
 CONCURRENCIES = (1, 2) if QUICK else (1, 2, 3, 4)
+SECTIONS = ("pickup", "e2e", "poll", "create", "list", "scale")
+ONLY = {name.strip() for name in os.environ.get("BENCH_ONLY", "").split(",") if name.strip()}
 OUT_DIR = Path("var/bench")
 TERMINAL = ("success", "failed", "cancelled")
 JOB = {"prompt": "bench", "autoEnhance": False, "parameters": {"width": 1024, "height": 1024}}
@@ -50,8 +55,15 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 
 
+def selected(section: str) -> bool:
+    return not ONLY or section in ONLY
+
+
 def wrk_rows(name: str, result: WrkResult, rps_target: float | None, p99_target: float | None) -> list[Row]:
     note = f"{result.failed} failed of {result.requests}" if result.failed else ""
+    if result.api_cpu_ms is not None and result.requests:
+        cpu = f"API CPU {result.api_cpu_ms * 1000 / result.requests:.0f} µs/request"
+        note = f"{note}; {cpu}" if note else cpu
     return [
         Row(f"{name} req/s", result.rps, "req/s", at_least(rps_target) if rps_target else None, note),
         Row(f"{name} p99", result.p99_ms, "ms", at_most(p99_target) if p99_target else None),
@@ -77,10 +89,10 @@ def create_batch(client: httpx.Client, count: int) -> list[str]:
     return ids
 
 
-def measure_pickup(bench: BenchPlatform, client: httpx.Client) -> tuple[list[float], str]:
+def measure_pickup(bench: BenchPlatform, client: httpx.Client, jobs: int) -> tuple[list[float], str]:
     """Sequential jobs on an idle system: each waits (long poll, no busy polling) for the previous."""
     ids = []
-    for _ in range(PICKUP_JOBS):
+    for _ in range(jobs):
         r = client.post(GENERATIONS, json=JOB)
         r.raise_for_status()
         record = r.json()["data"]
@@ -152,6 +164,7 @@ def run_context(stamp: str, runner: WrkRunner) -> dict[str, Any]:
         f" {SECONDS:.0f} s per headline run, {GROWTH_SECONDS:.0f} s per growth point",
         "settings": {**RAISED_LIMITS, "api processes": 1, "worker concurrency": 2, "provider": "placeholder"},
         "quick": QUICK,
+        "sections": sorted(ONLY) if ONLY else "all",
         "command": "make bench" + (" BENCH_QUICK=1" if QUICK else ""),
     }
 
@@ -171,88 +184,108 @@ def main() -> int:
         bench.start_services()
         bench.start_api(1)
         bench.start_worker(2)
-        runner = WrkRunner(bench.base_url, workdir)
+        unknown = ONLY - set(SECTIONS)
+        if unknown:
+            raise SystemExit(
+                f"BENCH_ONLY: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}"
+            )
+        runner = WrkRunner(bench.base_url, workdir, api_pids=bench.api_pids)
         project_id, key = bench.new_project_key("bench")
         client = httpx.Client(base_url=bench.base_url, headers={"X-API-Key": key}, timeout=60)
         auth = {"X-API-Key": key}
 
-        say(f"pickup on an idle system: {PICKUP_JOBS} sequential jobs")
-        pickups, finished_id = measure_pickup(bench, client)
-        raw["pickup_ms"] = pickups
-        rows += [
-            Row("pickup p50 (created → claimed)", percentile(pickups, 50), "ms", at_most(5)),
-            Row("pickup p99 (created → claimed)", percentile(pickups, 99), "ms", at_most(50)),
-        ]
-        phases = phase_split(bench.worker.output() if bench.worker else "")
-        raw["phase_ms_median"] = phases
-        verify_ms, thumbs_ms = offline_verify_thumbnail_split()
-        for name in ("claim", "provider", "verify_thumbnails", "store", "finalize"):
-            value = phases.get(name)
-            note = "median of the sequential jobs" if value is not None else "no phase_ms in the worker log"
-            if name == "verify_thumbnails":
-                note = f"split offline: verify {verify_ms:.1f} ms, thumbnails {thumbs_ms:.1f} ms"
-            rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
+        finished_id = ""
+        if selected("pickup") or selected("poll") or selected("scale"):
+            jobs = PICKUP_JOBS if selected("pickup") else 1
+            say(f"pickup on an idle system: {jobs} sequential jobs")
+            pickups, finished_id = measure_pickup(bench, client, jobs)
+        if selected("pickup"):
+            raw["pickup_ms"] = pickups
+            rows += [
+                Row("pickup p50 (created → claimed)", percentile(pickups, 50), "ms", at_most(5)),
+                Row("pickup p99 (created → claimed)", percentile(pickups, 99), "ms", at_most(50)),
+            ]
+            phases = phase_split(bench.worker.output() if bench.worker else "")
+            raw["phase_ms_median"] = phases
+            verify_ms, thumbs_ms = offline_verify_thumbnail_split()
+            for name in ("claim", "provider", "verify_thumbnails", "store", "finalize"):
+                value = phases.get(name)
+                note = (
+                    "median of the sequential jobs" if value is not None else "no phase_ms in the worker log"
+                )
+                if name == "verify_thumbnails":
+                    note = f"split offline: verify {verify_ms:.1f} ms, thumbnails {thumbs_ms:.1f} ms"
+                rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
 
-        for concurrency in CONCURRENCIES:
-            if bench.worker_concurrency != concurrency:  # a fresh worker for each step
-                bench.start_worker(concurrency)
-            say(f"end to end: {E2E_JOBS} jobs, placeholder 1024², worker concurrency {concurrency}")
-            started = time.monotonic()
-            ids = create_batch(client, E2E_JOBS)
-            wait_until(lambda ids=ids: terminal_count(bench.database_url, ids) == len(ids), 600, "jobs", 0.1)
-            jobs_per_s = len(ids) / (time.monotonic() - started)
-            if concurrency == 2:
-                worker_rss = bench.worker_child_rss_mb()
-                rows.append(Row("end to end jobs/s (concurrency 2)", jobs_per_s, "jobs/s", at_least(100)))
-            growth.append(Row(f"jobs/s at worker concurrency {concurrency}", jobs_per_s, "jobs/s"))
-        rows.append(
-            Row("worker child RSS (max)", worker_rss, "MB", at_most(200), "after the concurrency-2 run")
-        )
+        if selected("e2e"):
+            worker_rss = None
+            for concurrency in CONCURRENCIES:
+                if bench.worker_concurrency != concurrency:  # a fresh worker for each step
+                    bench.start_worker(concurrency)
+                say(f"end to end: {E2E_JOBS} jobs, placeholder 1024², worker concurrency {concurrency}")
+                started = time.monotonic()
+                ids = create_batch(client, E2E_JOBS)
+                wait_until(
+                    lambda ids=ids: terminal_count(bench.database_url, ids) == len(ids), 600, "jobs", 0.1
+                )
+                jobs_per_s = len(ids) / (time.monotonic() - started)
+                if concurrency == 2:
+                    worker_rss = bench.worker_child_rss_mb()
+                    rows.append(Row("end to end jobs/s (concurrency 2)", jobs_per_s, "jobs/s", at_least(100)))
+                growth.append(Row(f"jobs/s at worker concurrency {concurrency}", jobs_per_s, "jobs/s"))
+            rows.append(
+                Row("worker child RSS (max)", worker_rss, "MB", at_most(200), "after the concurrency-2 run")
+            )
         bench.stop_worker()  # the create run below must not queue work that disturbs later runs
 
-        etag = client.get(f"{GENERATIONS}/{finished_id}").headers.get("ETag", "")
-        say("poll a finished job: 200 and 304")
         poll_script = lua_script("GET", f"{GENERATIONS}/{finished_id}", auth)
-        poll = runner.run("poll-200", poll_script, SECONDS)
-        rows += wrk_rows("poll 200", poll, 5000, 15)
-        poll_304 = runner.run(
-            "poll-304",
-            lua_script("GET", f"{GENERATIONS}/{finished_id}", {**auth, "If-None-Match": etag}),
-            SECONDS,
-        )
-        rows += wrk_rows("poll 304", poll_304, 5000, 15)
-        rows.append(Row("API RSS", bench.api_rss_mb(), "MB", at_most(150), "after the poll runs"))
+        if selected("poll"):
+            etag = client.get(f"{GENERATIONS}/{finished_id}").headers.get("ETag", "")
+            say("poll a finished job: 200 and 304")
+            poll = runner.run("poll-200", poll_script, SECONDS)
+            rows += wrk_rows("poll 200", poll, 5000, 15)
+            growth.append(Row("poll 200 req/s at 1 API process", poll.rps, "req/s"))
+            poll_304 = runner.run(
+                "poll-304",
+                lua_script("GET", f"{GENERATIONS}/{finished_id}", {**auth, "If-None-Match": etag}),
+                SECONDS,
+            )
+            rows += wrk_rows("poll 304", poll_304, 5000, 15)
+            rows.append(Row("API RSS", bench.api_rss_mb(), "MB", at_most(150), "after the poll runs"))
 
-        say("create (worker stopped: rows stay pending)")
-        create_script = lua_script(
-            "POST", GENERATIONS, {**auth, "Content-Type": "application/json"}, json.dumps(JOB)
-        )
-        rows += wrk_rows("create", runner.run("create", create_script, SECONDS), 1500, 50)
+        if selected("create"):
+            say("create (worker stopped: rows stay pending)")
+            create_script = lua_script(
+                "POST", GENERATIONS, {**auth, "Content-Type": "application/json"}, json.dumps(JOB)
+            )
+            rows += wrk_rows("create", runner.run("create", create_script, SECONDS), 1500, 50)
 
-        seeded = 0
-        list_script = lua_script("GET", LIST_QUERY, auth)
-        for step in ROW_STEPS:
-            say(f"seeding to {step:,} rows (generate_series)")
-            seed_rows(bench.database_url, project_id, seeded + 1, step)
-            seeded = step
-            last = step == ROW_STEPS[-1]
-            result = runner.run(f"list-{step}", list_script, SECONDS if last else GROWTH_SECONDS)
-            growth.append(Row(f"list first page p99 at {step:,} rows", result.p99_ms, "ms"))
-            raw[f"list_{step}"] = result.as_dict()
-        rows += wrk_rows(f"list first page ({seeded:,} rows)", result, 1000, 25)
+        if selected("list"):
+            seeded = 0
+            list_script = lua_script("GET", LIST_QUERY, auth)
+            for step in ROW_STEPS:
+                say(f"seeding to {step:,} rows (generate_series)")
+                seed_rows(bench.database_url, project_id, seeded + 1, step)
+                seeded = step
+                last = step == ROW_STEPS[-1]
+                result = runner.run(f"list-{step}", list_script, SECONDS if last else GROWTH_SECONDS)
+                growth.append(Row(f"list first page p99 at {step:,} rows", result.p99_ms, "ms"))
+                raw[f"list_{step}"] = result.as_dict()
+            rows += wrk_rows(f"list first page ({seeded:,} rows)", result, 1000, 25)
 
-        from api.pagination import encode_cursor
+            from api.pagination import encode_cursor
 
-        created_at, row_id = deep_row(bench.database_url, project_id, "success", int(seeded * 0.7 * 0.9))
-        deep_path = f"{LIST_QUERY}&cursor={encode_cursor(created_at, row_id)}"  # type: ignore[arg-type]
-        deep = runner.run("list-deep", lua_script("GET", deep_path, auth), SECONDS)
-        rows += wrk_rows(f"list deep cursor page (90% in, {seeded:,} rows)", deep, 1000, 25)
+            created_at, row_id = deep_row(bench.database_url, project_id, "success", int(seeded * 0.7 * 0.9))
+            deep_path = f"{LIST_QUERY}&cursor={encode_cursor(created_at, row_id)}"  # type: ignore[arg-type]
+            deep = runner.run("list-deep", lua_script("GET", deep_path, auth), SECONDS)
+            rows += wrk_rows(f"list deep cursor page (90% in, {seeded:,} rows)", deep, 1000, 25)
 
-        growth.append(Row("poll 200 req/s at 1 API process", poll.rps, "req/s"))
-        say("poll a finished job with 2 API processes")
-        bench.start_api(2)
-        poll_two = runner.run("poll-200-2proc", poll_script, SECONDS)
-        growth.append(Row("poll 200 req/s at 2 API processes", poll_two.rps, "req/s"))
+        if selected("scale"):
+            say("poll a finished job with 2 API processes")
+            bench.start_api(2)
+            poll_two = runner.run("poll-200-2proc", poll_script, SECONDS)
+            growth.append(Row("poll 200 req/s at 2 API processes", poll_two.rps, "req/s"))
+            growth.append(Row("API RSS per process at 2 processes", bench.api_rss_mb(), "MB", at_most(150)))
     finally:
         bench.stop()
 

@@ -171,11 +171,13 @@ class BenchPlatform:
         project = self.cli_json("projects", "create", slug, "--slug", slug)
         return str(project["id"]), str(self.cli_json("keys", "create", "--project", project["id"])["key"])
 
-    def api_rss_mb(self) -> float:
+    def api_pids(self) -> list[int]:
         """The serving process(es): uvicorn itself with one process, its children with more."""
         assert self.api
-        kids = children_of(self.api.proc.pid)
-        return max((rss_mb(p) for p in kids), default=rss_mb(self.api.proc.pid))
+        return children_of(self.api.proc.pid) or [self.api.proc.pid]
+
+    def api_rss_mb(self) -> float:
+        return max(rss_mb(pid) for pid in self.api_pids())
 
     def worker_child_rss_mb(self) -> float:
         assert self.worker

@@ -7,9 +7,11 @@ JSON line of exact figures, so nothing depends on parsing wrk's human-readable s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 RESULT_MARK = "BENCH_JSON "
@@ -50,6 +52,7 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    api_cpu_ms: float | None = None  # user+system CPU of the API processes during the run
 
     @property
     def rps(self) -> float:
@@ -69,6 +72,7 @@ class WrkResult:
             "p90_ms": self.p90_ms,
             "p99_ms": self.p99_ms,
             "max_ms": self.max_ms,
+            "api_cpu_ms": self.api_cpu_ms,
             "errors": self.errors,
         }
 
@@ -97,6 +101,7 @@ class WrkRunner:
     script_dir: Path
     threads: int = 2
     connections: int = 32
+    api_pids: Callable[[], list[int]] = field(default=list)
 
     def command(self, script: Path, seconds: float) -> list[str]:
         return [
@@ -113,12 +118,23 @@ class WrkRunner:
     def run(self, name: str, script_text: str, seconds: float) -> WrkResult:
         script = self.script_dir / f"{name}.lua"
         script.write_text(script_text)
+        pids = self.api_pids()
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         done = subprocess.run(  # noqa: S603
             self.command(script, seconds), capture_output=True, text=True, timeout=seconds + 60
         )
         if done.returncode != 0:
             raise RuntimeError(f"wrk {name} failed ({done.returncode}): {done.stderr[-2000:]}")
-        return parse_output(done.stdout)
+        result = parse_output(done.stdout)
+        if not pids:
+            return result
+        return replace(result, api_cpu_ms=(sum(cpu_seconds(pid) for pid in pids) - cpu_before) * 1000)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk_binary() -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from dataclasses import replace
 
 import pytest
 
-from infra.bench.__main__ import percentile, phase_split
+from infra.bench.__main__ import percentile, phase_split, wrk_rows
 from infra.bench.report import Row, at_least, at_most, render_table, write_json
-from infra.bench.wrk import RESULT_MARK, lua_script, parse_output
+from infra.bench.wrk import RESULT_MARK, cpu_seconds, lua_script, parse_output
 
 WRK_STDOUT = f"""Running 3s test @ http://127.0.0.1:41234
   2 threads and 32 connections
@@ -86,3 +89,18 @@ def test_phase_split_takes_the_median_of_the_worker_success_lines() -> None:
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile([7.0], 99)) == (50, 99, 7)
+
+
+def test_cpu_seconds_reads_this_process_and_grows_with_work() -> None:
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn a little CPU
+        pass
+    assert cpu_seconds(os.getpid()) > before
+
+
+def test_wrk_rows_say_the_api_cpu_per_request() -> None:
+    result = replace(parse_output(WRK_STDOUT), api_cpu_ms=534.2)  # 2,671 requests
+    rate = wrk_rows("poll 200", result, 5000, 15)[0]
+    assert "API CPU 200 µs/request" in rate.note
+    assert "4 failed of 2671" in rate.note
