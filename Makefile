@@ -28,6 +28,8 @@ lint: install
 	$(VENV)/bin/ruff check api worker shared tests infra/bench
 	$(VENV)/bin/ruff format --check api worker shared tests infra/bench
 	$(VENV)/bin/mypy api worker shared
+	$(VENV)/bin/mypy --explicit-package-bases infra/bench
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix api worker shared tests infra/bench
