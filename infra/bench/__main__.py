@@ -154,24 +154,6 @@ def phase_split(worker_log: str) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in phases.items()}
 
 
-def offline_verify_thumbnail_split() -> tuple[float, float]:
-    """verify vs thumbnails of one placeholder 1024² image in this process (the pipeline does both in
-    one thread hop, so it times them together)."""
-    from shared.imaging import inspect_image, make_thumbnails
-    from shared.providers.placeholder import render
-
-    data = render("bench", 1, 1024, 1024)
-    verify, thumbs = [], []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        inspect_image(data, max_pixels=1 << 26)
-        t1 = time.perf_counter()
-        make_thumbnails(data, max_pixels=1 << 26)
-        verify.append((t1 - t0) * 1000)
-        thumbs.append((time.perf_counter() - t1) * 1000)
-    return statistics.median(verify), statistics.median(thumbs)
-
-
 def _output(*argv: str) -> str:
     done = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603
     return (done.stdout or done.stderr).strip()
@@ -236,14 +218,13 @@ def main() -> int:
             ]
             phases = phase_split(bench.worker.output() if bench.worker else "")
             raw["phase_ms_median"] = phases
-            verify_ms, thumbs_ms = offline_verify_thumbnail_split()
-            for name in ("claim", "provider", "verify_thumbnails", "store", "finalize"):
+            for name in ("claim", "provider", "verify", "thumbnails", "store", "finalize"):
                 value = phases.get(name)
                 note = (
                     "median of the sequential jobs" if value is not None else "no phase_ms in the worker log"
                 )
-                if name == "verify_thumbnails":
-                    note = f"split offline: verify {verify_ms:.1f} ms, thumbnails {thumbs_ms:.1f} ms"
+                if name == "thumbnails":
+                    note += " (0: the placeholder draws its own, in `provider`)"
                 rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
 
         if selected("e2e"):
