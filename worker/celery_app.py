@@ -21,6 +21,7 @@ tests) and closed on `worker_process_shutdown`. Tasks run their coroutine on tha
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from collections.abc import Coroutine
@@ -211,9 +212,29 @@ def _configure_logging(**_: Any) -> None:
     configure_logging(get_settings())
 
 
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now (modules, settings, the app, the process resources) out of the
+    garbage collector's reach. A full collection walks every tracked object: with ~200k of them that
+    is a ~55 ms pause, taken every few hundred jobs in the middle of one (a pickup p99 of 60+ ms).
+    What is frozen is what lives as long as the process anyway. Before the fork also keeps the pages
+    the children share with the parent from being copied by the collector's bookkeeping."""
+    gc.freeze()
+
+
+@signals.worker_init.connect
+def _freeze_before_fork(**_: Any) -> None:
+    freeze_long_lived_objects()
+
+
 @signals.worker_process_init.connect
 def _open_process_resources(**_: Any) -> None:
     get_runtime()
+    freeze_long_lived_objects()
+
+
+@signals.worker_ready.connect
+def _freeze_consumer(**_: Any) -> None:
+    freeze_long_lived_objects()  # the parent's consumer, pool and broker connection, made since
 
 
 @signals.worker_process_shutdown.connect
