@@ -22,6 +22,6 @@ def test_the_parent_before_the_fork_each_child_and_the_ready_parent_freeze():
     def receivers(signal: signals.Signal) -> set[str]:
         return {getattr(r(), "__name__", "") for _key, r in signal.receivers}
 
-    assert "_freeze_before_fork" in receivers(signals.worker_init)
+    assert "_before_fork" in receivers(signals.worker_init)
     assert "_open_process_resources" in receivers(signals.worker_process_init)
     assert "_freeze_consumer" in receivers(signals.worker_ready)

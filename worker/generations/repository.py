@@ -21,6 +21,7 @@ from shared.models import GenerationStatus, metadata
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
 connections = metadata.tables["connections"]
+projects = metadata.tables["projects"]
 
 ERROR_MESSAGE_MAX_CHARS = 500
 PENDING = GenerationStatus.PENDING.value
@@ -44,6 +45,8 @@ class ClaimedGeneration:
     deadline_at: datetime
     updated_at: datetime
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
+    # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
+    outbound_allow_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,10 @@ _CLAIMED_COLUMNS = (
     generations.c.aspect_ratio, generations.c.provider, generations.c.model, generations.c.parameters,
     generations.c.seed, generations.c.attempts, generations.c.version, generations.c.deadline_at,
     generations.c.updated_at, generations.c.connection_id,
+    select(projects.c.outbound_allow_hosts)
+    .where(projects.c.id == generations.c.project_id)
+    .scalar_subquery()
+    .label("outbound_allow_hosts"),
 )  # fmt: skip
 
 
@@ -108,6 +115,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         deadline_at=row.deadline_at,
         updated_at=row.updated_at,
         connection_id=row.connection_id,
+        outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
     )
 
 

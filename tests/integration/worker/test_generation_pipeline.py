@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker, is_connection_error
@@ -135,6 +135,26 @@ async def test_success_times_each_phase_once_for_the_bench(
     phases = pipeline.phase_ms
     assert list(phases) == ["claim", "provider", "verify", "thumbnails", "store", "finalize"]
     assert all(isinstance(ms, int) and ms >= 0 for ms in phases.values())
+
+
+async def test_a_job_that_cannot_be_handed_back_takes_two_transactions(
+    settings, engine, sessions, redis_client, storage: LocalStorage, make_generation: GenerationFactory
+):
+    """The claim (which also reads the project's outbound hosts and records the `processing` webhooks:
+    nothing can hand this job back) and the finalize. The webhook tests check what they record."""
+    gid = await make_generation(provider="placeholder")
+    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, RecordingProvider())
+    begins: list[object] = []
+
+    def count(connection: object) -> None:
+        begins.append(connection)
+
+    event.listen(engine.sync_engine, "begin", count)
+    try:
+        assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+    finally:
+        event.remove(engine.sync_engine, "begin", count)
+    assert len(begins) == 2
 
 
 async def test_a_vendors_image_is_fully_decoded_and_thumbnailed_by_the_pipeline(
