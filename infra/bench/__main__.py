@@ -115,11 +115,12 @@ def measure_pickup(bench: BenchPlatform, client: httpx.Client, jobs: int) -> tup
 
 
 def process_cpu(bench: BenchPlatform) -> dict[str, dict[int, float]]:
-    """User+system CPU seconds so far, by pid, of the worker (parent and pool children), the API
+    """User+system CPU seconds so far, by pid, of the worker (parent, pool children), the API
     process(es), PostgreSQL (the postmaster and its children: a backend per connection) and Redis."""
     worker = bench.worker
     groups = {
-        "worker": [worker.proc.pid, *children_of(worker.proc.pid)] if worker else [],
+        "worker parent": [worker.proc.pid] if worker else [],  # the consumer: broker, hand-off, acks
+        "worker children": children_of(worker.proc.pid) if worker else [],  # the jobs
         "api": bench.api_pids(),
         "postgres": bench.postgres_pids(),
         "redis": bench.redis_pids(),
