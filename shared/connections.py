@@ -9,6 +9,7 @@ is built, and never logged.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,4 +108,9 @@ async def project_outbound_policy(
 ) -> OutboundPolicy:
     """The network settings' policy plus the project's `outboundAllowHosts`."""
     hosts = await db.scalar(select(col(Project.outbound_allow_hosts)).where(col(Project.id) == project_id))
+    return outbound_policy_with_hosts(settings, hosts)
+
+
+def outbound_policy_with_hosts(settings: Settings, hosts: Iterable[str] | None) -> OutboundPolicy:
+    """The network settings' policy plus a project's `outboundAllowHosts` (read by the caller)."""
     return settings.network.policy().with_hosts(hosts or ())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -143,7 +144,7 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     return ImageInfo(mime_type=mime_type, width=width, height=height, size=len(data), extension=extension)
 
 
-def _fit(width: int, height: int, long_side: int) -> tuple[int, int]:
+def thumbnail_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """Size with the given long side (never upscaled) and the same aspect ratio."""
     scale = min(1.0, long_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -177,7 +178,7 @@ def _decode(data: bytes, long_side: int, max_pixels: int) -> Image.Image:
 
 
 def _resized(img: Image.Image, long_side: int) -> Image.Image:
-    size = _fit(img.width, img.height, long_side)
+    size = thumbnail_size(img.width, img.height, long_side)
     if size == img.size:
         return img
     # What Image.thumbnail does: an integer box reduce() while the image is over twice the target, then
@@ -195,6 +196,15 @@ def _webp(img: Image.Image) -> bytes:
         method=THUMBNAIL_METHOD,
         **({"icc_profile": icc} if icc else {}),
     )
+    return out.getvalue()
+
+
+def flat_picture_webp(img: Image.Image) -> bytes:
+    """The WebP thumbnail of a picture made of a few flat colours, such as an in-process provider's own
+    render: lossless at the lowest effort is both faster and smaller there than our lossy setting
+    (1024², ~12 colours: 6 ms and 6 KB against 11 ms and 25 KB). On photos it is the other way round."""
+    out = io.BytesIO()
+    img.save(out, "WEBP", lossless=True, quality=0, method=0)
     return out.getvalue()
 
 
@@ -232,11 +242,21 @@ def make_thumbnails(data: bytes, *, max_pixels: int) -> dict[str, bytes]:
     return {name: result[name] for name in THUMBNAIL_SIZES}
 
 
-def inspect_and_thumbnail(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, dict[str, bytes]]:
+def inspect_and_thumbnail(
+    data: bytes, *, max_pixels: int, timings_ms: dict[str, int] | None = None
+) -> tuple[ImageInfo, dict[str, bytes]]:
     """What uploads and provider output both go through, in one thread hop, one decode slot at a time.
 
     inspect_image checks the container; make_thumbnails decodes every pixel, which is what refuses a
-    JPEG cut short in its scan data. Both are needed before a byte is stored.
+    JPEG cut short in its scan data. Both are needed before a byte is stored. `timings_ms` gets the
+    milliseconds of each ("verify", "thumbnails").
     """
     with decode_slots:
-        return inspect_image(data, max_pixels=max_pixels), make_thumbnails(data, max_pixels=max_pixels)
+        started = time.perf_counter()
+        info = inspect_image(data, max_pixels=max_pixels)
+        verified = time.perf_counter()
+        thumbnails = make_thumbnails(data, max_pixels=max_pixels)
+        if timings_ms is not None:
+            timings_ms["verify"] = round((verified - started) * 1000)
+            timings_ms["thumbnails"] = round((time.perf_counter() - verified) * 1000)
+        return info, thumbnails

@@ -21,8 +21,10 @@ tests) and closed on `worker_process_shutdown`. Tasks run their coroutine on tha
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
+import uuid
 from collections.abc import Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 import httpx
 import redis.asyncio as aioredis
 from celery import Celery, signals
+from PIL import Image
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker
@@ -46,6 +49,7 @@ from shared.queueing import (
 )
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
+from worker.generations.repository import GenerationRepository
 
 log = get_logger(__name__)
 
@@ -211,9 +215,50 @@ def _configure_logging(**_: Any) -> None:
     configure_logging(get_settings())
 
 
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now (modules, settings, the app, the process resources) out of the
+    garbage collector's reach. A full collection walks every tracked object: with ~200k of them that
+    is a ~55 ms pause, taken every few hundred jobs in the middle of one (a pickup p99 of 60+ ms).
+    What is frozen is what lives as long as the process anyway. Before the fork also keeps the pages
+    the children share with the parent from being copied by the collector's bookkeeping."""
+    gc.freeze()
+
+
+WARM_UP_TIMEOUT_SECONDS = 5.0
+
+
+async def warm_up(runtime: WorkerRuntime) -> None:
+    """What a process's first job would otherwise wait for (a pickup p99 of 70+ ms was the first job of
+    a fresh process): the database connection and its dialect set-up, the claim statement compiled and
+    prepared (claiming an id no row has), the Redis connections. Best effort: a service that is down
+    now is met by the jobs' own error handling."""
+    try:
+        async with asyncio.timeout(WARM_UP_TIMEOUT_SECONDS):
+            async with runtime.sessions() as session, session.begin():
+                await GenerationRepository(session).claim(uuid.UUID(int=0), 1.0)
+            await runtime.redis.ping()
+            if runtime.broker_redis is not runtime.redis:
+                await runtime.broker_redis.ping()
+    except Exception as exc:
+        log.warning("worker process warm-up incomplete", error=repr(exc))
+
+
+@signals.worker_init.connect
+def _before_fork(**_: Any) -> None:
+    Image.init()  # every image plugin (WebP's too) loaded once here, not on each child's first job
+    freeze_long_lived_objects()
+
+
 @signals.worker_process_init.connect
 def _open_process_resources(**_: Any) -> None:
-    get_runtime()
+    runtime = get_runtime()
+    runtime.run(warm_up(runtime))
+    freeze_long_lived_objects()
+
+
+@signals.worker_ready.connect
+def _freeze_consumer(**_: Any) -> None:
+    freeze_long_lived_objects()  # the parent's consumer, pool and broker connection, made since
 
 
 @signals.worker_process_shutdown.connect

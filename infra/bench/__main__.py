@@ -10,6 +10,7 @@ processes over the run / requests): unlike req/s, that figure holds when the mac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform as host
@@ -25,10 +26,10 @@ from typing import Any
 import httpx
 import psycopg
 
-from infra.bench.platform import RAISED_LIMITS, BenchPlatform, wait_until
+from infra.bench.platform import RAISED_LIMITS, BenchPlatform, children_of, wait_until
 from infra.bench.report import Row, at_least, at_most, render_table, write_json
 from infra.bench.seed import deep_row, seed_rows
-from infra.bench.wrk import WrkResult, WrkRunner, lua_script
+from infra.bench.wrk import WrkResult, WrkRunner, cpu_seconds, lua_script
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3" if QUICK else "30"))
@@ -90,9 +91,11 @@ def create_batch(client: httpx.Client, count: int) -> list[str]:
 
 
 def measure_pickup(bench: BenchPlatform, client: httpx.Client, jobs: int) -> tuple[list[float], str]:
-    """Sequential jobs on an idle system: each waits (long poll, no busy polling) for the previous."""
+    """Sequential jobs on an idle system: each waits (long poll, no busy polling) for the previous.
+    One more job runs first and is not counted: a freshly started API opens its broker connection on
+    its first create (~40 ms), which is start-up, not pickup."""
     ids = []
-    for _ in range(jobs):
+    for _ in range(jobs + 1):
         r = client.post(GENERATIONS, json=JOB)
         r.raise_for_status()
         record = r.json()["data"]
@@ -101,6 +104,7 @@ def measure_pickup(bench: BenchPlatform, client: httpx.Client, jobs: int) -> tup
             record = r.json()["data"]
         ids.append(record["id"])
         time.sleep(0.05)  # idle between jobs: nothing queued when the next one arrives
+    ids = ids[1:]
     with psycopg.connect(bench.database_url) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM started_at - created_at) * 1000"
@@ -108,6 +112,35 @@ def measure_pickup(bench: BenchPlatform, client: httpx.Client, jobs: int) -> tup
             (ids,),
         ).fetchall()
     return [float(r[0]) for r in rows], ids[-1]
+
+
+def process_cpu(bench: BenchPlatform) -> dict[str, dict[int, float]]:
+    """User+system CPU seconds so far, by pid, of the worker (parent, pool children), the API
+    process(es), PostgreSQL (the postmaster and its children: a backend per connection) and Redis."""
+    worker = bench.worker
+    groups = {
+        "worker parent": [worker.proc.pid] if worker else [],  # the consumer: broker, hand-off, acks
+        "worker children": children_of(worker.proc.pid) if worker else [],  # the jobs
+        "api": bench.api_pids(),
+        "postgres": bench.postgres_pids(),
+        "redis": bench.redis_pids(),
+    }
+    snapshot: dict[str, dict[int, float]] = {}
+    for name, pids in groups.items():
+        snapshot[name] = {}
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+                snapshot[name][pid] = cpu_seconds(pid)
+    return snapshot
+
+
+def cpu_ms_per_job(before: dict[str, dict[int, float]], jobs: int, bench: BenchPlatform) -> dict[str, float]:
+    """CPU milliseconds per job of each group since `before` (a process started since counts whole)."""
+    after = process_cpu(bench)
+    return {
+        name: sum(seconds - before[name].get(pid, 0.0) for pid, seconds in pids.items()) * 1000 / jobs
+        for name, pids in after.items()
+    }
 
 
 def phase_split(worker_log: str) -> dict[str, float]:
@@ -123,24 +156,6 @@ def phase_split(worker_log: str) -> dict[str, float]:
         for name, ms in (event.get("phase_ms") or {}).items():
             phases.setdefault(name, []).append(float(ms))
     return {name: statistics.median(values) for name, values in phases.items()}
-
-
-def offline_verify_thumbnail_split() -> tuple[float, float]:
-    """verify vs thumbnails of one placeholder 1024² image in this process (the pipeline does both in
-    one thread hop, so it times them together)."""
-    from shared.imaging import inspect_image, make_thumbnails
-    from shared.providers.placeholder import render
-
-    data = render("bench", 1, 1024, 1024)
-    verify, thumbs = [], []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        inspect_image(data, max_pixels=1 << 26)
-        t1 = time.perf_counter()
-        make_thumbnails(data, max_pixels=1 << 26)
-        verify.append((t1 - t0) * 1000)
-        thumbs.append((time.perf_counter() - t1) * 1000)
-    return statistics.median(verify), statistics.median(thumbs)
 
 
 def _output(*argv: str) -> str:
@@ -207,14 +222,13 @@ def main() -> int:
             ]
             phases = phase_split(bench.worker.output() if bench.worker else "")
             raw["phase_ms_median"] = phases
-            verify_ms, thumbs_ms = offline_verify_thumbnail_split()
-            for name in ("claim", "provider", "verify_thumbnails", "store", "finalize"):
+            for name in ("claim", "provider", "verify", "thumbnails", "store", "finalize"):
                 value = phases.get(name)
                 note = (
                     "median of the sequential jobs" if value is not None else "no phase_ms in the worker log"
                 )
-                if name == "verify_thumbnails":
-                    note = f"split offline: verify {verify_ms:.1f} ms, thumbnails {thumbs_ms:.1f} ms"
+                if name == "thumbnails":
+                    note += " (0: the placeholder draws its own, in `provider`)"
                 rows.append(Row(f"overhead/job: {name}", value, "ms", note=note))
 
         if selected("e2e"):
@@ -223,16 +237,35 @@ def main() -> int:
                 if bench.worker_concurrency != concurrency:  # a fresh worker for each step
                     bench.start_worker(concurrency)
                 say(f"end to end: {E2E_JOBS} jobs, placeholder 1024², worker concurrency {concurrency}")
+                cpu_before = process_cpu(bench)
                 started = time.monotonic()
                 ids = create_batch(client, E2E_JOBS)
                 wait_until(
                     lambda ids=ids: terminal_count(bench.database_url, ids) == len(ids), 600, "jobs", 0.1
                 )
                 jobs_per_s = len(ids) / (time.monotonic() - started)
+                cpu_ms = cpu_ms_per_job(cpu_before, len(ids), bench)
+                raw[f"e2e_cpu_ms_per_job_c{concurrency}"] = cpu_ms
+                cpu_note = ", ".join(f"{name} {ms:.1f}" for name, ms in cpu_ms.items())
                 if concurrency == 2:
                     worker_rss = bench.worker_child_rss_mb()
-                    rows.append(Row("end to end jobs/s (concurrency 2)", jobs_per_s, "jobs/s", at_least(100)))
-                growth.append(Row(f"jobs/s at worker concurrency {concurrency}", jobs_per_s, "jobs/s"))
+                    rows.append(
+                        Row(
+                            "end to end jobs/s (concurrency 2)",
+                            jobs_per_s,
+                            "jobs/s",
+                            at_least(100),
+                            f"CPU ms/job: {cpu_note}",
+                        )
+                    )
+                growth.append(
+                    Row(
+                        f"jobs/s at worker concurrency {concurrency}",
+                        jobs_per_s,
+                        "jobs/s",
+                        note=f"CPU ms/job: {cpu_note}",
+                    )
+                )
             rows.append(
                 Row("worker child RSS (max)", worker_rss, "MB", at_most(200), "after the concurrency-2 run")
             )

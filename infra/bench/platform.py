@@ -183,6 +183,15 @@ class BenchPlatform:
         assert self.worker
         return max((rss_mb(p) for p in children_of(self.worker.proc.pid)), default=0.0)
 
+    def postgres_pids(self) -> list[int]:
+        """The postmaster and its children (a backend per connection, the background processes)."""
+        process = self.postgres.process if self.postgres else None
+        return [process.pid, *children_of(process.pid)] if process else []
+
+    def redis_pids(self) -> list[int]:
+        process = self.redis.process if self.redis else None
+        return [process.pid] if process else []
+
     def stop(self) -> None:
         for service in (self.worker, self.api):
             if service:

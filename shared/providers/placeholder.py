@@ -1,6 +1,7 @@
 """The built-in offline provider: a deterministic picture of the prompt, drawn with Pillow.
 
-Same (prompt, seed, width, height) -> the same PNG bytes. Used by the embedded default, the tests and
+Same (prompt, seed, width, height) -> the same PNG bytes (and thumbnails, which it hands over: the
+pipeline need not decode bytes we drew ourselves). Used by the embedded default, the tests and
 load tests; `delayMs`, `failRate` and `failPermanently` make it behave like a slow or flaky vendor.
 """
 
@@ -9,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import colorsys
 import hashlib
+import io
 import random
-import struct
-import zlib
 from functools import lru_cache
 
 import httpx
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from shared.errors import ProviderPermanent, ProviderRetryable
+from shared.imaging import THUMBNAIL_SIZES, flat_picture_webp, thumbnail_size
 from shared.providers.base import (
     ModelInfo,
     ParameterSpec,
@@ -141,24 +142,44 @@ def _wrap(text: str, font: Font, max_width: float, max_lines: int) -> list[str]:
 
 def render(prompt: str, seed: int, width: int, height: int) -> bytes:
     """The placeholder PNG. Pure function of its arguments (and the Pillow version)."""
+    return _encode_png(_picture(prompt, seed, width, height, (width, height)))
+
+
+def render_with_thumbnails(prompt: str, seed: int, width: int, height: int) -> tuple[bytes, dict[str, bytes]]:
+    """The PNG and its WebP thumbnails (by THUMBNAIL_SIZES name). A thumbnail smaller than the picture
+    is the same picture drawn again at that size, which costs far less than decoding and resizing."""
+    picture = _picture(prompt, seed, width, height, (width, height))
+    thumbnails = {}
+    for name, long_side in THUMBNAIL_SIZES.items():
+        size = thumbnail_size(width, height, long_side)
+        small = picture if size == picture.size else _picture(prompt, seed, width, height, size)
+        thumbnails[name] = flat_picture_webp(small)
+    return _encode_png(picture), thumbnails
+
+
+def _picture(prompt: str, seed: int, width: int, height: int, canvas: tuple[int, int]) -> Image.Image:
+    """The picture of a width x height placeholder drawn on `canvas` (its own size, or a thumbnail's).
+
+    Flat colours from a palette of a dozen, drawn in palette mode: one byte per pixel, nothing blended,
+    so the PNG (and a lossless WebP) encodes in a few milliseconds even at 2048². Every position is a
+    fraction of the canvas, so a smaller canvas draws the same picture."""
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     # The picture depends on (prompt, seed); sizes only scale it, so 1:1 and 16:9 look related.
     rng = random.Random(digest)
     colors = _palette(rng)
+    tints = [_mix(color, _WHITE, 0.45) for color in colors]
+    background = rng.randrange(len(colors))
+    panel = _mix(colors[background], (0, 0, 0), 0.8)
+    img = Image.new("P", canvas, background)
+    img.putpalette([channel for color in (*colors, *tints, panel, _WHITE, _LABEL_GREY) for channel in color])
+    draw = ImageDraw.Draw(img)
 
-    # Background: a 3x3 grid of palette colours stretched bilinearly from the first to the last pixel
-    # centre (the `box`): a smooth gradient computed in C, far cheaper than drawing it line by line.
-    grid = Image.new("RGB", (3, 3))
-    grid.putdata([rng.choice(colors) for _ in range(9)])
-    img = grid.resize((width, height), Image.Resampling.BILINEAR, box=(0.5, 0.5, 2.5, 2.5))
-    draw = ImageDraw.Draw(img, "RGBA")  # RGBA fills blend onto the RGB picture
-
-    short = min(width, height)
+    cw, ch = canvas
+    short = min(cw, ch)
     for _ in range(rng.randint(5, 9)):
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        cx, cy = rng.random() * cw, rng.random() * ch
         radius = rng.uniform(0.08, 0.35) * short
-        r, g, b = rng.choice(colors)
-        fill = (r, g, b, rng.randint(70, 150))
+        fill = rng.choice([i for i in range(2 * len(colors)) if i != background])
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         kind = rng.random()
         if kind < 0.5:
@@ -171,12 +192,24 @@ def render(prompt: str, seed: int, width: int, height: int) -> bytes:
             )
 
     if short >= 48:  # below that no text would be legible (and the layout would not fit)
-        _draw_text(draw, prompt, seed, width, height)
-    return encode_png_fast(img)
+        _draw_text(draw, prompt, f"{_LABEL} · seed {seed} · {width}x{height}", canvas)
+    return img
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, prompt: str, seed: int, width: int, height: int) -> None:
-    """The prompt, wrapped, on a translucent panel so it reads on any background; a small label."""
+_WHITE = (255, 255, 255)
+_LABEL_GREY = (215, 215, 215)
+# Palette indices after the four colours and their four tints.
+_PANEL, _TEXT, _LABEL_INK = 8, 9, 10
+
+
+def _mix(color: tuple[int, int, int], other: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
+    r, g, b = (round(a + (o - a) * amount) for a, o in zip(color, other, strict=True))
+    return r, g, b
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, prompt: str, label: str, canvas: tuple[int, int]) -> None:
+    """The prompt, wrapped, on a dark panel so it reads on any background; a small label."""
+    width, height = canvas
     short = min(width, height)
     margin = max(8, round(short * 0.06))
     font_size = max(10, round(short / 22))
@@ -189,46 +222,21 @@ def _draw_text(draw: ImageDraw.ImageDraw, prompt: str, seed: int, width: int, he
     lines = _wrap(text, font, width - 4 * margin, max_lines)
     panel_h = line_height * len(lines) + margin
     top = (height - panel_h) // 2
-    draw.rounded_rectangle(
-        (margin, top, width - margin, top + panel_h), radius=margin // 2, fill=(0, 0, 0, 120)
-    )
+    draw.rounded_rectangle((margin, top, width - margin, top + panel_h), radius=margin // 2, fill=_PANEL)
     y = top + margin // 2
     for line in lines:
-        draw.text((2 * margin, y), line, font=font, fill=(255, 255, 255, 255))
+        draw.text((2 * margin, y), line, font=font, fill=_TEXT)
         y += line_height
 
-    label_font = _font(max(9, round(short / 48)))
-    label = f"{_LABEL} · seed {seed} · {width}x{height}"  # the bundled font lacks the times sign
-    draw.text((margin, height - margin), label, font=label_font, fill=(255, 255, 255, 200), anchor="ls")
+    label_font = _font(max(9, round(short / 48)))  # the bundled font lacks the times sign: "x"
+    draw.text((margin, height - margin), label, font=label_font, fill=_LABEL_INK, anchor="ls")
 
 
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def encode_png_fast(img: Image.Image) -> bytes:
-    """A valid 8-bit RGB PNG, made ~2x faster than `img.save(..., "PNG", compress_level=1)`.
-
-    Pillow tries all five PNG row filters on every row (25 ms at 1024x1024 here). Smooth pictures
-    like ours do as well with the "Up" filter alone, which is one C call: the picture minus itself
-    shifted down a row, modulo 256. Then zlib at level 1 as Pillow would. Same file size, 15 ms.
-    """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    width, height = img.size
-    above = Image.new("RGB", (width, height))  # the row above the first one is all zeros
-    above.paste(img.crop((0, 0, width, height - 1)), (0, 1))
-    filtered = ImageChops.subtract_modulo(img, above).tobytes()
-    stride = width * 3
-    up = b"\x02"  # filter type byte of every row
-    rows = b"".join(up + filtered[i : i + stride] for i in range(0, len(filtered), stride))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows, 1))
-        + _png_chunk(b"IEND", b"")
-    )
+def _encode_png(img: Image.Image) -> bytes:
+    # zlib level 1: a palette picture of flat areas compresses well at the fastest level (1024²: ~3 ms).
+    out = io.BytesIO()
+    img.save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 class PlaceholderProvider:
@@ -271,7 +279,9 @@ class PlaceholderProvider:
             raise ProviderPermanent("INVALID_PARAMETERS", f"size {width}x{height} is outside 1..{_MAX_SIDE}")
         seed = request.seed if request.seed is not None else seed_for_prompt(request.prompt)
         try:
-            png = await asyncio.to_thread(render, request.prompt, seed, width, height)
+            png, thumbnails = await asyncio.to_thread(
+                render_with_thumbnails, request.prompt, seed, width, height
+            )
         except (ValueError, OSError, MemoryError) as exc:  # adapters let nothing else escape
             raise ProviderPermanent("PROVIDER_ERROR", f"placeholder could not draw: {exc}") from exc
         return ProviderResult(
@@ -279,4 +289,5 @@ class PlaceholderProvider:
             mime_type="image/png",
             seed=seed,
             raw_meta={"provider": self.name, "width": width, "height": height, "seed": seed},
+            own_thumbnails=thumbnails,
         )

@@ -6,10 +6,11 @@ import json
 import os
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
-from infra.bench.__main__ import percentile, phase_split, wrk_rows
+from infra.bench.__main__ import cpu_ms_per_job, percentile, phase_split, process_cpu, wrk_rows
 from infra.bench.report import Row, at_least, at_most, render_table, write_json
 from infra.bench.wrk import RESULT_MARK, cpu_seconds, lua_script, parse_output
 
@@ -104,3 +105,19 @@ def test_wrk_rows_say_the_api_cpu_per_request() -> None:
     rate = wrk_rows("poll 200", result, 5000, 15)[0]
     assert "API CPU 200 µs/request" in rate.note
     assert "4 failed of 2671" in rate.note
+
+
+def test_cpu_per_job_is_the_growth_of_each_group_over_the_run_and_survives_ended_processes() -> None:
+    me = os.getpid()
+    bench = SimpleNamespace(
+        worker=None, api_pids=lambda: [me], postgres_pids=lambda: [2**22 + 1], redis_pids=lambda: []
+    )
+    before = process_cpu(bench)  # type: ignore[arg-type]
+    assert set(before) == {"worker parent", "worker children", "api", "postgres", "redis"}
+    assert before["postgres"] == {}  # a pid that is gone is skipped, not an error
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn a little CPU as "the API"
+        pass
+    per_job = cpu_ms_per_job(before, 10, bench)  # type: ignore[arg-type]
+    assert per_job["api"] >= 4.0  # at least 50 ms over 10 jobs
+    assert per_job["worker parent"] == per_job["postgres"] == 0.0

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from shared.errors import ProviderPermanent, ProviderRetryable, ValidationFailed
+from shared.imaging import THUMBNAIL_SIZES, thumbnail_size
 from shared.providers import (
     PARAMETER_SCHEMAS,
     PROVIDER_NAMES,
@@ -14,7 +15,12 @@ from shared.providers import (
     get_provider,
     validate_parameters,
 )
-from shared.providers.placeholder import PlaceholderProvider, encode_png_fast, render, seed_for_prompt
+from shared.providers.placeholder import (
+    PlaceholderProvider,
+    render,
+    render_with_thumbnails,
+    seed_for_prompt,
+)
 from shared.sizes import ASPECT_RATIOS, size_for_aspect_ratio
 
 provider = get_provider("placeholder")
@@ -90,7 +96,7 @@ async def test_every_aspect_ratio_gives_that_real_size(ratio):
     assert (width, height) == size_for_aspect_ratio(ratio)
     result = await provider.generate(request(width=width, height=height, aspect_ratio=ratio))
     img = decode(result.images[0])
-    assert img.format == "PNG" and img.mode == "RGB"
+    assert img.format == "PNG" and img.mode == "P"  # a palette picture: a few flat colours
     assert img.size == (width, height)
 
 
@@ -99,9 +105,30 @@ async def test_width_and_height_parameters_override_the_size():
     assert decode(result.images[0]).size == (320, 192)
 
 
-def test_fast_png_encoder_round_trips_exactly():
-    img = Image.effect_mandelbrot((123, 77), (-2, -1.5, 1, 1.5), 40).convert("RGB")
-    assert decode(encode_png_fast(img)).tobytes() == img.tobytes()
+@pytest.mark.parametrize("size", [(1024, 1024), (1344, 768), (640, 1536), (200, 100), (1, 1)])
+def test_thumbnails_come_with_the_picture_at_the_documented_sizes(size):
+    png, thumbnails = render_with_thumbnails("a lighthouse in fog", 5, *size)
+    assert png == render("a lighthouse in fog", 5, *size)
+    assert set(thumbnails) == set(THUMBNAIL_SIZES)
+    for name, long_side in THUMBNAIL_SIZES.items():
+        thumb = decode(thumbnails[name])
+        assert thumb.format == "WEBP" and thumb.size == thumbnail_size(*size, long_side)
+    assert render_with_thumbnails("a lighthouse in fog", 5, *size) == (png, thumbnails)  # deterministic
+
+
+async def test_generate_hands_over_its_own_thumbnails():
+    result = await provider.generate(request(width=1024, height=576))
+    assert result.own_thumbnails is not None
+    assert decode(result.own_thumbnails["sm"]).size == (300, 169)
+    assert decode(result.own_thumbnails["lg"]).size == (1024, 576)
+
+
+def test_a_thumbnail_is_the_same_picture_drawn_smaller():
+    png, thumbnails = render_with_thumbnails("a red sports car", 9, 900, 900)
+    expected = decode(png).convert("RGB").resize((300, 300), Image.Resampling.BOX)
+    thumb = decode(thumbnails["sm"]).convert("RGB")
+    difference = sum(abs(a - b) for a, b in zip(expected.tobytes(), thumb.tobytes(), strict=True))
+    assert difference / len(thumb.tobytes()) < 12  # per channel, out of 255: edges and text differ
 
 
 def test_long_prompts_and_odd_text_render():

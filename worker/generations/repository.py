@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, insert, null, select, update
+from sqlalchemy import ColumnElement, Interval, and_, bindparam, case, func, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.events import StatusChange
@@ -21,6 +21,7 @@ from shared.models import GenerationStatus, metadata
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
 connections = metadata.tables["connections"]
+projects = metadata.tables["projects"]
 
 ERROR_MESSAGE_MAX_CHARS = 500
 PENDING = GenerationStatus.PENDING.value
@@ -44,6 +45,8 @@ class ClaimedGeneration:
     deadline_at: datetime
     updated_at: datetime
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
+    # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
+    outbound_allow_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,10 @@ _CLAIMED_COLUMNS = (
     generations.c.aspect_ratio, generations.c.provider, generations.c.model, generations.c.parameters,
     generations.c.seed, generations.c.attempts, generations.c.version, generations.c.deadline_at,
     generations.c.updated_at, generations.c.connection_id,
+    select(projects.c.outbound_allow_hosts)
+    .where(projects.c.id == generations.c.project_id)
+    .scalar_subquery()
+    .label("outbound_allow_hosts"),
 )  # fmt: skip
 
 
@@ -108,10 +115,12 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         deadline_at=row.deadline_at,
         updated_at=row.updated_at,
         connection_id=row.connection_id,
+        outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
     )
 
 
-def _owned_by(generation_id: uuid.UUID, attempt: int, version: int) -> ColumnElement[bool]:
+def _owned_by(generation_id: Any, attempt: Any, version: Any) -> ColumnElement[bool]:
+    """Values, or bound parameters in a prebuilt statement."""
     return and_(
         generations.c.id == generation_id,
         generations.c.status == GenerationStatus.PROCESSING.value,
@@ -120,27 +129,49 @@ def _owned_by(generation_id: uuid.UUID, attempt: int, version: int) -> ColumnEle
     )
 
 
+# The statements every job runs (claim, image, success), built once with bound parameters: building
+# one and computing its cache key cost ~0.25 ms of CPU per statement per job. Their guards are the
+# same as the one-off statements' below.
+_g = generations.c
+_CLAIM = (
+    update(generations)
+    .where(_g.id == bindparam("claim_id"), _g.status == PENDING, _g.deadline_at > func.now())
+    .values(
+        status=GenerationStatus.PROCESSING.value,
+        attempts=_g.attempts + 1,
+        lease_until=func.now() + bindparam("lease", type_=Interval()),
+        started_at=func.coalesce(_g.started_at, func.now()),
+        updated_at=func.now(),
+    )
+    .returning(*_CLAIMED_COLUMNS)
+)
+_INSERT_IMAGE = insert(images).values(source="generated")
+_MARK_SUCCEEDED = (
+    update(generations)
+    .where(_owned_by(bindparam("owner_id"), bindparam("owner_attempt"), bindparam("owner_version")))
+    .values(
+        status=GenerationStatus.SUCCESS.value,
+        output_image_id=bindparam("image_id"),
+        processing_time_ms=bindparam("took_ms"),
+        seed=bindparam("result_seed"),
+        error_code=None,
+        error_message=None,
+        completed_at=func.now(),
+        lease_until=None,
+        updated_at=func.now(),
+    )
+    .returning(*_STATUS_CHANGE_COLUMNS)
+)
+
+
 class GenerationRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
     async def claim(self, generation_id: uuid.UUID, lease_seconds: float) -> ClaimedGeneration | None:
         """pending → processing in one statement; None when not pending, past its deadline, or absent."""
-        g = generations.c
-        claimable = and_(g.id == generation_id, g.status == PENDING, g.deadline_at > func.now())
-        stmt = (
-            update(generations)
-            .where(claimable)
-            .values(
-                status=GenerationStatus.PROCESSING.value,
-                attempts=g.attempts + 1,
-                lease_until=func.now() + timedelta(seconds=lease_seconds),
-                started_at=func.coalesce(g.started_at, func.now()),
-                updated_at=func.now(),
-            )
-            .returning(*_CLAIMED_COLUMNS)
-        )
-        return _claimed((await self.session.execute(stmt)).one_or_none())
+        params = {"claim_id": generation_id, "lease": timedelta(seconds=lease_seconds)}
+        return _claimed((await self.session.execute(_CLAIM, params)).one_or_none())
 
     async def resume(
         self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
@@ -244,21 +275,21 @@ class GenerationRepository:
 
     async def insert_image(self, image: NewImage) -> None:
         await self.session.execute(
-            insert(images).values(
-                id=image.id,
-                project_id=image.project_id,
-                generation_id=image.generation_id,
-                source="generated",
-                storage_key=image.storage_key,
-                thumb_sm_key=image.thumb_sm_key,
-                thumb_lg_key=image.thumb_lg_key,
-                mime_type=image.mime_type,
-                width=image.width,
-                height=image.height,
-                file_size=image.file_size,
-                public_token=image.public_token,
-                meta=image.meta,
-            )
+            _INSERT_IMAGE,
+            {
+                "id": image.id,
+                "project_id": image.project_id,
+                "generation_id": image.generation_id,
+                "storage_key": image.storage_key,
+                "thumb_sm_key": image.thumb_sm_key,
+                "thumb_lg_key": image.thumb_lg_key,
+                "mime_type": image.mime_type,
+                "width": image.width,
+                "height": image.height,
+                "file_size": image.file_size,
+                "public_token": image.public_token,
+                "meta": image.meta,
+            },
         )
 
     async def mark_succeeded(
@@ -271,23 +302,15 @@ class GenerationRepository:
         processing_time_ms: int,
         seed: int | None,
     ) -> StatusChange | None:
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(
-                status=GenerationStatus.SUCCESS.value,
-                output_image_id=output_image_id,
-                processing_time_ms=processing_time_ms,
-                seed=seed,
-                error_code=None,
-                error_message=None,
-                completed_at=func.now(),
-                lease_until=None,
-                updated_at=func.now(),
-            )
-            .returning(*_STATUS_CHANGE_COLUMNS)
-        )
-        return _status_change((await self.session.execute(stmt)).one_or_none())
+        params = {
+            "owner_id": generation_id,
+            "owner_attempt": attempt,
+            "owner_version": version,
+            "image_id": output_image_id,
+            "took_ms": processing_time_ms,
+            "result_seed": seed,
+        }
+        return _status_change((await self.session.execute(_MARK_SUCCEEDED, params)).one_or_none())
 
     async def mark_failed(
         self, generation_id: uuid.UUID, attempt: int, version: int, *, error_code: str, error_message: str

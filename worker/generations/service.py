@@ -36,7 +36,7 @@ from tenacity import (
 
 from shared.connections import (
     ResolvedConnection,
-    project_outbound_policy,
+    outbound_policy_with_hosts,
     server_default_connection,
     stored_connection,
 )
@@ -44,7 +44,7 @@ from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.events import StatusChange, generation_channel
-from shared.imaging import ImageInfo, InvalidImage, inspect_and_thumbnail
+from shared.imaging import THUMBNAIL_SIZES, ImageInfo, InvalidImage, inspect_and_thumbnail, inspect_image
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
@@ -168,6 +168,8 @@ class GenerationPipeline:
         self._slot: SlotLease | None = None
         self._outbound_policy: OutboundPolicy = deps.settings.network.policy()
         self._heartbeat: asyncio.Future[None] | None = None  # renews the lease from the claim on
+        # The `processing` webhooks, when recorded with the claim (`_sure_to_run`): sent once it runs.
+        self._announced: RecordedChanges | None = None
         self._resumed = False
         # Milliseconds per phase, logged once with "generation succeeded" (read by `make bench`).
         self.phase_ms: dict[str, int] = {}
@@ -219,17 +221,31 @@ class GenerationPipeline:
     # --- claim --------------------------------------------------------------------------------
 
     async def _claim(self, generation_id: uuid.UUID, resume: AttemptRef | None) -> ClaimedGeneration | None:
-        """A retry of an interrupted attempt resumes it; otherwise (or if the row moved on) a fresh claim."""
+        """A retry of an interrupted attempt resumes it; otherwise (or if the row moved on) a fresh claim.
+        A claim that is sure to run records its `processing` webhooks in the same transaction."""
         lease = self.settings.lease_seconds
         async with transaction(self.deps.sessions) as session:
             repository = GenerationRepository(session)
+            claim = None
             if resume is not None:
                 claim = await repository.resume(generation_id, resume.attempt, resume.version, lease)
                 if claim is not None:
                     self._resumed = True
                     log.info("resuming an interrupted attempt", attempt=claim.attempt)
-                    return claim
-            return await repository.claim(generation_id, lease)
+            if claim is None:
+                claim = await repository.claim(generation_id, lease)
+            if claim is not None and self._sure_to_run(claim):
+                self._announced = await record_in_transaction(session, self.deps.settings, _processing(claim))
+            return claim
+
+    def _sure_to_run(self, claim: ClaimedGeneration) -> bool:
+        """Nothing can hand this claim back before it runs: within its attempts, on the server default
+        connection (no lookup that could fail) without a concurrency limit (no slot to wait for)."""
+        return (
+            claim.attempt <= self.settings.max_attempts
+            and claim.connection_id is None
+            and server_default_connection(self.deps.settings, claim.provider).max_concurrency is None
+        )
 
     async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
         """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
@@ -342,16 +358,14 @@ class GenerationPipeline:
         if not result.images:
             raise GenerationFailure("INVALID_PROVIDER_OUTPUT", "the provider returned no image")
         original = result.images[0]
-        checked = time.monotonic()
         try:
             info, thumbnails = await asyncio.to_thread(
-                inspect_and_thumbnail, original, max_pixels=self.deps.settings.images.max_pixels
+                _checked_with_thumbnails, result, self.deps.settings.images.max_pixels, self.phase_ms
             )
         except InvalidImage as exc:  # over the pixel budget too: permanent, a retry gets the same bytes
             raise GenerationFailure(
                 "INVALID_PROVIDER_OUTPUT", f"the provider returned an unusable image: {exc}"
             ) from exc
-        self.phase_ms["verify_thumbnails"] = _ms_since(checked)
         stored_at = time.monotonic()
         keys = (f"{prefix}original.{info.extension}", f"{prefix}thumb-sm.webp", f"{prefix}thumb-lg.webp")
         storage = self.deps.storage
@@ -370,9 +384,9 @@ class GenerationPipeline:
         """Resolve the claim's connection and take one of its concurrency slots, then run the job. A
         connection at its limit does not hold this worker: the job goes back to `pending` (the attempt
         is not counted) and is sent again after a short countdown."""
+        self._outbound_policy = outbound_policy_with_hosts(self.deps.settings, claim.outbound_allow_hosts)
         try:
             self._resolved = await self._resolve_connection(claim)
-            self._outbound_policy = await self._project_outbound_policy(claim)
         except GenerationFailure as failure:
             return await self._fail(claim, failure.code, failure.message)
         except Exception as exc:
@@ -416,10 +430,6 @@ class GenerationPipeline:
                 "CONNECTION_SECRET_UNREADABLE",
                 "the connection's API key cannot be decrypted with the current KILN_SECRET_KEY; set it again",
             ) from exc
-
-    async def _project_outbound_policy(self, claim: ClaimedGeneration) -> OutboundPolicy:
-        async with transaction(self.deps.sessions) as session:
-            return await project_outbound_policy(session, self.deps.settings, claim.project_id)
 
     async def _defer(self, claim: ClaimedGeneration, limit: int) -> PipelineOutcome:
         async with transaction(self.deps.sessions) as session:
@@ -662,7 +672,10 @@ class GenerationPipeline:
         """The claim committed `processing` before the job knew it would run (its connection may be at
         its limit and hand it back), so its deliveries get their own transaction, here. Best effort: a
         database error must not end an attempt that owns its row (the lease heartbeat decides that)."""
-        change = StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+        if self._announced is not None:  # recorded with the claim
+            await self._after_commit(self._announced)
+            return
+        change = _processing(claim)
         try:
             async with transaction(self.deps.sessions) as session:
                 recorded = await record_in_transaction(session, self.deps.settings, change)
@@ -675,6 +688,26 @@ class GenerationPipeline:
         await after_commit(
             recorded, redis=self.deps.redis, producer=self.deps.producer, settings=self.deps.settings
         )
+
+
+def _processing(claim: ClaimedGeneration) -> StatusChange:
+    return StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+
+
+def _checked_with_thumbnails(
+    result: ProviderResult, max_pixels: int, phase_ms: dict[str, int]
+) -> tuple[ImageInfo, dict[str, bytes]]:
+    """The image's container checked (and its size read, under the pixel budget) and its thumbnails:
+    those an in-process provider made of its own picture, else made here from a full decode (which is
+    what verifies untrusted bytes). Blocking: one thread hop for both."""
+    original, given = result.images[0], result.own_thumbnails
+    if given is None:
+        return inspect_and_thumbnail(original, max_pixels=max_pixels, timings_ms=phase_ms)
+    started = time.monotonic()
+    info = inspect_image(original, max_pixels=max_pixels)
+    phase_ms["verify"] = _ms_since(started)
+    phase_ms["thumbnails"] = 0  # made with the picture: counted in "provider"
+    return info, {name: given[name] for name in THUMBNAIL_SIZES}
 
 
 def _ms_since(started: float) -> int:

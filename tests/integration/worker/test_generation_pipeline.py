@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, create_sessionmaker, is_connection_error
@@ -107,6 +107,10 @@ async def test_success_stores_the_provider_bytes_and_finishes_the_row(
     for key, long_side in ((image.thumb_sm_key, 300), (image.thumb_lg_key, 1024)):
         with Image.open(io.BytesIO(await storage.get(key))) as thumb:
             assert thumb.format == "WEBP" and max(thumb.size) == long_side
+    # The placeholder drew the picture, so its own thumbnails are stored: no decode of its bytes.
+    assert result.own_thumbnails is not None
+    assert await storage.get(image.thumb_sm_key) == result.own_thumbnails["sm"]
+    assert await storage.get(image.thumb_lg_key) == result.own_thumbnails["lg"]
     assert sorted(await storage.list_keys(f"projects/{project_id}/")) == sorted(
         [image.storage_key, image.thumb_sm_key, image.thumb_lg_key]
     )
@@ -129,8 +133,53 @@ async def test_success_times_each_phase_once_for_the_bench(
     assert await pipeline.run(gid) == PipelineOutcome.SUCCEEDED
 
     phases = pipeline.phase_ms
-    assert list(phases) == ["claim", "provider", "verify_thumbnails", "store", "finalize"]
+    assert list(phases) == ["claim", "provider", "verify", "thumbnails", "store", "finalize"]
     assert all(isinstance(ms, int) and ms >= 0 for ms in phases.values())
+
+
+async def test_a_job_that_cannot_be_handed_back_takes_two_transactions(
+    settings, engine, sessions, redis_client, storage: LocalStorage, make_generation: GenerationFactory
+):
+    """The claim (which also reads the project's outbound hosts and records the `processing` webhooks:
+    nothing can hand this job back) and the finalize. The webhook tests check what they record."""
+    gid = await make_generation(provider="placeholder")
+    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, RecordingProvider())
+    begins: list[object] = []
+
+    def count(connection: object) -> None:
+        begins.append(connection)
+
+    event.listen(engine.sync_engine, "begin", count)
+    try:
+        assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+    finally:
+        event.remove(engine.sync_engine, "begin", count)
+    assert len(begins) == 2
+
+
+async def test_a_vendors_image_is_fully_decoded_and_thumbnailed_by_the_pipeline(
+    settings, sessions, redis_client, storage: LocalStorage, make_generation: GenerationFactory
+):
+    """Only an in-process provider's own thumbnails skip the decode: a vendor's bytes are untrusted.
+    A JPEG cut short in its scan data passes the container check and fails only a full decode."""
+    out = io.BytesIO()
+    Image.effect_noise((320, 200), 64).convert("RGB").save(out, "JPEG", quality=90)
+    truncated = out.getvalue()[: len(out.getvalue()) // 2]
+    gid = await make_generation()
+    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, ScriptedProvider(image=truncated))
+    assert await run_generation(gid, deps) == PipelineOutcome.FAILED
+    row = await fetch_generation(sessions, gid)
+    assert (row.status, row.error_code) == ("failed", "INVALID_PROVIDER_OUTPUT")
+
+    gid = await make_generation()
+    pipeline = GenerationPipeline(
+        pipeline_deps(tuned(settings), sessions, redis_client, storage, ScriptedProvider())
+    )
+    assert await pipeline.run(gid) == PipelineOutcome.SUCCEEDED
+    [image] = await fetch_images(sessions, gid)
+    with Image.open(io.BytesIO(await storage.get(image.thumb_sm_key))) as thumb:
+        assert thumb.format == "WEBP" and thumb.size == (300, 188)
+    assert set(pipeline.phase_ms) >= {"verify", "thumbnails"}
 
 
 async def test_retryable_errors_are_retried_and_counted_on_the_row(
