@@ -4,6 +4,7 @@ the same bytes, and never stale: a change made through another API process is se
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -208,3 +209,9 @@ async def test_a_lost_event_connection_empties_the_cache_until_it_follows_again(
         assert cache.live
         await _cached_on(api, generation_id, tenant.headers)
     assert reads == [generation_id, generation_id]
+
+
+async def test_startup_objects_are_kept_out_of_the_collectors_scans(api_settings):
+    gc.unfreeze()
+    async with api_client(api_settings):
+        assert gc.get_freeze_count() > 10_000  # modules, routes, pools: not scanned by a full collection
