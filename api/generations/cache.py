@@ -7,6 +7,11 @@ generation. The status hub follows every generation's events (`StatusHub.follow`
 cache, which forgets the id. While the hub is not following (not yet connected, or its connection
 dropped: events may have been missed) the cache is cleared and neither answers nor fills.
 
+Seen at once by every process: the writer publishes after its commit and before it answers, and Redis
+has written the event to every subscriber's socket when PUBLISH returns; a poll that follows reaches
+the cache only after its own Redis round trip (authentication), so the event, which arrived first, has
+been read by then.
+
 A fill races an event: a record read just before a change commits could be stored after the change's
 event went by. So a fill carries a ticket taken before the read, and is refused when an event for
 that id (or a gap in following) came after the ticket.

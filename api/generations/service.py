@@ -3,7 +3,8 @@ Idempotency-Key, alone or in a batch), read, waited for, listed, cancelled, rege
 
 The database, not the broker, is the source of truth: a row is committed before its task is enqueued,
 and a lost enqueue is repaired by the worker's sweeper. Status events (Redis pub/sub, `api.events`)
-only wake waiters early; every answer is read from the database.
+wake waiters early, and invalidate the finished records a GET answers from memory (`cache`); every
+other answer is read from the database.
 """
 
 from __future__ import annotations
