@@ -4,7 +4,7 @@ whether the client hung up mid-request (so that is not reported as a server erro
 
 from __future__ import annotations
 
-import uuid
+import secrets
 
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from structlog.contextvars import bound_contextvars
@@ -35,7 +35,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = incoming_request_id(scope) or secrets.token_hex(16)
         state = scope.setdefault("state", {})
         state[REQUEST_ID_STATE_KEY] = request_id
 

@@ -92,6 +92,12 @@ class ServerSettings(BaseModel):
         description="Base URL clients reach the API at (for image URLs). Default: http://host:port.",
     )
     max_body_bytes: int = Field(default=1_048_576, description="Largest JSON body accepted (413 above).")
+    poll_cache_size: int = Field(
+        default=5000,
+        ge=0,
+        description="Finished generations whose GET answer each API process keeps (about 2 KB each); "
+        "invalidated by status events. 0: every poll reads the database.",
+    )
 
     @property
     def base_url(self) -> str:

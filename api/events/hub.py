@@ -12,6 +12,11 @@ published to a channel that is already subscribed. When the connection breaks, t
 with backoff, subscribes every watched channel again and then wakes every watcher, which re-reads the
 database (events published during the outage are gone). Events are a latency optimisation: a watcher
 that could not subscribe (Redis down) simply waits out its timeout; the database stays the truth.
+
+`follow(listener)` also subscribes the pattern of every generation's channel, on the same connection,
+for a process-wide cache of finished records: the listener hears each generation's change, when the
+pattern is confirmed (`resumed`), and when the connection drops (`lost`: events may be missed until
+it is resumed). A followed hub connects at startup and keeps reconnecting.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from litestar import Litestar
@@ -32,6 +37,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from api.generations.cache import FinishedRecords
 from shared.events import generation_channel
 from shared.logging import get_logger
 
@@ -41,6 +47,18 @@ log = get_logger(__name__)
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
 _RECONNECT_FIRST_DELAY_SECONDS = 0.2
 _RECONNECT_MAX_DELAY_SECONDS = 5.0
+_CHANNEL_PREFIX = generation_channel("")
+_EVERY_GENERATION = generation_channel("*")
+
+
+class ChangeListener(Protocol):
+    """Hears every generation's status events (api.generations.cache.FinishedRecords)."""
+
+    def changed(self, generation_id: str) -> None: ...
+
+    def resumed(self) -> None: ...
+
+    def lost(self) -> None: ...
 
 
 class StatusWatch:
@@ -107,6 +125,7 @@ class StatusHub:
         self._reader: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._listener: ChangeListener | None = None
         self._closed = False
 
     # --- what callers use -------------------------------------------------------------------------
@@ -129,6 +148,11 @@ class StatusHub:
         finally:
             self._remove(channel, watch)
 
+    def follow(self, listener: ChangeListener) -> None:
+        """Tell `listener` about every generation's events from now on (connects in the background)."""
+        self._listener = listener
+        self._schedule_reconnect(delay=0.0)
+
     def watcher_count(self, generation_id: uuid.UUID | str) -> int:
         state = self._channels.get(generation_channel(generation_id))
         return len(state.watches) if state else 0
@@ -141,6 +165,8 @@ class StatusHub:
         await asyncio.gather(*tasks, return_exceptions=True)
         async with self._lock:
             await self._drop_locked(self._pubsub)
+        if self._listener is not None:
+            self._listener.lost()
         for state in self._channels.values():
             for watch in state.watches:
                 watch._notify(None)
@@ -187,25 +213,34 @@ class StatusHub:
                 await self._drop_locked(pubsub)
                 self._schedule_reconnect()
 
-    async def _subscribe_locked(self, channels: list[str]) -> None:
-        """SUBSCRIBE `channels` (connecting first if needed); each channel's `ready` resolves on its reply."""
-        loop = asyncio.get_running_loop()
+    def _expect_reply(self, name: str) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._replies.setdefault(name, deque()).append(future)
+        return future
+
+    async def _subscribe_locked(self, channels: list[str]) -> asyncio.Future[bool] | None:
+        """SUBSCRIBE `channels` (connecting first if needed); each channel's `ready` resolves on its reply.
+        A new connection of a followed hub also PSUBSCRIBEs every generation: returns its future."""
         for name in channels:
-            future: asyncio.Future[bool] = loop.create_future()
-            self._channels[name].ready = future
-            self._replies.setdefault(name, deque()).append(future)
+            self._channels[name].ready = self._expect_reply(name)
         pubsub = self._pubsub
+        pattern_ready = None
         try:
             if pubsub is None:
                 pubsub = self._pubsub = self._redis.pubsub()
-                await pubsub.subscribe(*channels)  # opens the connection
+                if self._listener is not None:
+                    pattern_ready = self._expect_reply(_EVERY_GENERATION)
+                    await pubsub.psubscribe(_EVERY_GENERATION)  # opens the connection
+                if channels:
+                    await pubsub.subscribe(*channels)  # opens the connection if not yet open
                 self._reader = asyncio.create_task(self._read(pubsub))
-            else:
+            elif channels:
                 await pubsub.subscribe(*channels)
         except Exception as exc:
             log.warning("status event subscribe failed", error=repr(exc))
             await self._drop_locked(pubsub)
             self._schedule_reconnect()
+        return pattern_ready
 
     # --- the connection ---------------------------------------------------------------------------
 
@@ -229,13 +264,18 @@ class StatusHub:
         kind = message.get("type")
         raw_channel = message.get("channel")
         channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
-        if kind == "message":
+        if kind == "pmessage":
+            if self._listener is not None:
+                self._listener.changed(channel.removeprefix(_CHANNEL_PREFIX))
+        elif kind == "message":
             state = self._channels.get(channel)
             if state is not None:
                 status = _status_of(message.get("data"))
                 for watch in state.watches:
                     watch._notify(status)
-        elif kind in ("subscribe", "unsubscribe"):
+        elif kind in ("subscribe", "unsubscribe", "psubscribe"):
+            if kind == "psubscribe" and self._listener is not None:
+                self._listener.resumed()
             replies = self._replies.get(channel)
             if not replies:
                 return
@@ -243,13 +283,15 @@ class StatusHub:
             if not replies:
                 del self._replies[channel]
             if future is not None and not future.done():
-                future.set_result(kind == "subscribe")
+                future.set_result(kind != "unsubscribe")
 
     async def _drop_locked(self, pubsub: PubSub | None) -> None:
         """Forget a broken (or closing) connection: pending confirmations fail, the reader stops."""
         if pubsub is None or self._pubsub is not pubsub:
             return
         self._pubsub = None
+        if self._listener is not None:
+            self._listener.lost()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -261,24 +303,27 @@ class StatusHub:
         with suppress(Exception):
             await pubsub.aclose()
 
-    def _schedule_reconnect(self) -> None:
+    def _schedule_reconnect(self, delay: float = _RECONNECT_FIRST_DELAY_SECONDS) -> None:
         if self._closed or (self._reconnector is not None and not self._reconnector.done()):
             return
-        self._reconnector = asyncio.create_task(self._reconnect())
+        self._reconnector = asyncio.create_task(self._reconnect(delay))
 
-    async def _reconnect(self) -> None:
-        """Subscribe every watched channel on a new connection, then wake all watchers to re-read."""
-        delay = _RECONNECT_FIRST_DELAY_SECONDS
+    async def _reconnect(self, delay: float) -> None:
+        """Subscribe every watched channel (and a followed hub's pattern) on a new connection, then wake
+        all watchers to re-read."""
         while not self._closed:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_DELAY_SECONDS)
+            delay = min(max(delay * 2, _RECONNECT_FIRST_DELAY_SECONDS), _RECONNECT_MAX_DELAY_SECONDS)
             async with self._lock:
                 channels = list(self._channels)
-                if not channels:
+                if not channels and self._listener is None:
                     return  # nobody is waiting: the next watch connects
+                pattern_ready = None
                 if self._pubsub is None:
-                    await self._subscribe_locked(channels)
+                    pattern_ready = await self._subscribe_locked(channels)
                 futures = [state.ready for state in self._channels.values() if state.ready is not None]
+                if pattern_ready is not None:
+                    futures.append(pattern_ready)
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
                     confirmed = await asyncio.gather(*(asyncio.shield(f) for f in futures))
@@ -302,13 +347,24 @@ class StatusHub:
 
 @asynccontextmanager
 async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """The process's hub; it connects on the first watch, so a Redis that is down does not stop startup."""
-    hub = StatusHub(app.state.settings.redis_url)
+    """The process's hub and its cache of finished records. It connects in the background (or on the
+    first watch), so a Redis that is down does not stop startup."""
+    settings = app.state.settings
+    hub = StatusHub(settings.redis_url)
     app.state.status_hub = hub
+    finished = FinishedRecords(settings.server.poll_cache_size)
+    app.state.finished_records = finished
+    if finished.size > 0:
+        hub.follow(finished)
     try:
         yield
     finally:
         await hub.close()
+
+
+def finished_records_of(connection: ASGIConnection[Any, Any, Any, Any]) -> FinishedRecords:
+    finished: FinishedRecords = connection.app.state.finished_records
+    return finished
 
 
 def status_hub_of(connection: ASGIConnection[Any, Any, Any, Any]) -> StatusHub:

@@ -20,7 +20,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.events.hub import status_hub_of
+from api.events.hub import finished_records_of, status_hub_of
 from api.generations import service
 from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
@@ -350,13 +350,16 @@ class GenerationController(Controller):
                 parse_uuid(generation_id, "id"),
                 if_none_match=request.headers.get("if-none-match"),
                 wait_seconds=wait,
+                finished=finished_records_of(request),
             )
         headers = {"ETag": view.etag}
         if wait:
             headers["Preference-Applied"] = f"wait={wait}"
-        if view.record is None:
+        if view.body is None:
             return _not_modified(headers)
-        return Response(GenerationEnvelope(data=view.record), headers=headers)
+        # The GenerationEnvelope, encoded by the service (and kept encoded for finished records).
+        encoded: Response[Any] = Response(view.body, headers=headers)
+        return encoded
 
     @get(
         "/{generation_id:str}/events",

@@ -3,7 +3,8 @@ Idempotency-Key, alone or in a batch), read, waited for, listed, cancelled, rege
 
 The database, not the broker, is the source of truth: a row is committed before its task is enqueued,
 and a lost enqueue is repaired by the worker's sweeper. Status events (Redis pub/sub, `api.events`)
-only wake waiters early; every answer is read from the database.
+wake waiters early, and invalidate the finished records a GET answers from memory (`cache`); every
+other answer is read from the database.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from api.connections.service import resolve_generation_target
 from api.envelope import ErrorBody, Pagination
 from api.events.hub import StatusHub, StatusWatch
 from api.generations import repository
+from api.generations.cache import FinishedAnswer, FinishedRecords
 from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
     MODEL_MAX_LENGTH,
@@ -690,10 +692,14 @@ async def submit_and_wait(
 
 @dataclass(frozen=True, slots=True)
 class GenerationView:
-    """What GET answers: the record (None: not modified since the client's ETag) and its ETag."""
+    """What GET answers: the encoded GenerationEnvelope (None: not modified since the client's ETag)
+    and its ETag."""
 
-    record: GenerationRecord | None
+    body: bytes | None
     etag: str
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 async def get_generation(
@@ -713,12 +719,26 @@ async def view_generation(
     *,
     if_none_match: str | None,
     wait_seconds: int | None,
+    finished: FinishedRecords | None = None,
 ) -> GenerationView:
     """GET with ETag / If-None-Match and the optional long poll: with `wait_seconds`, hold the answer
     until the generation changes from what the client has seen (its If-None-Match, else the status as
-    read now) or the time is up. Subscribed before the first read: no change slips between the two."""
+    read now) or the time is up. Subscribed before the first read: no change slips between the two.
+    Without a wait, a finished record is answered from `finished` when it holds it (no database read),
+    and put there when read."""
     if not wait_seconds or hub is None:
+        ticket = None
+        if finished is not None:
+            answer = finished.get(generation_id, principal.project_id)
+            if answer is not None:
+                return _view_of(answer, if_none_match)
+            ticket = finished.ticket()
         row = await _read_row(resources, principal.project_id, generation_id)
+        if ticket is not None and row is not None and row["status"] in _TERMINAL:
+            assert finished is not None
+            answer = _finished_answer(resources, row)
+            finished.fill(ticket, generation_id, answer)
+            return _view_of(answer, if_none_match)
         return await _view(resources, row, if_none_match)
     loop = asyncio.get_running_loop()
     until = loop.time() + wait_seconds
@@ -757,8 +777,21 @@ async def _view(resources: Resources, row: Any, if_none_match: str | None) -> Ge
         raise GenerationNotFound()
     etag = etag_of(row)
     if etag_matches(if_none_match, etag):
-        return GenerationView(record=None, etag=etag)
-    return GenerationView(record=await _record_of(resources, row), etag=etag)
+        return GenerationView(body=None, etag=etag)
+    record = await _record_of(resources, row)
+    return GenerationView(body=_encode(GenerationEnvelope(data=record)), etag=etag)
+
+
+def _finished_answer(resources: Resources, row: Any) -> FinishedAnswer:
+    """A finished record's answer (no queuePosition: only pending records have one)."""
+    body = _encode(GenerationEnvelope(data=generation_record(row, resources.urls)))
+    return FinishedAnswer(project_id=row["project_id"], etag=etag_of(row), body=body)
+
+
+def _view_of(answer: FinishedAnswer, if_none_match: str | None) -> GenerationView:
+    if etag_matches(if_none_match, answer.etag):
+        return GenerationView(body=None, etag=answer.etag)
+    return GenerationView(body=answer.body, etag=answer.etag)
 
 
 async def follow_generation(
@@ -942,6 +975,9 @@ async def delete_generation(resources: Resources, principal: Principal, generati
             await repository.delete_images(conn, [image.id for image in doomed])
     # A worker running it hears the event and abandons the attempt now rather than at its next heartbeat.
     await _after_commit(resources, recorded)
+    if not recorded.changes:
+        # A finished one: no webhook, but every API process forgets its cached answer.
+        await publish_status(resources.redis, generation_id, target.project_id, "deleted", now)
     # Objects go after the commit: a failed delete leaves orphans, never rows pointing at nothing.
     try:
         if len(doomed) == len(owned):

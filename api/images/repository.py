@@ -37,8 +37,9 @@ async def get_image(conn: AsyncConnection, image_id: uuid.UUID, project_id: uuid
 
 async def soft_delete_image(
     conn: AsyncConnection, image_id: uuid.UUID, project_id: uuid.UUID | None, now: datetime
-) -> tuple[str, ...] | None:
-    """Mark the image deleted; returns its storage keys (original, thumbnails), None if there is none."""
+) -> tuple[tuple[str, ...], list[Row]] | None:
+    """Mark the image deleted; returns its storage keys (original, thumbnails) and the generations it
+    marked (id, project_id, status, updated_at), None if there is no such image."""
     stmt = (
         update(images)
         .where(images.c.id == image_id, images.c.deleted_at.is_(None))
@@ -51,12 +52,14 @@ async def soft_delete_image(
     if keys is None:
         return None
     # The generation that produced it drops out of lists unless includeDeleted.
-    await conn.execute(
+    g = generations.c
+    marked = await conn.execute(
         update(generations)
-        .where(generations.c.output_image_id == image_id, generations.c.deleted_at.is_(None))
+        .where(g.output_image_id == image_id, g.deleted_at.is_(None))
         .values(deleted_at=now, updated_at=now)
+        .returning(g.id, g.project_id, g.status, g.updated_at)
     )
-    return tuple(keys)
+    return tuple(keys), list(marked.all())
 
 
 async def lock_alias(conn: AsyncConnection, project_id: uuid.UUID, alias: str) -> None:

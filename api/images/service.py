@@ -25,6 +25,7 @@ from api.parsing import check_json_object
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import ImageNotFound, KilnError, PayloadTooLarge, ValidationFailed
+from shared.events import publish_status
 from shared.imaging import InvalidImage, inspect_and_thumbnail
 from shared.logging import get_logger
 from shared.models import new_id, utcnow
@@ -113,9 +114,14 @@ async def delete_image(resources: Resources, principal: Principal, image_id: uui
     """Soft delete of the row (lists hide its generation unless includeDeleted), and its objects removed
     at once, so that direct bucket/CDN URLs stop working too, not only /i/<token>."""
     async with resources.engine.begin() as conn:
-        keys = await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow())
-    if keys is None:
+        deleted = await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow())
+    if deleted is None:
         raise ImageNotFound()
+    keys, marked = deleted
+    for generation in marked:  # its record changed (updatedAt): API processes forget their cached answer
+        await publish_status(
+            resources.redis, generation.id, generation.project_id, generation.status, generation.updated_at
+        )
     # After the commit: a failed delete leaves objects no live row points at, which the storage
     # reconciler removes later; never a live row pointing at nothing.
     try:

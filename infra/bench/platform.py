@@ -134,6 +134,16 @@ class BenchPlatform:
                 return False
 
         wait_until(healthy, 120, "the API to answer /health", 0.1)
+        # /health is answered by the first process up; the others may still be starting, and wrk's
+        # connections (kept alive for the whole run) would then all land on that one process.
+        api = self.api
+        assert api is not None
+        wait_until(
+            lambda: api.output().count("Application startup complete.") >= processes,
+            120,
+            "every API process to start",
+            0.1,
+        )
 
     def start_worker(self, concurrency: int) -> None:
         self.stop_worker()
