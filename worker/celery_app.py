@@ -21,7 +21,6 @@ tests) and closed on `worker_process_shutdown`. Tasks run their coroutine on tha
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import threading
 import uuid
@@ -40,6 +39,7 @@ from shared.db import create_engine, create_sessionmaker
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.outbound import outbound_client
+from shared.process import freeze_long_lived_objects
 from shared.queueing import (
     DISPATCH_WEBHOOKS_TASK,
     HOUSEKEEPING_TASK,
@@ -213,15 +213,6 @@ def close_runtime() -> None:
 def _configure_logging(**_: Any) -> None:
     # Connecting this signal also stops Celery from installing its own handlers (worker and beat).
     configure_logging(get_settings())
-
-
-def freeze_long_lived_objects() -> None:
-    """Move every object alive now (modules, settings, the app, the process resources) out of the
-    garbage collector's reach. A full collection walks every tracked object: with ~200k of them that
-    is a ~55 ms pause, taken every few hundred jobs in the middle of one (a pickup p99 of 60+ ms).
-    What is frozen is what lives as long as the process anyway. Before the fork also keeps the pages
-    the children share with the parent from being copied by the collector's bookkeeping."""
-    gc.freeze()
 
 
 WARM_UP_TIMEOUT_SECONDS = 5.0

@@ -1,18 +1,19 @@
-"""The worker's processes freeze their long-lived objects, so a full garbage collection (which walks
-every tracked object) never pauses a job for tens of milliseconds."""
+"""Long-lived processes freeze their long-lived objects, so a full garbage collection (which walks
+every tracked object) never pauses a job or a request for tens of milliseconds."""
 
 import gc
 
 from celery import signals
 
-from worker import celery_app
+import worker.celery_app  # noqa: F401 - registers the worker's signal receivers
+from shared.process import freeze_long_lived_objects
 
 
 def test_freezing_takes_the_live_objects_out_of_full_collections():
     gc.unfreeze()
     try:
         assert gc.get_freeze_count() == 0
-        celery_app.freeze_long_lived_objects()
+        freeze_long_lived_objects()
         assert gc.get_freeze_count() > 1000  # every module, function and setting loaded so far
     finally:
         gc.unfreeze()
