@@ -152,7 +152,9 @@ class FaultPlatform:
         return names
 
     def worker_logs(self) -> str:
-        return "\n".join(p.output() for p in self.platform.processes if p.name == "worker")
+        """What every process that runs tasks logged: the workers, and beat's own small worker (it
+        consumes the maintenance queue too, so a sweep may run in either)."""
+        return "\n".join(p.output() for p in self.platform.processes if p.name in ("worker", "beat"))
 
 
 def insert_project_key(database_url: str, slug: str) -> str:
