@@ -84,7 +84,7 @@ def api(
             "--port",
             str(port or s.server.port),
             "--workers",
-            str(workers or s.server.workers),
+            str(workers or s.server.process_count()),
             "--loop",
             "uvloop",
             "--http",

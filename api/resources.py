@@ -19,7 +19,7 @@ from api.security.ratelimit import RateLimiter
 from shared.db import create_engine, create_sessionmaker
 from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
-from shared.queueing import create_producer
+from shared.queueing import close_publisher, create_producer
 from shared.settings import Settings
 from shared.storage import ObjectStorage, create_storage
 
@@ -99,6 +99,7 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         close_storage = getattr(storage, "close", None)  # not part of the ObjectStorage protocol
         if close_storage is not None:
             await close_storage()
+        await asyncio.to_thread(close_publisher, producer)  # sends what is queued first
         await asyncio.to_thread(producer.close)
         await redis.aclose()  # type: ignore[attr-defined, unused-ignore]  # stubs may predate aclose
         if broker_redis is not None:

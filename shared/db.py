@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -25,16 +28,17 @@ def sync_url(url: str) -> str:
     return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+# A pooled connection idle for longer than this is pinged before it is handed out; one returned more
+# recently is not. SQLAlchemy's own pre-ping pings every checkout, and on a connection outside
+# autocommit its ping is three round trips (BEGIN, `;`, ROLLBACK): half of a create's database time.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(settings.database_url),
         pool_size=pool_size or settings.database.pool_size,
         max_overflow=settings.database.max_overflow,
-        # A connection the server closed (a restart, a failover, an idle timeout) is found on checkout
-        # and replaced, and a failed ping discards every older pooled connection too: the first
-        # request after PostgreSQL comes back succeeds instead of answering 503. Costs one round trip
-        # per checkout.
-        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={
             "timeout": 5,
@@ -45,6 +49,35 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
             },
         },
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """A connection the server closed (a restart, a failover, an idle timeout) is found on checkout and
+    replaced (the pool tries again with a fresh one), so the first request after PostgreSQL comes back
+    succeeds instead of answering 503. The driver already knows of a close the server announced (a
+    restart's shutdown message): no round trip for that. A connection idle for PING_AFTER_IDLE_SECONDS
+    is also pinged, for a server that went away silently. (SQLAlchemy's pessimistic-disconnect recipe,
+    with the ping skipped for connections that were just in use.)"""
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa_exc.DisconnectionError()
+        if time.monotonic() - record.info.get("checked_in_at", 0.0) < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = sync_engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa_exc.DisconnectionError() from exc
+        if not alive:
+            raise sa_exc.DisconnectionError()
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

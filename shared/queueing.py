@@ -7,11 +7,17 @@ same names with the same configuration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
+import queue
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from celery import Celery
+from kombu import Producer
 
 from shared.settings import Settings
 
@@ -142,10 +148,12 @@ def send_generation(
     *,
     deadline_at: datetime,
     countdown: float | None = None,
+    producer: Producer | None = None,
 ) -> None:
     """Publish `kiln.generate(id)` with time limits that fit the generation's deadline. Every sender of
     the task goes through here (create, batch, regenerate, the sweeper, a deferred requeue). Blocking:
-    the broker's socket timeouts bound it; no retry (the sweeper re-sends a row whose send failed)."""
+    the broker's socket timeouts bound it; no retry (the sweeper re-sends a row whose send failed).
+    `producer`: publish through it (the publisher thread's batch) instead of one from the app's pool."""
     soft, hard = generation_time_limits(deadline_at)
     app.send_task(
         GENERATE_TASK,
@@ -155,6 +163,7 @@ def send_generation(
         soft_time_limit=soft,
         time_limit=hard,
         retry=False,
+        producer=producer,
     )
 
 
@@ -166,8 +175,106 @@ async def enqueue_generation(
     deadline_at: datetime,
     countdown: float | None = None,
 ) -> None:
-    """`send_generation` in a thread (Celery's publish blocks), failing within about
+    """`send_generation` through the process's publisher thread, failing within about
     KILN_REDIS_BROKER_TIMEOUT_SECONDS when the broker does not answer."""
-    await asyncio.to_thread(
-        send_generation, app, generation_id, queue, deadline_at=deadline_at, countdown=countdown
+    await publisher_of(app).publish(
+        lambda producer: send_generation(
+            app, generation_id, queue, deadline_at=deadline_at, countdown=countdown, producer=producer
+        )
     )
+
+
+# Sends taken into one kombu publish batch at most (a Redis pipeline of their LPUSHes).
+PUBLISH_BATCH_MAX = 256
+
+_Send = Callable[[Producer], None]
+_Item = tuple[_Send, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class Publisher:
+    """Every task this process sends from async code goes through one thread that keeps a broker
+    connection: Celery's publish blocks on the broker's socket, and a thread per message (what
+    `asyncio.to_thread` does) cost a create more CPU than the rest of it together, most of it in
+    thread hand-offs. Sends that arrive while the thread is busy go out together in one kombu
+    `Producer.batch()` (on Redis: one pipeline round trip for all their LPUSHes), so the busier the
+    API, the cheaper each send. A failed batch fails each of its sends (their callers leave the row to
+    the sweeper, which re-sends it)."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kiln-publisher", daemon=True)
+        self._thread.start()
+
+    async def publish(self, send: _Send) -> None:
+        """Run `send(producer)` on the publisher thread; returns once the broker took it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((send, loop, done))
+        await done
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < PUBLISH_BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            error: BaseException | None = None
+            try:
+                with self._app.producer_or_acquire() as producer, producer.batch():
+                    for send, _, _ in batch:
+                        send(producer)
+            except Exception as exc:
+                error = exc
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+            for _, loop, done in batch:
+                by_loop.setdefault(loop, []).append(done)
+            for loop, futures in by_loop.items():  # one wake-up per loop, not one per send
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for done in futures:
+        if done.done():  # the caller stopped waiting (its timeout)
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
+_publishers: dict[tuple[int, int], Publisher] = {}
+_publishers_lock = threading.Lock()
+
+
+def publisher_of(app: Celery) -> Publisher:
+    """The app's publisher in this process (made on first use; a forked child makes its own)."""
+    key = (os.getpid(), id(app))
+    publisher = _publishers.get(key)
+    if publisher is None:
+        with _publishers_lock:
+            publisher = _publishers.get(key) or _publishers.setdefault(key, Publisher(app))
+    return publisher
+
+
+def close_publisher(app: Celery) -> None:
+    """Stop the app's publisher in this process, if it has one (before the app's connections close)."""
+    publisher = _publishers.pop((os.getpid(), id(app)), None)
+    if publisher is not None:
+        publisher.close()

@@ -7,6 +7,7 @@ Groups are nested models; `KILN_<GROUP>_<FIELD>` sets a field, e.g. `KILN_DATABA
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,7 +27,9 @@ class DatabaseSettings(BaseModel):
         default=None,
         description="PostgreSQL URL (postgresql://user:pass@host/db). Empty: embedded server under var/.",
     )
-    pool_size: int = Field(default=10, description="Connections kept open per process.")
+    # Above the requests one API process serves at once under load, so connections are reused, not
+    # opened and closed per request (an overflow connection is closed when it is returned).
+    pool_size: int = Field(default=20, description="Connections kept open per process.")
     max_overflow: int = Field(default=10, description="Extra connections allowed under burst.")
     statement_timeout_ms: int = Field(default=10_000, description="Server-side timeout per statement.")
 
@@ -86,7 +89,11 @@ class ImageSettings(BaseModel):
 class ServerSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="API bind address.")
     port: int = Field(default=8000, description="API port.")
-    workers: int = Field(default=1, description="API server processes.")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="API server processes (0: one per CPU core; one process tops out near one core).",
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL clients reach the API at (for image URLs). Default: http://host:port.",
@@ -102,6 +109,9 @@ class ServerSettings(BaseModel):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def process_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 class LimitSettings(BaseModel):

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import httpx
 from celery import Celery
+from kombu import Producer
 from sqlalchemy import func, insert, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -44,7 +45,7 @@ from shared.events import StatusChange, api_timestamp
 from shared.logging import get_logger
 from shared.models import GenerationStatus, metadata, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
-from shared.queueing import DELIVER_WEBHOOK_TASK, webhook_queue
+from shared.queueing import DELIVER_WEBHOOK_TASK, publisher_of, webhook_queue
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -372,18 +373,20 @@ async def enqueue_webhook_deliveries(
     count can start an attempt, so duplicates and stale messages do nothing. Stops at the first
     broker failure; returns the ids not sent (their rows stay due for the dispatcher)."""
     queue = webhook_queue(settings)
+    publisher = publisher_of(producer)
     for position, (delivery_id, attempts) in enumerate(deliveries):
-        try:
-            await asyncio.wait_for(
-                asyncio.to_thread(
-                    producer.send_task,
-                    DELIVER_WEBHOOK_TASK,
-                    args=[str(delivery_id), attempts],
-                    queue=queue,
-                    retry=False,
-                ),
-                ENQUEUE_TIMEOUT_SECONDS,
+
+        def send(sender: Producer, delivery_id: uuid.UUID = delivery_id, attempts: int = attempts) -> None:
+            producer.send_task(
+                DELIVER_WEBHOOK_TASK,
+                args=[str(delivery_id), attempts],
+                queue=queue,
+                retry=False,
+                producer=sender,
             )
+
+        try:
+            await asyncio.wait_for(publisher.publish(send), ENQUEUE_TIMEOUT_SECONDS)
         except Exception as exc:
             unsent = [d for d, _ in deliveries[position:]]
             log.warning("webhook tasks not sent; the dispatcher will", unsent=len(unsent), error=repr(exc))

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from shared.embedded import EMBEDDED_DATABASE, EmbeddedPostgres, EmbeddedRedis, free_port
+from shared.settings import Settings
 
 KILN = [sys.executable, "-m", "api.cli"]
 UNLIMITED = "1000000000"
@@ -85,6 +86,7 @@ class BenchPlatform:
     api: Service | None = None
     worker: Service | None = None
     worker_concurrency: int = 0
+    api_processes: int = 0
     database_url: str = ""
 
     @property
@@ -120,10 +122,13 @@ class BenchPlatform:
             )
         return Service(name, proc, log)
 
-    def start_api(self, processes: int = 1) -> None:
+    def start_api(self, processes: int | None = None) -> None:
+        """`kiln api` with `processes` server processes (None: the default, one per core)."""
         if self.api:
             self.api.stop()
+        processes = processes or Settings().server.process_count()
         self.api = self._start("api", "api", "--workers", str(processes))
+        self.api_processes = processes
 
         def healthy() -> bool:
             if self.api and self.api.proc.poll() is not None:

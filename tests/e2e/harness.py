@@ -132,6 +132,8 @@ def base_env(database_url: str, redis_url: str, workdir: Path, port: int, **over
             "KILN_STORAGE_LOCAL_DIR": str(workdir / "storage"),
             "KILN_EMBEDDED_DATA_DIR": str(workdir / "var"),
             "KILN_SERVER_PORT": str(port),
+            # One API process per platform (the default is one per core): tests run platforms side by side.
+            "KILN_SERVER_WORKERS": "1",
             "KILN_LIMITS_MAX_IN_FLIGHT_PER_PROJECT": "100000",
             "KILN_WORKER_SWEEP_INTERVAL_SECONDS": "1",
             "KILN_WORKER_REQUEUE_AFTER_SECONDS": "3",
