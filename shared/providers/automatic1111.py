@@ -27,7 +27,7 @@ from shared.providers.base import (
     ProviderRequest,
     ProviderResult,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     VendorHTTP,
     checked_parameters,
     decode_base64_image,

@@ -141,25 +141,32 @@ def check_parameters(
     return clean, errors
 
 
-# Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
-_FORBIDDEN_OVERRIDE_KEYS = frozenset(
+# Key names that hold credentials: refused in a connection's settings (they are returned as stored; the
+# key belongs in the encrypted apiKey) and dropped from rawRequestOverride.
+SECRET_SETTING_KEYS = frozenset(
     {
         "api_key",
         "apikey",
         "key",
-        "authorization",
-        "auth",
-        "token",
-        "access_token",
         "password",
         "secret",
+        "token",
+        "access_token",
+        "auth",
+        "authorization",
+        "headers",
+    }
+)
+
+# Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
+_FORBIDDEN_OVERRIDE_KEYS = SECRET_SETTING_KEYS | frozenset(
+    {
         "url",
         "base_url",
         "baseurl",
         "api_url",
         "endpoint",
         "host",
-        "headers",
         "header",
         "cookie",
         "cookies",

@@ -47,7 +47,7 @@ from shared.providers.base import (
     ProviderRequest,
     ProviderResult,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     AUTH_FAILED,
     BAD_REQUEST,
     CONTENT_BLOCKED,
@@ -165,6 +165,14 @@ _SAFETY_FINISH = frozenset(
     {"SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII"}
 )
 _MAX_MODEL_PAGES = 20
+
+
+def check_settings(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """`method`, if set, names one of the two Gemini APIs (spelled as Google does)."""
+    methods = tuple(_METHODS.values())
+    if settings.get("method") not in (None, *methods):
+        return [{"field": "method", "message": f"must be one of {', '.join(methods)}"}]
+    return []
 
 
 def imagen_ratio(aspect_ratio: str) -> str:

@@ -38,7 +38,7 @@ from shared.providers.base import (
     ProviderRequest,
     ProviderResult,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     CONTENT_BLOCKED,
     VendorHTTP,
     checked_parameters,

@@ -46,7 +46,7 @@ from shared.providers.base import (
     ProviderRequest,
     ProviderResult,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     CONTENT_BLOCKED,
     QUOTA_EXCEEDED,
     VendorHTTP,
@@ -173,6 +173,15 @@ _QUOTA_CODES = frozenset(
 
 # Signed CDN URLs may redirect once or twice; more is not an image download.
 _DOWNLOAD_REDIRECTS = 3
+
+
+def check_settings(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """`api_version`, if set, is Azure's api-version string (it switches the adapter to Azure's URLs)."""
+    if not isinstance(settings.get("api_version", ""), str):
+        return [
+            {"field": "api_version", "message": "must be a string (Azure's api-version, e.g. 2024-10-21)"}
+        ]
+    return []
 
 
 def image_family(model: str) -> str:
