@@ -35,3 +35,13 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class Slot:
+    """An ASGI app that forwards to whichever fake is installed in it: one server per test module, a fresh
+    fake per test."""
+
+    app: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)

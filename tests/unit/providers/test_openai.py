@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -25,29 +24,8 @@ from tests.fakes.server import serve
 KEY = "sk-test-SECRET-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeOpenAI, str]]:
-    fake = FakeOpenAI(api_key=KEY)
-    with serve(fake) as url:
-        yield fake, url
-
-
-@pytest.fixture
-def fake(served: tuple[FakeOpenAI, str]) -> FakeOpenAI:
-    served[0].reset()
-    served[0].api_key = KEY
-    return served[0]
-
-
-@pytest.fixture
-def url(served: tuple[FakeOpenAI, str]) -> str:
-    return served[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake() -> FakeOpenAI:
+    return FakeOpenAI(api_key=KEY)
 
 
 def adapter(http: httpx.AsyncClient, url: str, **changes) -> OpenAIProvider:
