@@ -26,6 +26,7 @@ from shared.providers import (
 )
 from shared.providers.base import (
     RAW_REQUEST_OVERRIDE,
+    RAW_REQUEST_OVERRIDE_MAX_BYTES,
     SECRET_SETTING_KEYS,
     ImageProvider,
     ModelInfo,
@@ -39,6 +40,7 @@ from shared.providers.base import (
     check_parameters,
     override_problems,
     parse_override,
+    raw_request_override_spec,
 )
 
 __all__ = [
@@ -113,19 +115,6 @@ PARAMETER_SCHEMAS: dict[str, dict[str, ParameterSpec]] = {
     name: caps.parameters for name, caps in CAPABILITIES.items()
 }
 
-RAW_REQUEST_OVERRIDE_MAX_BYTES = 16 * 1024
-_RAW_REQUEST_OVERRIDE_SPEC = ParameterSpec(
-    "string",
-    description=(
-        f"A JSON object (or a JSON string of one, at most {RAW_REQUEST_OVERRIDE_MAX_BYTES // 1024} KiB) "
-        "deep-merged into the vendor request body "
-        "just before sending; arrays are replaced, credential, URL and header keys are dropped first. Each "
-        "provider allows only some keys (cost multipliers pinned, values held to the parameters' bounds); "
-        "on the server's default connection only with KILN_PROVIDERS_ALLOW_RAW_OVERRIDE=true."
-    ),
-    group="advanced",
-)
-
 
 class ConnectableProvider(ImageProvider, Protocol):
     """An adapter with the connection-level calls the API makes (`GET .../models`, `POST .../test`)."""
@@ -164,7 +153,7 @@ def connection_settings_problems(provider: str, settings: dict[str, Any]) -> lis
 def published_parameters(provider: str) -> dict[str, ParameterSpec]:
     """The parameters a client may send for `provider`: its schema plus `rawRequestOverride`."""
     parameters = dict(CAPABILITIES[provider].parameters)
-    parameters.setdefault(RAW_REQUEST_OVERRIDE, _RAW_REQUEST_OVERRIDE_SPEC)
+    parameters.setdefault(RAW_REQUEST_OVERRIDE, raw_request_override_spec())
     return parameters
 
 

@@ -19,6 +19,7 @@ import httpx
 
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -26,6 +27,7 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
 from shared.providers.vendor_http import (
     VendorHTTP,
@@ -102,14 +104,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "tiling": ParameterSpec(
         "boolean", default=False, description="Seamless tiling texture (tiling).", group="advanced"
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object string deep-merged into the txt2img body before it is sent, e.g."
-            ' {"eta": 0.5, "override_settings": {"CLIP_stop_at_last_layers": 2}}.'
-            " Credential, URL and header keys are dropped."
-        ),
-        group="advanced",
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(
+        '{"eta": 0.5, "override_settings": {"CLIP_stop_at_last_layers": 2}}'
     ),
 }
 

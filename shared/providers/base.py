@@ -176,6 +176,25 @@ _FORBIDDEN_OVERRIDE_KEYS = SECRET_SETTING_KEYS | frozenset(
 )
 
 RAW_REQUEST_OVERRIDE = "rawRequestOverride"
+RAW_REQUEST_OVERRIDE_MAX_BYTES = 16 * 1024
+
+
+def raw_request_override_spec(example: str | None = None) -> ParameterSpec:
+    """The `rawRequestOverride` parameter as every provider publishes it; `example` is an override of its
+    vendor's request body."""
+    return ParameterSpec(
+        "string",
+        description=(
+            f"A JSON object (or a JSON string of one, at most {RAW_REQUEST_OVERRIDE_MAX_BYTES // 1024} KiB) "
+            "deep-merged into the vendor request body just before sending; arrays are replaced, credential, "
+            "URL and header keys are dropped first. Each provider allows only some keys (cost multipliers "
+            "pinned, values held to the parameters' bounds); on the server's default connection only with "
+            "KILN_PROVIDERS_ALLOW_RAW_OVERRIDE=true." + (f" E.g. {example}." if example else "")
+        ),
+        group="advanced",
+    )
+
+
 # Operator permissions an override key may need (`OverrideRules.gated`); see OverridePermissions.
 SAFETY = "safety"
 

@@ -27,6 +27,7 @@ import httpx
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.jsonlimits import decode_json_text
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -34,6 +35,7 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
 from shared.providers.vendor_http import (
     BAD_REQUEST,
@@ -86,14 +88,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
         group="size",
         requires=("width",),
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object string deep-merged into the /prompt body {prompt: <graph>, client_id} before it"
-            ' is sent, e.g. {"prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m"}}}}.'
-            " Credential, URL and header keys are dropped."
-        ),
-        group="advanced",
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(
+        '{"prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m"}}}}'
+        " (the /prompt body is {prompt: <graph>, client_id})"
     ),
 }
 

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from shared.errors import ProviderError, ProviderPermanent
 from shared.imaging import decode_slots
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     SAFETY,
     ModelInfo,
     OverrideRules,
@@ -46,6 +47,7 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
 from shared.providers.vendor_http import (
     AUTH_FAILED,
@@ -91,14 +93,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         ),
         group="advanced",
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object (as a string) deep-merged into the vendor request body just before sending, "
-            'e.g. {"generationConfig": {"temperature": 0.4}}; credential, URL and header keys are dropped.'
-        ),
-        group="advanced",
-    ),
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec('{"generationConfig": {"temperature": 0.4}}'),
 }
 
 # generateContent: `generationConfig` (its candidateCount multiplies the bill), `safetySettings` only if

@@ -38,6 +38,7 @@ import httpx
 
 from shared.errors import ProviderError, ProviderPermanent
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -45,6 +46,7 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
 from shared.providers.vendor_http import (
     CONTENT_BLOCKED,
@@ -107,14 +109,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         description="dall-e only: base64 in the answer, or a URL (downloaded at once). gpt-image ignores it.",
         group="advanced",
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object (as a string) deep-merged into the vendor request body just before sending; "
-            "credential, URL and header keys are dropped."
-        ),
-        group="advanced",
-    ),
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(),
 }
 
 # Body fields an override may set, each checked like the parameter the adapter writes there; `n`

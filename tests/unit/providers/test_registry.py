@@ -5,11 +5,14 @@ from __future__ import annotations
 from shared.providers import (
     CAPABILITIES,
     PROVIDER_NAMES,
+    RAW_REQUEST_OVERRIDE,
+    RAW_REQUEST_OVERRIDE_MAX_BYTES,
     SECRET_SETTING_KEYS,
     connection_settings_problems,
     get_provider,
+    published_parameters,
 )
-from shared.providers.base import _FORBIDDEN_OVERRIDE_KEYS
+from shared.providers.base import _FORBIDDEN_OVERRIDE_KEYS, raw_request_override_spec
 
 
 def test_one_list_names_every_provider_with_the_placeholder_first() -> None:
@@ -37,3 +40,12 @@ def test_each_adapter_checks_its_own_settings_relative_to_them() -> None:
 
 def test_a_secret_setting_key_is_also_dropped_from_overrides() -> None:
     assert SECRET_SETTING_KEYS <= _FORBIDDEN_OVERRIDE_KEYS
+
+
+def test_every_provider_publishes_the_one_raw_request_override_spec() -> None:
+    common = raw_request_override_spec().description
+    for name in PROVIDER_NAMES:
+        spec = published_parameters(name)[RAW_REQUEST_OVERRIDE]
+        assert spec.type == "string" and spec.group == "advanced"
+        assert spec.description.startswith(common), name
+    assert f"at most {RAW_REQUEST_OVERRIDE_MAX_BYTES // 1024} KiB" in common
