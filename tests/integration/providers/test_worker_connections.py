@@ -23,8 +23,8 @@ from shared.settings import Settings
 from shared.storage import LocalStorage
 from tests import factories
 from tests.fakes.comfyui import EXAMPLE_NODES, EXAMPLE_WORKFLOW, ComfyUIScript, FakeComfyUI
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 from tests.integration.worker.harness import GenerationFactory, fetch_generation, fetch_images, tuned
 from worker.generations.service import PipelineDependencies, PipelineOutcome, run_generation
 from worker.generations.slots import ConnectionSlots

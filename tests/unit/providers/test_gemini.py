@@ -17,7 +17,7 @@ from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnec
 from shared.providers.gemini import GeminiProvider, center_crop, imagen_ratio
 from shared.sizes import ASPECT_RATIOS, parse_aspect_ratio
 from tests.fakes.gemini import FakeGemini
-from tests.fakes.openai import image_bytes, step
+from tests.fakes.server import image_bytes, step
 
 KEY = "AIza-test-SECRET-0123456789abcdefgh"
 

@@ -12,7 +12,8 @@ from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.providers import nanogpt
 from shared.providers.base import ModelInfo, ProviderConnection, ProviderRequest
 from shared.providers.nanogpt import NanoGPTProvider
-from tests.fakes.openai import FakeOpenAI, step
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import step
 
 KEY = "nano-test-SECRET-abcdef0123456789"
 

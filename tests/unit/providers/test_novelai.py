@@ -15,7 +15,7 @@ from shared.providers import novelai
 from shared.providers.base import ProviderConnection, ProviderRequest
 from shared.providers.novelai import NovelAIProvider
 from tests.fakes.novelai import FakeNovelAI, zip_of
-from tests.fakes.openai import image_bytes, step
+from tests.fakes.server import image_bytes, step
 
 KEY = "pst-test-SECRET-0123456789abcdefghijkl"
 

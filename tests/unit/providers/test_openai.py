@@ -18,8 +18,8 @@ from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.providers import openai, vendor_http
 from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnection, ProviderRequest
 from shared.providers.openai import OpenAIProvider, openai_size
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
