@@ -167,7 +167,7 @@ def _check_metadata(
             problems.add(
                 f"metadata.{key}",
                 "credentials belong in apiKey (encrypted, never returned); metadata is returned as stored"
-                + (" (AUTOMATIC1111 basic auth: apiKey `user:pass`)" if provider == "automatic1111" else ""),
+                + (f" ({hint})" if provider and (hint := CAPABILITIES[provider].api_key_hint) else ""),
             )
         elif key.lower().endswith("url") and isinstance(checked[key], str) and checked[key]:
             try:

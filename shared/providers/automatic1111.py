@@ -157,6 +157,7 @@ CAPABILITIES = ProviderCapabilities(
     default_url=DEFAULT_URL,
     default_model=None,
     override_rules=OVERRIDE_RULES,
+    api_key_hint="AUTOMATIC1111 basic auth: apiKey `user:pass`",
 )
 
 # camelCase parameter -> txt2img field, for the optional ones sent only when given.

@@ -256,6 +256,8 @@ class ProviderCapabilities:
     default_url: str | None = None
     default_model: str | None = None
     override_rules: OverrideRules = field(default_factory=OverrideRules)
+    # How this vendor's credentials go in `apiKey`: told to whoever puts them in a connection's settings.
+    api_key_hint: str | None = None
 
 
 @dataclass(frozen=True)
