@@ -8,7 +8,9 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlmodel import SQLModel
 
+import shared.models  # noqa: F401  (registers every table in SQLModel.metadata, which clean_state empties)
 from shared.db import create_engine, create_sessionmaker
 from shared.migrations import migrate
 from shared.settings import Settings, get_settings
@@ -88,12 +90,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def clean_state(engine: AsyncEngine, redis_client: aioredis.Redis) -> None:
-    """Empty tables and Redis before a test that needs a blank slate."""
+    """Empty every table the models declare (the migrations' bookkeeping aside) and Redis."""
     async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "TRUNCATE projects, api_keys, images, generations, connections, idempotency_keys,"
-                " webhook_endpoints, webhook_deliveries, broker_epoch CASCADE"
-            )
-        )
+        await conn.execute(text(f"TRUNCATE {', '.join(SQLModel.metadata.tables)} CASCADE"))
     await redis_client.flushdb()

@@ -48,8 +48,15 @@ from shared.logging import get_logger
 from shared.models import new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
 from shared.outbound import outbound_client
-from shared.providers import CAPABILITIES, PROVIDER_NAMES, comfyui, get_provider, validate_parameters
-from shared.providers.http_errors import URL_FORBIDDEN
+from shared.providers import (
+    CAPABILITIES,
+    PROVIDER_NAMES,
+    SECRET_SETTING_KEYS,
+    connection_settings_problems,
+    get_provider,
+    validate_parameters,
+)
+from shared.providers.vendor_http import URL_FORBIDDEN
 from shared.queueing import CONNECTION_TIMEOUT_MAX_SECONDS, queue_for_provider
 from shared.settings import Settings
 
@@ -62,22 +69,6 @@ LIST_MAX_LIMIT = 100
 LIST_MAX_OFFSET = 10_000
 # `GET .../models` and `POST .../test` answer an HTTP client that is waiting: never longer than this.
 VENDOR_CALL_MAX_SECONDS = 30.0
-# Metadata is returned as stored: credentials belong in `apiKey` (encrypted, never returned).
-_SECRET_METADATA_KEYS = frozenset(
-    {
-        "api_key",
-        "apikey",
-        "key",
-        "password",
-        "secret",
-        "token",
-        "access_token",
-        "auth",
-        "authorization",
-        "headers",
-    }
-)
-_GEMINI_METHODS = ("generateContent", "predict")
 
 
 class ConnectionNotFound(NotFound):
@@ -156,58 +147,9 @@ def _check_api_url(value: str | None, policy: OutboundPolicy, problems: _Problem
 
 
 def _load_json(value: Any) -> Any:
-    """A JSON value that may arrive as text (a workflow pasted as a string, a jsonb column): ValueError
-    if malformed or nested deeper than JSON_DEPTH_LIMIT."""
+    """A JSON value that may arrive as text (a jsonb column read as a string): ValueError if malformed or
+    nested deeper than JSON_DEPTH_LIMIT."""
     return decode_json_text(value) if isinstance(value, str) else value
-
-
-def _check_comfyui_metadata(metadata: dict[str, Any], problems: _Problems) -> None:
-    """A workflow in API format and a node mapping whose nodes exist in it (the adapter's rules)."""
-    try:
-        workflow = _load_json(metadata.get("workflow"))
-    except ValueError as exc:
-        problems.add("metadata.workflow", str(exc))
-        return
-    if workflow is None:
-        problems.add("metadata.workflow", "required for comfyui: the workflow in API format (object or JSON)")
-        return
-    if not isinstance(workflow, dict) or not workflow:
-        problems.add("metadata.workflow", "must be a non-empty object: the workflow in API format")
-        return
-    if not all(isinstance(node, dict) for node in workflow.values()):
-        problems.add("metadata.workflow", "every node must be an object ({class_type, inputs})")
-        return
-    try:
-        nodes = _load_json(metadata.get("nodes"))
-    except ValueError as exc:
-        problems.add("metadata.nodes", str(exc))
-        return
-    if not isinstance(nodes, list) or not nodes:
-        problems.add("metadata.nodes", "required for comfyui: a list of {type, key, node_ids}")
-        return
-    has_prompt = False
-    for index, entry in enumerate(nodes):
-        where = f"metadata.nodes[{index}]"
-        if not isinstance(entry, dict):
-            problems.add(where, "must be an object {type, key, node_ids}")
-            continue
-        kind = entry.get("type")
-        if kind not in comfyui.NODE_TYPES:
-            problems.add(f"{where}.type", f"must be one of {', '.join(comfyui.NODE_TYPES)}")
-        key = entry.get("key")
-        if key is not None and (not isinstance(key, str) or not key):
-            problems.add(f"{where}.key", "must be a non-empty string (the input name in the node)")
-        node_ids = entry.get("node_ids")
-        if not isinstance(node_ids, list) or not all(isinstance(n, str | int) for n in node_ids):
-            problems.add(f"{where}.node_ids", "must be a list of node ids")
-            continue
-        missing = [str(n) for n in node_ids if str(n) not in workflow]
-        if missing:
-            problems.add(f"{where}.node_ids", f"not in the workflow: {', '.join(missing)}")
-        elif kind == "prompt" and node_ids:
-            has_prompt = True
-    if not has_prompt and not any(d["field"].startswith("metadata.nodes") for d in problems.details):
-        problems.add("metadata.nodes", "needs a 'prompt' entry, or the prompt never reaches the workflow")
 
 
 def _check_metadata(
@@ -221,23 +163,20 @@ def _check_metadata(
     if checked is None:
         return {}
     for key in checked:
-        if key.lower() in _SECRET_METADATA_KEYS:
+        if key.lower() in SECRET_SETTING_KEYS:  # metadata is returned as stored
             problems.add(
                 f"metadata.{key}",
                 "credentials belong in apiKey (encrypted, never returned); metadata is returned as stored"
-                + (" (AUTOMATIC1111 basic auth: apiKey `user:pass`)" if provider == "automatic1111" else ""),
+                + (f" ({hint})" if provider and (hint := CAPABILITIES[provider].api_key_hint) else ""),
             )
         elif key.lower().endswith("url") and isinstance(checked[key], str) and checked[key]:
             try:
                 check_url_syntax(checked[key], policy)
             except OutboundUrlRefused as exc:
                 problems.add(f"metadata.{key}", str(exc))
-    if provider == "comfyui":
-        _check_comfyui_metadata(checked, problems)
-    elif provider == "gemini" and checked.get("method") not in (None, *_GEMINI_METHODS):
-        problems.add("metadata.method", f"must be one of {', '.join(_GEMINI_METHODS)}")
-    if provider in ("openai", "nanogpt") and not isinstance(checked.get("api_version", ""), str):
-        problems.add("metadata.api_version", "must be a string (Azure's api-version, e.g. 2024-10-21)")
+    if provider is not None:
+        for problem in connection_settings_problems(provider, checked):
+            problems.add(f"metadata.{problem['field']}", problem["message"])
     return checked
 
 

@@ -7,6 +7,8 @@ in. `get_provider(name, http, connection)` is what api (models, test) and worker
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -24,6 +26,8 @@ from shared.providers import (
 )
 from shared.providers.base import (
     RAW_REQUEST_OVERRIDE,
+    RAW_REQUEST_OVERRIDE_MAX_BYTES,
+    SECRET_SETTING_KEYS,
     ImageProvider,
     ModelInfo,
     OverridePermissions,
@@ -36,6 +40,7 @@ from shared.providers.base import (
     check_parameters,
     override_problems,
     parse_override,
+    raw_request_override_spec,
 )
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "PROVIDER_NAMES",
     "RAW_REQUEST_OVERRIDE",
     "RAW_REQUEST_OVERRIDE_MAX_BYTES",
+    "SECRET_SETTING_KEYS",
     "ConnectableProvider",
     "ImageProvider",
     "ModelInfo",
@@ -54,29 +60,11 @@ __all__ = [
     "ProviderConnection",
     "ProviderRequest",
     "ProviderResult",
+    "connection_settings_problems",
     "get_provider",
     "published_parameters",
     "validate_parameters",
 ]
-
-PROVIDER_NAMES: tuple[str, ...] = (
-    "placeholder",
-    "openai",
-    "gemini",
-    "comfyui",
-    "automatic1111",
-    "novelai",
-    "nanogpt",
-)
-
-_ADAPTER_MODULES: dict[str, ModuleType] = {
-    "openai": openai,
-    "gemini": gemini,
-    "comfyui": comfyui,
-    "automatic1111": automatic1111,
-    "novelai": novelai,
-    "nanogpt": nanogpt,
-}
 
 PLACEHOLDER_CAPABILITIES = ProviderCapabilities(
     name="Placeholder (built in, offline)",
@@ -88,27 +76,44 @@ PLACEHOLDER_CAPABILITIES = ProviderCapabilities(
     default_model=None,
 )
 
-CAPABILITIES: dict[str, ProviderCapabilities] = {
-    "placeholder": PLACEHOLDER_CAPABILITIES,
-    **{name: module.CAPABILITIES for name, module in _ADAPTER_MODULES.items()},
+
+@dataclass(frozen=True, slots=True)
+class _Adapter:
+    """One registered provider: what it publishes, how it is built, and its connection settings rules."""
+
+    capabilities: ProviderCapabilities
+    create: Callable[[httpx.AsyncClient, ProviderConnection], Any]
+    # Problems in a connection's settings (`metadata`), fields relative to it; None: no rules.
+    check_settings: Callable[[dict[str, Any]], list[dict[str, str]]] | None = None
+    needs_http: bool = True
+
+    @classmethod
+    def of(cls, module: ModuleType) -> _Adapter:
+        return cls(module.CAPABILITIES, module.create, getattr(module, "check_settings", None))
+
+
+# The registry: every provider a connection may name, in the order they are listed.
+_ADAPTERS: dict[str, _Adapter] = {
+    "placeholder": _Adapter(
+        PLACEHOLDER_CAPABILITIES,
+        lambda http, _connection: placeholder.PlaceholderProvider(http),
+        needs_http=False,
+    ),
+    "openai": _Adapter.of(openai),
+    "gemini": _Adapter.of(gemini),
+    "comfyui": _Adapter.of(comfyui),
+    "automatic1111": _Adapter.of(automatic1111),
+    "novelai": _Adapter.of(novelai),
+    "nanogpt": _Adapter.of(nanogpt),
 }
+
+PROVIDER_NAMES: tuple[str, ...] = tuple(_ADAPTERS)
+CAPABILITIES: dict[str, ProviderCapabilities] = {name: a.capabilities for name, a in _ADAPTERS.items()}
 
 # Kept for callers that only need the parameter schemas.
 PARAMETER_SCHEMAS: dict[str, dict[str, ParameterSpec]] = {
     name: caps.parameters for name, caps in CAPABILITIES.items()
 }
-
-RAW_REQUEST_OVERRIDE_MAX_BYTES = 16 * 1024
-_RAW_REQUEST_OVERRIDE_SPEC = ParameterSpec(
-    "string",
-    description=(
-        "A JSON object (or a JSON string of one, at most 16 KiB) deep-merged into the vendor request body "
-        "just before sending; arrays are replaced, credential, URL and header keys are dropped first. Each "
-        "provider allows only some keys (cost multipliers pinned, values held to the parameters' bounds); "
-        "on the server's default connection only with KILN_PROVIDERS_ALLOW_RAW_OVERRIDE=true."
-    ),
-    group="advanced",
-)
 
 
 class ConnectableProvider(ImageProvider, Protocol):
@@ -128,21 +133,27 @@ def get_provider(
 ) -> ConnectableProvider:
     """A ready adapter. `http` is the process's shared client (adapters never make their own);
     `connection` is the connection profile (or the server default) with its key decrypted."""
-    if name == "placeholder":
-        return placeholder.PlaceholderProvider(http)
-    module = _ADAPTER_MODULES.get(name)
-    if module is None:
+    adapter = _ADAPTERS.get(name)
+    if adapter is None:
         raise _unknown(name)
-    if http is None:
+    if http is None and adapter.needs_http:
         raise ValueError(f"the {name} adapter needs an HTTP client")
-    adapter: ConnectableProvider = module.create(http, connection or ProviderConnection())
-    return adapter
+    # http is None only for an adapter that does not need it (checked above)
+    provider: ConnectableProvider = adapter.create(http, connection or ProviderConnection())  # type: ignore[arg-type]
+    return provider
+
+
+def connection_settings_problems(provider: str, settings: dict[str, Any]) -> list[dict[str, str]]:
+    """What is wrong with a connection's settings (`metadata`) by `provider`'s own rules: each problem's
+    field is relative to the settings (`workflow`, `nodes[0].type`)."""
+    check = _ADAPTERS[provider].check_settings
+    return check(settings) if check is not None else []
 
 
 def published_parameters(provider: str) -> dict[str, ParameterSpec]:
     """The parameters a client may send for `provider`: its schema plus `rawRequestOverride`."""
     parameters = dict(CAPABILITIES[provider].parameters)
-    parameters.setdefault(RAW_REQUEST_OVERRIDE, _RAW_REQUEST_OVERRIDE_SPEC)
+    parameters.setdefault(RAW_REQUEST_OVERRIDE, raw_request_override_spec())
     return parameters
 
 

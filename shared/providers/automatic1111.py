@@ -19,6 +19,7 @@ import httpx
 
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -26,8 +27,9 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     VendorHTTP,
     checked_parameters,
     decode_base64_image,
@@ -102,14 +104,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "tiling": ParameterSpec(
         "boolean", default=False, description="Seamless tiling texture (tiling).", group="advanced"
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object string deep-merged into the txt2img body before it is sent, e.g."
-            ' {"eta": 0.5, "override_settings": {"CLIP_stop_at_last_layers": 2}}.'
-            " Credential, URL and header keys are dropped."
-        ),
-        group="advanced",
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(
+        '{"eta": 0.5, "override_settings": {"CLIP_stop_at_last_layers": 2}}'
     ),
 }
 
@@ -161,6 +157,7 @@ CAPABILITIES = ProviderCapabilities(
     default_url=DEFAULT_URL,
     default_model=None,
     override_rules=OVERRIDE_RULES,
+    api_key_hint="AUTOMATIC1111 basic auth: apiKey `user:pass`",
 )
 
 # camelCase parameter -> txt2img field, for the optional ones sent only when given.

@@ -145,25 +145,32 @@ def check_parameters(
     return clean, errors
 
 
-# Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
-_FORBIDDEN_OVERRIDE_KEYS = frozenset(
+# Key names that hold credentials: refused in a connection's settings (they are returned as stored; the
+# key belongs in the encrypted apiKey) and dropped from rawRequestOverride.
+SECRET_SETTING_KEYS = frozenset(
     {
         "api_key",
         "apikey",
         "key",
-        "authorization",
-        "auth",
-        "token",
-        "access_token",
         "password",
         "secret",
+        "token",
+        "access_token",
+        "auth",
+        "authorization",
+        "headers",
+    }
+)
+
+# Keys removed from rawRequestOverride before it is merged: it must not redirect or re-authenticate.
+_FORBIDDEN_OVERRIDE_KEYS = SECRET_SETTING_KEYS | frozenset(
+    {
         "url",
         "base_url",
         "baseurl",
         "api_url",
         "endpoint",
         "host",
-        "headers",
         "header",
         "cookie",
         "cookies",
@@ -173,6 +180,25 @@ _FORBIDDEN_OVERRIDE_KEYS = frozenset(
 )
 
 RAW_REQUEST_OVERRIDE = "rawRequestOverride"
+RAW_REQUEST_OVERRIDE_MAX_BYTES = 16 * 1024
+
+
+def raw_request_override_spec(example: str | None = None) -> ParameterSpec:
+    """The `rawRequestOverride` parameter as every provider publishes it; `example` is an override of its
+    vendor's request body."""
+    return ParameterSpec(
+        "string",
+        description=(
+            f"A JSON object (or a JSON string of one, at most {RAW_REQUEST_OVERRIDE_MAX_BYTES // 1024} KiB) "
+            "deep-merged into the vendor request body just before sending; arrays are replaced, credential, "
+            "URL and header keys are dropped first. Each provider allows only some keys (cost multipliers "
+            "pinned, values held to the parameters' bounds); on the server's default connection only with "
+            "KILN_PROVIDERS_ALLOW_RAW_OVERRIDE=true." + (f" E.g. {example}." if example else "")
+        ),
+        group="advanced",
+    )
+
+
 # Operator permissions an override key may need (`OverrideRules.gated`); see OverridePermissions.
 SAFETY = "safety"
 
@@ -234,6 +260,8 @@ class ProviderCapabilities:
     default_url: str | None = None
     default_model: str | None = None
     override_rules: OverrideRules = field(default_factory=OverrideRules)
+    # How this vendor's credentials go in `apiKey`: told to whoever puts them in a connection's settings.
+    api_key_hint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import httpx
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.jsonlimits import decode_json_text
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -34,8 +35,9 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     BAD_REQUEST,
     VendorHTTP,
     checked_parameters,
@@ -86,14 +88,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
         group="size",
         requires=("width",),
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object string deep-merged into the /prompt body {prompt: <graph>, client_id} before it"
-            ' is sent, e.g. {"prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m"}}}}.'
-            " Credential, URL and header keys are dropped."
-        ),
-        group="advanced",
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(
+        '{"prompt": {"3": {"inputs": {"sampler_name": "dpmpp_2m"}}}}'
+        " (the /prompt body is {prompt: <graph>, client_id})"
     ),
 }
 
@@ -188,6 +185,62 @@ def _load_json_setting(value: Any, what: str) -> Any:
         except ValueError as exc:
             raise ProviderPermanent(MISCONFIGURED, f"ComfyUI {what} is not valid JSON: {exc}") from exc
     return value
+
+
+def _json_value(value: Any) -> Any:
+    """A setting that may be given as JSON text (a workflow pasted as a string): ValueError if malformed."""
+    return decode_json_text(value) if isinstance(value, str) else value
+
+
+def check_settings(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """A workflow in API format and a node mapping whose nodes exist in it: checked when the connection
+    is saved, so a bad one is refused then and not at its first generation."""
+    problems: list[dict[str, str]] = []
+
+    def add(field: str, message: str) -> list[dict[str, str]]:
+        problems.append({"field": field, "message": message})
+        return problems
+
+    try:
+        workflow = _json_value(settings.get("workflow"))
+    except ValueError as exc:
+        return add("workflow", str(exc))
+    if workflow is None:
+        return add("workflow", "required for comfyui: the workflow in API format (object or JSON)")
+    if not isinstance(workflow, dict) or not workflow:
+        return add("workflow", "must be a non-empty object: the workflow in API format")
+    if not all(isinstance(node, dict) for node in workflow.values()):
+        return add("workflow", "every node must be an object ({class_type, inputs})")
+    try:
+        nodes = _json_value(settings.get("nodes"))
+    except ValueError as exc:
+        return add("nodes", str(exc))
+    if not isinstance(nodes, list) or not nodes:
+        return add("nodes", "required for comfyui: a list of {type, key, node_ids}")
+    has_prompt = False
+    for index, entry in enumerate(nodes):
+        where = f"nodes[{index}]"
+        if not isinstance(entry, dict):
+            add(where, "must be an object {type, key, node_ids}")
+            continue
+        kind = entry.get("type")
+        if kind not in NODE_TYPES:
+            add(f"{where}.type", f"must be one of {', '.join(NODE_TYPES)}")
+        key = entry.get("key")
+        if key is not None and (not isinstance(key, str) or not key):
+            add(f"{where}.key", "must be a non-empty string (the input name in the node)")
+        node_ids = entry.get("node_ids")
+        if not isinstance(node_ids, list) or not all(isinstance(n, str | int) for n in node_ids):
+            add(f"{where}.node_ids", "must be a list of node ids")
+            continue
+        missing = [str(n) for n in node_ids if str(n) not in workflow]
+        if missing:
+            add(f"{where}.node_ids", f"not in the workflow: {', '.join(missing)}")
+        elif kind == "prompt" and node_ids:
+            has_prompt = True
+    if not has_prompt and not problems:
+        add("nodes", "needs a 'prompt' entry, or the prompt never reaches the workflow")
+    return problems
 
 
 class _Graph(NamedTuple):

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from shared.errors import ProviderError, ProviderPermanent
 from shared.imaging import decode_slots
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     SAFETY,
     ModelInfo,
     OverrideRules,
@@ -46,8 +47,9 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     AUTH_FAILED,
     BAD_REQUEST,
     CONTENT_BLOCKED,
@@ -91,14 +93,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         ),
         group="advanced",
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object (as a string) deep-merged into the vendor request body just before sending, "
-            'e.g. {"generationConfig": {"temperature": 0.4}}; credential, URL and header keys are dropped.'
-        ),
-        group="advanced",
-    ),
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec('{"generationConfig": {"temperature": 0.4}}'),
 }
 
 # generateContent: `generationConfig` (its candidateCount multiplies the bill), `safetySettings` only if
@@ -165,6 +160,14 @@ _SAFETY_FINISH = frozenset(
     {"SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII"}
 )
 _MAX_MODEL_PAGES = 20
+
+
+def check_settings(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """`method`, if set, names one of the two Gemini APIs (spelled as Google does)."""
+    methods = tuple(_METHODS.values())
+    if settings.get("method") not in (None, *methods):
+        return [{"field": "method", "message": f"must be one of {', '.join(methods)}"}]
+    return []
 
 
 def imagen_ratio(aspect_ratio: str) -> str:

@@ -23,9 +23,9 @@ from shared.providers.base import (
     ProviderConnection,
 )
 from shared.providers.openai import OVERRIDE_RULES as OPENAI_OVERRIDE_RULES
-from shared.providers.openai import PARAMETERS, OpenAIProvider
+from shared.providers.openai import PARAMETERS, OpenAIProvider, check_settings  # Azure-style api_version too
 
-__all__ = ["CAPABILITIES", "DEFAULT_URL", "PARAMETERS", "NanoGPTProvider", "create"]
+__all__ = ["CAPABILITIES", "DEFAULT_URL", "PARAMETERS", "NanoGPTProvider", "check_settings", "create"]
 
 DEFAULT_URL = "https://nano-gpt.com/api"
 

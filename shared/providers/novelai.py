@@ -30,6 +30,7 @@ import httpx
 
 from shared.errors import ProviderError, ProviderPermanent
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -37,8 +38,9 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     CONTENT_BLOCKED,
     VendorHTTP,
     checked_parameters,
@@ -93,14 +95,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         description="Undesired-content preset added to the negative prompt (0 heavy ... 4 none; per model).",
         group="advanced",
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object (as a string) deep-merged into the vendor request body just before sending, "
-            'e.g. {"parameters": {"skip_cfg_above_sigma": 19}}; credential, URL and header keys are dropped.'
-        ),
-        group="advanced",
-    ),
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec('{"parameters": {"skip_cfg_above_sigma": 19}}'),
 }
 
 # Only the generation `parameters` (not `input`, `model` or `action`: they have their own fields, and

@@ -38,6 +38,7 @@ import httpx
 
 from shared.errors import ProviderError, ProviderPermanent
 from shared.providers.base import (
+    RAW_REQUEST_OVERRIDE,
     ModelInfo,
     OverrideRules,
     ParameterSpec,
@@ -45,8 +46,9 @@ from shared.providers.base import (
     ProviderConnection,
     ProviderRequest,
     ProviderResult,
+    raw_request_override_spec,
 )
-from shared.providers.http_errors import (
+from shared.providers.vendor_http import (
     CONTENT_BLOCKED,
     QUOTA_EXCEEDED,
     VendorHTTP,
@@ -107,14 +109,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         description="dall-e only: base64 in the answer, or a URL (downloaded at once). gpt-image ignores it.",
         group="advanced",
     ),
-    "rawRequestOverride": ParameterSpec(
-        "string",
-        description=(
-            "A JSON object (as a string) deep-merged into the vendor request body just before sending; "
-            "credential, URL and header keys are dropped."
-        ),
-        group="advanced",
-    ),
+    RAW_REQUEST_OVERRIDE: raw_request_override_spec(),
 }
 
 # Body fields an override may set, each checked like the parameter the adapter writes there; `n`
@@ -173,6 +168,15 @@ _QUOTA_CODES = frozenset(
 
 # Signed CDN URLs may redirect once or twice; more is not an image download.
 _DOWNLOAD_REDIRECTS = 3
+
+
+def check_settings(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """`api_version`, if set, is Azure's api-version string (it switches the adapter to Azure's URLs)."""
+    if not isinstance(settings.get("api_version", ""), str):
+        return [
+            {"field": "api_version", "message": "must be a string (Azure's api-version, e.g. 2024-10-21)"}
+        ]
+    return []
 
 
 def image_family(model: str) -> str:

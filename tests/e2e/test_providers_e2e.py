@@ -18,8 +18,8 @@ from tests.e2e.conftest import redis_db
 from tests.e2e.harness import Platform, base_env, poll_until_terminal
 from tests.fakes.automatic1111 import A1111Script, FakeAutomatic1111
 from tests.fakes.comfyui import EXAMPLE_NODES, EXAMPLE_WORKFLOW, ComfyUIScript, FakeComfyUI
-from tests.fakes.openai import FakeOpenAI, image_bytes
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import image_bytes, serve
 
 pytestmark = pytest.mark.e2e
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tests.fakes.openai import Hang, Recorded, Reply, ScriptedVendor, Step, image_bytes, json_reply
+from tests.fakes.server import Hang, Recorded, Reply, ScriptedVendor, Step, image_bytes, json_reply
 
 __all__ = ["GEMINI_RATIO_SIZES", "IMAGEN_RATIO_SIZES", "FakeGemini", "fake_gemini_app", "google_error"]
 

@@ -24,7 +24,7 @@ import io
 import zipfile
 from typing import Any
 
-from tests.fakes.openai import (
+from tests.fakes.server import (
     Hang,
     Recorded,
     Reply,

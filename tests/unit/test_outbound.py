@@ -29,10 +29,10 @@ from shared.outbound import (
 )
 from shared.providers import openai
 from shared.providers.base import ProviderConnection, ProviderRequest
-from shared.providers.http_errors import VendorHTTP
+from shared.providers.vendor_http import VendorHTTP
 from shared.settings import Settings
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 
 KEY = "sk-outbound-" + "x" * 20
 CLOSED = OutboundPolicy(allow_link_local=False, allow_private=False, allow_loopback=False)

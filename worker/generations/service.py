@@ -50,7 +50,7 @@ from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
-from shared.providers.http_errors import URL_FORBIDDEN, redact
+from shared.providers.vendor_http import URL_FORBIDDEN, redact
 from shared.settings import Settings
 from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.storage import ObjectStorage

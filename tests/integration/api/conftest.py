@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -27,6 +26,7 @@ from shared.embedded import free_port
 from shared.models import ApiKeyKind, metadata, new_id
 from shared.settings import Settings
 from shared.storage import ObjectStorage, create_storage
+from tests.factories import insert_generation
 
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
@@ -144,41 +144,6 @@ async def other_tenant(clean_state: None, sessions: async_sessionmaker[AsyncSess
 @pytest.fixture
 async def admin_headers(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
     return {"X-API-Key": await make_admin_key(sessions)}
-
-
-async def insert_generation(
-    engine: AsyncEngine,
-    project_id: uuid.UUID,
-    *,
-    status: str = "pending",
-    created_at: datetime | None = None,
-    **values: Any,
-) -> uuid.UUID:
-    """A row written directly (as the worker would leave it), for read/list/delete tests."""
-    generation_id = values.pop("id", None) or new_id()
-    now = created_at or datetime.now(UTC)
-    row = {
-        "id": generation_id,
-        "project_id": project_id,
-        "prompt": "a prompt",
-        "original_prompt": "a prompt",
-        "auto_enhance": False,
-        "aspect_ratio": "1:1",
-        "status": status,
-        "provider": "placeholder",
-        "parameters": {},
-        "meta": {},
-        "retry_count": 0,
-        "attempts": 0,
-        "version": 1,
-        "deadline_at": now + timedelta(hours=1),
-        "created_at": now,
-        "updated_at": now,
-        **values,
-    }
-    async with engine.begin() as conn:
-        await conn.execute(insert(generations).values(**row))
-    return generation_id
 
 
 async def insert_image(

@@ -286,6 +286,14 @@ async def test_validation_names_every_bad_field_and_writes_nothing(client, tenan
         assert r.status_code == 400, (body, r.text)
         assert field in fields_of(r), (body, r.text)
     assert (await client.post("/api/v1/connections", content=b"{", headers=tenant.headers)).status_code == 400
+    # The adapter's own hint on where its credentials go (AUTOMATIC1111: basic auth in apiKey), no other's.
+    for provider, hinted in (("automatic1111", True), ("openai", False)):
+        r = await client.post(
+            "/api/v1/connections",
+            json={"name": "x", "provider": provider, "metadata": {"auth": "user:pass"}},
+            headers=tenant.headers,
+        )
+        assert ("apiKey `user:pass`" in fields_of(r)["metadata.auth"]) is hinted, r.text
     assert await connection_count(engine) == 0
 
 

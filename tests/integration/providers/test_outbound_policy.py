@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from api import cli
 from shared.outbound import outbound_client
 from shared.settings import Settings
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 from tests.integration.api.conftest import Tenant, api_client
 from tests.integration.connections.helpers import create_connection, fields_of
 from tests.integration.providers.test_worker_connections import deps, insert_connection

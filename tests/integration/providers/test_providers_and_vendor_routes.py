@@ -8,8 +8,8 @@ from shared.errors import ValidationFailed
 from shared.providers import CAPABILITIES, PROVIDER_NAMES, RAW_REQUEST_OVERRIDE_MAX_BYTES, validate_parameters
 from tests.fakes.automatic1111 import A1111Script, fake_automatic1111_app
 from tests.fakes.comfyui import ComfyUIScript, fake_comfyui_app
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 from tests.integration.api.conftest import Tenant, api_client
 from tests.integration.connections.helpers import COMFY_METADATA, SECRET, create_connection, fields_of
 

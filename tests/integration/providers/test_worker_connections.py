@@ -13,19 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.crypto import encrypt_secret
-from shared.models import metadata, new_id
+from shared.models import metadata
 from shared.outbound import outbound_client
 from shared.providers import ProviderConnection, get_provider
 from shared.queueing import GENERATE_TASK, create_producer
 from shared.settings import Settings
 from shared.storage import LocalStorage
+from tests import factories
 from tests.fakes.comfyui import EXAMPLE_NODES, EXAMPLE_WORKFLOW, ComfyUIScript, FakeComfyUI
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 from tests.integration.worker.harness import GenerationFactory, fetch_generation, fetch_images, tuned
 from worker.generations.service import PipelineDependencies, PipelineOutcome, run_generation
 from worker.generations.slots import ConnectionSlots
@@ -65,21 +64,10 @@ async def insert_connection(
     secret_key: str | None = None,
     **values: Any,
 ) -> uuid.UUID:
-    """A connection row as the API stores it (key encrypted), written directly."""
-    connection_id = new_id()
-    row = {
-        "id": connection_id,
-        "project_id": project_id,
-        "name": "test",
-        "provider": "openai",
-        "api_key_encrypted": encrypt_secret(secret_key or settings.secret_key, api_key) if api_key else None,
-        "default_parameters": {},
-        "meta": {},
-        **values,
-    }
-    async with sessions() as session, session.begin():
-        await session.execute(insert(connections).values(**row))
-    return connection_id
+    """An openai connection holding KEY, encrypted with the session's KILN_SECRET_KEY unless told."""
+    return await factories.insert_connection(
+        sessions, project_id, api_key=api_key, secret_key=secret_key or settings.secret_key, **values
+    )
 
 
 def deps(

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.models import Project, new_id
+from shared.models import Project
 from shared.storage import LocalStorage
-from tests.integration.worker.harness import GenerationFactory, generations
+from tests.factories import insert_generation
+from tests.integration.worker.harness import GenerationFactory
 
 
 @pytest.fixture
@@ -35,21 +36,13 @@ def make_generation(sessions: async_sessionmaker[AsyncSession], project_id: uuid
     """Insert a generation row (pending, deadline in an hour unless told otherwise); returns its id."""
 
     async def make(**fields: Any) -> uuid.UUID:
-        now = datetime.now(UTC)
-        values: dict[str, Any] = {
-            "id": new_id(),
-            "project_id": project_id,
+        worker_defaults: dict[str, Any] = {
             "prompt": "a lighthouse at dusk",
             "original_prompt": "lighthouse",
             "provider": "scripted",
-            "aspect_ratio": "1:1",
-            "deadline_at": now + timedelta(hours=1),
-            "enqueued_at": now,
-            **fields,
+            "enqueued_at": datetime.now(UTC),
         }
-        async with sessions() as session, session.begin():
-            await session.execute(insert(generations).values(**values))
-        return uuid.UUID(str(values["id"]))
+        return await insert_generation(sessions, project_id, **{**worker_defaults, **fields})
 
     return make
 

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,53 +19,12 @@ from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.providers import automatic1111
 from shared.providers.base import ProviderConnection, ProviderRequest
 from tests.fakes.automatic1111 import A1111Script, FakeAutomatic1111, Reply, fake_automatic1111_app
-from tests.fakes.server import serve
 
 SDXL = "sd_xl_base_1.0.safetensors [31e35c80fc]"
 
 
-class _Slot:
-    """One server per module; each test installs its own fake behind it."""
-
-    app: Any = None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[_Slot, str]]:
-    slot = _Slot()
-    with serve(slot) as url:
-        yield slot, url
-
-
-@pytest.fixture
-def install(server: tuple[_Slot, str]) -> Callable[..., FakeAutomatic1111]:
-    slot, _ = server
-
-    def install(script: A1111Script | None = None) -> FakeAutomatic1111:
-        slot.app = fake_automatic1111_app(script)
-        return slot.app
-
-    install()
-    return install
-
-
-@pytest.fixture
-def fake(install: Callable[..., FakeAutomatic1111]) -> FakeAutomatic1111:
-    return install()
-
-
-@pytest.fixture
-def url(server: tuple[_Slot, str]) -> str:
-    return server[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake(script: A1111Script | None = None) -> FakeAutomatic1111:
+    return fake_automatic1111_app(script)
 
 
 def request(**changes: Any) -> ProviderRequest:

@@ -7,7 +7,7 @@ import copy
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,51 +29,10 @@ from tests.fakes.comfyui import (
     fake_comfyui_app,
     node_errors_reply,
 )
-from tests.fakes.server import serve
 
 
-class _Slot:
-    """One server per module; each test installs its own fake behind it."""
-
-    app: Any = None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[_Slot, str]]:
-    slot = _Slot()
-    with serve(slot) as url:
-        yield slot, url
-
-
-@pytest.fixture
-def install(server: tuple[_Slot, str]) -> Callable[..., FakeComfyUI]:
-    slot, _ = server
-
-    def install(script: ComfyUIScript | None = None) -> FakeComfyUI:
-        slot.app = fake_comfyui_app(script)
-        return slot.app
-
-    install()
-    return install
-
-
-@pytest.fixture
-def fake(install: Callable[..., FakeComfyUI]) -> FakeComfyUI:
-    return install()
-
-
-@pytest.fixture
-def url(server: tuple[_Slot, str]) -> str:
-    return server[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake(script: ComfyUIScript | None = None) -> FakeComfyUI:
+    return fake_comfyui_app(script)
 
 
 def request(**changes: Any) -> ProviderRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import httpx
@@ -18,35 +17,13 @@ from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnec
 from shared.providers.gemini import GeminiProvider, center_crop, imagen_ratio
 from shared.sizes import ASPECT_RATIOS, parse_aspect_ratio
 from tests.fakes.gemini import FakeGemini
-from tests.fakes.openai import image_bytes, step
-from tests.fakes.server import serve
+from tests.fakes.server import image_bytes, step
 
 KEY = "AIza-test-SECRET-0123456789abcdefgh"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeGemini, str]]:
-    fake = FakeGemini(api_key=KEY, max_page_size=2)
-    with serve(fake) as url:
-        yield fake, url
-
-
-@pytest.fixture
-def fake(served: tuple[FakeGemini, str]) -> FakeGemini:
-    served[0].reset()
-    served[0].api_key = KEY
-    return served[0]
-
-
-@pytest.fixture
-def url(served: tuple[FakeGemini, str]) -> str:
-    return served[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake() -> FakeGemini:
+    return FakeGemini(api_key=KEY, max_page_size=2)
 
 
 def adapter(http: httpx.AsyncClient, url: str, **changes) -> GeminiProvider:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import httpx
@@ -13,35 +12,17 @@ from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
 from shared.providers import nanogpt
 from shared.providers.base import ModelInfo, ProviderConnection, ProviderRequest
 from shared.providers.nanogpt import NanoGPTProvider
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import step
 
 KEY = "nano-test-SECRET-abcdef0123456789"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeOpenAI, str]]:
-    fake = FakeOpenAI(api_key=KEY)
-    with serve(fake) as url:
-        yield fake, url
+URL_SUFFIX = "/api"  # like https://nano-gpt.com/api
 
 
-@pytest.fixture
-def fake(served: tuple[FakeOpenAI, str]) -> FakeOpenAI:
-    served[0].reset()
-    served[0].api_key = KEY
-    return served[0]
-
-
-@pytest.fixture
-def url(served: tuple[FakeOpenAI, str]) -> str:
-    return served[1] + "/api"  # like https://nano-gpt.com/api
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake() -> FakeOpenAI:
+    return FakeOpenAI(api_key=KEY)
 
 
 def adapter(http: httpx.AsyncClient, url: str, **changes) -> NanoGPTProvider:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import httpx
@@ -16,35 +15,13 @@ from shared.providers import novelai
 from shared.providers.base import ProviderConnection, ProviderRequest
 from shared.providers.novelai import NovelAIProvider
 from tests.fakes.novelai import FakeNovelAI, zip_of
-from tests.fakes.openai import image_bytes, step
-from tests.fakes.server import serve
+from tests.fakes.server import image_bytes, step
 
 KEY = "pst-test-SECRET-0123456789abcdefghijkl"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeNovelAI, str]]:
-    fake = FakeNovelAI(api_key=KEY)
-    with serve(fake) as url:
-        yield fake, url
-
-
-@pytest.fixture
-def fake(served: tuple[FakeNovelAI, str]) -> FakeNovelAI:
-    served[0].reset()
-    served[0].api_key = KEY
-    return served[0]
-
-
-@pytest.fixture
-def url(served: tuple[FakeNovelAI, str]) -> str:
-    return served[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake() -> FakeNovelAI:
+    return FakeNovelAI(api_key=KEY)
 
 
 def adapter(http: httpx.AsyncClient, url: str, **changes) -> NovelAIProvider:

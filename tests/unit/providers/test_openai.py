@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -16,38 +15,17 @@ from PIL import Image
 
 from shared.embedded import free_port
 from shared.errors import ProviderError, ProviderPermanent, ProviderRetryable
-from shared.providers import http_errors, openai
+from shared.providers import openai, vendor_http
 from shared.providers.base import ModelInfo, OverridePermissions, ProviderConnection, ProviderRequest
 from shared.providers.openai import OpenAIProvider, openai_size
-from tests.fakes.openai import FakeOpenAI, step
-from tests.fakes.server import serve
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve, step
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeOpenAI, str]]:
-    fake = FakeOpenAI(api_key=KEY)
-    with serve(fake) as url:
-        yield fake, url
-
-
-@pytest.fixture
-def fake(served: tuple[FakeOpenAI, str]) -> FakeOpenAI:
-    served[0].reset()
-    served[0].api_key = KEY
-    return served[0]
-
-
-@pytest.fixture
-def url(served: tuple[FakeOpenAI, str]) -> str:
-    return served[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+def make_fake() -> FakeOpenAI:
+    return FakeOpenAI(api_key=KEY)
 
 
 def adapter(http: httpx.AsyncClient, url: str, **changes) -> OpenAIProvider:
@@ -545,27 +523,27 @@ async def test_test_failures(fake: FakeOpenAI, url: str, http: httpx.AsyncClient
 
 def test_parse_retry_after() -> None:
     now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert http_errors.parse_retry_after("12") == 12.0
-    assert http_errors.parse_retry_after("1.5") == 1.5
-    assert http_errors.parse_retry_after("-3") == 0.0
-    assert http_errors.parse_retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now=now) == 30.0
-    assert http_errors.parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now=now) == 0.0
+    assert vendor_http.parse_retry_after("12") == 12.0
+    assert vendor_http.parse_retry_after("1.5") == 1.5
+    assert vendor_http.parse_retry_after("-3") == 0.0
+    assert vendor_http.parse_retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now=now) == 30.0
+    assert vendor_http.parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now=now) == 0.0
     for junk in (None, "", "soon", "nan", "inf"):
-        assert http_errors.parse_retry_after(junk) is None
+        assert vendor_http.parse_retry_after(junk) is None
 
 
 def test_clean_redacts_before_truncating() -> None:
     secret = "sk-" + "a" * 40
     text = "x" * 290 + secret
-    cleaned = http_errors.clean(text, [secret])
+    cleaned = vendor_http.clean(text, [secret])
     assert "sk-aaa" not in cleaned
-    assert len(cleaned) <= http_errors.MESSAGE_LIMIT
-    assert http_errors.clean("short", [None, ""]) == "short"
+    assert len(cleaned) <= vendor_http.MESSAGE_LIMIT
+    assert vendor_http.clean("short", [None, ""]) == "short"
 
 
 def test_status_error_mapping() -> None:
     def code(status: int) -> str:
-        error = http_errors.status_error("V", status, "m")
+        error = vendor_http.status_error("V", status, "m")
         return "retry" if isinstance(error, ProviderRetryable) else error.code  # type: ignore[attr-defined]
 
     assert code(401) == code(403) == "PROVIDER_AUTH_FAILED"
@@ -577,9 +555,9 @@ def test_status_error_mapping() -> None:
 
 
 def test_vendor_message_shapes() -> None:
-    assert http_errors.vendor_message({"error": {"message": "a"}}) == "a"
-    assert http_errors.vendor_message({"error": "b"}) == "b"
-    assert http_errors.vendor_message({"message": "c", "statusCode": 400}) == "c"
-    assert http_errors.vendor_message({"detail": [{"msg": "d"}]}) == "d"
-    assert http_errors.vendor_message({"errors": [{"message": "e"}]}) == "e"
-    assert http_errors.vendor_message("nope") is None
+    assert vendor_http.vendor_message({"error": {"message": "a"}}) == "a"
+    assert vendor_http.vendor_message({"error": "b"}) == "b"
+    assert vendor_http.vendor_message({"message": "c", "statusCode": 400}) == "c"
+    assert vendor_http.vendor_message({"detail": [{"msg": "d"}]}) == "d"
+    assert vendor_http.vendor_message({"errors": [{"message": "e"}]}) == "e"
+    assert vendor_http.vendor_message("nope") is None

@@ -1,4 +1,4 @@
-"""Turning vendors' HTTP answers and transport failures into the two provider errors.
+"""The vendor HTTP toolkit: turning vendors' HTTP answers and transport failures into the two provider errors.
 
 Generic on purpose: every HTTP adapter (OpenAI-style, Google, NovelAI, ComfyUI, A1111, ...) can use it.
 
