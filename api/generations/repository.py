@@ -1,15 +1,17 @@
 """Every query of the generations API, in SQLAlchemy Core (rows, never ORM objects).
 
-The two statements on the busiest paths, GET by id and the create INSERT, are compiled once and run
-on the driver (`api.compiled_query`); the rest go through SQLAlchemy's execution layer.
+The statements on the busiest paths, GET by id, the create INSERT and the list page with its total,
+are compiled once and run on the driver (`api.compiled_query`); the rest go through SQLAlchemy's
+execution layer.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
@@ -17,6 +19,7 @@ from sqlalchemy import (
     Integer,
     Row,
     RowMapping,
+    any_,
     bindparam,
     delete,
     func,
@@ -28,6 +31,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
@@ -201,60 +205,125 @@ async def insert_generation_in_transaction(
     return result.mappings().first()
 
 
-def _list_filter(
-    project_id: uuid.UUID | None, statuses: Sequence[str], include_deleted: bool
-) -> list[ColumnElement[bool]]:
+# --- list ---------------------------------------------------------------------------------------
+# A page runs on the driver (`CompiledQuery`): through SQLAlchemy's execution layer the statement
+# build, compile-cache lookup and row processing cost ~590 µs of API CPU per page of 21 rows against
+# ~160 µs here (measured at 1M rows). The statement has one shape per combination of filters; each is
+# compiled once, on first use, with every value a parameter.
+
+
+class ListFilter(NamedTuple):
+    """Which generations a list shows."""
+
+    project_id: uuid.UUID | None  # None: an admin key, which reads every project
+    statuses: tuple[str, ...]  # empty: any status
+    include_deleted: bool
+
+
+class ListShape(NamedTuple):
+    """Which conditions a list statement has (the values come with each call)."""
+
+    scoped: bool  # project_id = :project_id
+    statuses: int  # 0: any status; 1: status = :status; 2: status = ANY(:statuses)
+    include_deleted: bool
+    keyset: bool  # (created_at, id) < (:after_created_at, :after_id)
+
+
+def _shape_and_parameters(
+    where: ListFilter, after: tuple[datetime, uuid.UUID] | None = None
+) -> tuple[ListShape, dict[str, Any]]:
+    shape = ListShape(
+        where.project_id is not None, min(len(where.statuses), 2), where.include_deleted, after is not None
+    )
+    params: dict[str, Any] = {"project_id": where.project_id}
+    if len(where.statuses) == 1:
+        params["status"] = where.statuses[0]
+    elif where.statuses:
+        params["statuses"] = list(where.statuses)
+    if after is not None:
+        params["after_created_at"], params["after_id"] = after
+    return shape, params
+
+
+def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
+    g = generations.c
     conditions: list[ColumnElement[bool]] = []
-    if project_id is not None:
-        conditions.append(generations.c.project_id == project_id)
-    if len(statuses) == 1:
-        conditions.append(generations.c.status == statuses[0])
-    elif statuses:
-        conditions.append(generations.c.status.in_(statuses))
-    if not include_deleted:
-        conditions.append(generations.c.deleted_at.is_(None))
+    if shape.scoped:
+        conditions.append(g.project_id == bindparam("project_id", type_=g.project_id.type))
+    if shape.statuses == 1:
+        conditions.append(g.status == bindparam("status", type_=g.status.type))
+    elif shape.statuses == 2:
+        conditions.append(g.status == any_(bindparam("statuses", type_=ARRAY(g.status.type))))
+    if not shape.include_deleted:
+        conditions.append(g.deleted_at.is_(None))
     return conditions
+
+
+@functools.cache
+def _list_page(shape: ListShape) -> CompiledQuery:
+    g = generations.c
+    conditions = _list_filter(shape)
+    if shape.keyset:
+        # Row comparison matches the (project_id[, status], created_at DESC, id DESC) index order.
+        after = tuple_(
+            bindparam("after_created_at", type_=g.created_at.type), bindparam("after_id", type_=g.id.type)
+        )
+        conditions.append(tuple_(g.created_at, g.id) < after)
+    return CompiledQuery(
+        select(*_GENERATION_COLUMNS, *_IMAGE_COLUMNS)
+        .select_from(_WITH_IMAGE)
+        .where(*conditions)
+        .order_by(g.created_at.desc(), g.id.desc())
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=Integer))
+    )
+
+
+def _matching(shape: ListShape) -> Select[Any]:
+    return select(literal_column("1")).select_from(generations).where(*_list_filter(shape))
+
+
+@functools.cache
+def _count_up_to(shape: ListShape) -> CompiledQuery:
+    return CompiledQuery(
+        select(func.count()).select_from(_matching(shape).limit(bindparam("cap", type_=Integer)).subquery())
+    )
+
+
+@functools.cache
+def _plan_of_matching(shape: ListShape) -> CompiledQuery:
+    return CompiledQuery(_matching(shape), prefix="EXPLAIN (FORMAT JSON) ")
 
 
 async def list_generations(
     conn: AsyncConnection,
+    where: ListFilter,
     *,
-    project_id: uuid.UUID | None,
-    statuses: Sequence[str],
-    include_deleted: bool,
     limit: int,
     offset: int,
     after: tuple[datetime, uuid.UUID] | None,
-) -> Sequence[Row]:
+) -> list[asyncpg.Record]:
     """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row."""
-    conditions = _list_filter(project_id, statuses, include_deleted)
-    if after is not None:
-        # Row comparison matches the (project_id[, status], created_at DESC, id DESC) index order.
-        conditions.append(tuple_(generations.c.created_at, generations.c.id) < tuple_(*after))
-    stmt = (
-        select(*_GENERATION_COLUMNS, *_IMAGE_COLUMNS)
-        .select_from(_WITH_IMAGE)
-        .where(*conditions)
-        .order_by(generations.c.created_at.desc(), generations.c.id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
-    return (await conn.execute(stmt)).all()
+    shape, params = _shape_and_parameters(where, after)
+    return await _list_page(shape).fetch(conn, **params, limit=limit, offset=offset)
 
 
-async def count_generations(
-    conn: AsyncConnection,
-    *,
-    project_id: uuid.UUID | None,
-    statuses: Sequence[str],
-    include_deleted: bool,
-    cap: int,
-) -> int:
-    """The list's total, counted no further than `cap` rows (so huge projects stay fast)."""
-    inner = (
-        select(literal(1)).where(*_list_filter(project_id, statuses, include_deleted)).limit(cap).subquery()
-    )
-    return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
+async def count_generations(conn: AsyncConnection, where: ListFilter, *, cap: int) -> int:
+    """The list's total, counted no further than `cap` rows (counting costs a row read per row)."""
+    shape, params = _shape_and_parameters(where)
+    row = await _count_up_to(shape).fetchrow(conn, **params, cap=cap)
+    assert row is not None  # an aggregate always answers one row
+    return int(row[0])
+
+
+async def estimate_generations(conn: AsyncConnection, where: ListFilter) -> int:
+    """The planner's estimate of the list's total, from the table statistics: planning only, no row
+    read (~0.1 ms of PostgreSQL time at any size, where counting 10,000 rows took 3.3 ms)."""
+    shape, params = _shape_and_parameters(where)
+    row = await _plan_of_matching(shape).fetchrow(conn, **params)
+    assert row is not None  # EXPLAIN always answers
+    # SQLAlchemy's asyncpg dialect registers a json codec on its connections: the plan comes decoded.
+    return int(row[0][0]["Plan"]["Plan Rows"])
 
 
 async def lock_generation(
