@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from api.generations import repository
-from api.generations.service import TOTAL_EXACT_UP_TO
+from api.generations.service import TOTAL_EXACT_UP_TO, RecentEstimates
 from api.pagination import encode_cursor
 from tests.integration.api.conftest import (
     BASE_URL,
@@ -232,6 +232,42 @@ async def test_total_is_counted_up_to_the_cap_then_estimated_by_the_planner(clie
     assert 1_000 < pagination["total"] < 3_000
     exact = await client.get(f"{LIST}?status=pending", headers=tenant.headers)
     assert exact.json()["pagination"]["total"] == 0 and exact.json()["pagination"]["totalIsEstimate"] is False
+
+
+async def test_a_large_estimate_is_reused_for_a_few_seconds(client, tenant, engine, monkeypatch):
+    await _insert_many(engine, tenant.project_id, 1_200)
+    async with engine.begin() as conn:
+        await conn.execute(text("ANALYZE generations"))
+    asked = []
+    estimate = repository.estimate_generations
+
+    async def counted(*args, **kwargs):
+        asked.append(1)
+        return await estimate(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "estimate_generations", counted)
+    totals = [
+        (await client.get(f"{LIST}?status=success", headers=tenant.headers)).json()["pagination"]["total"]
+        for _ in range(3)
+    ]
+    assert len(asked) == 1 and len(set(totals)) == 1 and totals[0] > 1_000
+    other_filter = await client.get(f"{LIST}?status=success,failed", headers=tenant.headers)
+    assert other_filter.status_code == 200 and len(asked) == 2
+
+
+def test_recent_estimates_expire_and_stay_bounded():
+    now = [100.0]
+    recent = RecentEstimates(seconds=10, size=2, clock=lambda: now[0])
+    first, second, third = (repository.ListFilter(uuid.uuid4(), ("success",), False) for _ in range(3))
+    recent.put(first, 5_000)
+    now[0] += 9.9
+    assert recent.get(first) == 5_000
+    now[0] += 0.1
+    assert recent.get(first) is None  # expired
+    recent.put(first, 6_000)
+    recent.put(second, 7_000)
+    recent.put(third, 8_000)  # over the size: the oldest goes
+    assert (recent.get(first), recent.get(second), recent.get(third)) == (None, 7_000, 8_000)
 
 
 async def test_a_small_total_is_exact(client, tenant, engine):
