@@ -356,3 +356,9 @@ async def test_list_limit_bounds(client, tenant, engine):
 
 def test_generations_table_is_the_one_listed():
     assert generations.name == "generations"
+
+
+def test_list_statements_take_only_known_statuses():
+    # Statuses are written into the statement's SQL (so PostgreSQL keeps one plan per statement).
+    with pytest.raises(ValueError, match="unknown status"):
+        repository._shape(repository.ListFilter(None, ("success", "x') OR true --"), False))
