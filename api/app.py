@@ -6,9 +6,6 @@ environment's settings) or `uvicorn --factory api.app:create_app`.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar
@@ -31,18 +28,6 @@ from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 
 
-@asynccontextmanager
-async def long_lived_objects_frozen(_: Litestar) -> AsyncIterator[None]:
-    """Once the app has started, what is alive (modules, routes, the process resources) lives as long
-    as the process: out of the garbage collector's reach. A full collection otherwise walks ~160k
-    objects, a ~50 ms pause every few thousand requests, felt by every request in flight (the p99)."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()  # an app stopped inside a process that goes on (tests): collectable again
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -57,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HealthController,
             WebhookController,
         ],
-        lifespan=[resources_lifespan, status_hub_lifespan, long_lived_objects_frozen],
+        lifespan=[resources_lifespan, status_hub_lifespan],
         middleware=[RequestContextMiddleware],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,
