@@ -31,11 +31,12 @@ _BROKEN_CONNECTION = (
 
 
 class CompiledQuery:
-    def __init__(self, statement: ClauseElement) -> None:
+    def __init__(self, statement: ClauseElement, *, prefix: str = "") -> None:
+        """`prefix` goes before the statement's SQL (e.g. `EXPLAIN `)."""
         compiled = cast(SQLCompiler, statement.compile(dialect=_DIALECT))
         if "POSTCOMPILE" in compiled.string:
             raise ValueError("expanding IN parameters cannot be precompiled; use literal constants")
-        self.sql = compiled.string
+        self.sql = prefix + compiled.string
         self._names: list[str] = list(compiled.positiontup or [])
         # Values bound when the statement was built (the rest come with each call).
         self._constants: dict[str, Any] = {
@@ -50,6 +51,15 @@ class CompiledQuery:
         raw = await conn.get_raw_connection()
         try:
             return await raw.driver_connection.fetchrow(self.sql, *self._arguments(params))  # type: ignore[union-attr]
+        except _BROKEN_CONNECTION:
+            await conn.invalidate()
+            raise
+
+    async def fetch(self, conn: AsyncConnection, **params: Any) -> list[asyncpg.Record]:
+        """Every row, as `fetchrow`."""
+        raw = await conn.get_raw_connection()
+        try:
+            return await raw.driver_connection.fetch(self.sql, *self._arguments(params))  # type: ignore[union-attr]
         except _BROKEN_CONNECTION:
             await conn.invalidate()
             raise

@@ -1,5 +1,6 @@
 """Keyset cursors shared by every newest-first list: an opaque encoding of the last row's
-(created_at, id), so the next page is one indexed range scan at any depth."""
+(created_at, id), so the next page is one indexed range scan at any depth. A cursor may also carry the
+listing's `total` as its first page reported it, so later pages need not count again."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import binascii
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from api.parsing import parse_int
 from shared.errors import ValidationFailed
@@ -17,6 +19,20 @@ LIST_DEFAULT_LIMIT = 20
 LIST_MAX_LIMIT = 100
 # Deeper pages must use the cursor: an OFFSET walks every skipped row.
 LIST_MAX_OFFSET = 100_000
+# A total read back from a cursor is the client's to tamper with: keep it a number JSON can carry.
+_MAX_CARRIED_TOTAL = 2**53
+
+
+class PageTotal(NamedTuple):
+    """A list's `total` and `totalIsEstimate`."""
+
+    value: int
+    is_estimate: bool
+
+
+class Cursor(NamedTuple):
+    after: tuple[datetime, uuid.UUID]
+    total: PageTotal | None  # None in cursors that do not carry one (made before totals were carried)
 
 
 def parse_statuses(status: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -46,15 +62,32 @@ def parse_page(limit: str | None, offset: str | None) -> tuple[int, int]:
     )
 
 
-def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
+def encode_cursor(created_at: datetime, row_id: uuid.UUID, total: PageTotal | None = None) -> str:
     micros = (created_at - _EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}.{row_id.hex}".encode()).rstrip(b"=").decode()
+    text = f"{micros}.{row_id.hex}"
+    if total is not None:
+        text += f".{total.value}{'e' if total.is_estimate else ''}"
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def _carried_total(text: str) -> PageTotal:
+    digits = text.removesuffix("e")
+    if not digits.isascii() or not digits.isdigit() or int(digits) > _MAX_CARRIED_TOTAL:
+        raise ValueError(text)
+    return PageTotal(int(digits), digits != text)
+
+
+def read_cursor(cursor: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        micros, hex_id, *rest = raw.split(".")
+        if len(rest) > 1:
+            raise ValueError(raw)
+        after = (_EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id))
+        return Cursor(after, _carried_total(rest[0]) if rest else None)
+    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
+        raise ValidationFailed.field("cursor", "malformed cursor; pass back a nextCursor unchanged") from None
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        micros, hex_id = raw.split(".")
-        return _EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
-    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
-        raise ValidationFailed.field("cursor", "malformed cursor; pass back a nextCursor unchanged") from None
+    return read_cursor(cursor).after

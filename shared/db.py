@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import msgspec
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -28,6 +30,16 @@ def sync_url(url: str) -> str:
     return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def decode_json_column(text: str) -> Any:
+    """A json/jsonb value as it is read: msgspec, several times cheaper than `json.loads` (a list page
+    reads 40 of them: 150 → 100 µs per page fetch). A number past a float's range, which jsonb keeps
+    and msgspec refuses, is left to `json.loads` (infinity), as before."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
 # A pooled connection idle for longer than this is pinged before it is handed out; one returned more
 # recently is not. SQLAlchemy's own pre-ping pings every checkout, and on a connection outside
 # autocommit its ping is three round trips (BEGIN, `;`, ROLLBACK): half of a create's database time.
@@ -37,6 +49,7 @@ PING_AFTER_IDLE_SECONDS = 1.0
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
     engine = create_async_engine(
         async_url(settings.database_url),
+        json_deserializer=decode_json_column,
         pool_size=pool_size or settings.database.pool_size,
         max_overflow=settings.database.max_overflow,
         pool_recycle=1800,

@@ -1,15 +1,17 @@
 """Every query of the generations API, in SQLAlchemy Core (rows, never ORM objects).
 
-The two statements on the busiest paths, GET by id and the create INSERT, are compiled once and run
-on the driver (`api.compiled_query`); the rest go through SQLAlchemy's execution layer.
+The statements on the busiest paths, GET by id, the create INSERT and the list page with its total,
+are compiled once and run on the driver (`api.compiled_query`); the rest go through SQLAlchemy's
+execution layer.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
@@ -201,60 +203,125 @@ async def insert_generation_in_transaction(
     return result.mappings().first()
 
 
-def _list_filter(
-    project_id: uuid.UUID | None, statuses: Sequence[str], include_deleted: bool
-) -> list[ColumnElement[bool]]:
+# --- list ---------------------------------------------------------------------------------------
+# A page runs on the driver (`CompiledQuery`): through SQLAlchemy's execution layer the statement
+# build, compile-cache lookup and row processing cost ~590 µs of API CPU per page of 21 rows against
+# ~160 µs here (measured at 1M rows). Each shape of statement is compiled once, on first use. The
+# statuses (five possible) and the LIMIT are written into it, the project and the keyset position are
+# parameters: PostgreSQL then keeps one generic plan per statement instead of planning every page
+# (its CPU per first page 165 → 60 µs), and that plan is the right one for any project, since the
+# index leads with (project_id[, status]) in list order. With a parameter LIMIT it could not know
+# the page is small; with parameter statuses it could not tell a rare one (pending) from a common one.
+
+_STATUS_VALUES = frozenset(status.value for status in GenerationStatus)
+# Compiled list statements kept (filters x statuses x limits; a few are in use at any time).
+_LIST_STATEMENTS_KEPT = 512
+
+
+class ListFilter(NamedTuple):
+    """Which generations a list shows."""
+
+    project_id: uuid.UUID | None  # None: an admin key, which reads every project
+    statuses: tuple[str, ...]  # empty: any status
+    include_deleted: bool
+
+
+class ListShape(NamedTuple):
+    """What a list statement is written with (the other values come with each call)."""
+
+    scoped: bool  # project_id = :project_id
+    statuses: tuple[str, ...]  # status IN (...), sorted; empty: any status
+    include_deleted: bool
+    keyset: bool = False  # (created_at, id) < (:after_created_at, :after_id)
+    limit: int = 0
+    offset: bool = False  # OFFSET :offset
+
+
+def _shape(where: ListFilter) -> ListShape:
+    if not _STATUS_VALUES.issuperset(where.statuses):  # they are written into the SQL
+        raise ValueError(f"unknown status in {where.statuses!r}")
+    return ListShape(where.project_id is not None, tuple(sorted(set(where.statuses))), where.include_deleted)
+
+
+def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
+    g = generations.c
     conditions: list[ColumnElement[bool]] = []
-    if project_id is not None:
-        conditions.append(generations.c.project_id == project_id)
-    if len(statuses) == 1:
-        conditions.append(generations.c.status == statuses[0])
-    elif statuses:
-        conditions.append(generations.c.status.in_(statuses))
-    if not include_deleted:
-        conditions.append(generations.c.deleted_at.is_(None))
+    if shape.scoped:
+        conditions.append(g.project_id == bindparam("project_id", type_=g.project_id.type))
+    if shape.statuses:
+        conditions.append(g.status.in_([literal_column(f"'{status}'") for status in shape.statuses]))
+    if not shape.include_deleted:
+        conditions.append(g.deleted_at.is_(None))
     return conditions
 
 
-async def list_generations(
-    conn: AsyncConnection,
-    *,
-    project_id: uuid.UUID | None,
-    statuses: Sequence[str],
-    include_deleted: bool,
-    limit: int,
-    offset: int,
-    after: tuple[datetime, uuid.UUID] | None,
-) -> Sequence[Row]:
-    """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row."""
-    conditions = _list_filter(project_id, statuses, include_deleted)
-    if after is not None:
+@functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
+def _list_page(shape: ListShape) -> CompiledQuery:
+    g = generations.c
+    conditions = _list_filter(shape)
+    if shape.keyset:
         # Row comparison matches the (project_id[, status], created_at DESC, id DESC) index order.
-        conditions.append(tuple_(generations.c.created_at, generations.c.id) < tuple_(*after))
+        after = tuple_(
+            bindparam("after_created_at", type_=g.created_at.type), bindparam("after_id", type_=g.id.type)
+        )
+        conditions.append(tuple_(g.created_at, g.id) < after)
     stmt = (
         select(*_GENERATION_COLUMNS, *_IMAGE_COLUMNS)
         .select_from(_WITH_IMAGE)
         .where(*conditions)
-        .order_by(generations.c.created_at.desc(), generations.c.id.desc())
-        .limit(limit)
-        .offset(offset)
+        .order_by(g.created_at.desc(), g.id.desc())
+        .limit(literal_column(str(int(shape.limit))))
     )
-    return (await conn.execute(stmt)).all()
+    if shape.offset:
+        stmt = stmt.offset(bindparam("offset", type_=Integer))
+    return CompiledQuery(stmt)
 
 
-async def count_generations(
+def _matching(shape: ListShape) -> Select[Any]:
+    return select(literal_column("1")).select_from(generations).where(*_list_filter(shape))
+
+
+@functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
+def _count_up_to(shape: ListShape, cap: int) -> CompiledQuery:
+    matching = _matching(shape).limit(literal_column(str(int(cap))))
+    return CompiledQuery(select(func.count()).select_from(matching.subquery()))
+
+
+@functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
+def _plan_of_matching(shape: ListShape) -> CompiledQuery:
+    return CompiledQuery(_matching(shape), prefix="EXPLAIN (FORMAT JSON) ")
+
+
+async def list_generations(
     conn: AsyncConnection,
+    where: ListFilter,
     *,
-    project_id: uuid.UUID | None,
-    statuses: Sequence[str],
-    include_deleted: bool,
-    cap: int,
-) -> int:
-    """The list's total, counted no further than `cap` rows (so huge projects stay fast)."""
-    inner = (
-        select(literal(1)).where(*_list_filter(project_id, statuses, include_deleted)).limit(cap).subquery()
-    )
-    return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
+    limit: int,
+    offset: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[asyncpg.Record]:
+    """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row."""
+    shape = _shape(where)._replace(keyset=after is not None, limit=limit, offset=offset > 0)
+    params: dict[str, Any] = {"project_id": where.project_id, "offset": offset}
+    if after is not None:
+        params["after_created_at"], params["after_id"] = after
+    return await _list_page(shape).fetch(conn, **params)
+
+
+async def count_generations(conn: AsyncConnection, where: ListFilter, *, cap: int) -> int:
+    """The list's total, counted no further than `cap` rows (counting costs a row read per row)."""
+    row = await _count_up_to(_shape(where), cap).fetchrow(conn, project_id=where.project_id)
+    assert row is not None  # an aggregate always answers one row
+    return int(row[0])
+
+
+async def estimate_generations(conn: AsyncConnection, where: ListFilter) -> int:
+    """The planner's estimate of the list's total, from the table statistics: planning only, no row
+    read (~0.1 ms of PostgreSQL time at any size, where counting 10,000 rows took 3.3 ms)."""
+    row = await _plan_of_matching(_shape(where)).fetchrow(conn, project_id=where.project_id)
+    assert row is not None  # EXPLAIN always answers
+    # SQLAlchemy's asyncpg dialect registers a json codec on its connections: the plan comes decoded.
+    return int(row[0][0]["Plan"]["Plan Rows"])
 
 
 async def lock_generation(

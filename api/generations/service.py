@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -40,7 +41,7 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
-from api.pagination import decode_cursor, encode_cursor, parse_page, parse_statuses
+from api.pagination import PageTotal, encode_cursor, parse_page, parse_statuses, read_cursor
 from api.parsing import check_json_object, check_text, decode_body, parse_bool
 from api.resources import Resources
 from api.security.auth import Principal
@@ -65,8 +66,9 @@ from shared.webhooks import URL_MAX_LENGTH, validate_webhook_url
 
 log = get_logger(__name__)
 
-# Counting stops here: past it `total` is reported as this number with totalIsEstimate.
-TOTAL_COUNT_CAP = 10_000
+# A list's `total` is counted exactly up to this many rows; past it, it is the planner's estimate
+# (flagged totalIsEstimate): counting costs a row read per row, 3.3 ms of PostgreSQL time at 10,000.
+TOTAL_EXACT_UP_TO = 1_000
 # queuePosition counts at most this many generations ahead (a position past it reads CAP + 1).
 QUEUE_POSITION_CAP = 10_000
 ENQUEUE_TIMEOUT_SECONDS = 2.0
@@ -890,6 +892,8 @@ class ListQuery:
     offset: int
     include_deleted: bool
     after: tuple[datetime, uuid.UUID] | None
+    # A cursor page: the total its listing's first page reported (None: not carried by the cursor).
+    carried_total: PageTotal | None = None
 
 
 def parse_list_query(
@@ -901,47 +905,96 @@ def parse_list_query(
     cursor: str | None,
 ) -> ListQuery:
     page_limit, page_offset = parse_page(limit, offset)
+    position = read_cursor(cursor) if cursor else None
     return ListQuery(
         statuses=parse_statuses(status, _STATUSES),
         limit=page_limit,
         offset=page_offset,
         include_deleted=parse_bool(include_deleted, "includeDeleted", default=False),
-        after=decode_cursor(cursor) if cursor else None,
+        after=position.after if position else None,
+        carried_total=position.total if position else None,
     )
+
+
+class RecentEstimates:
+    """The planner's large estimates by list filter, reused for a few seconds. They come from table
+    statistics, which change only when PostgreSQL analyzes the table (minutes apart); asking again on
+    every first page costs a round trip and a planning (~100 µs of API CPU, as much in PostgreSQL)
+    for the same number. Small estimates are not kept: they lead to an exact count."""
+
+    def __init__(self, seconds: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seconds = seconds
+        self._size = size
+        self._clock = clock
+        self._entries: dict[repository.ListFilter, tuple[float, int]] = {}
+
+    def get(self, where: repository.ListFilter) -> int | None:
+        entry = self._entries.get(where)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return entry[1]
+
+    def put(self, where: repository.ListFilter, estimate: int) -> None:
+        self._entries.pop(where, None)
+        if len(self._entries) >= self._size:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        self._entries[where] = (self._clock() + self._seconds, estimate)
+
+
+_large_estimates = RecentEstimates(seconds=10, size=4096)
+
+
+async def _estimate(conn: Any, where: repository.ListFilter) -> int:
+    if (estimate := _large_estimates.get(where)) is None:
+        estimate = await repository.estimate_generations(conn, where)
+        if estimate > TOTAL_EXACT_UP_TO:
+            _large_estimates.put(where, estimate)
+    return estimate
+
+
+async def _list_total(
+    conn: Any, where: repository.ListFilter, query: ListQuery, on_page: int, has_more: bool
+) -> PageTotal:
+    """`total` without counting a large set: carried by a cursor; exact when the page reaches the end;
+    else the planner's estimate, replaced by an exact count when that estimate is small."""
+    if query.carried_total is not None:
+        return query.carried_total
+    if query.after is None and not has_more and (on_page or not query.offset):
+        return PageTotal(query.offset + on_page, is_estimate=False)
+    estimate = await _estimate(conn, where)
+    if estimate > TOTAL_EXACT_UP_TO:
+        # At least the rows seen: the statistics may lag behind a project that is growing fast.
+        return PageTotal(max(estimate, query.offset + on_page + has_more), is_estimate=True)
+    counted = await repository.count_generations(conn, where, cap=TOTAL_EXACT_UP_TO + 1)
+    return PageTotal(min(counted, TOTAL_EXACT_UP_TO), is_estimate=counted > TOTAL_EXACT_UP_TO)
 
 
 async def list_generations(
     resources: Resources, principal: Principal, query: ListQuery
 ) -> tuple[list[GenerationRecord], Pagination]:
+    where = repository.ListFilter(principal.project_id, query.statuses, query.include_deleted)
     async with resources.reader.connect() as conn:
-        rows: Sequence[Any] = await repository.list_generations(
+        rows = await repository.list_generations(
             conn,
-            project_id=principal.project_id,
-            statuses=query.statuses,
-            include_deleted=query.include_deleted,
+            where,
             limit=query.limit + 1,  # one more than asked tells whether there is a next page
             offset=query.offset,
             after=query.after,
         )
-        total = await repository.count_generations(
-            conn,
-            project_id=principal.project_id,
-            statuses=query.statuses,
-            include_deleted=query.include_deleted,
-            cap=TOTAL_COUNT_CAP + 1,
-        )
         has_more = len(rows) > query.limit
         rows = rows[: query.limit]
-        records = [generation_record(row._mapping, resources.urls) for row in rows]
-        await _add_queue_positions(resources, conn, [row._mapping for row in rows], records)
-    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
+        total = await _list_total(conn, where, query, len(rows), has_more)
+        records = [generation_record(row, resources.urls) for row in rows]
+        await _add_queue_positions(resources, conn, rows, records)
+    last = rows[-1] if has_more else None
     pagination = Pagination(
         limit=query.limit,
         offset=query.offset,
-        total=min(total, TOTAL_COUNT_CAP),
+        total=total.value,
         has_more=has_more,
-        next_cursor=next_cursor,
-        total_is_estimate=total > TOTAL_COUNT_CAP,
+        # The next pages carry this page's total instead of counting again.
+        next_cursor=encode_cursor(last["created_at"], last["id"], total) if last else None,
+        total_is_estimate=total.is_estimate,
     )
     return records, pagination
 

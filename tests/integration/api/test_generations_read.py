@@ -8,6 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from api.generations import repository
+from api.generations.service import TOTAL_EXACT_UP_TO, RecentEstimates
+from api.pagination import encode_cursor
 from tests.integration.api.conftest import (
     BASE_URL,
     api_client,
@@ -199,23 +202,149 @@ async def test_deleted_generations_are_hidden_unless_asked_for(client, tenant, e
     assert (await client.get(f"{LIST}/{hidden}", headers=tenant.headers)).status_code == 200
 
 
-async def test_total_is_capped_and_flagged_as_an_estimate_on_huge_sets(client, tenant, engine):
+async def _insert_many(engine, project_id, count: int) -> None:
     async with engine.begin() as conn:
         await conn.execute(
             text(
                 "INSERT INTO generations (id, project_id, prompt, original_prompt, auto_enhance, "
                 "aspect_ratio, status, provider, retry_count, attempts, version, deadline_at) "
                 "SELECT gen_random_uuid(), :p, 'p', 'p', false, '1:1', 'success', 'placeholder', 0, 0, 1, "
-                "now() + interval '1 hour' FROM generate_series(1, 10050)"
+                "now() + interval '1 hour' FROM generate_series(1, :n)"
             ),
-            {"p": tenant.project_id},
+            {"p": project_id, "n": count},
         )
+
+
+async def test_total_is_counted_up_to_the_cap_then_estimated_by_the_planner(client, tenant, engine):
+    await _insert_many(engine, tenant.project_id, 1_500)
+    # Before ANALYZE the statistics know nothing of these rows: the planner's estimate is small, so the
+    # rows are counted, up to the cap.
     r = await client.get(f"{LIST}?limit=100&status=success", headers=tenant.headers)
     pagination = r.json()["pagination"]
-    assert pagination["total"] == 10_000 and pagination["totalIsEstimate"] is True
+    assert pagination["total"] == TOTAL_EXACT_UP_TO and pagination["totalIsEstimate"] is True
     assert pagination["hasMore"] is True and len(r.json()["data"]) == 100
+    async with engine.begin() as conn:
+        await conn.execute(text("ANALYZE generations"))
+    # With statistics, a large total is the planner's estimate: no row is counted.
+    r = await client.get(f"{LIST}?limit=100&status=success", headers=tenant.headers)
+    pagination = r.json()["pagination"]
+    assert pagination["totalIsEstimate"] is True
+    assert 1_000 < pagination["total"] < 3_000
     exact = await client.get(f"{LIST}?status=pending", headers=tenant.headers)
     assert exact.json()["pagination"]["total"] == 0 and exact.json()["pagination"]["totalIsEstimate"] is False
+
+
+async def test_a_large_estimate_is_reused_for_a_few_seconds(client, tenant, engine, monkeypatch):
+    await _insert_many(engine, tenant.project_id, 1_200)
+    async with engine.begin() as conn:
+        await conn.execute(text("ANALYZE generations"))
+    asked = []
+    estimate = repository.estimate_generations
+
+    async def counted(*args, **kwargs):
+        asked.append(1)
+        return await estimate(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "estimate_generations", counted)
+    totals = [
+        (await client.get(f"{LIST}?status=success", headers=tenant.headers)).json()["pagination"]["total"]
+        for _ in range(3)
+    ]
+    assert len(asked) == 1 and len(set(totals)) == 1 and totals[0] > 1_000
+    other_filter = await client.get(f"{LIST}?status=success,failed", headers=tenant.headers)
+    assert other_filter.status_code == 200 and len(asked) == 2
+
+
+def test_recent_estimates_expire_and_stay_bounded():
+    now = [100.0]
+    recent = RecentEstimates(seconds=10, size=2, clock=lambda: now[0])
+    first, second, third = (repository.ListFilter(uuid.uuid4(), ("success",), False) for _ in range(3))
+    recent.put(first, 5_000)
+    now[0] += 9.9
+    assert recent.get(first) == 5_000
+    now[0] += 0.1
+    assert recent.get(first) is None  # expired
+    recent.put(first, 6_000)
+    recent.put(second, 7_000)
+    recent.put(third, 8_000)  # over the size: the oldest goes
+    assert (recent.get(first), recent.get(second), recent.get(third)) == (None, 7_000, 8_000)
+
+
+async def test_a_small_total_is_exact(client, tenant, engine):
+    await _seed(engine, tenant.project_id, ["success"] * 30)
+    pagination = (await client.get(f"{LIST}?limit=7", headers=tenant.headers)).json()["pagination"]
+    assert (pagination["total"], pagination["totalIsEstimate"]) == (30, False)
+
+
+@pytest.fixture
+def forbid_counting(monkeypatch):
+    """Call it: from then on, counting or estimating a list's total fails the request."""
+
+    async def refuse(*args, **kwargs):
+        raise AssertionError("the total was counted")
+
+    def forbid() -> None:
+        monkeypatch.setattr(repository, "count_generations", refuse)
+        monkeypatch.setattr(repository, "estimate_generations", refuse)
+
+    return forbid
+
+
+async def test_cursor_pages_carry_the_first_pages_total_without_counting(
+    client, tenant, engine, forbid_counting
+):
+    ids = await _seed(engine, tenant.project_id, ["success"] * 10)
+    first = (await client.get(f"{LIST}?limit=4", headers=tenant.headers)).json()["pagination"]
+    assert (first["total"], first["totalIsEstimate"]) == (10, False)
+    async with engine.begin() as conn:  # gone since the first page: a cursor page does not count again
+        await conn.execute(generations.delete().where(generations.c.id == ids[0]))
+    forbid_counting()
+    second = await client.get(f"{LIST}?limit=4&cursor={first['nextCursor']}", headers=tenant.headers)
+    assert second.status_code == 200, second.text
+    pagination = second.json()["pagination"]
+    assert (pagination["total"], pagination["totalIsEstimate"], pagination["hasMore"]) == (10, False, True)
+    third = await client.get(f"{LIST}?limit=4&cursor={pagination['nextCursor']}", headers=tenant.headers)
+    assert third.json()["pagination"]["total"] == 10 and len(third.json()["data"]) == 1
+
+
+async def test_a_page_that_reaches_the_end_knows_its_total_without_counting(
+    client, tenant, engine, forbid_counting
+):
+    await _seed(engine, tenant.project_id, ["success"] * 5 + ["failed"] * 2)
+    forbid_counting()
+    for query, total in (("", 7), ("?status=success", 5), ("?limit=3&offset=5", 7)):
+        pagination = (await client.get(f"{LIST}{query}", headers=tenant.headers)).json()["pagination"]
+        assert (pagination["total"], pagination["totalIsEstimate"], pagination["hasMore"]) == (
+            total,
+            False,
+            False,
+        )
+
+
+async def test_a_cursor_without_a_total_still_pages(client, tenant, engine):
+    await _seed(engine, tenant.project_id, ["success"] * 6)
+    rows = await _all_rows(engine, tenant.project_id)
+    async with engine.connect() as conn:
+        created_at = (
+            await conn.execute(text("SELECT created_at FROM generations WHERE id = :i"), {"i": rows[1]})
+        ).scalar_one()
+    cursor = encode_cursor(created_at, uuid.UUID(rows[1]))  # as cursors were made before totals were carried
+    r = await client.get(f"{LIST}?limit=2&cursor={cursor}", headers=tenant.headers)
+    assert [g["id"] for g in r.json()["data"]] == rows[2:4]
+    assert r.json()["pagination"]["total"] == 6 and r.json()["pagination"]["totalIsEstimate"] is False
+
+
+async def test_a_listed_record_is_the_record_read_by_id(client, tenant, engine, storage):
+    """The list renders its rows like GET by id (output image, queue position, times)."""
+    finished, _ = await insert_finished_generation(engine, storage, tenant.project_id)
+    failed = await insert_generation(engine, tenant.project_id, status="failed", error_code="PROVIDER_ERROR")
+    pending = await insert_generation(engine, tenant.project_id, status="pending")
+    listed = {g["id"]: g for g in (await client.get(LIST, headers=tenant.headers)).json()["data"]}
+    for generation_id in (finished, failed, pending):
+        by_id = (await client.get(f"{LIST}/{generation_id}", headers=tenant.headers)).json()["data"]
+        assert listed[str(generation_id)] == by_id
+    assert listed[str(finished)]["outputImage"]["thumbnails"]["sm"].endswith("?size=sm")
+    assert listed[str(pending)]["queuePosition"] >= 1
 
 
 async def test_list_limit_bounds(client, tenant, engine):
@@ -227,3 +356,9 @@ async def test_list_limit_bounds(client, tenant, engine):
 
 def test_generations_table_is_the_one_listed():
     assert generations.name == "generations"
+
+
+def test_list_statements_take_only_known_statuses():
+    # Statuses are written into the statement's SQL (so PostgreSQL keeps one plan per statement).
+    with pytest.raises(ValueError, match="unknown status"):
+        repository._shape(repository.ListFilter(None, ("success", "x') OR true --"), False))
