@@ -29,10 +29,6 @@ DELIVER_WEBHOOK_TASK = "kiln.deliver_webhook"
 DISPATCH_WEBHOOKS_TASK = "kiln.dispatch_webhooks"
 
 
-# Longest timeout a connection may set for one provider call (connections validate against it).
-CONNECTION_TIMEOUT_MAX_SECONDS = 3600.0
-
-
 def queue_for_provider(settings: Settings, provider: str) -> str:
     """The queue of `kiln.generate` for a generation of `provider`: a queue per provider, so a slow
     provider never holds up a fast one. Providers in KILN_PROVIDERS_SHARED_QUEUE (and names no adapter

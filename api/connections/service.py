@@ -24,6 +24,7 @@ from api.connections.schemas import (
     MAX_CONCURRENCY_MAX,
     MODEL_MAX_LENGTH,
     NAME_MAX_LENGTH,
+    TIMEOUT_MAX_SECONDS,
     TIMEOUT_MIN_SECONDS,
     ConnectionRecord,
     ConnectionTestResult,
@@ -57,7 +58,7 @@ from shared.providers import (
     validate_parameters,
 )
 from shared.providers.vendor_http import URL_FORBIDDEN
-from shared.queueing import CONNECTION_TIMEOUT_MAX_SECONDS, queue_for_provider
+from shared.queueing import queue_for_provider
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -237,12 +238,8 @@ def _check_fields(
     parameters = _check_default_parameters(
         resources, provider, default_parameters, checked_metadata, problems
     )
-    if timeout_seconds is not None and not (
-        TIMEOUT_MIN_SECONDS <= timeout_seconds <= CONNECTION_TIMEOUT_MAX_SECONDS
-    ):
-        problems.add(
-            "timeoutSeconds", f"must be between {TIMEOUT_MIN_SECONDS} and {CONNECTION_TIMEOUT_MAX_SECONDS:g}"
-        )
+    if timeout_seconds is not None and not (TIMEOUT_MIN_SECONDS <= timeout_seconds <= TIMEOUT_MAX_SECONDS):
+        problems.add("timeoutSeconds", f"must be between {TIMEOUT_MIN_SECONDS} and {TIMEOUT_MAX_SECONDS:g}")
     if max_concurrency is not None and not 1 <= max_concurrency <= MAX_CONCURRENCY_MAX:
         problems.add("maxConcurrency", f"must be between 1 and {MAX_CONCURRENCY_MAX}")
     problems.raise_if_any()
