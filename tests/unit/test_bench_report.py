@@ -115,9 +115,10 @@ def test_cpu_per_job_is_the_growth_of_each_group_over_the_run_and_survives_ended
     before = process_cpu(bench)  # type: ignore[arg-type]
     assert set(before) == {"worker parent", "worker children", "api", "postgres", "redis"}
     assert before["postgres"] == {}  # a pid that is gone is skipped, not an error
-    deadline = time.process_time() + 0.05
+    deadline = time.process_time() + 0.1
     while time.process_time() < deadline:  # burn a little CPU as "the API"
         pass
     per_job = cpu_ms_per_job(before, 10, bench)  # type: ignore[arg-type]
-    assert per_job["api"] >= 4.0  # at least 50 ms over 10 jobs
+    # 100 ms over 10 jobs, less up to two of /proc's 10 ms clock ticks of rounding.
+    assert per_job["api"] >= 8.0
     assert per_job["worker parent"] == per_job["postgres"] == 0.0
