@@ -48,18 +48,19 @@ class CompiledQuery:
 
     async def fetchrow(self, conn: AsyncConnection, **params: Any) -> asyncpg.Record | None:
         """One row or None. Outside a transaction the statement commits on its own (autocommit)."""
-        raw = await conn.get_raw_connection()
-        try:
-            return await raw.driver_connection.fetchrow(self.sql, *self._arguments(params))  # type: ignore[union-attr]
-        except _BROKEN_CONNECTION:
-            await conn.invalidate()
-            raise
+        row: asyncpg.Record | None = await self._run(conn, "fetchrow", params)
+        return row
 
     async def fetch(self, conn: AsyncConnection, **params: Any) -> list[asyncpg.Record]:
         """Every row, as `fetchrow`."""
-        raw = await conn.get_raw_connection()
+        rows: list[asyncpg.Record] = await self._run(conn, "fetch", params)
+        return rows
+
+    async def _run(self, conn: AsyncConnection, method: str, params: dict[str, Any]) -> Any:
+        """The driver's `method` on the pooled connection; a connection found broken is not reused."""
+        driver = (await conn.get_raw_connection()).driver_connection
         try:
-            return await raw.driver_connection.fetch(self.sql, *self._arguments(params))  # type: ignore[union-attr]
+            return await getattr(driver, method)(self.sql, *self._arguments(params))
         except _BROKEN_CONNECTION:
             await conn.invalidate()
             raise

@@ -35,6 +35,8 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
+from tests.fakes.server import Recorded
+
 EXAMPLE_WORKFLOW: dict[str, Any] = {
     "3": {
         "class_type": "KSampler",
@@ -88,19 +90,6 @@ class Reply:
     content: bytes | None = None  # raw bytes (an image)
     headers: dict[str, str] = field(default_factory=dict)
     hang: bool = False  # never answer: wait until the client gives up and disconnects
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
 
 
 @dataclass
