@@ -12,6 +12,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+import anyio
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
@@ -133,6 +134,9 @@ class GenerationSpend:
             await self.refund_all()
 
 
+SLOT_CLOSE_SECONDS = 5.0
+
+
 class StreamSlot:
     """One of the key's KILN_LIMITS_MAX_STREAMS_PER_KEY slots, held while an event stream or a long
     poll is open: each holds a connection and a Redis subscription, so one key cannot hold them all.
@@ -170,10 +174,13 @@ class StreamSlot:
     async def close(self) -> None:
         if self._open:
             self._open = False
-            try:
-                await self._limiter.close_stream(self._key_id, self._token)
-            except Exception as exc:  # the lease expires on its own
-                log.warning("could not free a stream slot", error=repr(exc))
+            # A client that hangs up cancels the stream's task, and a cancelled scope would cancel this
+            # call too, leaving the slot taken for a whole lease: shield it, but never for long.
+            with anyio.move_on_after(SLOT_CLOSE_SECONDS, shield=True):
+                try:
+                    await self._limiter.close_stream(self._key_id, self._token)
+                except Exception as exc:  # the lease expires on its own
+                    log.warning("could not free a stream slot", error=repr(exc))
 
     async def __aenter__(self) -> StreamSlot:
         await self.open()

@@ -7,13 +7,16 @@ import re
 import secrets
 import uuid
 
+import anyio
 import pytest
+from litestar import Request
 from sqlalchemy import func, select
 
 from api.admin.service import revoke_api_key
 from api.app import create_app
 from api.resources import resources_lifespan
-from api.security.auth import authenticate, invalidate_cached_key
+from api.security.auth import PRINCIPAL_STATE_KEY, Principal, authenticate, invalidate_cached_key
+from api.security.guards import StreamSlot
 from api.security.ratelimit import Budget, key_cache_key
 from shared.apikeys import digest_key
 from shared.db import transaction
@@ -323,6 +326,42 @@ async def test_an_address_sending_unknown_keys_is_throttled_before_any_database_
     # Refused before the lookup: the database was never asked, so nothing was cached for the key.
     assert await redis_client.get(key_cache_key(digest_key(fresh))) is None
     assert still_known.status_code == 200  # a cached key of the same address is not held up
+
+
+async def test_a_stream_slot_is_given_back_even_when_its_client_hangs_up(tenant, live_api):
+    # A client that hangs up cancels the stream's task; the slot's release must survive that
+    # cancellation, or the slot stays taken for a whole lease (90 s).
+    principal = Principal(
+        key_id=tenant.key_id, kind="project", project_id=tenant.project_id, max_in_flight=None
+    )
+    request = Request(
+        {"type": "http", "litestar_app": live_api.app, "state": {PRINCIPAL_STATE_KEY: principal}}
+    )
+    limiter = live_api.app.state.resources.limiter
+    cap = live_api.app.state.resources.settings.limits.max_streams_per_key
+    slot = StreamSlot(request)
+    held = anyio.Event()
+
+    async def hold_then_hang_up() -> None:
+        await slot.open()
+        try:
+            held.set()
+            await anyio.sleep_forever()
+        finally:
+            await slot.close()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold_then_hang_up)
+        await held.wait()
+        # Releasing must first connect again (as under load it may first wait for a pooled
+        # connection), so the hang-up lands before the release reaches Redis.
+        await live_api.app.state.resources.redis.connection_pool.disconnect()
+        group.cancel_scope.cancel()
+    # Every slot is free again: the key can open all `cap` of them.
+    tokens = [secrets.token_hex(4) for _ in range(cap)]
+    assert all([await limiter.open_stream(str(tenant.key_id), token, cap) for token in tokens])
+    for token in tokens:
+        await limiter.close_stream(str(tenant.key_id), token)
 
 
 async def test_a_key_may_hold_only_so_many_streams_and_long_polls(api_settings, tenant, engine, live_api):
