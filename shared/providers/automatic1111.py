@@ -122,6 +122,17 @@ OVERRIDE_RULES = OverrideRules(
         " restore_faces tiling override_settings override_settings_restore_afterwards batch_size n_iter"
         " save_images send_images refiner_checkpoint refiner_switch_at".split()
     ),
+    # Server options a single request may change (restored afterwards): sampling and conditioning
+    # only. Not saving, folders, upscaler/face models or anything else a shared server keeps; not
+    # sd_model_checkpoint, which the request's `model` sets.
+    sub_keys={
+        "override_settings": frozenset(
+            "CLIP_stop_at_last_layers sd_vae sd_unet eta_noise_seed_delta eta_ancestral eta_ddim"
+            " s_min_uncond s_churn s_tmin s_tmax s_noise token_merging_ratio token_merging_ratio_hr"
+            " randn_source always_discard_next_to_last_sigma sgm_noise_multiplier k_sched_type emphasis"
+            " sdxl_crop_top sdxl_crop_left".split()
+        )
+    },
     pinned={
         "batch_size": 1,
         "n_iter": 1,

@@ -229,6 +229,8 @@ class OverrideRules:
     - `bounds`: paths re-checked against a ParameterSpec, usually the one of the declared parameter the
       adapter writes there (`steps: 100000` is refused as `parameters.steps` would be);
     - `gated`: top-level keys that need an operator permission (OverridePermissions field name);
+    - `sub_keys`: top-level keys holding an object whose own keys are allowlisted too (A1111's
+      `override_settings` reaches every server option, output folders included);
     - `graph`: the top-level key holding a ComfyUI-style graph, where only `<node id>.inputs.<name>` of
       nodes already in the connection's workflow may be set; `graph_of(connection settings)` gives that
       workflow and the bounds of its mapped inputs (`prompt.<id>.inputs.steps` like `steps`).
@@ -238,6 +240,7 @@ class OverrideRules:
     pinned: dict[str, Any] = field(default_factory=dict)
     bounds: dict[str, ParameterSpec] = field(default_factory=dict)
     gated: dict[str, str] = field(default_factory=dict)
+    sub_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     graph: str | None = None
     graph_of: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, ParameterSpec]]] | None = None
 
@@ -332,6 +335,8 @@ def override_problems(
             problems.append(
                 {"field": f"{where}.{key}", "message": f"may not be set by an override (allowed: {allowed})"}
             )
+    for key, allowed_sub_keys in rules.sub_keys.items():
+        problems += _sub_key_problems(override.get(key, {}), allowed_sub_keys, f"{where}.{key}")
     for path, only in rules.pinned.items():
         value = _at(override, path)
         if value is not _MISSING and (value != only or type(value) is not type(only)):
@@ -346,6 +351,17 @@ def override_problems(
     if rules.graph is not None and rules.graph in override:
         problems += _graph_problems(override[rules.graph], graph_nodes, f"{where}.{rules.graph}")
     return problems
+
+
+def _sub_key_problems(value: Any, allowed: frozenset[str], where: str) -> list[dict[str, str]]:
+    if not isinstance(value, dict):
+        return [{"field": where, "message": "must be an object"}]
+    listed = ", ".join(sorted(allowed))
+    return [
+        {"field": f"{where}.{key}", "message": f"may not be set by an override (allowed: {listed})"}
+        for key in value
+        if key not in allowed
+    ]
 
 
 def _graph_problems(graph: Any, nodes: dict[str, Any], where: str) -> list[dict[str, str]]:

@@ -36,6 +36,13 @@ REFUSED = [
     ("automatic1111", {}, {"script_args": [1]}, f"{FIELD}.script_args", "may not be set"),
     ("automatic1111", {}, {"alwayson_scripts": {}}, f"{FIELD}.alwayson_scripts", "may not be set"),
     ("automatic1111", {}, {"steps": 100_000}, f"{FIELD}.steps", "between 1 and 150"),
+    (
+        "automatic1111",
+        {},
+        {"override_settings": {"outdir_txt2img_samples": "/srv"}},
+        f"{FIELD}.override_settings.outdir_txt2img_samples",
+        "may not be set",
+    ),
     ("novelai", {}, {"parameters": {"n_samples": 4}}, f"{FIELD}.parameters.n_samples", "may only be 1"),
     ("novelai", {}, {"parameters": {"steps": 500}}, f"{FIELD}.parameters.steps", "between 1 and 50"),
     ("novelai", {}, {"action": "infill"}, f"{FIELD}.action", "may not be set"),

@@ -156,6 +156,10 @@ async def test_raw_request_override_is_merged_and_forbidden_keys_stripped(
         ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
         ({"steps": 100_000}, "steps"),  # held to parameters.steps' range
         ({"width": 100_000}, "width"),
+        ({"override_settings": {"outdir_samples": "/etc"}}, "override_settings.outdir_samples"),
+        ({"override_settings": {"samples_save": True}}, "override_settings.samples_save"),
+        ({"override_settings": {"sd_model_checkpoint": "other"}}, "override_settings.sd_model_checkpoint"),
+        ({"override_settings": "samples_save"}, "override_settings"),
     ],
 )
 async def test_an_override_that_multiplies_cost_or_touches_the_server_is_never_sent(
