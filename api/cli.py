@@ -90,6 +90,8 @@ def api(
             "--http",
             "httptools",
             "--no-access-log",
+            "--forwarded-allow-ips",
+            s.server.forwarded_allow_ips,
             "--timeout-graceful-shutdown",
             "10",
         ]

@@ -99,6 +99,12 @@ class ServerSettings(BaseModel):
         description="Base URL clients reach the API at (for image URLs). Default: http://host:port.",
     )
     max_body_bytes: int = Field(default=1_048_576, description="Largest JSON body accepted (413 above).")
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated "
+        "addresses or networks, * for any): the client address behind them is what the failed-auth "
+        "throttle counts by. Behind a load balancer on another host, list it here.",
+    )
     poll_cache_size: int = Field(
         default=5000,
         ge=0,
