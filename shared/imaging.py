@@ -9,6 +9,7 @@ import io
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -37,6 +38,8 @@ def apply_pixel_budget(max_pixels: int) -> None:
 
 
 THUMBNAIL_SIZES: dict[str, int] = {"sm": 300, "lg": 1024}  # long side in pixels
+# Made when an image is stored; the others on their first request (shared.image_store.read_thumbnail).
+THUMBNAILS_MADE_AT_STORE: tuple[str, ...] = ("sm",)
 
 # Pillow format name -> (mime type, file extension)
 _FORMATS: dict[str, tuple[str, str]] = {
@@ -221,9 +224,12 @@ def make_thumbnail(data: bytes, long_side: int, *, max_pixels: int) -> bytes:
                 thumb.close()
 
 
-def make_thumbnails(data: bytes, *, max_pixels: int) -> dict[str, bytes]:
-    """All THUMBNAIL_SIZES from one decode: each smaller one is resized from the next larger one."""
-    by_size = sorted(THUMBNAIL_SIZES.items(), key=lambda item: item[1], reverse=True)
+def make_thumbnails(
+    data: bytes, *, max_pixels: int, names: Iterable[str] = tuple(THUMBNAIL_SIZES)
+) -> dict[str, bytes]:
+    """The thumbnails named (all THUMBNAIL_SIZES by default) from one decode: each smaller one is
+    resized from the next larger one."""
+    by_size = sorted(((n, THUMBNAIL_SIZES[n]) for n in names), key=lambda item: item[1], reverse=True)
     result: dict[str, bytes] = {}
     made: list[Image.Image] = []
     with _decode(data, by_size[0][1], max_pixels) as img:
@@ -239,7 +245,7 @@ def make_thumbnails(data: bytes, *, max_pixels: int) -> dict[str, bytes]:
         finally:
             for thumb in made:
                 thumb.close()
-    return {name: result[name] for name in THUMBNAIL_SIZES}
+    return result
 
 
 def inspect_and_thumbnail(
@@ -255,7 +261,7 @@ def inspect_and_thumbnail(
         started = time.perf_counter()
         info = inspect_image(data, max_pixels=max_pixels)
         verified = time.perf_counter()
-        thumbnails = make_thumbnails(data, max_pixels=max_pixels)
+        thumbnails = make_thumbnails(data, max_pixels=max_pixels, names=THUMBNAILS_MADE_AT_STORE)
         if timings_ms is not None:
             timings_ms["verify"] = round((verified - started) * 1000)
             timings_ms["thumbnails"] = round((time.perf_counter() - verified) * 1000)

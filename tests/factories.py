@@ -13,12 +13,17 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.crypto import encrypt_secret
+from shared.imaging import THUMBNAILS_MADE_AT_STORE
 from shared.models import metadata, new_id
 
 connections = metadata.tables["connections"]
 generations = metadata.tables["generations"]
 
 Database = AsyncEngine | async_sessionmaker[AsyncSession]  # whichever fixture the test already has
+
+
+# Objects a stored image has at once: the original and the thumbnails made at store.
+OBJECTS_AT_STORE = 1 + len(THUMBNAILS_MADE_AT_STORE)
 
 
 @asynccontextmanager

@@ -55,6 +55,7 @@ from shared.errors import (
     ValidationFailed,
 )
 from shared.events import StatusChange, publish_status
+from shared.image_store import generation_prefix
 from shared.logging import get_logger
 from shared.models import TERMINAL_STATUSES, GenerationStatus, new_id, utcnow
 from shared.providers import PROVIDER_NAMES
@@ -1000,11 +1001,6 @@ async def list_generations(
 
 
 # --- delete ---------------------------------------------------------------------------------------
-
-
-def generation_prefix(project_id: uuid.UUID, generation_id: uuid.UUID) -> str:
-    """Where the worker writes a generation's objects (every version)."""
-    return f"projects/{project_id}/generations/{generation_id}/"
 
 
 async def delete_generation(resources: Resources, principal: Principal, generation_id: uuid.UUID) -> None:

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from api.envelope import format_time
+from shared.imaging import THUMBNAIL_SIZES
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStorage
 
-SIZES = ("sm", "lg")
+SIZES = tuple(THUMBNAIL_SIZES)
 
 # Uploads: the file itself, and the whole multipart body (file + alias + meta + part headers).
 UPLOAD_MAX_FILE_BYTES = 5 * 1024 * 1024

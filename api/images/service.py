@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import mimetypes
 import re
 import secrets
 import uuid
@@ -26,7 +24,15 @@ from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import ImageNotFound, KilnError, PayloadTooLarge, ValidationFailed
 from shared.events import publish_status
-from shared.imaging import InvalidImage, inspect_and_thumbnail
+from shared.image_store import (
+    THUMBNAIL_MIME_TYPE,
+    ImageKeys,
+    discard_objects,
+    read_thumbnail,
+    store_image,
+    upload_prefix,
+)
+from shared.imaging import InvalidImage
 from shared.logging import get_logger
 from shared.models import new_id, utcnow
 from shared.storage import ObjectMissing
@@ -35,7 +41,6 @@ log = get_logger(__name__)
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ALIAS = re.compile(ALIAS_PATTERN.strip("^$"))
-THUMBNAIL_MIME_TYPE = "image/webp"
 UPLOAD_SOURCE = "upload"
 
 
@@ -62,26 +67,22 @@ def parse_size(size: str | None) -> str | None:
     return size
 
 
-def _variant(row: Any, size: str | None) -> tuple[str, str]:
-    """(storage key, Content-Type) of the original or a thumbnail."""
-    if size is None:
-        return row.storage_key, row.mime_type
-    key = row.thumb_sm_key if size == "sm" else row.thumb_lg_key
-    return key, mimetypes.guess_type(key)[0] or THUMBNAIL_MIME_TYPE
-
-
 def etag_of(image_id: uuid.UUID, size: str | None) -> str:
     # Objects of an image never change (a new version gets a new image), so the id names the bytes.
     return f'"{image_id.hex}-{size or "original"}"'
 
 
 async def read_content(resources: Resources, row: Any, size: str | None) -> ImageContent:
-    key, mime_type = _variant(row, size)
+    """The original, or a thumbnail (made from the original on its first request)."""
+    storage = resources.storage
     try:
-        body = await resources.storage.get(key)
-    except ObjectMissing:
+        if size is None:
+            return ImageContent(await storage.get(row.storage_key), row.mime_type, etag_of(row.id, size))
+        keys = ImageKeys(row.storage_key, row.thumb_sm_key, row.thumb_lg_key)
+        body = await read_thumbnail(storage, keys, size, max_pixels=resources.settings.images.max_pixels)
+    except (ObjectMissing, InvalidImage):  # deleted meanwhile, or over a pixel budget lowered since
         raise ImageNotFound() from None
-    return ImageContent(body=body, mime_type=mime_type, etag=etag_of(row.id, size))
+    return ImageContent(body, THUMBNAIL_MIME_TYPE, etag_of(row.id, size))
 
 
 async def find_public(resources: Resources, token: str) -> Any:
@@ -182,20 +183,9 @@ def check_upload_size(size: int) -> None:
         )
 
 
-def upload_prefix(project_id: uuid.UUID, image_id: uuid.UUID) -> str:
-    """Objects of one uploaded image; never shared with generations (their deletes walk their prefix)."""
-    return f"projects/{project_id}/uploads/{image_id}/"
-
-
 async def upload_image(resources: Resources, project_id: uuid.UUID, upload: ValidUpload) -> ImageRecord:
-    """Verify, store the bytes as uploaded plus thumbnails, then insert the row. A failure after the
-    first object is written deletes this image's objects: nothing is left half-written."""
-    try:
-        info, thumbnails = await asyncio.to_thread(
-            inspect_and_thumbnail, upload.data, max_pixels=resources.settings.images.max_pixels
-        )
-    except InvalidImage as exc:
-        raise ValidationFailed.field("file", str(exc)) from None
+    """Verify and store the bytes as uploaded (shared.image_store), then insert the row. A failure after
+    the first object is written deletes this image's objects: nothing is left half-written."""
     if upload.alias is not None:
         async with resources.reader.connect() as conn:  # fail fast, before any object is written
             if await repository.alias_taken(conn, project_id, upload.alias):
@@ -203,15 +193,20 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
 
     image_id = new_id()
     prefix = upload_prefix(project_id, image_id)
-    keys = (f"{prefix}original.{info.extension}", f"{prefix}thumb-sm.webp", f"{prefix}thumb-lg.webp")
+    max_pixels = resources.settings.images.max_pixels
+    try:
+        stored = await store_image(resources.storage, upload.data, prefix, max_pixels=max_pixels)
+    except InvalidImage as exc:
+        raise ValidationFailed.field("file", str(exc)) from None
+    info, keys = stored.info, stored.keys
     values = {
         "id": image_id,
         "project_id": project_id,
         "generation_id": None,
         "source": UPLOAD_SOURCE,
-        "storage_key": keys[0],
-        "thumb_sm_key": keys[1],
-        "thumb_lg_key": keys[2],
+        "storage_key": keys.original,
+        "thumb_sm_key": keys.thumb_sm,
+        "thumb_lg_key": keys.thumb_lg,
         "mime_type": info.mime_type,
         "width": info.width,
         "height": info.height,
@@ -220,13 +215,7 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
         "alias": upload.alias,
         "meta": upload.meta,
     }
-    storage = resources.storage
     try:
-        # A TaskGroup cancels the sibling puts if one fails, so cleanup never races a put in flight.
-        async with asyncio.TaskGroup() as puts:
-            puts.create_task(storage.put(keys[0], upload.data, info.mime_type))  # the bytes as uploaded
-            puts.create_task(storage.put(keys[1], thumbnails["sm"], THUMBNAIL_MIME_TYPE))
-            puts.create_task(storage.put(keys[2], thumbnails["lg"], THUMBNAIL_MIME_TYPE))
         async with resources.engine.begin() as conn:
             if upload.alias is not None:
                 await repository.lock_alias(conn, project_id, upload.alias)
@@ -234,25 +223,7 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
                     raise AliasTaken(f"alias: this project already has an image @{upload.alias}")
             row = await repository.insert_image(conn, values)
     except BaseException as exc:
-        await _discard(resources, prefix, exc)
-        if isinstance(exc, BaseExceptionGroup):
-            raise _first_error(exc) from exc
+        await discard_objects(resources.storage, prefix, exc)
         raise
     log.info("image uploaded", image_id=str(image_id), mime_type=info.mime_type, file_size=info.size)
     return resources.urls.image_record(row)
-
-
-def _first_error(exc: BaseException) -> BaseException:
-    """A failed put surfaces as an ExceptionGroup: the handler maps its first error (e.g. storage down)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-async def _discard(resources: Resources, prefix: str, cause: BaseException) -> None:
-    try:
-        await resources.storage.delete_prefix(prefix)
-    except Exception as exc:
-        log.warning(
-            "could not delete a failed upload's objects", prefix=prefix, error=repr(exc), cause=repr(cause)
-        )

@@ -35,9 +35,9 @@ class ProviderResult:
     revised_prompt: str | None = None
     seed: int | None = None
     raw_meta: dict[str, Any] = field(default_factory=dict)
-    # The WebP thumbnails of images[0] by THUMBNAIL_SIZES name, from an in-process provider that drew
-    # the image itself: the pipeline then only checks the container and stores them. Never set by a
-    # vendor adapter, whose bytes are untrusted and must be fully decoded (which makes them anyway).
+    # The WebP thumbnails of images[0] made at store (THUMBNAILS_MADE_AT_STORE), from an in-process
+    # provider that drew the image itself: the pipeline then only checks the container and stores
+    # them. Never set by a vendor adapter, whose bytes are untrusted and must be fully decoded.
     own_thumbnails: dict[str, bytes] | None = None
 
 

@@ -18,7 +18,7 @@ import httpx
 from PIL import Image, ImageDraw, ImageFont
 
 from shared.errors import ProviderPermanent, ProviderRetryable
-from shared.imaging import THUMBNAIL_SIZES, flat_picture_webp, thumbnail_size
+from shared.imaging import THUMBNAIL_SIZES, THUMBNAILS_MADE_AT_STORE, flat_picture_webp, thumbnail_size
 from shared.providers.base import (
     ModelInfo,
     ParameterSpec,
@@ -146,11 +146,13 @@ def render(prompt: str, seed: int, width: int, height: int) -> bytes:
 
 
 def render_with_thumbnails(prompt: str, seed: int, width: int, height: int) -> tuple[bytes, dict[str, bytes]]:
-    """The PNG and its WebP thumbnails (by THUMBNAIL_SIZES name). A thumbnail smaller than the picture
-    is the same picture drawn again at that size, which costs far less than decoding and resizing."""
+    """The PNG and the WebP thumbnails made when an image is stored (THUMBNAILS_MADE_AT_STORE). A
+    thumbnail smaller than the picture is the same picture drawn again at that size, which costs far
+    less than decoding and resizing."""
     picture = _picture(prompt, seed, width, height, (width, height))
     thumbnails = {}
-    for name, long_side in THUMBNAIL_SIZES.items():
+    for name in THUMBNAILS_MADE_AT_STORE:
+        long_side = THUMBNAIL_SIZES[name]
         size = thumbnail_size(width, height, long_side)
         small = picture if size == picture.size else _picture(prompt, seed, width, height, size)
         thumbnails[name] = flat_picture_webp(small)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from shared.apikeys import generate_api_key
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+from shared.imaging import THUMBNAILS_MADE_AT_STORE
 from shared.migrations import migrate
 from shared.models import new_id
 from tests.e2e.harness import TERMINAL, KilnProcess, Platform, base_env, wait_until
@@ -299,17 +300,21 @@ def assert_invariants(
             )
             assert _open_image(storage / original) == (width, height)
             assert mime in ("image/png", "image/jpeg", "image/webp")
-            for thumb in (sm, lg):
-                _open_image(storage / thumb, "WEBP")
+            for size in THUMBNAILS_MADE_AT_STORE:  # the others are made on their first request
+                _open_image(storage / {"sm": sm, "lg": lg}[size], "WEBP")
         else:
             assert found == [], f"{gid} ended {g['status']} but has image rows {found}"
+
+    def _objects_at_store(image: tuple[Any, ...]) -> set[str]:
+        _, _, original, sm, lg, *_ = image
+        return {original} | {{"sm": sm, "lg": lg}[size] for size in THUMBNAILS_MADE_AT_STORE}
 
     def one_object_set_each() -> bool:
         # Objects of abandoned attempts are deleted by the attempt itself or, for a killed worker, by the
         # sweeper when it takes the lease back: wait for that, bounded.
         for gid, g in generations.items():
             stored = _stored_files(storage, f"projects/{g['project_id']}/generations/{gid}")
-            expected = {images[gid][0][k] for k in (2, 3, 4)} if images[gid] else set()
+            expected = _objects_at_store(images[gid][0]) if images[gid] else set()
             if stored != expected:
                 return False
         return True

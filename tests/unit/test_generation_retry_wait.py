@@ -12,9 +12,10 @@ from tenacity import RetryCallState
 
 from shared.errors import ProviderRetryable
 from shared.events import status_event
+from shared.image_store import attempt_prefix
 from shared.settings import Settings
 from worker.generations.repository import ClaimedGeneration
-from worker.generations.service import GenerationPipeline, PipelineDependencies, attempt_storage_prefix
+from worker.generations.service import GenerationPipeline, PipelineDependencies
 
 
 def pipeline(**generation: Any) -> GenerationPipeline:
@@ -79,13 +80,8 @@ def test_never_waits_past_the_deadline():
 
 def test_each_attempt_of_each_version_has_its_own_storage_prefix():
     project, generation = uuid.UUID(int=1), uuid.UUID(int=2)
-    assert (
-        attempt_storage_prefix(project, generation, 3, 2)
-        == f"projects/{project}/generations/{generation}/v3/a2/"
-    )
-    assert attempt_storage_prefix(project, generation, 3, 2) != attempt_storage_prefix(
-        project, generation, 3, 3
-    )
+    assert attempt_prefix(project, generation, 3, 2) == f"projects/{project}/generations/{generation}/v3/a2/"
+    assert attempt_prefix(project, generation, 3, 2) != attempt_prefix(project, generation, 3, 3)
 
 
 def test_status_event_is_camel_case_json_with_millisecond_utc_time():

@@ -44,7 +44,8 @@ from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error, transaction
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.events import StatusChange, generation_channel
-from shared.imaging import THUMBNAIL_SIZES, ImageInfo, InvalidImage, inspect_and_thumbnail, inspect_image
+from shared.image_store import StoredImage, attempt_prefix, discard_objects, store_image
+from shared.imaging import InvalidImage
 from shared.logging import get_logger
 from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
@@ -80,13 +81,6 @@ _RATE_LIMITED = re.compile(r"\bHTTP 429\b|rate.?limit|too many requests|RESOURCE
 _TIMED_OUT = re.compile(r"time[sd]? ?out|did not answer within|did not finish within", re.IGNORECASE)
 
 
-def attempt_storage_prefix(
-    project_id: uuid.UUID, generation_id: uuid.UUID, version: int, attempt: int
-) -> str:
-    """Objects of one attempt of one version: never shared, so a CDN never sees a key change content."""
-    return f"projects/{project_id}/generations/{generation_id}/v{version}/a{attempt}/"
-
-
 class PipelineOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -109,9 +103,8 @@ class PipelineDependencies:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredImage:
-    keys: tuple[str, str, str]  # original, thumb-sm, thumb-lg
-    info: ImageInfo
+class ProducedImage:
+    stored: StoredImage
     result: ProviderResult
     processing_time_ms: int
 
@@ -197,11 +190,11 @@ class GenerationPipeline:
         await self._announce_processing(claim)
         log.info("generation claimed", provider=claim.provider, model=claim.model)
 
-        prefix = attempt_storage_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
+        prefix = attempt_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
         if self._resumed:  # what the interrupted run stored is unreferenced: start this attempt afresh
             await self._discard_objects(prefix)
         try:
-            stored = await self._under_lease(self._produce(claim, prefix))
+            produced = await self._under_lease(self._produce(claim, prefix))
         except LeaseLost:
             log.info("generation abandoned: this attempt no longer owns the row")
             await self._discard_objects(prefix)
@@ -216,7 +209,7 @@ class GenerationPipeline:
                 await self._discard_objects(prefix)
                 await self._expire_lease(claim)
             raise
-        return await self._finalize(claim, stored, prefix)
+        return await self._finalize(claim, produced, prefix)
 
     # --- claim --------------------------------------------------------------------------------
 
@@ -351,32 +344,26 @@ class GenerationPipeline:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
-    async def _produce(self, claim: ClaimedGeneration, prefix: str) -> StoredImage:
+    async def _produce(self, claim: ClaimedGeneration, prefix: str) -> ProducedImage:
         started = time.monotonic()
         result = await self._call_provider(claim)
         self.phase_ms["provider"] = _ms_since(started)
         if not result.images:
             raise GenerationFailure("INVALID_PROVIDER_OUTPUT", "the provider returned no image")
-        original = result.images[0]
         try:
-            info, thumbnails = await asyncio.to_thread(
-                _checked_with_thumbnails, result, self.deps.settings.images.max_pixels, self.phase_ms
+            stored = await store_image(
+                self.deps.storage,
+                result.images[0],
+                prefix,
+                max_pixels=self.deps.settings.images.max_pixels,
+                own_thumbnails=result.own_thumbnails,
+                timings_ms=self.phase_ms,
             )
         except InvalidImage as exc:  # over the pixel budget too: permanent, a retry gets the same bytes
             raise GenerationFailure(
                 "INVALID_PROVIDER_OUTPUT", f"the provider returned an unusable image: {exc}"
             ) from exc
-        stored_at = time.monotonic()
-        keys = (f"{prefix}original.{info.extension}", f"{prefix}thumb-sm.webp", f"{prefix}thumb-lg.webp")
-        storage = self.deps.storage
-        # A TaskGroup cancels the sibling puts if one fails, so cleanup never races a put still in flight.
-        async with asyncio.TaskGroup() as puts:
-            puts.create_task(storage.put(keys[0], original, info.mime_type))  # the bytes as they came
-            puts.create_task(storage.put(keys[1], thumbnails["sm"], "image/webp"))
-            puts.create_task(storage.put(keys[2], thumbnails["lg"], "image/webp"))
-        self.phase_ms["store"] = _ms_since(stored_at)
-        elapsed_ms = round((time.monotonic() - started) * 1000)
-        return StoredImage(keys=keys, info=info, result=result, processing_time_ms=elapsed_ms)
+        return ProducedImage(stored=stored, result=result, processing_time_ms=_ms_since(started))
 
     # --- connection and concurrency limit -----------------------------------------------------
 
@@ -581,16 +568,18 @@ class GenerationPipeline:
 
     # --- endings ------------------------------------------------------------------------------
 
-    async def _finalize(self, claim: ClaimedGeneration, stored: StoredImage, prefix: str) -> PipelineOutcome:
+    async def _finalize(
+        self, claim: ClaimedGeneration, produced: ProducedImage, prefix: str
+    ) -> PipelineOutcome:
         """Image row + success in one transaction, guarded by the attempt; refused → objects deleted."""
-        result, info = stored.result, stored.info
+        result, info, keys = produced.result, produced.stored.info, produced.stored.keys
         image = NewImage(
             id=new_id(),
             project_id=claim.project_id,
             generation_id=claim.id,
-            storage_key=stored.keys[0],
-            thumb_sm_key=stored.keys[1],
-            thumb_lg_key=stored.keys[2],
+            storage_key=keys.original,
+            thumb_sm_key=keys.thumb_sm,
+            thumb_lg_key=keys.thumb_lg,
             mime_type=info.mime_type,
             width=info.width,
             height=info.height,
@@ -613,7 +602,7 @@ class GenerationPipeline:
                     claim.attempt,
                     claim.version,
                     output_image_id=image.id,
-                    processing_time_ms=stored.processing_time_ms,
+                    processing_time_ms=produced.processing_time_ms,
                     seed=result.seed if result.seed is not None else claim.seed,
                 )
                 if change is None:
@@ -629,7 +618,7 @@ class GenerationPipeline:
         log.info(
             "generation succeeded",
             image_id=str(image.id),
-            processing_time_ms=stored.processing_time_ms,
+            processing_time_ms=produced.processing_time_ms,
             width=info.width,
             height=info.height,
             phase_ms=self.phase_ms,
@@ -663,10 +652,7 @@ class GenerationPipeline:
             )
 
     async def _discard_objects(self, prefix: str) -> None:
-        try:
-            await self.deps.storage.delete_prefix(prefix)
-        except Exception as exc:
-            log.warning("could not delete this attempt's objects", prefix=prefix, error=str(exc))
+        await discard_objects(self.deps.storage, prefix, "this attempt's objects are unreferenced")
 
     async def _announce_processing(self, claim: ClaimedGeneration) -> None:
         """The claim committed `processing` before the job knew it would run (its connection may be at
@@ -692,22 +678,6 @@ class GenerationPipeline:
 
 def _processing(claim: ClaimedGeneration) -> StatusChange:
     return StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
-
-
-def _checked_with_thumbnails(
-    result: ProviderResult, max_pixels: int, phase_ms: dict[str, int]
-) -> tuple[ImageInfo, dict[str, bytes]]:
-    """The image's container checked (and its size read, under the pixel budget) and its thumbnails:
-    those an in-process provider made of its own picture, else made here from a full decode (which is
-    what verifies untrusted bytes). Blocking: one thread hop for both."""
-    original, given = result.images[0], result.own_thumbnails
-    if given is None:
-        return inspect_and_thumbnail(original, max_pixels=max_pixels, timings_ms=phase_ms)
-    started = time.monotonic()
-    info = inspect_image(original, max_pixels=max_pixels)
-    phase_ms["verify"] = _ms_since(started)
-    phase_ms["thumbnails"] = 0  # made with the picture: counted in "provider"
-    return info, {name: given[name] for name in THUMBNAIL_SIZES}
 
 
 def _ms_since(started: float) -> int:

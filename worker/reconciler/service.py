@@ -5,8 +5,8 @@ finalize, or storage is down when an abandoned attempt cleans up. Each pass (bea
 bucket after the cursor it left in Redis, so the work per pass is bounded and successive passes walk the
 whole bucket, then start over. Only keys of the layout we write are judged:
 
-    projects/<project>/generations/<generation>/...  (worker.generations.service.attempt_storage_prefix)
-    projects/<project>/uploads/<image>/...           (api.images.service.upload_prefix)
+    projects/<project>/generations/<generation>/...  (shared.image_store.attempt_prefix)
+    projects/<project>/uploads/<image>/...           (shared.image_store.upload_prefix)
 
 An object is an orphan when no image row that is not deleted has it as its original or a thumbnail,
 and it was written more than `KILN_STORAGE_ORPHAN_GRACE_SECONDS` ago: a job between its puts and its

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import transaction
 from shared.events import StatusChange
+from shared.image_store import attempt_prefix
 from shared.logging import get_logger
 from shared.models import GenerationStatus
 from shared.providers import PROVIDER_NAMES
@@ -28,7 +29,6 @@ from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
 from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.storage import ObjectStorage
-from worker.generations.service import attempt_storage_prefix
 from worker.sweeper.repository import EmptyQueues, SweepRepository, SweptGeneration
 
 log = get_logger(__name__)
@@ -141,7 +141,7 @@ async def _after_ending(
         if row.previous_status == GenerationStatus.PROCESSING.value:
             # A live worker of that attempt would be refused at finalize and delete these itself;
             # a dead one never will.
-            prefix = attempt_storage_prefix(row.project_id, row.id, row.version, row.attempts)
+            prefix = attempt_prefix(row.project_id, row.id, row.version, row.attempts)
             try:
                 await deps.storage.delete_prefix(prefix)
             except Exception as exc:

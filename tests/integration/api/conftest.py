@@ -184,11 +184,16 @@ async def insert_image(
 
 
 async def insert_finished_generation(
-    engine: AsyncEngine, storage: ObjectStorage, project_id: uuid.UUID, **values: Any
+    engine: AsyncEngine,
+    storage: ObjectStorage,
+    project_id: uuid.UUID,
+    *,
+    original: bytes = b"\x89PNG original bytes",
+    **values: Any,
 ) -> tuple[uuid.UUID, dict[str, Any]]:
     """A `success` generation with its output image."""
     generation_id = await insert_generation(engine, project_id, status="pending", **values)
-    image = await insert_image(engine, storage, project_id, generation_id)
+    image = await insert_image(engine, storage, project_id, generation_id, original=original)
     async with engine.begin() as conn:
         await conn.execute(
             generations.update()

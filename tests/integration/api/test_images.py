@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import uuid
 
@@ -9,6 +11,7 @@ import boto3
 import httpx
 import pytest
 from botocore.config import Config
+from PIL import Image
 
 from shared.storage import S3Storage, create_storage
 from tests.integration.api.conftest import BASE_URL, api_client, insert_finished_generation, insert_image
@@ -66,6 +69,54 @@ async def test_variants_have_distinct_etags(client, tenant, engine, storage):
         for q in ("", "?size=sm", "?size=lg")
     }
     assert len(tags) == 3
+
+
+def png_of(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+async def image_without_lg(engine, storage, project_id, size=(1600, 900)) -> dict:
+    """A finished image as the worker stores it: a real original and no large thumbnail yet."""
+    _, image = await insert_finished_generation(engine, storage, project_id, original=png_of(size))
+    await storage.delete([image["thumb_lg_key"]])
+    return image
+
+
+async def test_the_large_thumbnail_is_made_on_its_first_request_then_stored(client, tenant, engine, storage):
+    image = await image_without_lg(engine, storage, tenant.project_id)
+    first = await client.get(f"/i/{image['public_token']}?size=lg")
+    assert first.status_code == 200 and first.headers["content-type"].startswith("image/webp")
+    with Image.open(io.BytesIO(first.content)) as thumb:
+        assert thumb.format == "WEBP" and thumb.size == (1024, 576)
+    assert await storage.get(image["thumb_lg_key"]) == first.content  # stored for the next request
+    again = await client.get(f"/api/v1/images/{image['id']}/content?size=lg", headers=tenant.headers)
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers["etag"] == first.headers["etag"]
+
+
+async def test_concurrent_first_requests_of_a_thumbnail_agree(client, tenant, engine, storage):
+    image = await image_without_lg(engine, storage, tenant.project_id)
+    answers = await asyncio.gather(*(client.get(f"/i/{image['public_token']}?size=lg") for _ in range(4)))
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.content for r in answers}) == 1
+    assert await storage.get(image["thumb_lg_key"]) == answers[0].content
+
+
+async def test_a_thumbnail_whose_original_is_gone_answers_404(client, tenant, engine, storage):
+    image = await image_without_lg(engine, storage, tenant.project_id)
+    await storage.delete([image["storage_key"]])
+    r = await client.get(f"/i/{image['public_token']}?size=lg")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "IMAGE_NOT_FOUND"
+    assert not await storage.exists(image["thumb_lg_key"])
+
+
+async def test_deleting_an_image_removes_a_thumbnail_made_on_request(client, tenant, engine, storage):
+    image = await image_without_lg(engine, storage, tenant.project_id)
+    assert (await client.get(f"/i/{image['public_token']}?size=lg")).status_code == 200
+    assert (await client.delete(f"/api/v1/images/{image['id']}", headers=tenant.headers)).status_code == 200
+    assert not await storage.exists(image["thumb_lg_key"])
 
 
 @pytest.mark.parametrize("token", ["unknown-token", "x" * 300, "a.b"])

@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from api.images.schemas import UPLOAD_MAX_BODY_BYTES, UPLOAD_MAX_FILE_BYTES
+from tests.factories import OBJECTS_AT_STORE
 from tests.integration.api.conftest import BASE_URL, api_client, images, insert_image
 
 UPLOAD = "/api/v1/images/upload"
@@ -217,7 +218,7 @@ async def test_a_taken_alias_answers_409_and_stores_nothing_more(
         headers=tenant.headers,
     )
     assert again.status_code == 409 and again.json()["error"]["code"] == "ALIAS_TAKEN"
-    assert await image_rows(engine) == 1 and len(await stored_keys(storage, tenant)) == 3
+    assert await image_rows(engine) == 1 and len(await stored_keys(storage, tenant)) == OBJECTS_AT_STORE
     # Aliases are per project.
     other = await client.post(
         UPLOAD, files={"file": ("c.png", encode("PNG"), "image/png")}, data={"alias": "logo"},
@@ -250,7 +251,7 @@ async def test_concurrent_uploads_with_one_alias_admit_exactly_one(client, tenan
     statuses = await asyncio.gather(*(upload() for _ in range(8)))
     assert sorted(statuses) == [201] + [409] * 7
     assert await image_rows(engine) == 1
-    assert len(await stored_keys(storage, tenant)) == 3  # the refused ones deleted their objects
+    assert len(await stored_keys(storage, tenant)) == OBJECTS_AT_STORE  # the refused ones deleted theirs
 
 
 async def test_a_failed_row_insert_deletes_the_objects(client, tenant, engine, storage, monkeypatch):

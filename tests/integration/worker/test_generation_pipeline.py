@@ -19,6 +19,7 @@ from shared.providers import ProviderRequest, ProviderResult, get_provider
 from shared.queueing import create_producer
 from shared.settings import Settings
 from shared.storage import LocalStorage
+from tests.factories import OBJECTS_AT_STORE
 from tests.integration.worker.harness import (
     GenerationFactory,
     ScriptedProvider,
@@ -36,7 +37,7 @@ from worker.generations.service import (
     AttemptRef,
     GenerationPipeline,
     PipelineOutcome,
-    attempt_storage_prefix,
+    attempt_prefix,
     run_generation,
 )
 from worker.sweeper.service import SweeperDependencies, sweep
@@ -104,15 +105,14 @@ async def test_success_stores_the_provider_bytes_and_finishes_the_row(
     assert image.meta["providerMeta"] == result.raw_meta and image.meta["provider"] == "placeholder"
 
     assert await storage.get(image.storage_key) == original  # stored as it came, never re-encoded
-    for key, long_side in ((image.thumb_sm_key, 300), (image.thumb_lg_key, 1024)):
-        with Image.open(io.BytesIO(await storage.get(key))) as thumb:
-            assert thumb.format == "WEBP" and max(thumb.size) == long_side
-    # The placeholder drew the picture, so its own thumbnails are stored: no decode of its bytes.
+    with Image.open(io.BytesIO(await storage.get(image.thumb_sm_key))) as thumb:
+        assert thumb.format == "WEBP" and max(thumb.size) == 300
+    # The placeholder drew the picture, so its own thumbnail is stored: no decode of its bytes. The
+    # large one waits for its first request (its key is in the row already).
     assert result.own_thumbnails is not None
     assert await storage.get(image.thumb_sm_key) == result.own_thumbnails["sm"]
-    assert await storage.get(image.thumb_lg_key) == result.own_thumbnails["lg"]
     assert sorted(await storage.list_keys(f"projects/{project_id}/")) == sorted(
-        [image.storage_key, image.thumb_sm_key, image.thumb_lg_key]
+        [image.storage_key, image.thumb_sm_key]
     )
 
     assert [e["status"] for e in received] == ["processing", "success"]
@@ -382,7 +382,7 @@ async def test_two_concurrent_pipelines_for_one_id_finish_it_once(
 
     assert sorted(outcomes) == sorted([PipelineOutcome.SUCCEEDED, PipelineOutcome.SKIPPED])
     assert len(await fetch_images(sessions, gid)) == 1
-    assert len(await storage.list_keys(f"projects/{project_id}/")) == 3
+    assert len(await storage.list_keys(f"projects/{project_id}/")) == OBJECTS_AT_STORE
     assert (await fetch_generation(sessions, gid)).attempts == 1
 
 
@@ -406,7 +406,7 @@ async def test_a_stale_attempts_finalize_is_refused_and_its_objects_deleted(
     row = await fetch_generation(sessions, gid)
     assert (row.status, row.attempts, row.output_image_id) == ("processing", 2, None)
     assert await fetch_images(sessions, gid) == []
-    assert await storage.list_keys(attempt_storage_prefix(project_id, gid, 1, 1)) == []
+    assert await storage.list_keys(attempt_prefix(project_id, gid, 1, 1)) == []
 
 
 async def test_cancellation_seen_by_the_heartbeat_abandons_the_provider_call(
@@ -508,8 +508,8 @@ async def test_a_retry_after_an_outage_at_the_final_write_resumes_the_same_attem
     row = await fetch_generation(sessions, gid)
     assert (row.status, row.attempts) == ("success", 1)
     assert [image.id for image in await fetch_images(sessions, gid)] == [row.output_image_id]
-    prefix = attempt_storage_prefix(row.project_id, gid, 1, 1)
-    assert len(await storage.list_keys(prefix)) == 3
+    prefix = attempt_prefix(row.project_id, gid, 1, 1)
+    assert len(await storage.list_keys(prefix)) == OBJECTS_AT_STORE
     # The same resume delivered twice (a redelivered retry) is a no-op.
     assert await run_generation(gid, deps, resume=interrupted.value.ref) == PipelineOutcome.SKIPPED
 

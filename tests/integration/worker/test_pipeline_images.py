@@ -10,7 +10,9 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.image_store import attempt_prefix
 from shared.storage import LocalStorage
+from tests.factories import OBJECTS_AT_STORE
 from tests.images import bomb_png
 from tests.integration.worker.harness import (
     GenerationFactory,
@@ -21,7 +23,7 @@ from tests.integration.worker.harness import (
     set_columns,
     tuned,
 )
-from worker.generations.service import PipelineOutcome, attempt_storage_prefix, run_generation
+from worker.generations.service import PipelineOutcome, run_generation
 
 
 class GatedStorage(LocalStorage):
@@ -94,14 +96,14 @@ async def test_an_abandoned_attempt_waits_for_its_puts_in_flight_and_leaves_no_o
     run = asyncio.create_task(run_generation(gid, deps))
     assert await asyncio.to_thread(storage.writing.wait, 10), "the pipeline never started storing"
     await set_columns(sessions, gid, status="cancelled", cancelled_at=datetime.now(UTC), lease_until=None)
-    # The heartbeat (every lease/3 s) notices and cancels the work, and with it the three puts.
-    await eventually(lambda: len(storage.put_tasks) == 3, "three puts")
+    # The heartbeat (every lease/3 s) notices and cancels the work, and with it the puts.
+    await eventually(lambda: len(storage.put_tasks) == OBJECTS_AT_STORE, "every put")
     await eventually(lambda: all(t.cancelling() or t.done() for t in storage.put_tasks), "the puts cancelled")
 
     storage.gate.set()  # the writes in flight land now, after the attempt was abandoned
     assert await asyncio.wait_for(run, timeout=30) == PipelineOutcome.ABANDONED
-    await eventually(lambda: storage.written == 3, "the three writes to finish")
+    await eventually(lambda: storage.written == OBJECTS_AT_STORE, "the writes to finish")
 
-    assert await storage.list_keys(attempt_storage_prefix(project_id, gid, 1, 1)) == []
+    assert await storage.list_keys(attempt_prefix(project_id, gid, 1, 1)) == []
     assert await storage.list_keys("projects/") == []
     assert await fetch_images(sessions, gid) == []

@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.images.service import upload_prefix
+from shared.image_store import attempt_prefix, upload_prefix
 from shared.models import metadata, new_id
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectStorage, S3Storage
@@ -27,7 +27,6 @@ from tests.integration.worker.test_celery_process import (  # the real-process h
     service_env,
     start_worker,  # noqa: F401
 )
-from worker.generations.service import attempt_storage_prefix
 from worker.reconciler.service import (
     CURSOR_KEY,
     ObjectOwner,
@@ -111,13 +110,13 @@ class Bucket:
         p = self.project_id
         generation, gone_generation = new_id(), new_id()
         uploaded, failed_upload, deleted_upload = new_id(), new_id(), new_id()
-        self.live = await put_set(self.storage, attempt_storage_prefix(p, generation, 1, 2))
+        self.live = await put_set(self.storage, attempt_prefix(p, generation, 1, 2))
         await insert_image_row(self.sessions, p, self.live, generation_id=generation)
         self.live_upload = await put_set(self.storage, upload_prefix(p, uploaded))
         await insert_image_row(self.sessions, p, self.live_upload, image_id=uploaded)
         # An abandoned attempt of a generation that succeeded later; a generation whose rows are gone.
-        self.abandoned = await put_set(self.storage, attempt_storage_prefix(p, generation, 1, 1))
-        self.gone = await put_set(self.storage, attempt_storage_prefix(p, gone_generation, 2, 1))
+        self.abandoned = await put_set(self.storage, attempt_prefix(p, generation, 1, 1))
+        self.gone = await put_set(self.storage, attempt_prefix(p, gone_generation, 2, 1))
         # An upload whose insert failed; a soft-deleted image whose object delete failed at the time.
         self.failed_upload = await put_set(self.storage, upload_prefix(p, failed_upload))
         self.deleted_upload = await put_set(self.storage, upload_prefix(p, deleted_upload))
@@ -226,11 +225,11 @@ async def test_beat_runs_the_reconciler_in_a_real_worker(
 ):
     storage = LocalStorage(settings.storage.local_dir)  # the directory the worker process uses
     generation, upload = new_id(), new_id()
-    owned = await put_set(storage, attempt_storage_prefix(project_id, generation, 1, 2))
+    owned = await put_set(storage, attempt_prefix(project_id, generation, 1, 2))
     await insert_image_row(sessions, project_id, owned, generation_id=generation)
     owned_upload = await put_set(storage, upload_prefix(project_id, upload))
     await insert_image_row(sessions, project_id, owned_upload, image_id=upload)
-    orphaned = await put_set(storage, attempt_storage_prefix(project_id, generation, 1, 1))
+    orphaned = await put_set(storage, attempt_prefix(project_id, generation, 1, 1))
 
     worker = start_worker(KILN_STORAGE_ORPHAN_GRACE_SECONDS="0")
     beat = CeleryProcess(
@@ -252,7 +251,7 @@ async def test_beat_runs_the_reconciler_in_a_real_worker(
 
 def test_the_layout_the_reconciler_reads_is_the_one_worker_and_uploads_write():
     project, generation, image = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    assert owner_of(attempt_storage_prefix(project, generation, 3, 2) + "original.png") == ObjectOwner(
+    assert owner_of(attempt_prefix(project, generation, 3, 2) + "original.png") == ObjectOwner(
         generation_id=generation
     )
     assert owner_of(upload_prefix(project, image) + "thumb-sm.webp") == ObjectOwner(image_id=image)

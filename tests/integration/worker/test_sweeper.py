@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery import Celery
 
+from shared.image_store import attempt_prefix
 from shared.queueing import GENERATE_TASK, create_producer
 from shared.settings import Settings
 from shared.storage import LocalStorage
@@ -23,7 +24,7 @@ from tests.integration.worker.harness import (
     pipeline_deps,
     tuned,
 )
-from worker.generations.service import PipelineOutcome, attempt_storage_prefix, run_generation
+from worker.generations.service import PipelineOutcome, run_generation
 from worker.sweeper.service import SweeperDependencies, SweepReport, sweep
 
 
@@ -125,10 +126,10 @@ async def test_expired_lease_is_taken_back_requeued_and_its_objects_deleted(
     gid = await make_generation(
         status="processing", attempts=1, lease_until=ago(1), started_at=ago(30), enqueued_at=ago(30)
     )
-    abandoned = attempt_storage_prefix(project_id, gid, 1, 1)
+    abandoned = attempt_prefix(project_id, gid, 1, 1)
     await put_attempt_objects(storage, abandoned)
     other = await make_generation(status="processing", attempts=1, lease_until=ago(-60))  # healthy lease
-    healthy = attempt_storage_prefix(project_id, other, 1, 1)
+    healthy = attempt_prefix(project_id, other, 1, 1)
     await put_attempt_objects(storage, healthy)
 
     async with listen_status(redis_client, gid) as events:
@@ -148,7 +149,7 @@ async def test_expired_lease_is_taken_back_requeued_and_its_objects_deleted(
     deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, ScriptedProvider())
     assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
     [image] = await fetch_images(sessions, gid)
-    assert image.storage_key.startswith(attempt_storage_prefix(project_id, gid, 1, 2))
+    assert image.storage_key.startswith(attempt_prefix(project_id, gid, 1, 2))
     assert (await fetch_generation(sessions, gid)).attempts == 2
 
 
@@ -156,7 +157,7 @@ async def test_expired_lease_after_the_last_attempt_fails_with_worker_lost(
     settings, sessions, redis_client, storage, sweeper_deps, make_generation: GenerationFactory, project_id
 ):
     gid = await make_generation(status="processing", attempts=3, lease_until=ago(1))
-    prefix = attempt_storage_prefix(project_id, gid, 1, 3)
+    prefix = attempt_prefix(project_id, gid, 1, 3)
     await put_attempt_objects(storage, prefix)
 
     async with listen_status(redis_client, gid) as events:
@@ -181,7 +182,7 @@ async def test_rows_past_their_deadline_fail_with_deadline_exceeded(
     processing = await make_generation(
         status="processing", attempts=1, lease_until=ago(-60), deadline_at=ago(1)
     )
-    prefix = attempt_storage_prefix(project_id, processing, 1, 1)
+    prefix = attempt_prefix(project_id, processing, 1, 1)
     await put_attempt_objects(storage, prefix)
     in_time = await make_generation()
 
