@@ -205,8 +205,12 @@ def _webp(img: Image.Image) -> bytes:
 def flat_picture_webp(img: Image.Image) -> bytes:
     """The WebP thumbnail of a picture made of a few flat colours, such as an in-process provider's own
     render: lossless at the lowest effort is both faster and smaller there than our lossy setting
-    (1024², ~12 colours: 6 ms and 6 KB against 11 ms and 25 KB). On photos it is the other way round."""
+    (1024², ~12 colours: 6 ms and 6 KB against 11 ms and 25 KB). On photos it is the other way round.
+    A palette image is made RGB first: Pillow hands WebP a palette image as RGBA, which takes 8x as
+    long to encode (300²: 6.5 ms against 0.8 ms, the same bytes)."""
     out = io.BytesIO()
+    if img.mode == "P" and not img.has_transparency_data:
+        img = img.convert("RGB")
     img.save(out, "WEBP", lossless=True, quality=0, method=0)
     return out.getvalue()
 
