@@ -17,11 +17,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
+
+from shared.process import wait_until
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -110,13 +111,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not start within {timeout:.0f}s. {tail}")
+    try:
+        wait_until(predicate, timeout, what)
+    except TimeoutError:
+        tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+        raise RuntimeError(f"{what} did not start within {timeout:.0f}s. {tail}") from None
 
 
 class RunAs(TypedDict, total=False):

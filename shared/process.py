@@ -1,8 +1,14 @@
-"""What every long-lived Kiln process (API server, worker parent and children) does to its runtime."""
+"""What every long-lived Kiln process (API server, worker parent and children) does to its runtime,
+and bounded polling for whatever starts or watches processes (`kiln dev`, the bench, the tests)."""
 
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def freeze_long_lived_objects() -> None:
@@ -14,3 +20,16 @@ def freeze_long_lived_objects() -> None:
     is not frozen with them."""
     gc.collect()
     gc.freeze()
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """The first truthy value of `condition`, polled every `interval` s; TimeoutError naming `what`
+    once `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ def wrk_rows(name: str, result: WrkResult, rps_target: float | None, p99_target:
         Row(f"{name} req/s", result.rps, "req/s", at_least(rps_target) if rps_target else None, note),
         Row(f"{name} p99", result.p99_ms, "ms", at_most(p99_target) if p99_target else None),
     ]
+
+
+def all_terminal(database_url: str, ids: list[str]) -> bool:
+    return terminal_count(database_url, ids) == len(ids)
 
 
 def terminal_count(database_url: str, ids: list[str]) -> int:
@@ -246,9 +251,7 @@ def main() -> int:
                 cpu_before = process_cpu(bench)
                 started = time.monotonic()
                 ids = create_batch(client, E2E_JOBS)
-                wait_until(
-                    lambda ids=ids: terminal_count(bench.database_url, ids) == len(ids), 600, "jobs", 0.1
-                )
+                wait_until(partial(all_terminal, bench.database_url, ids), 600, "jobs", 0.1)
                 jobs_per_s = len(ids) / (time.monotonic() - started)
                 cpu_ms = cpu_ms_per_job(cpu_before, len(ids), bench)
                 raw[f"e2e_cpu_ms_per_job_c{concurrency}"] = cpu_ms

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from shared.embedded import EMBEDDED_DATABASE, EmbeddedPostgres, EmbeddedRedis, free_port
+from shared.process import wait_until
 from shared.settings import Settings
 
 KILN = [sys.executable, "-m", "api.cli"]
@@ -29,17 +30,6 @@ RAISED_LIMITS = {
     "KILN_LIMITS_AUTH_FAILURES_PER_MINUTE": "0",
     "KILN_LOG_JSON": "true",  # the worker's "generation succeeded" lines carry the phase timings
 }
-
-
-def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def rss_mb(pid: int) -> float:
