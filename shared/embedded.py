@@ -110,6 +110,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> None:
+    """Ask a server to stop with `sig`; SIGKILL it if it has not within `timeout` s."""
+    if process and process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
     try:
         wait_until(predicate, timeout, what)
@@ -249,13 +260,7 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self, timeout: float = 20) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process, signal.SIGINT, timeout)  # SIGINT: PostgreSQL's fast shutdown
         self.process = None
 
 
@@ -306,13 +311,7 @@ class EmbeddedRedis:
         return port_open(self.port)
 
     def stop(self, timeout: float = 10) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process, signal.SIGTERM, timeout)
         self.process = None
 
     def kill(self) -> None:
