@@ -23,6 +23,7 @@ from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
 from api.resources import resources_lifespan
+from api.security.guards import DEPENDENCIES
 from api.webhooks.controller import WebhookController
 from shared.logging import configure_logging
 from shared.process import freeze_long_lived_objects
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HealthController,
             WebhookController,
         ],
+        dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],
         on_startup=[freeze_long_lived_objects],  # once startup has built them
         middleware=[RequestContextMiddleware],

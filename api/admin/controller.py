@@ -23,9 +23,8 @@ from api.admin.schemas import (
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
 from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
 from api.security.auth import invalidate_cached_key
-from api.security.guards import require_admin, require_api_key
+from api.security.guards import InjectedResources, require_admin, require_api_key
 from shared.db import transaction
 from shared.models import ApiKeyKind
 
@@ -45,15 +44,15 @@ class AdminController(Controller):
         summary="Create a project",
         responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_project(self, request: AnyRequest) -> ProjectEnvelope:
+    async def create_project(self, request: AnyRequest, resources: InjectedResources) -> ProjectEnvelope:
         body = decode_body(await request.body(), CreateProjectRequest)
-        async with transaction(resources_of(request).sessions) as session:
+        async with transaction(resources.sessions) as session:
             project = await service.create_project(session, body.name, body.slug)
         return ProjectEnvelope(data=project_record(project))
 
     @get("/projects", summary="List projects", responses=error_responses(403, *AUTHENTICATED_ERRORS))
-    async def list_projects(self, request: AnyRequest) -> ProjectListEnvelope:
-        async with resources_of(request).sessions() as session:
+    async def list_projects(self, resources: InjectedResources) -> ProjectListEnvelope:
+        async with resources.sessions() as session:
             projects = await service.list_projects(session)
         return ProjectListEnvelope(data=[project_record(p) for p in projects])
 
@@ -63,10 +62,12 @@ class AdminController(Controller):
         summary="Change a project's settings (outboundAllowHosts)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
-    async def update_project(self, request: AnyRequest, project_id: FromPath[str]) -> ProjectEnvelope:
+    async def update_project(
+        self, request: AnyRequest, resources: InjectedResources, project_id: FromPath[str]
+    ) -> ProjectEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
         body = decode_body(await request.body(), UpdateProjectRequest)
-        async with transaction(resources_of(request).sessions) as session:
+        async with transaction(resources.sessions) as session:
             if body.outbound_allow_hosts is None:
                 project = await service.get_project(session, project_uuid)
             else:
@@ -82,12 +83,14 @@ class AdminController(Controller):
         summary="Create a project key (the plain key is in this response only)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_api_key(self, request: AnyRequest, project_id: FromPath[str]) -> CreatedApiKeyEnvelope:
+    async def create_api_key(
+        self, request: AnyRequest, resources: InjectedResources, project_id: FromPath[str]
+    ) -> CreatedApiKeyEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
         raw = await request.body()
         # An empty body means "all defaults".
         body = decode_body(raw, CreateApiKeyRequest) if raw.strip() else CreateApiKeyRequest()
-        async with transaction(resources_of(request).sessions) as session:
+        async with transaction(resources.sessions) as session:
             key, plain = await service.create_api_key(
                 session,
                 project_uuid,
@@ -103,9 +106,11 @@ class AdminController(Controller):
         summary="List a project's keys (prefixes only)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def list_api_keys(self, request: AnyRequest, project_id: FromPath[str]) -> ApiKeyListEnvelope:
+    async def list_api_keys(
+        self, resources: InjectedResources, project_id: FromPath[str]
+    ) -> ApiKeyListEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        async with resources_of(request).sessions() as session:
+        async with resources.sessions() as session:
             keys = await service.list_api_keys(session, project_uuid)
         return ApiKeyListEnvelope(data=[api_key_record(k) for k in keys])
 
@@ -115,8 +120,7 @@ class AdminController(Controller):
         summary="Revoke a key (refused at once)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def revoke_api_key(self, request: AnyRequest, key_id: FromPath[str]) -> ApiKeyEnvelope:
-        resources = resources_of(request)
+    async def revoke_api_key(self, resources: InjectedResources, key_id: FromPath[str]) -> ApiKeyEnvelope:
         key_uuid = parse_uuid(key_id, "keyId")
         async with transaction(resources.sessions) as session:
             key = await service.revoke_api_key(session, key_uuid)

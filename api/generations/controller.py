@@ -10,9 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Operation
 from litestar.params import FromPath, HeaderParameter, QueryParameter
@@ -37,26 +35,23 @@ from api.generations.schemas import (
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
 from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
-from api.security.auth import (
-    PRINCIPAL_STATE_KEY,
-    RATE_LIMIT_STATE_KEY,
-    Principal,
-    authenticate,
-    client_address,
-    principal_of,
+from api.security.guards import (
+    IDEMPOTENCY_HEADER,
+    GenerationSpend,
+    InjectedPrincipal,
+    InjectedResources,
+    StreamSlot,
+    project_id_of,
+    require_api_key,
 )
-from api.security.guards import GenerationSpend, StreamSlot, require_api_key
-from api.security.ratelimit import Budget, RateLimitResult
+from api.security.ratelimit import Budget
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
-from shared.errors import Forbidden, RateLimitExceeded
 from shared.sizes import ASPECT_RATIOS
 
 AnyRequest = Request[Any, Any, Any]
 
 CREATE_ROUTE = "POST /api/v1/generations"
 BATCH_ROUTE = "POST /api/v1/generations/batch"
-IDEMPOTENCY_HEADER = "idempotency-key"
 # Server-Sent Events: a comment this often keeps proxies from closing a quiet stream; `retry:` tells
 # the browser how soon to reconnect after a drop.
 EVENTS_HEARTBEAT_SECONDS = 15.0
@@ -160,45 +155,6 @@ PreferHeader = Annotated[
 ]
 
 
-async def require_generation_key(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    """`require_api_key`, except that a create carrying an Idempotency-Key authenticates on the read
-    budget: its handler spends the generation budget only once the key proves the request new, so a
-    replayed request never costs a generation."""
-    if handler.opt.get("replayable") and connection.headers.get(IDEMPOTENCY_HEADER) is not None:
-        _, rate = await _authenticate(connection, Budget.READ)
-        if not rate.admitted:
-            raise RateLimitExceeded(
-                f"Rate limit of {rate.limit} read requests per hour exceeded; "
-                f"retry in {rate.reset_seconds} s",
-                headers={"Retry-After": str(max(1, rate.reset_seconds))},
-            )
-        return
-    await require_api_key(connection, handler)
-
-
-async def _authenticate(
-    connection: ASGIConnection[Any, Any, Any, Any], budget: Budget
-) -> tuple[Principal, RateLimitResult]:
-    principal, rate = await authenticate(
-        resources_of(connection),
-        connection.headers.get("x-api-key"),
-        budget,
-        address=client_address(connection),
-    )
-    state = connection.scope["state"]
-    state[RATE_LIMIT_STATE_KEY] = rate  # the response's rate-limit headers describe this budget
-    state[PRINCIPAL_STATE_KEY] = principal
-    return principal, rate
-
-
-def _project_of(principal: Principal, action: str) -> uuid.UUID:
-    if principal.is_admin or principal.project_id is None:
-        raise Forbidden(f"Admin keys cannot {action}; use a project key")
-    return principal.project_id
-
-
 def _wait_of(request: AnyRequest) -> int | None:
     return service.parse_prefer_wait(request.headers.getall("prefer", []))
 
@@ -214,7 +170,7 @@ def _replayed(stored: service.StoredResponse, envelope: type[Any], headers: dict
 
 class GenerationController(Controller):
     path = "/api/v1/generations"
-    guards = [require_generation_key]
+    guards = [require_api_key]
     security = API_KEY_SECURITY
     tags = ["generations"]
 
@@ -238,13 +194,13 @@ class GenerationController(Controller):
     async def create_generation(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         idempotency_key: IdempotencyKeyHeader = None,
         prefer: PreferHeader = None,
     ) -> Response[GenerationEnvelope]:
         async with GenerationSpend(request) as spend:  # a refused create costs no budget
-            principal = principal_of(request)
-            project_id = _project_of(principal, "create generations")
-            resources = resources_of(request)
+            project_id = project_id_of(principal, "create generations")
             key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
             body = decode_body(await request.body(), CreateGenerationRequest)
             valid = service.validate_create(body, resources.settings)
@@ -293,11 +249,13 @@ class GenerationController(Controller):
         responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), **_IDEMPOTENCY_ERRORS},
     )
     async def create_batch(
-        self, request: AnyRequest, idempotency_key: IdempotencyKeyHeader = None
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[BatchEnvelope]:
-        principal = principal_of(request)
-        project_id = _project_of(principal, "create generations")
-        resources = resources_of(request)
+        project_id = project_id_of(principal, "create generations")
         key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
         body = decode_body(await request.body(), BatchCreateRequest)
         service.check_batch_size(body.items, resources.settings)
@@ -337,6 +295,8 @@ class GenerationController(Controller):
     async def get_generation(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         generation_id: FromPath[str],
         prefer: PreferHeader = None,
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
@@ -344,9 +304,9 @@ class GenerationController(Controller):
         wait = _wait_of(request)
         async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
             view = await service.view_generation(
-                resources_of(request),
+                resources,
                 status_hub_of(request),
-                principal_of(request),
+                principal,
                 parse_uuid(generation_id, "id"),
                 if_none_match=request.headers.get("if-none-match"),
                 wait_seconds=wait,
@@ -369,9 +329,13 @@ class GenerationController(Controller):
         media_type="text/event-stream",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def generation_events(self, request: AnyRequest, generation_id: FromPath[str]) -> ServerSentEvent:
-        resources = resources_of(request)
-        principal = principal_of(request)
+    async def generation_events(
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        generation_id: FromPath[str],
+    ) -> ServerSentEvent:
         hub = status_hub_of(request)
         parsed_id = parse_uuid(generation_id, "id")
         await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
@@ -407,11 +371,9 @@ class GenerationController(Controller):
         },
     )
     async def cancel_generation(
-        self, request: AnyRequest, generation_id: FromPath[str]
+        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
     ) -> GenerationEnvelope:
-        record = await service.cancel_generation(
-            resources_of(request), principal_of(request), parse_uuid(generation_id, "id")
-        )
+        record = await service.cancel_generation(resources, principal, parse_uuid(generation_id, "id"))
         return GenerationEnvelope(data=record)
 
     @post(
@@ -425,12 +387,14 @@ class GenerationController(Controller):
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def regenerate_generation(
-        self, request: AnyRequest, generation_id: FromPath[str]
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        generation_id: FromPath[str],
     ) -> GenerationEnvelope:
         async with GenerationSpend(request):  # a refused regenerate costs no budget
-            principal = principal_of(request)
-            _project_of(principal, "regenerate generations")
-            resources = resources_of(request)
+            project_id_of(principal, "regenerate generations")
             parsed_id = parse_uuid(generation_id, "id")
             raw = await request.body()
             deadline_seconds = None
@@ -444,6 +408,8 @@ class GenerationController(Controller):
     async def list_generations(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         status: Annotated[
             str | None, QueryParameter(description="One status or a comma list (pending,processing,...)")
         ] = None,
@@ -468,9 +434,7 @@ class GenerationController(Controller):
             include_deleted=include_deleted,
             cursor=cursor,
         )
-        records, pagination = await service.list_generations(
-            resources_of(request), principal_of(request), query
-        )
+        records, pagination = await service.list_generations(resources, principal, query)
         return GenerationListEnvelope(data=records, pagination=pagination)
 
     @delete(
@@ -479,8 +443,8 @@ class GenerationController(Controller):
         summary="Delete a generation and its output image",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_generation(self, request: AnyRequest, generation_id: FromPath[str]) -> MessageEnvelope:
-        await service.delete_generation(
-            resources_of(request), principal_of(request), parse_uuid(generation_id, "id")
-        )
+    async def delete_generation(
+        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
+    ) -> MessageEnvelope:
+        await service.delete_generation(resources, principal, parse_uuid(generation_id, "id"))
         return MessageEnvelope(message="Generation deleted")
