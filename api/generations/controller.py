@@ -5,15 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Operation
-from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -21,10 +19,6 @@ from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.events.hub import finished_records_of, status_hub_of
 from api.generations import service
 from api.generations.schemas import (
-    JSON_FIELD_MAX_BYTES,
-    MODEL_MAX_LENGTH,
-    PROMPT_MAX_LENGTH,
-    SEED_MAX,
     BatchCreateRequest,
     BatchEnvelope,
     CreateGenerationRequest,
@@ -33,8 +27,8 @@ from api.generations.schemas import (
     GenerationRecord,
     RegenerateRequest,
 )
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.parsing import JsonBody, decode_body, parse_uuid
 from api.security.guards import (
     IDEMPOTENCY_HEADER,
     GenerationSpend,
@@ -45,8 +39,6 @@ from api.security.guards import (
     require_api_key,
 )
 from api.security.ratelimit import Budget
-from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
-from shared.sizes import ASPECT_RATIOS
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -56,72 +48,6 @@ BATCH_ROUTE = "POST /api/v1/generations/batch"
 # the browser how soon to reconnect after a drop.
 EVENTS_HEARTBEAT_SECONDS = 15.0
 EVENTS_RETRY_MS = 3000
-
-_CREATE_RULES: dict[str, dict[str, Any]] = {
-    "prompt": {"minLength": 1, "maxLength": PROMPT_MAX_LENGTH, "pattern": r"\S"},
-    "aspectRatio": {"enum": list(ASPECT_RATIOS)},
-    "enhancementOptions": {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "template": {"type": "string", "enum": list(TEMPLATES), "default": DEFAULT_TEMPLATE}
-                },
-                "additionalProperties": False,
-            },
-            {"type": "null"},
-        ]
-    },
-    "meta": {"description": f"Free-form object, at most {JSON_FIELD_MAX_BYTES} bytes as JSON"},
-    "negativePrompt": {"anyOf": [{"type": "string", "maxLength": PROMPT_MAX_LENGTH}, {"type": "null"}]},
-    "model": {"anyOf": [{"type": "string", "maxLength": MODEL_MAX_LENGTH}, {"type": "null"}]},
-    "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": SEED_MAX}, {"type": "null"}]},
-    "webhookUrl": {
-        "anyOf": [
-            {"type": "string", "maxLength": service.WEBHOOK_URL_MAX_LENGTH, "format": "uri"},
-            {"type": "null"},
-        ],
-        "description": "http(s) URL notified of status changes (Standard Webhooks signature)",
-    },
-    "deadlineSeconds": {
-        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-        "description": "Seconds the generation may take before it fails with DEADLINE_EXCEEDED "
-        "(default KILN_GENERATION_DEADLINE_SECONDS, at most KILN_GENERATION_MAX_DEADLINE_SECONDS)",
-    },
-}
-
-
-def _create_item_schema() -> dict[str, Any]:
-    schema = body_schema(CreateGenerationRequest)
-    for name, rules in _CREATE_RULES.items():
-        schema["properties"][name].update(rules)
-    return schema
-
-
-_BATCH_RULES: dict[str, dict[str, Any]] = {
-    "items": {
-        "type": "array",
-        "minItems": 1,
-        "maxItems": 100,
-        "items": _create_item_schema(),
-        "description": "Create bodies (at most KILN_LIMITS_MAX_BATCH_ITEMS, default 100)",
-    }
-}
-_REGENERATE_RULES: dict[str, dict[str, Any]] = {"deadlineSeconds": _CREATE_RULES["deadlineSeconds"]}
-
-
-def _optional_json_body(struct: type[msgspec.Struct], rules: dict[str, dict[str, Any]]) -> type[Operation]:
-    """`json_body`, for a route whose body may be left out."""
-    base = json_body(struct, rules)
-
-    @dataclass
-    class OptionalJsonBodyOperation(base):  # type: ignore[valid-type, misc]
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            assert self.request_body is not None
-            self.request_body.required = False
-
-    return OptionalJsonBodyOperation
 
 
 def _error(description: str) -> ResponseSpec:
@@ -178,7 +104,7 @@ class GenerationController(Controller):
         "/",
         status_code=201,
         opt={"budget": Budget.GENERATE, "replayable": True},
-        operation_class=json_body(CreateGenerationRequest, _CREATE_RULES),
+        operation_class=json_body(CreateGenerationRequest),
         summary="Create a generation",
         response_headers=[
             *_WAIT_HEADERS,
@@ -202,6 +128,8 @@ class GenerationController(Controller):
         async with GenerationSpend(request) as spend:  # a refused create costs no budget
             project_id = project_id_of(principal, "create generations")
             key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            # Decoded here, not as a `data:` parameter: Litestar decodes those before the handler, where a
+            # refused body could not give back the generation unit the guard spent.
             body = decode_body(await request.body(), CreateGenerationRequest)
             valid = service.validate_create(body, resources.settings)
             wait = _wait_of(request)
@@ -240,7 +168,8 @@ class GenerationController(Controller):
         "/batch",
         status_code=200,
         opt={"budget": Budget.READ},
-        operation_class=json_body(BatchCreateRequest, _BATCH_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create up to 100 generations; one result per item, in order",
         description="Each item is validated on its own and spends one unit of the generation budget. "
         "The answer is 200 whenever the batch was processed: `data[i].success` says whether item i "
@@ -251,22 +180,22 @@ class GenerationController(Controller):
     async def create_batch(
         self,
         request: AnyRequest,
+        data: JSONBody[BatchCreateRequest],
         resources: InjectedResources,
         principal: InjectedPrincipal,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[BatchEnvelope]:
         project_id = project_id_of(principal, "create generations")
         key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
-        body = decode_body(await request.body(), BatchCreateRequest)
-        service.check_batch_size(body.items, resources.settings)
+        service.check_batch_size(data.items, resources.settings)
         once = None
         if key is not None:
             once = service.IdempotencyKey(
-                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
+                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(data.items))
             )
         async with GenerationSpend(request) as spend:  # units of items then refused are given back
             result = await service.create_batch(
-                resources, project_id, principal.max_in_flight, body.items, spend, once
+                resources, project_id, principal.max_in_flight, data.items, spend, once
             )
         if isinstance(result, service.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
@@ -380,7 +309,7 @@ class GenerationController(Controller):
         "/{generation_id:str}/regenerate",
         status_code=200,
         opt={"budget": Budget.GENERATE},
-        operation_class=_optional_json_body(RegenerateRequest, _REGENERATE_RULES),
+        operation_class=json_body(RegenerateRequest, required=False),
         summary="Run a generation again as a new version (any status)",
         description="A pending or processing generation is superseded at once. The body is optional: "
         "without `deadlineSeconds` the new run gets as long as the original request did.",
@@ -399,7 +328,7 @@ class GenerationController(Controller):
             raw = await request.body()
             deadline_seconds = None
             if raw.strip():
-                body = decode_body(raw, RegenerateRequest)
+                body = decode_body(raw, RegenerateRequest)  # in the spend block, as in create_generation
                 deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
             record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)

@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedResources,
@@ -29,21 +29,9 @@ from api.webhooks.schemas import (
     WebhookEndpointListEnvelope,
     WebhookSecretEnvelope,
 )
-from shared.webhooks import URL_MAX_LENGTH, WEBHOOK_EVENTS
 
 AnyRequest = Request[Any, Any, Any]
 
-_EVENTS_RULE = {
-    "anyOf": [
-        {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}, "minItems": 1},
-        {"type": "null"},
-    ]
-}
-_CREATE_RULES: dict[str, dict[str, Any]] = {
-    "url": {"maxLength": URL_MAX_LENGTH, "format": "uri"},
-    "events": _EVENTS_RULE,
-}
-_UPDATE_RULES: dict[str, dict[str, Any]] = {"events": _EVENTS_RULE}
 _REDELIVER_CONFLICT = "the delivery is still pending, or its endpoint is disabled"
 
 
@@ -78,15 +66,15 @@ class WebhookController(Controller):
     @post(
         "/",
         status_code=201,
-        operation_class=json_body(CreateWebhookRequest, _CREATE_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a webhook endpoint (its signing secret is in this response only)",
         responses=_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
     )
     async def create_webhook(
-        self, request: AnyRequest, resources: InjectedResources, project_id: ProjectId
+        self, data: JSONBody[CreateWebhookRequest], resources: InjectedResources, project_id: ProjectId
     ) -> CreatedWebhookEndpointEnvelope:
-        body = decode_body(await request.body(), CreateWebhookRequest)
-        record = await service.create_endpoint(resources, project_id, body)
+        record = await service.create_endpoint(resources, project_id, data)
         return CreatedWebhookEndpointEnvelope(data=record)
 
     @get(
@@ -174,20 +162,20 @@ class WebhookController(Controller):
 
     @patch(
         "/{webhook_id:str}",
-        operation_class=json_body(UpdateWebhookRequest, _UPDATE_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary='Change a webhook endpoint; {"enabled": true} re-enables one disabled by a 410',
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def update_webhook(
         self,
-        request: AnyRequest,
+        data: JSONBody[UpdateWebhookRequest],
         resources: InjectedResources,
         project_id: ProjectId,
         webhook_id: FromPath[str],
     ) -> WebhookEndpointEnvelope:
         endpoint_id = parse_uuid(webhook_id, "id")
-        body = decode_body(await request.body(), UpdateWebhookRequest)
-        record = await service.update_endpoint(resources, project_id, endpoint_id, body)
+        record = await service.update_endpoint(resources, project_id, endpoint_id, data)
         return WebhookEndpointEnvelope(data=record)
 
     @delete(
