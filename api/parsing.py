@@ -85,6 +85,13 @@ def _every_bad_field(body: bytes, type_: type[Any]) -> list[tuple[str, str]]:
     return errors
 
 
+def _struct_of(field_definition: FieldDefinition) -> Any:
+    """`Struct` of `data: Struct`, or of `data: Struct | None = None` (a body that may be left out)."""
+    if field_definition.is_optional:
+        return next(arg for arg in field_definition.args if arg is not type(None))
+    return field_definition.annotation
+
+
 class JsonBody(AbstractDTO[Any]):
     """Litestar's `data:` for a msgspec Struct body, decoded by `decode_body` (strict, every bad field
     named in our envelope) instead of Litestar's lax conversion, and documented with msgspec's JSON
@@ -109,13 +116,13 @@ class JsonBody(AbstractDTO[Any]):
         cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None
     ) -> None:
         if field_definition.name == "data":
-            cls._types[handler_id] = field_definition.annotation
+            cls._types[handler_id] = _struct_of(field_definition)
 
     @classmethod
     def create_openapi_schema(
         cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any
     ) -> Reference | Schema:
-        struct = field_definition.annotation
+        struct = _struct_of(field_definition)
         if hasattr(struct, "documented_schema"):  # limits from settings: the app documents it (api.app)
             return Reference(ref=f"#/components/schemas/{struct.__name__}")
         return body_schema(struct)  # type: ignore[return-value]  # a JSON Schema, serialized as it is

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from api.admin import service
 from api.admin.schemas import (
@@ -21,8 +21,8 @@ from api.admin.schemas import (
     created_api_key_record,
     project_record,
 )
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
 from api.security.auth import invalidate_cached_key
 from api.security.guards import InjectedResources, require_admin, require_api_key
 from shared.db import transaction
@@ -40,14 +40,16 @@ class AdminController(Controller):
     @post(
         "/projects",
         status_code=201,
-        operation_class=json_body(CreateProjectRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a project",
         responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_project(self, request: AnyRequest, resources: InjectedResources) -> ProjectEnvelope:
-        body = decode_body(await request.body(), CreateProjectRequest)
+    async def create_project(
+        self, data: JSONBody[CreateProjectRequest], resources: InjectedResources
+    ) -> ProjectEnvelope:
         async with transaction(resources.sessions) as session:
-            project = await service.create_project(session, body.name, body.slug)
+            project = await service.create_project(session, data.name, data.slug)
         return ProjectEnvelope(data=project_record(project))
 
     @get("/projects", summary="List projects", responses=error_responses(403, *AUTHENTICATED_ERRORS))
@@ -58,38 +60,40 @@ class AdminController(Controller):
 
     @patch(
         "/projects/{project_id:str}",
-        operation_class=json_body(UpdateProjectRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Change a project's settings (outboundAllowHosts)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def update_project(
-        self, request: AnyRequest, resources: InjectedResources, project_id: FromPath[str]
+        self, data: JSONBody[UpdateProjectRequest], resources: InjectedResources, project_id: FromPath[str]
     ) -> ProjectEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        body = decode_body(await request.body(), UpdateProjectRequest)
         async with transaction(resources.sessions) as session:
-            if body.outbound_allow_hosts is None:
+            if data.outbound_allow_hosts is None:
                 project = await service.get_project(session, project_uuid)
             else:
                 project = await service.set_outbound_allow_hosts(
-                    session, project_uuid, body.outbound_allow_hosts
+                    session, project_uuid, data.outbound_allow_hosts
                 )
         return ProjectEnvelope(data=project_record(project))
 
     @post(
         "/projects/{project_id:str}/keys",
         status_code=201,
-        operation_class=json_body(CreateApiKeyRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a project key (the plain key is in this response only)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def create_api_key(
-        self, request: AnyRequest, resources: InjectedResources, project_id: FromPath[str]
+        self,
+        resources: InjectedResources,
+        project_id: FromPath[str],
+        data: JSONBody[CreateApiKeyRequest | None] = None,
     ) -> CreatedApiKeyEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        raw = await request.body()
-        # An empty body means "all defaults".
-        body = decode_body(raw, CreateApiKeyRequest) if raw.strip() else CreateApiKeyRequest()
+        body = data or CreateApiKeyRequest()  # no body: all defaults
         async with transaction(resources.sessions) as session:
             key, plain = await service.create_api_key(
                 session,

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.connections import service
 from api.connections.schemas import (
@@ -18,8 +18,8 @@ from api.connections.schemas import (
     UpdateConnectionRequest,
 )
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedResources,
@@ -77,16 +77,16 @@ class ConnectionController(Controller):
     @post(
         "/",
         status_code=201,
-        operation_class=json_body(CreateConnectionRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a connection (the API key is write-only)",
         responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
     )
     async def create_connection(
-        self, request: AnyRequest, resources: InjectedResources, project_id: ProjectId
+        self, data: JSONBody[CreateConnectionRequest], resources: InjectedResources, project_id: ProjectId
     ) -> ConnectionEnvelope:
-        body = decode_body(await request.body(), CreateConnectionRequest)
         policy = await service.outbound_policy_of(resources, project_id)
-        fields = service.validate_create(resources, body, policy)
+        fields = service.validate_create(resources, data, policy)
         record = await service.create_connection(resources, project_id, fields)
         return ConnectionEnvelope(data=record)
 
@@ -103,20 +103,20 @@ class ConnectionController(Controller):
 
     @patch(
         "/{connection_id:str}",
-        operation_class=json_body(UpdateConnectionRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Change a connection (absent fields stay; `apiKey: null` removes the key)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def update_connection(
         self,
-        request: AnyRequest,
+        data: JSONBody[UpdateConnectionRequest],
         resources: InjectedResources,
         project_id: ProjectId,
         connection_id: FromPath[str],
     ) -> ConnectionEnvelope:
         connection_uuid = parse_uuid(connection_id, "id")
-        body = decode_body(await request.body(), UpdateConnectionRequest)
-        record = await service.update_connection(resources, project_id, connection_uuid, body)
+        record = await service.update_connection(resources, project_id, connection_uuid, data)
         return ConnectionEnvelope(data=record)
 
     @delete(
