@@ -17,16 +17,27 @@ from api.connections.controller import ConnectionController
 from api.errors import handle_exception
 from api.events.hub import status_hub_lifespan
 from api.generations.controller import GenerationController
+from api.generations.schemas import BatchCreateRequest
 from api.health.controller import HealthController
 from api.images.controller import ImageController, PublicImageController
 from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
 from api.resources import resources_lifespan
+from api.security.guards import DEPENDENCIES
 from api.webhooks.controller import WebhookController
 from shared.logging import configure_logging
 from shared.process import freeze_long_lived_objects
 from shared.settings import Settings, get_settings
+
+
+def document_settings_limits(app: Litestar) -> None:
+    """Bodies whose limits are settings are documented as components (api.parsing.JsonBody refers to
+    them), filled in from this app's settings."""
+    schema = app.openapi_schema
+    assert schema.components is not None
+    schemas = schema.components.schemas = dict(schema.components.schemas or {})
+    schemas[BatchCreateRequest.__name__] = BatchCreateRequest.documented_schema(app.state.settings)  # type: ignore[assignment]
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -43,8 +54,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HealthController,
             WebhookController,
         ],
+        dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],
-        on_startup=[freeze_long_lived_objects],  # once startup has built them
+        on_startup=[document_settings_limits, freeze_long_lived_objects],  # the latter once all is built
         middleware=[RequestContextMiddleware],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,
@@ -58,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     API_KEY_SCHEME: SecurityScheme(
                         type="apiKey", name="X-API-Key", security_scheme_in="header"
                     )
-                }
+                },
             ),
         ),
         logging_config=None,  # structlog (configure_logging) owns logging; errors are logged by the handler

@@ -58,6 +58,11 @@ def _is_unavailable(exc: Exception) -> bool:
     return is_connection_error(exc)
 
 
+def _field_name(key: Any) -> str:
+    # `data` is Litestar's name for the body; only an absent one gets here (api.parsing decodes the rest).
+    return "body" if not key or key == "data" else str(key)
+
+
 def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     code = _CODES_BY_STATUS.get(status) or HTTPStatus(status).name
@@ -74,7 +79,7 @@ def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
         message = "Invalid parameters"
         extra = exc.extra if isinstance(exc.extra, list) else []
         details = [
-            {"field": str(item.get("key") or "body"), "message": str(item.get("message") or exc.detail)}
+            {"field": _field_name(item.get("key")), "message": str(item.get("message") or exc.detail)}
             for item in extra
             if isinstance(item, dict)
         ] or [{"field": "body", "message": exc.detail}]

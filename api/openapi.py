@@ -1,8 +1,8 @@
-"""OpenAPI documentation of the JSON bodies that handlers decode themselves.
+"""OpenAPI documentation of JSON bodies and error responses.
 
-Handlers read raw bytes (so every decode error is ours to word), which hides the body from Litestar's
-schema generation. `json_body(Struct)` gives a route an Operation class that documents the body with
-the JSON Schema msgspec derives from the same Struct the handler decodes with.
+A body is documented with the JSON Schema msgspec derives from the same Struct it is decoded with, its
+`msgspec.Meta` constraints included (api.parsing.JsonBody for `data:` parameters, `json_body(Struct)`
+for a handler that reads its raw bytes itself).
 """
 
 from __future__ import annotations
@@ -34,20 +34,17 @@ def body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     return _inline_refs(schema, schema.get("$defs", {}))
 
 
-def json_body(
-    struct: type[msgspec.Struct], properties: dict[str, dict[str, Any]] | None = None
-) -> type[Operation]:
-    """`properties` adds the rules checked in code (enums, lengths) to the documented property schemas."""
+def json_body(struct: type[msgspec.Struct], *, required: bool = True) -> type[Operation]:
+    """For a handler that decodes its body itself (GenerationController.create_generation says why);
+    the others take a typed `data:` through api.parsing.JsonBody."""
     schema = body_schema(struct)
-    for name, rules in (properties or {}).items():
-        schema["properties"][name].update(rules)
 
     @dataclass
     class JsonBodyOperation(Operation):
         def __post_init__(self) -> None:
             self.request_body = RequestBody(
                 content={"application/json": OpenAPIMediaType(schema=schema)},  # type: ignore[arg-type]
-                required=True,
+                required=required,
             )
 
     return JsonBodyOperation

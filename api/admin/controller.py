@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from api.admin import service
 from api.admin.schemas import (
@@ -21,11 +21,10 @@ from api.admin.schemas import (
     created_api_key_record,
     project_record,
 )
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
 from api.security.auth import invalidate_cached_key
-from api.security.guards import require_admin, require_api_key
+from api.security.guards import InjectedResources, require_admin, require_api_key
 from shared.db import transaction
 from shared.models import ApiKeyKind
 
@@ -41,53 +40,61 @@ class AdminController(Controller):
     @post(
         "/projects",
         status_code=201,
-        operation_class=json_body(CreateProjectRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a project",
         responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_project(self, request: AnyRequest) -> ProjectEnvelope:
-        body = decode_body(await request.body(), CreateProjectRequest)
-        async with transaction(resources_of(request).sessions) as session:
-            project = await service.create_project(session, body.name, body.slug)
+    async def create_project(
+        self, data: JSONBody[CreateProjectRequest], resources: InjectedResources
+    ) -> ProjectEnvelope:
+        async with transaction(resources.sessions) as session:
+            project = await service.create_project(session, data.name, data.slug)
         return ProjectEnvelope(data=project_record(project))
 
     @get("/projects", summary="List projects", responses=error_responses(403, *AUTHENTICATED_ERRORS))
-    async def list_projects(self, request: AnyRequest) -> ProjectListEnvelope:
-        async with resources_of(request).sessions() as session:
+    async def list_projects(self, resources: InjectedResources) -> ProjectListEnvelope:
+        async with resources.sessions() as session:
             projects = await service.list_projects(session)
         return ProjectListEnvelope(data=[project_record(p) for p in projects])
 
     @patch(
         "/projects/{project_id:str}",
-        operation_class=json_body(UpdateProjectRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Change a project's settings (outboundAllowHosts)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
-    async def update_project(self, request: AnyRequest, project_id: FromPath[str]) -> ProjectEnvelope:
+    async def update_project(
+        self, data: JSONBody[UpdateProjectRequest], resources: InjectedResources, project_id: FromPath[str]
+    ) -> ProjectEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        body = decode_body(await request.body(), UpdateProjectRequest)
-        async with transaction(resources_of(request).sessions) as session:
-            if body.outbound_allow_hosts is None:
+        async with transaction(resources.sessions) as session:
+            if data.outbound_allow_hosts is None:
                 project = await service.get_project(session, project_uuid)
             else:
                 project = await service.set_outbound_allow_hosts(
-                    session, project_uuid, body.outbound_allow_hosts
+                    session, project_uuid, data.outbound_allow_hosts
                 )
         return ProjectEnvelope(data=project_record(project))
 
     @post(
         "/projects/{project_id:str}/keys",
         status_code=201,
-        operation_class=json_body(CreateApiKeyRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a project key (the plain key is in this response only)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_api_key(self, request: AnyRequest, project_id: FromPath[str]) -> CreatedApiKeyEnvelope:
+    async def create_api_key(
+        self,
+        resources: InjectedResources,
+        project_id: FromPath[str],
+        data: JSONBody[CreateApiKeyRequest | None] = None,
+    ) -> CreatedApiKeyEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        raw = await request.body()
-        # An empty body means "all defaults".
-        body = decode_body(raw, CreateApiKeyRequest) if raw.strip() else CreateApiKeyRequest()
-        async with transaction(resources_of(request).sessions) as session:
+        body = data or CreateApiKeyRequest()  # no body: all defaults
+        async with transaction(resources.sessions) as session:
             key, plain = await service.create_api_key(
                 session,
                 project_uuid,
@@ -103,9 +110,11 @@ class AdminController(Controller):
         summary="List a project's keys (prefixes only)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def list_api_keys(self, request: AnyRequest, project_id: FromPath[str]) -> ApiKeyListEnvelope:
+    async def list_api_keys(
+        self, resources: InjectedResources, project_id: FromPath[str]
+    ) -> ApiKeyListEnvelope:
         project_uuid = parse_uuid(project_id, "projectId")
-        async with resources_of(request).sessions() as session:
+        async with resources.sessions() as session:
             keys = await service.list_api_keys(session, project_uuid)
         return ApiKeyListEnvelope(data=[api_key_record(k) for k in keys])
 
@@ -115,8 +124,7 @@ class AdminController(Controller):
         summary="Revoke a key (refused at once)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def revoke_api_key(self, request: AnyRequest, key_id: FromPath[str]) -> ApiKeyEnvelope:
-        resources = resources_of(request)
+    async def revoke_api_key(self, resources: InjectedResources, key_id: FromPath[str]) -> ApiKeyEnvelope:
         key_uuid = parse_uuid(key_id, "keyId")
         async with transaction(resources.sessions) as session:
             key = await service.revoke_api_key(session, key_uuid)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.connections import service
 from api.connections.schemas import (
@@ -20,24 +18,17 @@ from api.connections.schemas import (
     UpdateConnectionRequest,
 )
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
-from api.security.auth import principal_of
-from api.security.guards import require_api_key
-from shared.errors import Forbidden
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
+from api.security.guards import (
+    PROJECT_ID_DEPENDENCY,
+    InjectedResources,
+    ProjectId,
+    require_api_key,
+    require_project_key,
+)
 
 AnyRequest = Request[Any, Any, Any]
-
-
-async def require_project_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    principal = principal_of(connection)
-    if principal.is_admin or principal.project_id is None:
-        raise Forbidden("Connections belong to a project: use a project key")
-
-
-def _project_of(request: AnyRequest) -> Any:
-    return principal_of(request).project_id
 
 
 _VENDOR_ERRORS = {
@@ -61,6 +52,8 @@ _VENDOR_ERRORS = {
 class ConnectionController(Controller):
     path = "/api/v1/connections"
     guards = [require_api_key, require_project_key]
+    opt = {"project_action": "manage connections"}
+    dependencies = PROJECT_ID_DEPENDENCY
     security = API_KEY_SECURITY
     tags = ["connections"]
 
@@ -71,28 +64,29 @@ class ConnectionController(Controller):
     )
     async def list_connections(
         self,
-        request: AnyRequest,
+        resources: InjectedResources,
+        project_id: ProjectId,
         limit: Annotated[str | None, QueryParameter(description="1..100, default 50")] = None,
         offset: Annotated[str | None, QueryParameter(description="0..10000, default 0")] = None,
     ) -> ConnectionListEnvelope:
         records, pagination = await service.list_connections(
-            resources_of(request), _project_of(request), limit=limit, offset=offset
+            resources, project_id, limit=limit, offset=offset
         )
         return ConnectionListEnvelope(data=records, pagination=pagination)
 
     @post(
         "/",
         status_code=201,
-        operation_class=json_body(CreateConnectionRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a connection (the API key is write-only)",
         responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
     )
-    async def create_connection(self, request: AnyRequest) -> ConnectionEnvelope:
-        resources = resources_of(request)
-        body = decode_body(await request.body(), CreateConnectionRequest)
-        project_id = _project_of(request)
+    async def create_connection(
+        self, data: JSONBody[CreateConnectionRequest], resources: InjectedResources, project_id: ProjectId
+    ) -> ConnectionEnvelope:
         policy = await service.outbound_policy_of(resources, project_id)
-        fields = service.validate_create(resources, body, policy)
+        fields = service.validate_create(resources, data, policy)
         record = await service.create_connection(resources, project_id, fields)
         return ConnectionEnvelope(data=record)
 
@@ -101,26 +95,28 @@ class ConnectionController(Controller):
         summary="Get a connection",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def get_connection(self, request: AnyRequest, connection_id: FromPath[str]) -> ConnectionEnvelope:
-        record = await service.get_connection(
-            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
-        )
+    async def get_connection(
+        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+    ) -> ConnectionEnvelope:
+        record = await service.get_connection(resources, project_id, parse_uuid(connection_id, "id"))
         return ConnectionEnvelope(data=record)
 
     @patch(
         "/{connection_id:str}",
-        operation_class=json_body(UpdateConnectionRequest),
+        dto=JsonBody,
+        return_dto=None,
         summary="Change a connection (absent fields stay; `apiKey: null` removes the key)",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def update_connection(
-        self, request: AnyRequest, connection_id: FromPath[str]
+        self,
+        data: JSONBody[UpdateConnectionRequest],
+        resources: InjectedResources,
+        project_id: ProjectId,
+        connection_id: FromPath[str],
     ) -> ConnectionEnvelope:
         connection_uuid = parse_uuid(connection_id, "id")
-        body = decode_body(await request.body(), UpdateConnectionRequest)
-        record = await service.update_connection(
-            resources_of(request), _project_of(request), connection_uuid, body
-        )
+        record = await service.update_connection(resources, project_id, connection_uuid, data)
         return ConnectionEnvelope(data=record)
 
     @delete(
@@ -129,10 +125,10 @@ class ConnectionController(Controller):
         summary="Delete a connection",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_connection(self, request: AnyRequest, connection_id: FromPath[str]) -> MessageEnvelope:
-        await service.delete_connection(
-            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
-        )
+    async def delete_connection(
+        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+    ) -> MessageEnvelope:
+        await service.delete_connection(resources, project_id, parse_uuid(connection_id, "id"))
         return MessageEnvelope(message="Connection deleted")
 
     @get(
@@ -140,10 +136,10 @@ class ConnectionController(Controller):
         summary="The connection's models: the provider's static list, or fetched live",
         responses={**error_responses(400, 403, 404, *AUTHENTICATED_ERRORS), **_VENDOR_ERRORS},
     )
-    async def list_models(self, request: AnyRequest, connection_id: FromPath[str]) -> ModelListEnvelope:
-        models = await service.list_models(
-            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
-        )
+    async def list_models(
+        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+    ) -> ModelListEnvelope:
+        models = await service.list_models(resources, project_id, parse_uuid(connection_id, "id"))
         return ModelListEnvelope(data=models)
 
     @post(
@@ -153,9 +149,7 @@ class ConnectionController(Controller):
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def test_connection(
-        self, request: AnyRequest, connection_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
     ) -> ConnectionTestEnvelope:
-        result = await service.test_connection(
-            resources_of(request), _project_of(request), parse_uuid(connection_id, "id")
-        )
+        result = await service.test_connection(resources, project_id, parse_uuid(connection_id, "id"))
         return ConnectionTestEnvelope(data=result)

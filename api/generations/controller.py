@@ -5,17 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Operation
-from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -23,10 +19,6 @@ from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.events.hub import finished_records_of, status_hub_of
 from api.generations import service
 from api.generations.schemas import (
-    JSON_FIELD_MAX_BYTES,
-    MODEL_MAX_LENGTH,
-    PROMPT_MAX_LENGTH,
-    SEED_MAX,
     BatchCreateRequest,
     BatchEnvelope,
     CreateGenerationRequest,
@@ -35,98 +27,27 @@ from api.generations.schemas import (
     GenerationRecord,
     RegenerateRequest,
 )
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, body_schema, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
-from api.security.auth import (
-    PRINCIPAL_STATE_KEY,
-    RATE_LIMIT_STATE_KEY,
-    Principal,
-    authenticate,
-    client_address,
-    principal_of,
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
+from api.parsing import JsonBody, decode_body, parse_uuid
+from api.security.guards import (
+    IDEMPOTENCY_HEADER,
+    GenerationSpend,
+    InjectedPrincipal,
+    InjectedResources,
+    StreamSlot,
+    project_id_of,
+    require_api_key,
 )
-from api.security.guards import GenerationSpend, StreamSlot, require_api_key
-from api.security.ratelimit import Budget, RateLimitResult
-from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
-from shared.errors import Forbidden, RateLimitExceeded
-from shared.sizes import ASPECT_RATIOS
+from api.security.ratelimit import Budget
 
 AnyRequest = Request[Any, Any, Any]
 
 CREATE_ROUTE = "POST /api/v1/generations"
 BATCH_ROUTE = "POST /api/v1/generations/batch"
-IDEMPOTENCY_HEADER = "idempotency-key"
 # Server-Sent Events: a comment this often keeps proxies from closing a quiet stream; `retry:` tells
 # the browser how soon to reconnect after a drop.
 EVENTS_HEARTBEAT_SECONDS = 15.0
 EVENTS_RETRY_MS = 3000
-
-_CREATE_RULES: dict[str, dict[str, Any]] = {
-    "prompt": {"minLength": 1, "maxLength": PROMPT_MAX_LENGTH, "pattern": r"\S"},
-    "aspectRatio": {"enum": list(ASPECT_RATIOS)},
-    "enhancementOptions": {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "template": {"type": "string", "enum": list(TEMPLATES), "default": DEFAULT_TEMPLATE}
-                },
-                "additionalProperties": False,
-            },
-            {"type": "null"},
-        ]
-    },
-    "meta": {"description": f"Free-form object, at most {JSON_FIELD_MAX_BYTES} bytes as JSON"},
-    "negativePrompt": {"anyOf": [{"type": "string", "maxLength": PROMPT_MAX_LENGTH}, {"type": "null"}]},
-    "model": {"anyOf": [{"type": "string", "maxLength": MODEL_MAX_LENGTH}, {"type": "null"}]},
-    "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": SEED_MAX}, {"type": "null"}]},
-    "webhookUrl": {
-        "anyOf": [
-            {"type": "string", "maxLength": service.WEBHOOK_URL_MAX_LENGTH, "format": "uri"},
-            {"type": "null"},
-        ],
-        "description": "http(s) URL notified of status changes (Standard Webhooks signature)",
-    },
-    "deadlineSeconds": {
-        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-        "description": "Seconds the generation may take before it fails with DEADLINE_EXCEEDED "
-        "(default KILN_GENERATION_DEADLINE_SECONDS, at most KILN_GENERATION_MAX_DEADLINE_SECONDS)",
-    },
-}
-
-
-def _create_item_schema() -> dict[str, Any]:
-    schema = body_schema(CreateGenerationRequest)
-    for name, rules in _CREATE_RULES.items():
-        schema["properties"][name].update(rules)
-    return schema
-
-
-_BATCH_RULES: dict[str, dict[str, Any]] = {
-    "items": {
-        "type": "array",
-        "minItems": 1,
-        "maxItems": 100,
-        "items": _create_item_schema(),
-        "description": "Create bodies (at most KILN_LIMITS_MAX_BATCH_ITEMS, default 100)",
-    }
-}
-_REGENERATE_RULES: dict[str, dict[str, Any]] = {"deadlineSeconds": _CREATE_RULES["deadlineSeconds"]}
-
-
-def _optional_json_body(struct: type[msgspec.Struct], rules: dict[str, dict[str, Any]]) -> type[Operation]:
-    """`json_body`, for a route whose body may be left out."""
-    base = json_body(struct, rules)
-
-    @dataclass
-    class OptionalJsonBodyOperation(base):  # type: ignore[valid-type, misc]
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            assert self.request_body is not None
-            self.request_body.required = False
-
-    return OptionalJsonBodyOperation
 
 
 def _error(description: str) -> ResponseSpec:
@@ -160,45 +81,6 @@ PreferHeader = Annotated[
 ]
 
 
-async def require_generation_key(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    """`require_api_key`, except that a create carrying an Idempotency-Key authenticates on the read
-    budget: its handler spends the generation budget only once the key proves the request new, so a
-    replayed request never costs a generation."""
-    if handler.opt.get("replayable") and connection.headers.get(IDEMPOTENCY_HEADER) is not None:
-        _, rate = await _authenticate(connection, Budget.READ)
-        if not rate.admitted:
-            raise RateLimitExceeded(
-                f"Rate limit of {rate.limit} read requests per hour exceeded; "
-                f"retry in {rate.reset_seconds} s",
-                headers={"Retry-After": str(max(1, rate.reset_seconds))},
-            )
-        return
-    await require_api_key(connection, handler)
-
-
-async def _authenticate(
-    connection: ASGIConnection[Any, Any, Any, Any], budget: Budget
-) -> tuple[Principal, RateLimitResult]:
-    principal, rate = await authenticate(
-        resources_of(connection),
-        connection.headers.get("x-api-key"),
-        budget,
-        address=client_address(connection),
-    )
-    state = connection.scope["state"]
-    state[RATE_LIMIT_STATE_KEY] = rate  # the response's rate-limit headers describe this budget
-    state[PRINCIPAL_STATE_KEY] = principal
-    return principal, rate
-
-
-def _project_of(principal: Principal, action: str) -> uuid.UUID:
-    if principal.is_admin or principal.project_id is None:
-        raise Forbidden(f"Admin keys cannot {action}; use a project key")
-    return principal.project_id
-
-
 def _wait_of(request: AnyRequest) -> int | None:
     return service.parse_prefer_wait(request.headers.getall("prefer", []))
 
@@ -214,7 +96,7 @@ def _replayed(stored: service.StoredResponse, envelope: type[Any], headers: dict
 
 class GenerationController(Controller):
     path = "/api/v1/generations"
-    guards = [require_generation_key]
+    guards = [require_api_key]
     security = API_KEY_SECURITY
     tags = ["generations"]
 
@@ -222,7 +104,7 @@ class GenerationController(Controller):
         "/",
         status_code=201,
         opt={"budget": Budget.GENERATE, "replayable": True},
-        operation_class=json_body(CreateGenerationRequest, _CREATE_RULES),
+        operation_class=json_body(CreateGenerationRequest),
         summary="Create a generation",
         response_headers=[
             *_WAIT_HEADERS,
@@ -238,14 +120,16 @@ class GenerationController(Controller):
     async def create_generation(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         idempotency_key: IdempotencyKeyHeader = None,
         prefer: PreferHeader = None,
     ) -> Response[GenerationEnvelope]:
         async with GenerationSpend(request) as spend:  # a refused create costs no budget
-            principal = principal_of(request)
-            project_id = _project_of(principal, "create generations")
-            resources = resources_of(request)
+            project_id = project_id_of(principal, "create generations")
             key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            # Decoded here, not as a `data:` parameter: Litestar decodes those before the handler, where a
+            # refused body could not give back the generation unit the guard spent.
             body = decode_body(await request.body(), CreateGenerationRequest)
             valid = service.validate_create(body, resources.settings)
             wait = _wait_of(request)
@@ -284,7 +168,8 @@ class GenerationController(Controller):
         "/batch",
         status_code=200,
         opt={"budget": Budget.READ},
-        operation_class=json_body(BatchCreateRequest, _BATCH_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create up to 100 generations; one result per item, in order",
         description="Each item is validated on its own and spends one unit of the generation budget. "
         "The answer is 200 whenever the batch was processed: `data[i].success` says whether item i "
@@ -293,22 +178,24 @@ class GenerationController(Controller):
         responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), **_IDEMPOTENCY_ERRORS},
     )
     async def create_batch(
-        self, request: AnyRequest, idempotency_key: IdempotencyKeyHeader = None
+        self,
+        request: AnyRequest,
+        data: JSONBody[BatchCreateRequest],
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[BatchEnvelope]:
-        principal = principal_of(request)
-        project_id = _project_of(principal, "create generations")
-        resources = resources_of(request)
+        project_id = project_id_of(principal, "create generations")
         key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
-        body = decode_body(await request.body(), BatchCreateRequest)
-        service.check_batch_size(body.items, resources.settings)
+        service.check_batch_size(data.items, resources.settings)
         once = None
         if key is not None:
             once = service.IdempotencyKey(
-                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
+                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(data.items))
             )
         async with GenerationSpend(request) as spend:  # units of items then refused are given back
             result = await service.create_batch(
-                resources, project_id, principal.max_in_flight, body.items, spend, once
+                resources, project_id, principal.max_in_flight, data.items, spend, once
             )
         if isinstance(result, service.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
@@ -337,6 +224,8 @@ class GenerationController(Controller):
     async def get_generation(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         generation_id: FromPath[str],
         prefer: PreferHeader = None,
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
@@ -344,9 +233,9 @@ class GenerationController(Controller):
         wait = _wait_of(request)
         async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
             view = await service.view_generation(
-                resources_of(request),
+                resources,
                 status_hub_of(request),
-                principal_of(request),
+                principal,
                 parse_uuid(generation_id, "id"),
                 if_none_match=request.headers.get("if-none-match"),
                 wait_seconds=wait,
@@ -369,9 +258,13 @@ class GenerationController(Controller):
         media_type="text/event-stream",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def generation_events(self, request: AnyRequest, generation_id: FromPath[str]) -> ServerSentEvent:
-        resources = resources_of(request)
-        principal = principal_of(request)
+    async def generation_events(
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        generation_id: FromPath[str],
+    ) -> ServerSentEvent:
         hub = status_hub_of(request)
         parsed_id = parse_uuid(generation_id, "id")
         await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
@@ -407,35 +300,35 @@ class GenerationController(Controller):
         },
     )
     async def cancel_generation(
-        self, request: AnyRequest, generation_id: FromPath[str]
+        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
     ) -> GenerationEnvelope:
-        record = await service.cancel_generation(
-            resources_of(request), principal_of(request), parse_uuid(generation_id, "id")
-        )
+        record = await service.cancel_generation(resources, principal, parse_uuid(generation_id, "id"))
         return GenerationEnvelope(data=record)
 
     @post(
         "/{generation_id:str}/regenerate",
         status_code=200,
         opt={"budget": Budget.GENERATE},
-        operation_class=_optional_json_body(RegenerateRequest, _REGENERATE_RULES),
+        operation_class=json_body(RegenerateRequest, required=False),
         summary="Run a generation again as a new version (any status)",
         description="A pending or processing generation is superseded at once. The body is optional: "
         "without `deadlineSeconds` the new run gets as long as the original request did.",
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def regenerate_generation(
-        self, request: AnyRequest, generation_id: FromPath[str]
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        generation_id: FromPath[str],
     ) -> GenerationEnvelope:
         async with GenerationSpend(request):  # a refused regenerate costs no budget
-            principal = principal_of(request)
-            _project_of(principal, "regenerate generations")
-            resources = resources_of(request)
+            project_id_of(principal, "regenerate generations")
             parsed_id = parse_uuid(generation_id, "id")
             raw = await request.body()
             deadline_seconds = None
             if raw.strip():
-                body = decode_body(raw, RegenerateRequest)
+                body = decode_body(raw, RegenerateRequest)  # in the spend block, as in create_generation
                 deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
             record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
@@ -444,6 +337,8 @@ class GenerationController(Controller):
     async def list_generations(
         self,
         request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
         status: Annotated[
             str | None, QueryParameter(description="One status or a comma list (pending,processing,...)")
         ] = None,
@@ -468,9 +363,7 @@ class GenerationController(Controller):
             include_deleted=include_deleted,
             cursor=cursor,
         )
-        records, pagination = await service.list_generations(
-            resources_of(request), principal_of(request), query
-        )
+        records, pagination = await service.list_generations(resources, principal, query)
         return GenerationListEnvelope(data=records, pagination=pagination)
 
     @delete(
@@ -479,8 +372,8 @@ class GenerationController(Controller):
         summary="Delete a generation and its output image",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_generation(self, request: AnyRequest, generation_id: FromPath[str]) -> MessageEnvelope:
-        await service.delete_generation(
-            resources_of(request), principal_of(request), parse_uuid(generation_id, "id")
-        )
+    async def delete_generation(
+        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
+    ) -> MessageEnvelope:
+        await service.delete_generation(resources, principal, parse_uuid(generation_id, "id"))
         return MessageEnvelope(message="Generation deleted")

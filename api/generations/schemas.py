@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 from api.envelope import ErrorBody, Pagination, format_time
 from api.images.schemas import ImageUrls, OutputImage
-from shared.enhancer import DEFAULT_TEMPLATE
+from api.openapi import body_schema
+from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
+from shared.settings import Settings
+from shared.sizes import ASPECT_RATIOS
+from shared.webhooks import URL_MAX_LENGTH
 
 PROMPT_MAX_LENGTH = 4000
 MODEL_MAX_LENGTH = 200
@@ -17,32 +22,73 @@ JSON_FIELD_MAX_BYTES = 16 * 1024
 SEED_MAX = 2**32 - 1
 
 
+# Enums built from the lists the worker uses; mypy cannot read a Literal made at run time.
+AspectRatio = Literal[ASPECT_RATIOS]  # type: ignore[valid-type]
+Template = Literal[TEMPLATES]  # type: ignore[valid-type]
+
+
 class EnhancementOptions(msgspec.Struct, forbid_unknown_fields=True):
-    template: str = DEFAULT_TEMPLATE
+    template: Template = DEFAULT_TEMPLATE
 
 
 class CreateGenerationRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    prompt: str
-    aspect_ratio: str = "1:1"
+    # Trimmed and checked for NUL (PostgreSQL text cannot hold it) by the service.
+    prompt: Annotated[str, Meta(min_length=1, max_length=PROMPT_MAX_LENGTH, pattern=r"\S")]
+    aspect_ratio: AspectRatio = "1:1"
     auto_enhance: bool = True
     enhancement_options: EnhancementOptions | None = None
-    meta: dict[str, Any] = {}
-    negative_prompt: str | None = None
-    model: str | None = None
+    meta: Annotated[
+        dict[str, Any], Meta(description=f"Free-form object, at most {JSON_FIELD_MAX_BYTES} bytes as JSON")
+    ] = {}
+    negative_prompt: Annotated[str, Meta(max_length=PROMPT_MAX_LENGTH)] | None = None
+    model: Annotated[str, Meta(max_length=MODEL_MAX_LENGTH)] | None = None
     parameters: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=0, le=SEED_MAX)] | None = None
     connection_id: str | None = None
-    webhook_url: str | None = None
-    deadline_seconds: int | None = None
+    webhook_url: (
+        Annotated[
+            str,
+            Meta(  # checked by the service, with the same rules (and wording) as every outbound URL
+                extra_json_schema={"maxLength": URL_MAX_LENGTH, "format": "uri"},
+                description="http(s) URL notified of status changes (Standard Webhooks signature)",
+            ),
+        ]
+        | None
+    ) = None
+    deadline_seconds: DeadlineSeconds | None = None
+
+
+# The upper bound is a setting (checked by the service, which knows the settings).
+DeadlineSeconds = Annotated[
+    int,
+    Meta(
+        ge=1,
+        description="Seconds the generation may take before it fails with DEADLINE_EXCEEDED "
+        "(default KILN_GENERATION_DEADLINE_SECONDS, at most KILN_GENERATION_MAX_DEADLINE_SECONDS)",
+    ),
+]
 
 
 class BatchCreateRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Raw: each item is decoded on its own, so one bad item does not sink the others.
-    items: list[msgspec.Raw]
+    items: Annotated[list[msgspec.Raw], Meta(min_length=1)]
+
+    @classmethod
+    def documented_schema(cls, settings: Settings) -> dict[str, Any]:
+        """The body as documented: items are create bodies, at most KILN_LIMITS_MAX_BATCH_ITEMS of them
+        (a setting, so the app documents it when it is built)."""
+        schema = body_schema(cls)
+        limit = settings.limits.max_batch_items
+        schema["properties"]["items"].update(
+            maxItems=limit,
+            items=body_schema(CreateGenerationRequest),
+            description=f"Create bodies (at most KILN_LIMITS_MAX_BATCH_ITEMS, here {limit})",
+        )
+        return schema
 
 
 class RegenerateRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    deadline_seconds: int | None = None
+    deadline_seconds: DeadlineSeconds | None = None
 
 
 class GenerationRecord(msgspec.Struct, rename="camel"):

@@ -32,7 +32,6 @@ from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
     MODEL_MAX_LENGTH,
     PROMPT_MAX_LENGTH,
-    SEED_MAX,
     BatchEnvelope,
     BatchItemResult,
     BatchSummary,
@@ -45,7 +44,7 @@ from api.pagination import PageTotal, encode_cursor, parse_page, parse_statuses,
 from api.parsing import check_json_object, check_text, decode_body, parse_bool
 from api.resources import Resources
 from api.security.auth import Principal
-from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES, enhance
+from shared.enhancer import DEFAULT_TEMPLATE, enhance
 from shared.errors import (
     ConcurrencyLimitExceeded,
     GenerationNotFound,
@@ -61,7 +60,6 @@ from shared.models import TERMINAL_STATUSES, GenerationStatus, new_id, utcnow
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
-from shared.sizes import ASPECT_RATIOS
 from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
 from shared.webhooks import URL_MAX_LENGTH, validate_webhook_url
 
@@ -148,8 +146,9 @@ def check_deadline_seconds(value: int | None, settings: Settings) -> int | None:
 
 
 def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidGeneration:
-    """Check every field and report all bad ones at once. Parameters are checked against the provider's
-    schema once the connection is resolved (`resolve_generation_target`)."""
+    """Check what the Struct's Meta constraints cannot (trimmed text, JSON sizes, settings' limits) and
+    report all bad fields at once. Parameters are checked against the provider's schema once the
+    connection is resolved (`resolve_generation_target`)."""
     errors: list[dict[str, Any]] = []
 
     def check(field: str, run: Any) -> Any:
@@ -162,21 +161,13 @@ def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidG
     prompt = check(
         "prompt", lambda: check_text(body.prompt, "prompt", max_length=PROMPT_MAX_LENGTH, required=True)
     )
-    if body.aspect_ratio not in ASPECT_RATIOS:
-        errors.append({"field": "aspectRatio", "message": f"must be one of {', '.join(ASPECT_RATIOS)}"})
     template = body.enhancement_options.template if body.enhancement_options else DEFAULT_TEMPLATE
-    if template not in TEMPLATES:
-        errors.append(
-            {"field": "enhancementOptions.template", "message": f"must be one of {', '.join(TEMPLATES)}"}
-        )
     meta = check("meta", lambda: check_json_object(body.meta, "meta", max_bytes=JSON_FIELD_MAX_BYTES))
     negative = check(
         "negativePrompt",
         lambda: check_text(body.negative_prompt, "negativePrompt", max_length=PROMPT_MAX_LENGTH) or None,
     )
     model = check("model", lambda: check_text(body.model, "model", max_length=MODEL_MAX_LENGTH) or None)
-    if body.seed is not None and not 0 <= body.seed <= SEED_MAX:
-        errors.append({"field": "seed", "message": f"must be between 0 and {SEED_MAX}"})
     parameters: dict[str, Any] = {}
     if body.parameters is not None:
         checked = check(

@@ -9,8 +9,8 @@ from litestar import Controller, Request, Response, get
 from litestar.openapi import ResponseSpec
 
 from api.health import service
-from api.resources import resources_of
 from api.security.auth import client_address
+from api.security.guards import InjectedResources
 
 
 class HealthStatus(msgspec.Struct):
@@ -37,8 +37,9 @@ class HealthController(Controller):
             503: ResponseSpec(data_container=ReadyStatus, description="A dependency failed (see checks)")
         },
     )
-    async def ready(self, request: Request[Any, Any, Any]) -> Response[ReadyStatus]:
-        resources = resources_of(request)
+    async def ready(
+        self, request: Request[Any, Any, Any], resources: InjectedResources
+    ) -> Response[ReadyStatus]:
         detailed = await service.is_admin_caller(
             resources, request.headers.get("x-api-key"), client_address(request)
         )

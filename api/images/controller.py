@@ -24,10 +24,14 @@ from api.images.schemas import (
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import parse_uuid
-from api.resources import resources_of
-from api.security.auth import principal_of
-from api.security.guards import require_api_key
-from shared.errors import Forbidden, PayloadTooLarge, ValidationFailed
+from api.security.guards import (
+    PROJECT_ID_DEPENDENCY,
+    InjectedPrincipal,
+    InjectedResources,
+    ProjectId,
+    require_api_key,
+)
+from shared.errors import PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -39,9 +43,9 @@ ImageIdPath = Annotated[str, PathParameter(description="Image id (UUID)", schema
 SizeQuery = Annotated[str | None, QueryParameter(description="sm (≈300 px) or lg (≈1024 px); omit: original")]
 
 
-def _public_cache_control(request: AnyRequest) -> str:
+def _public_cache_control(resources: InjectedResources) -> str:
     # Not `immutable` for a year: a deleted image must drop out of shared caches within this lifetime.
-    return f"public, max-age={resources_of(request).settings.storage.cache_max_age_seconds}"
+    return f"public, max-age={resources.settings.storage.cache_max_age_seconds}"
 
 
 def _content_response(content: service.ImageContent, cache_control: str) -> Response[bytes]:
@@ -155,13 +159,12 @@ class PublicImageController(Controller):
         responses=error_responses(400, 404, 503),
     )
     async def public_image(
-        self, request: AnyRequest, token: FromPath[str], size: SizeQuery = None
+        self, request: AnyRequest, resources: InjectedResources, token: FromPath[str], size: SizeQuery = None
     ) -> Response[bytes]:
-        resources = resources_of(request)
         variant = service.parse_size(size)
         row = await service.find_public(resources, token)
         etag = service.etag_of(row.id, variant)
-        cache_control = _public_cache_control(request)
+        cache_control = _public_cache_control(resources)
         if (cached := _not_modified(request, etag, cache_control)) is not None:
             return cached
         content = await service.read_content(resources, row, variant)
@@ -177,6 +180,8 @@ class ImageController(Controller):
     @post(
         "/upload",
         status_code=201,
+        opt={"project_action": "upload images"},
+        dependencies=PROJECT_ID_DEPENDENCY,
         request_max_body_size=UPLOAD_MAX_BODY_BYTES,  # JSON routes keep the app's (smaller) limit
         operation_class=_UploadOperation,
         summary="Upload an image (PNG, JPEG or WebP)",
@@ -186,12 +191,11 @@ class ImageController(Controller):
         ),
         responses={**error_responses(400, 403, 413, *AUTHENTICATED_ERRORS), 409: _ALIAS_TAKEN},
     )
-    async def upload_image(self, request: AnyRequest) -> ImageEnvelope:
-        principal = principal_of(request)
-        if principal.is_admin or principal.project_id is None:
-            raise Forbidden("Admin keys cannot upload images; use a key of the project the image is for")
+    async def upload_image(
+        self, request: AnyRequest, resources: InjectedResources, project_id: ProjectId
+    ) -> ImageEnvelope:
         upload = await _read_upload(request)
-        record = await service.upload_image(resources_of(request), principal.project_id, upload)
+        record = await service.upload_image(resources, project_id, upload)
         return ImageEnvelope(data=record)
 
     @get(
@@ -199,10 +203,10 @@ class ImageController(Controller):
         summary="Get an image record",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def get_image(self, request: AnyRequest, image_id: ImageIdPath) -> ImageEnvelope:
-        record = await service.get_image(
-            resources_of(request), principal_of(request), parse_uuid(image_id, "id")
-        )
+    async def get_image(
+        self, resources: InjectedResources, principal: InjectedPrincipal, image_id: ImageIdPath
+    ) -> ImageEnvelope:
+        record = await service.get_image(resources, principal, parse_uuid(image_id, "id"))
         return ImageEnvelope(data=record)
 
     @get(
@@ -212,12 +216,16 @@ class ImageController(Controller):
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def image_content(
-        self, request: AnyRequest, image_id: ImageIdPath, size: SizeQuery = None
+        self,
+        request: AnyRequest,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        image_id: ImageIdPath,
+        size: SizeQuery = None,
     ) -> Response[bytes]:
-        resources = resources_of(request)
         image_uuid = parse_uuid(image_id, "id")
         variant = service.parse_size(size)
-        row = await service.find_own(resources, principal_of(request), image_uuid)
+        row = await service.find_own(resources, principal, image_uuid)
         if (
             cached := _not_modified(request, service.etag_of(row.id, variant), PRIVATE_CACHE_CONTROL)
         ) is not None:
@@ -231,6 +239,8 @@ class ImageController(Controller):
         summary="Delete an image (the record is kept, soft-deleted; its objects are removed)",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_image(self, request: AnyRequest, image_id: ImageIdPath) -> MessageEnvelope:
-        await service.delete_image(resources_of(request), principal_of(request), parse_uuid(image_id, "id"))
+    async def delete_image(
+        self, resources: InjectedResources, principal: InjectedPrincipal, image_id: ImageIdPath
+    ) -> MessageEnvelope:
+        await service.delete_image(resources, principal, parse_uuid(image_id, "id"))
         return MessageEnvelope(message="Image deleted")

@@ -1,6 +1,7 @@
 """Litestar guards: every /api/v1 route authenticates and spends one unit of a budget.
 
-A handler picks its budget with `opt={"budget": Budget.GENERATE}`; the default is the read budget.
+A handler picks its budget with `opt={"budget": Budget.GENERATE}`; the default is the read budget. The
+project-key rule and the dependencies handlers take (`resources`, `principal`, `project_id`) live here too.
 The rate-limit result stays in the scope state so that every response after authentication, errors
 and 429 included, carries the rate-limit headers (added by the request-context middleware).
 """
@@ -8,18 +9,22 @@ and 429 included, carries the rate-limit headers (added by the request-context m
 from __future__ import annotations
 
 import secrets
+import uuid
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 import anyio
+from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
 from litestar.handlers.base import BaseRouteHandler
 
-from api.resources import resources_of
+from api.resources import Resources, resources_of
 from api.security.auth import (
     PRINCIPAL_STATE_KEY,
     RATE_LIMIT_STATE_KEY,
+    Principal,
     authenticate,
     client_address,
     principal_of,
@@ -31,8 +36,21 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
 async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     budget: Budget = handler.opt.get("budget", Budget.READ)
+    if handler.opt.get("replayable") and connection.headers.get(IDEMPOTENCY_HEADER) is not None:
+        # A create carrying an Idempotency-Key authenticates on the read budget: its handler spends the
+        # generation budget only once the key proves the request new, so a replay never costs one.
+        budget = Budget.READ
+    refuse_unless_admitted(await _authenticate(connection, budget), budget)
+
+
+async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], budget: Budget) -> RateLimitResult:
+    """Authenticate and spend one unit of `budget`; the principal and the rate-limit result go into the
+    scope state (the response's rate-limit headers describe this budget)."""
     principal, rate = await authenticate(
         resources_of(connection),
         connection.headers.get("x-api-key"),
@@ -42,10 +60,10 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate
     state[PRINCIPAL_STATE_KEY] = principal
-    _refuse_unless_admitted(rate, budget)
+    return rate
 
 
-def _refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
+def refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
     if not rate.admitted:
         raise RateLimitExceeded(
             f"Rate limit of {rate.limit} {budget.value} requests per hour exceeded; "
@@ -57,6 +75,49 @@ def _refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     if not principal_of(connection).is_admin:
         raise Forbidden("This route needs an admin key; project keys cannot manage projects or keys")
+
+
+def project_id_of(principal: Principal, action: str) -> uuid.UUID:
+    """The project a project key acts for; an admin key belongs to no project, so it cannot `action`."""
+    if principal.is_admin or principal.project_id is None:
+        raise Forbidden(f"Admin keys cannot {action}; use a project key")
+    return principal.project_id
+
+
+async def require_project_key(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """For controllers whose every route acts for a project: `opt={"project_action": "manage webhooks"}`
+    words the 403."""
+    project_id_of(principal_of(connection), handler.opt["project_action"])
+
+
+# Litestar dependencies: handlers name `resources`, `principal` (registered on the app) or `project_id`.
+
+
+def provide_resources(request: Request[Any, Any, Any]) -> Resources:
+    return resources_of(request)
+
+
+def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+    return principal_of(request)
+
+
+def provide_project_id(request: Request[Any, Any, Any]) -> uuid.UUID:
+    return project_id_of(principal_of(request), request.route_handler.opt.get("project_action", "do this"))
+
+
+# Handlers' parameter types for them (named: the parameter's name picks the dependency).
+InjectedResources = NamedDependency[Resources]
+InjectedPrincipal = NamedDependency[Principal]
+ProjectId = NamedDependency[uuid.UUID]
+
+DEPENDENCIES = {
+    "resources": Provide(provide_resources, sync_to_thread=False),
+    "principal": Provide(provide_principal, sync_to_thread=False),
+}
+# Only on the layers that act for a project: the admin routes name a `project_id` path parameter.
+PROJECT_ID_DEPENDENCY = {"project_id": Provide(provide_project_id, sync_to_thread=False)}
 
 
 class GenerationSpend:
@@ -79,17 +140,8 @@ class GenerationSpend:
 
     async def charge(self) -> None:
         """Spend one unit (RateLimitExceeded when the budget is used up)."""
-        resources = resources_of(self._connection)
-        principal, rate = await authenticate(
-            resources,
-            self._connection.headers.get("x-api-key"),
-            Budget.GENERATE,
-            address=client_address(self._connection),
-        )
-        state = self._connection.scope["state"]
-        state[RATE_LIMIT_STATE_KEY] = rate  # the response's headers describe the generation budget
-        state[PRINCIPAL_STATE_KEY] = principal
-        _refuse_unless_admitted(rate, Budget.GENERATE)
+        rate = await _authenticate(self._connection, Budget.GENERATE)
+        refuse_unless_admitted(rate, Budget.GENERATE)
         assert rate.receipt is not None
         self._receipts.append(rate.receipt)
 

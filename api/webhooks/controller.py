@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import decode_body, parse_uuid
-from api.resources import resources_of
-from api.security.auth import principal_of
-from api.security.guards import require_api_key
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import JsonBody, parse_uuid
+from api.security.guards import (
+    PROJECT_ID_DEPENDENCY,
+    InjectedResources,
+    ProjectId,
+    require_api_key,
+    require_project_key,
+)
 from api.webhooks import service
 from api.webhooks.schemas import (
     CreatedWebhookEndpointEnvelope,
@@ -28,22 +29,9 @@ from api.webhooks.schemas import (
     WebhookEndpointListEnvelope,
     WebhookSecretEnvelope,
 )
-from shared.errors import Forbidden
-from shared.webhooks import URL_MAX_LENGTH, WEBHOOK_EVENTS
 
 AnyRequest = Request[Any, Any, Any]
 
-_EVENTS_RULE = {
-    "anyOf": [
-        {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}, "minItems": 1},
-        {"type": "null"},
-    ]
-}
-_CREATE_RULES: dict[str, dict[str, Any]] = {
-    "url": {"maxLength": URL_MAX_LENGTH, "format": "uri"},
-    "events": _EVENTS_RULE,
-}
-_UPDATE_RULES: dict[str, dict[str, Any]] = {"events": _EVENTS_RULE}
 _REDELIVER_CONFLICT = "the delivery is still pending, or its endpoint is disabled"
 
 
@@ -67,33 +55,26 @@ StatusQuery = Annotated[
 ]
 
 
-async def require_project_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    if principal_of(connection).project_id is None:
-        raise Forbidden("Webhooks belong to a project; use a project key")
-
-
-def _project_of(request: AnyRequest) -> uuid.UUID:
-    project_id = principal_of(request).project_id
-    assert project_id is not None  # require_project_key
-    return project_id
-
-
 class WebhookController(Controller):
     path = "/api/v1/webhooks"
     guards = [require_api_key, require_project_key]
+    opt = {"project_action": "manage webhooks"}
+    dependencies = PROJECT_ID_DEPENDENCY
     security = API_KEY_SECURITY
     tags = ["webhooks"]
 
     @post(
         "/",
         status_code=201,
-        operation_class=json_body(CreateWebhookRequest, _CREATE_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary="Create a webhook endpoint (its signing secret is in this response only)",
         responses=_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
     )
-    async def create_webhook(self, request: AnyRequest) -> CreatedWebhookEndpointEnvelope:
-        body = decode_body(await request.body(), CreateWebhookRequest)
-        record = await service.create_endpoint(resources_of(request), _project_of(request), body)
+    async def create_webhook(
+        self, data: JSONBody[CreateWebhookRequest], resources: InjectedResources, project_id: ProjectId
+    ) -> CreatedWebhookEndpointEnvelope:
+        record = await service.create_endpoint(resources, project_id, data)
         return CreatedWebhookEndpointEnvelope(data=record)
 
     @get(
@@ -102,11 +83,13 @@ class WebhookController(Controller):
         responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
     )
     async def list_webhooks(
-        self, request: AnyRequest, limit: LimitQuery = None, offset: OffsetQuery = None
+        self,
+        resources: InjectedResources,
+        project_id: ProjectId,
+        limit: LimitQuery = None,
+        offset: OffsetQuery = None,
     ) -> WebhookEndpointListEnvelope:
-        records, pagination = await service.list_endpoints(
-            resources_of(request), _project_of(request), limit=limit, offset=offset
-        )
+        records, pagination = await service.list_endpoints(resources, project_id, limit=limit, offset=offset)
         return WebhookEndpointListEnvelope(data=records, pagination=pagination)
 
     @get(
@@ -114,10 +97,10 @@ class WebhookController(Controller):
         summary="The project's secret for generations' own webhookUrl deliveries",
         responses=error_responses(403, *AUTHENTICATED_ERRORS),
     )
-    async def generation_webhook_secret(self, request: AnyRequest) -> WebhookSecretEnvelope:
-        return WebhookSecretEnvelope(
-            data=await service.generation_secret(resources_of(request), _project_of(request))
-        )
+    async def generation_webhook_secret(
+        self, resources: InjectedResources, project_id: ProjectId
+    ) -> WebhookSecretEnvelope:
+        return WebhookSecretEnvelope(data=await service.generation_secret(resources, project_id))
 
     @post(
         "/secret/rotate",
@@ -125,10 +108,10 @@ class WebhookController(Controller):
         summary="Replace the project's generation-webhook secret (later deliveries use the new one)",
         responses=error_responses(403, *AUTHENTICATED_ERRORS),
     )
-    async def rotate_generation_webhook_secret(self, request: AnyRequest) -> WebhookSecretEnvelope:
-        return WebhookSecretEnvelope(
-            data=await service.rotate_generation_secret(resources_of(request), _project_of(request))
-        )
+    async def rotate_generation_webhook_secret(
+        self, resources: InjectedResources, project_id: ProjectId
+    ) -> WebhookSecretEnvelope:
+        return WebhookSecretEnvelope(data=await service.rotate_generation_secret(resources, project_id))
 
     @get(
         "/deliveries",
@@ -137,7 +120,8 @@ class WebhookController(Controller):
     )
     async def list_generation_deliveries(
         self,
-        request: AnyRequest,
+        resources: InjectedResources,
+        project_id: ProjectId,
         generation_id: Annotated[
             str | None, QueryParameter(name="generationId", description="The generation (required)")
         ] = None,
@@ -149,7 +133,7 @@ class WebhookController(Controller):
         generation_uuid = service.parse_generation_filter(generation_id)
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
         records, pagination = await service.list_deliveries(
-            resources_of(request), _project_of(request), query, generation_id=generation_uuid
+            resources, project_id, query, generation_id=generation_uuid
         )
         return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
 
@@ -159,10 +143,10 @@ class WebhookController(Controller):
         summary="Send a delivered or failed delivery again now (any endpoint, or a generation's webhookUrl)",
         responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
     )
-    async def redeliver_any(self, request: AnyRequest, delivery_id: FromPath[str]) -> WebhookDeliveryEnvelope:
-        record = await service.redeliver(
-            resources_of(request), _project_of(request), parse_uuid(delivery_id, "deliveryId")
-        )
+    async def redeliver_any(
+        self, resources: InjectedResources, project_id: ProjectId, delivery_id: FromPath[str]
+    ) -> WebhookDeliveryEnvelope:
+        record = await service.redeliver(resources, project_id, parse_uuid(delivery_id, "deliveryId"))
         return WebhookDeliveryEnvelope(data=record)
 
     @get(
@@ -170,22 +154,28 @@ class WebhookController(Controller):
         summary="Get a webhook endpoint (no secret)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def get_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> WebhookEndpointEnvelope:
-        record = await service.get_endpoint(
-            resources_of(request), _project_of(request), parse_uuid(webhook_id, "id")
-        )
+    async def get_webhook(
+        self, resources: InjectedResources, project_id: ProjectId, webhook_id: FromPath[str]
+    ) -> WebhookEndpointEnvelope:
+        record = await service.get_endpoint(resources, project_id, parse_uuid(webhook_id, "id"))
         return WebhookEndpointEnvelope(data=record)
 
     @patch(
         "/{webhook_id:str}",
-        operation_class=json_body(UpdateWebhookRequest, _UPDATE_RULES),
+        dto=JsonBody,
+        return_dto=None,
         summary='Change a webhook endpoint; {"enabled": true} re-enables one disabled by a 410',
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
-    async def update_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> WebhookEndpointEnvelope:
+    async def update_webhook(
+        self,
+        data: JSONBody[UpdateWebhookRequest],
+        resources: InjectedResources,
+        project_id: ProjectId,
+        webhook_id: FromPath[str],
+    ) -> WebhookEndpointEnvelope:
         endpoint_id = parse_uuid(webhook_id, "id")
-        body = decode_body(await request.body(), UpdateWebhookRequest)
-        record = await service.update_endpoint(resources_of(request), _project_of(request), endpoint_id, body)
+        record = await service.update_endpoint(resources, project_id, endpoint_id, data)
         return WebhookEndpointEnvelope(data=record)
 
     @delete(
@@ -194,10 +184,10 @@ class WebhookController(Controller):
         summary="Delete a webhook endpoint and its delivery log",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def delete_webhook(self, request: AnyRequest, webhook_id: FromPath[str]) -> MessageEnvelope:
-        await service.delete_endpoint(
-            resources_of(request), _project_of(request), parse_uuid(webhook_id, "id")
-        )
+    async def delete_webhook(
+        self, resources: InjectedResources, project_id: ProjectId, webhook_id: FromPath[str]
+    ) -> MessageEnvelope:
+        await service.delete_endpoint(resources, project_id, parse_uuid(webhook_id, "id"))
         return MessageEnvelope(message="Webhook endpoint deleted")
 
     @get(
@@ -207,7 +197,8 @@ class WebhookController(Controller):
     )
     async def list_deliveries(
         self,
-        request: AnyRequest,
+        resources: InjectedResources,
+        project_id: ProjectId,
         webhook_id: FromPath[str],
         status: StatusQuery = None,
         limit: LimitQuery = None,
@@ -217,7 +208,7 @@ class WebhookController(Controller):
         endpoint_id = parse_uuid(webhook_id, "id")
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
         records, pagination = await service.list_deliveries(
-            resources_of(request), _project_of(request), query, endpoint_id=endpoint_id
+            resources, project_id, query, endpoint_id=endpoint_id
         )
         return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
 
@@ -228,12 +219,16 @@ class WebhookController(Controller):
         responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
     )
     async def redeliver(
-        self, request: AnyRequest, webhook_id: FromPath[str], delivery_id: FromPath[str]
+        self,
+        resources: InjectedResources,
+        project_id: ProjectId,
+        webhook_id: FromPath[str],
+        delivery_id: FromPath[str],
     ) -> WebhookDeliveryEnvelope:
         endpoint_id = parse_uuid(webhook_id, "id")
         record = await service.redeliver(
-            resources_of(request),
-            _project_of(request),
+            resources,
+            project_id,
             parse_uuid(delivery_id, "deliveryId"),
             endpoint_id=endpoint_id,
         )

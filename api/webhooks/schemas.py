@@ -4,25 +4,37 @@ only; the generation-webhook secret has a route of its own."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from api.envelope import Pagination, format_time
+from shared.webhooks import URL_MAX_LENGTH, WEBHOOK_EVENTS
 
 DESCRIPTION_MAX_LENGTH = 500
 
 
+# Events are checked by the service (it also accepts `generation.<status>` names and folds repeats);
+# the schema documents the canonical names.
+Events = Annotated[
+    list[Annotated[str, Meta(extra_json_schema={"enum": list(WEBHOOK_EVENTS)})]],
+    Meta(extra_json_schema={"minItems": 1}),
+]
+# Checked by the service, with the same rules (and wording) as every outbound URL.
+Url = Annotated[str, Meta(extra_json_schema={"maxLength": URL_MAX_LENGTH, "format": "uri"})]
+
+
 class CreateWebhookRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    url: str
-    events: list[str] | None = None  # default: every event
-    description: str | None = None
+    url: Url
+    events: Events | None = None  # default: every event
+    description: Annotated[str, Meta(max_length=DESCRIPTION_MAX_LENGTH)] | None = None
 
 
 class UpdateWebhookRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    url: str | None = None
-    events: list[str] | None = None
-    description: str | None = None
+    url: Url | None = None
+    events: Events | None = None
+    description: Annotated[str, Meta(max_length=DESCRIPTION_MAX_LENGTH)] | None = None
     enabled: bool | None = None  # true re-enables an endpoint disabled by a 410 (clears disabledReason)
 
 

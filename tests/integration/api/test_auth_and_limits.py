@@ -397,3 +397,23 @@ async def test_a_key_may_hold_only_so_many_streams_and_long_polls(api_settings, 
             break
         await asyncio.sleep(0.1)
     assert poll.status_code == 200, poll.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "action"),
+    [
+        ("POST", "/api/v1/generations", "create generations"),
+        ("GET", "/api/v1/connections", "manage connections"),
+        ("GET", "/api/v1/webhooks/secret", "manage webhooks"),
+        ("POST", "/api/v1/images/upload", "upload images"),
+    ],
+)
+async def test_an_admin_key_acting_for_a_project_gets_one_403_everywhere(
+    client, admin_headers, method, path, action
+):
+    # One rule (api.security.guards.project_id_of): an admin key belongs to no project.
+    r = await client.request(method, path, json={"prompt": "x"}, headers=admin_headers)
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert error["code"] == "FORBIDDEN"
+    assert error["message"] == f"Admin keys cannot {action}; use a project key"

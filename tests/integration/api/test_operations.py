@@ -8,7 +8,7 @@ from openapi_spec_validator import validate
 from sqlalchemy import func, select
 
 from api.generations import service as generations_service
-from tests.integration.api.conftest import api_client, generations, make_admin_key, make_tenant
+from tests.integration.api.conftest import api_client, generations, make_admin_key, make_tenant, with_limits
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"
 
@@ -155,3 +155,15 @@ async def test_ready_gives_the_failure_detail_to_an_admin_key(api_settings, sess
     assert r.status_code == 503
     broker = r.json()["checks"]["broker"]
     assert broker not in ("ok", "down") and ("failed" in broker or "timed out" in broker)
+
+
+async def test_the_documented_batch_limit_is_the_setting(api_settings):
+    async with api_client(with_limits(api_settings, max_batch_items=7)) as client:
+        document = (await client.get("/schema/openapi.json")).json()
+    body = document["paths"]["/api/v1/generations/batch"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]
+    ref = body["schema"]["$ref"].removeprefix("#/components/schemas/")
+    items = document["components"]["schemas"][ref]["properties"]["items"]
+    assert items["maxItems"] == 7 and items["minItems"] == 1
+    assert "21:9" in items["items"]["properties"]["aspectRatio"]["enum"]  # each item is a create body
