@@ -1,0 +1,28 @@
+"""generations list order index for admin keys
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-04 16:05:00
+
+An admin key lists every project's generations newest first: without an index in that order (the
+existing ones lead with project_id) PostgreSQL read and sorted the whole table for every page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE INDEX ix_generations_created ON generations (created_at DESC, id DESC)")
+
+
+def downgrade() -> None:
+    op.drop_index("ix_generations_created", table_name="generations")
