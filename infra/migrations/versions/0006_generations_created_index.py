@@ -6,12 +6,15 @@ Create Date: 2026-12-04 16:05:00
 
 An admin key lists every project's generations newest first: without an index in that order (the
 existing ones lead with project_id) PostgreSQL read and sorted the whole table for every page.
+
+Upgrade note: the index is built while writes to `generations` wait (a few seconds per million rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
@@ -21,7 +24,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE INDEX ix_generations_created ON generations (created_at DESC, id DESC)")
+    op.create_index("ix_generations_created", "generations", [sa.text("created_at DESC"), sa.text("id DESC")])
 
 
 def downgrade() -> None:
