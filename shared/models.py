@@ -128,6 +128,8 @@ class Generation(SQLModel, table=True):
         ),
         # Newest-first lists, with and without a status filter, keyset on (created_at, id).
         Index("ix_generations_project_created", "project_id", text("created_at DESC"), text("id DESC")),
+        # An admin key's list, across every project.
+        Index("ix_generations_created", text("created_at DESC"), text("id DESC")),
         Index(
             "ix_generations_project_status_created",
             "project_id",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -21,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
+from cachetools import TTLCache
 from sqlalchemy.exc import DBAPIError
 
 from api.connections.service import resolve_generation_target
@@ -908,39 +908,18 @@ def parse_list_query(
     )
 
 
-class RecentEstimates:
-    """The planner's large estimates by list filter, reused for a few seconds. They come from table
-    statistics, which change only when PostgreSQL analyzes the table (minutes apart); asking again on
-    every first page costs a round trip and a planning (~100 µs of API CPU, as much in PostgreSQL)
-    for the same number. Small estimates are not kept: they lead to an exact count."""
-
-    def __init__(self, seconds: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._seconds = seconds
-        self._size = size
-        self._clock = clock
-        self._entries: dict[repository.ListFilter, tuple[float, int]] = {}
-
-    def get(self, where: repository.ListFilter) -> int | None:
-        entry = self._entries.get(where)
-        if entry is None or entry[0] <= self._clock():
-            return None
-        return entry[1]
-
-    def put(self, where: repository.ListFilter, estimate: int) -> None:
-        self._entries.pop(where, None)
-        if len(self._entries) >= self._size:
-            del self._entries[next(iter(self._entries))]  # the oldest
-        self._entries[where] = (self._clock() + self._seconds, estimate)
-
-
-_large_estimates = RecentEstimates(seconds=10, size=4096)
+# The planner's large estimates by list filter, reused for a few seconds. They come from table
+# statistics, which change only when PostgreSQL analyzes the table (minutes apart); asking again on
+# every first page costs a round trip and a planning (~100 µs of API CPU, as much in PostgreSQL) for
+# the same number. Small estimates are not kept: they lead to an exact count.
+_large_estimates: TTLCache[repository.ListFilter, int] = TTLCache(maxsize=4096, ttl=10)
 
 
 async def _estimate(conn: Any, where: repository.ListFilter) -> int:
     if (estimate := _large_estimates.get(where)) is None:
         estimate = await repository.estimate_generations(conn, where)
         if estimate > TOTAL_EXACT_UP_TO:
-            _large_estimates.put(where, estimate)
+            _large_estimates[where] = estimate
     return estimate
 
 
