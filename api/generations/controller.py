@@ -21,7 +21,13 @@ from litestar.response.sse import ServerSentEventMessage
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.events.hub import finished_records_of, status_hub_of
-from api.generations import service
+from api.generations import conditional, idempotency, service, waiting
+from api.generations.rules import (
+    WEBHOOK_URL_MAX_LENGTH,
+    check_batch_size,
+    check_deadline_seconds,
+    validate_create,
+)
 from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
     MODEL_MAX_LENGTH,
@@ -83,7 +89,7 @@ _CREATE_RULES: dict[str, dict[str, Any]] = {
     "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": SEED_MAX}, {"type": "null"}]},
     "webhookUrl": {
         "anyOf": [
-            {"type": "string", "maxLength": service.WEBHOOK_URL_MAX_LENGTH, "format": "uri"},
+            {"type": "string", "maxLength": WEBHOOK_URL_MAX_LENGTH, "format": "uri"},
             {"type": "null"},
         ],
         "description": "http(s) URL notified of status changes (Standard Webhooks signature)",
@@ -200,14 +206,16 @@ def _project_of(principal: Principal, action: str) -> uuid.UUID:
 
 
 def _wait_of(request: AnyRequest) -> int | None:
-    return service.parse_prefer_wait(request.headers.getall("prefer", []))
+    return conditional.parse_prefer_wait(request.headers.getall("prefer", []))
 
 
 def _not_modified(headers: dict[str, str]) -> Response[Any]:
     return Response(content=None, status_code=304, headers=headers)
 
 
-def _replayed(stored: service.StoredResponse, envelope: type[Any], headers: dict[str, str]) -> Response[Any]:
+def _replayed(
+    stored: idempotency.StoredResponse, envelope: type[Any], headers: dict[str, str]
+) -> Response[Any]:
     content = msgspec.convert(stored.body, envelope)
     return Response(content, status_code=stored.status, headers={**headers, "Idempotent-Replayed": "true"})
 
@@ -245,19 +253,19 @@ class GenerationController(Controller):
             principal = principal_of(request)
             project_id = _project_of(principal, "create generations")
             resources = resources_of(request)
-            key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            key = idempotency.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
             body = decode_body(await request.body(), CreateGenerationRequest)
-            valid = service.validate_create(body, resources.settings)
+            valid = validate_create(body, resources.settings)
             wait = _wait_of(request)
 
-            async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
+            async def create(generation_id: uuid.UUID) -> GenerationRecord | idempotency.StoredResponse:
                 if key is None:
-                    created: GenerationRecord | service.StoredResponse = await service.create_generation(
+                    created: GenerationRecord | idempotency.StoredResponse = await service.create_generation(
                         resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
                     )
                 else:
-                    once = service.IdempotencyKey(
-                        key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
+                    once = idempotency.IdempotencyKey(
+                        key, idempotency.request_hash(CREATE_ROUTE, idempotency.canonical_create_body(body))
                     )
                     created = await service.create_generation_once(
                         resources,
@@ -272,11 +280,11 @@ class GenerationController(Controller):
                 return created
 
             async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
-                result, waited = await service.submit_and_wait(
+                result, waited = await waiting.submit_and_wait(
                     resources, status_hub_of(request), wait, project_id, create
                 )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
-        if isinstance(result, service.StoredResponse):
+        if isinstance(result, idempotency.StoredResponse):
             return _replayed(result, GenerationEnvelope, headers)
         return Response(GenerationEnvelope(data=result), status_code=201, headers=headers)
 
@@ -298,19 +306,19 @@ class GenerationController(Controller):
         principal = principal_of(request)
         project_id = _project_of(principal, "create generations")
         resources = resources_of(request)
-        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+        key = idempotency.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
         body = decode_body(await request.body(), BatchCreateRequest)
-        service.check_batch_size(body.items, resources.settings)
+        check_batch_size(body.items, resources.settings)
         once = None
         if key is not None:
-            once = service.IdempotencyKey(
-                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(body.items))
+            once = idempotency.IdempotencyKey(
+                key, idempotency.request_hash(BATCH_ROUTE, idempotency.canonical_batch_body(body.items))
             )
         async with GenerationSpend(request) as spend:  # units of items then refused are given back
             result = await service.create_batch(
                 resources, project_id, principal.max_in_flight, body.items, spend, once
             )
-        if isinstance(result, service.StoredResponse):
+        if isinstance(result, idempotency.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
         return Response(result, status_code=200)
 
@@ -381,7 +389,7 @@ class GenerationController(Controller):
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             retry: int | None = EVENTS_RETRY_MS
             try:
-                async for record in service.follow_generation(
+                async for record in waiting.follow_generation(
                     resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
                 ):
                     await slot.renew()
@@ -436,7 +444,7 @@ class GenerationController(Controller):
             deadline_seconds = None
             if raw.strip():
                 body = decode_body(raw, RegenerateRequest)
-                deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
+                deadline_seconds = check_deadline_seconds(body.deadline_seconds, resources.settings)
             record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
