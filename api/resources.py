@@ -14,6 +14,7 @@ from litestar import Litestar
 from litestar.connection import ASGIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.connections.cache import DefaultConnections
 from api.images.schemas import ImageUrls
 from api.security.ratelimit import RateLimiter
 from shared.db import create_engine, create_sessionmaker
@@ -45,6 +46,8 @@ class Resources:
     producer: Celery
     storage: ObjectStorage
     urls: ImageUrls
+    # Kept exact by the status hub (api.events.hub.status_hub_lifespan), which follows their events.
+    default_connections: DefaultConnections
 
 
 def resources_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Resources:
@@ -92,6 +95,7 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         producer=producer,
         storage=storage,
         urls=ImageUrls(settings.server.base_url, storage),
+        default_connections=DefaultConnections(),
     )
     try:
         yield

@@ -33,6 +33,11 @@ def generation_channel(generation_id: uuid.UUID | str) -> str:
     return f"kiln:generation:{generation_id}"
 
 
+def connections_channel(project_id: uuid.UUID | str) -> str:
+    """Where the API announces that a project's connections changed (api.connections.cache)."""
+    return f"kiln:connections:{project_id}"
+
+
 def api_timestamp(value: datetime) -> str:
     """ISO 8601 UTC with milliseconds, as the API writes times: 2025-11-28T10:00:00.000Z."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -17,6 +17,7 @@ import httpx
 from msgspec import UNSET
 
 from api.connections import repository
+from api.connections.cache import announce_change
 from api.connections.schemas import (
     API_KEY_MAX_LENGTH,
     API_URL_MAX_LENGTH,
@@ -312,6 +313,7 @@ async def create_connection(
             await repository.lock_project_defaults(conn, project_id)
             await repository.clear_default(conn, project_id)
         row = await repository.insert_connection(conn, {"id": new_id(), "project_id": project_id, **values})
+    await announce_change(resources.redis, project_id)
     log.info("connection created", connection_id=str(row.id), provider=row.provider)
     return connection_record(row)
 
@@ -378,6 +380,7 @@ async def update_connection(
             await repository.clear_default(conn, project_id)
         row = await repository.update_connection(conn, project_id, connection_id, values)
     assert row is not None  # locked above
+    await announce_change(resources.redis, project_id)
     log.info("connection updated", connection_id=str(row.id), key_changed=key_changed)
     return connection_record(row)
 
@@ -387,6 +390,7 @@ async def delete_connection(resources: Resources, project_id: uuid.UUID, connect
     async with resources.engine.begin() as conn:
         if not await repository.delete_connection(conn, project_id, connection_id):
             raise ConnectionNotFound()
+    await announce_change(resources.redis, project_id)
     log.info("connection deleted", connection_id=str(connection_id))
 
 
@@ -516,6 +520,20 @@ class GenerationTarget:
     queue: str  # where `kiln.generate` goes: a queue per provider
 
 
+async def _project_default(resources: Resources, project_id: uuid.UUID) -> Any:
+    """The project's default connection (None: it has none), from the process's cache when known."""
+    cache = resources.default_connections
+    known = cache.get(project_id)
+    if known is not None:
+        return known.row
+    ticket = cache.ticket()
+    async with resources.reader.connect() as conn:
+        row = await repository.find_generation_connection(conn, project_id, None)
+    if ticket is not None:
+        cache.fill(ticket, project_id, row)
+    return row
+
+
 async def resolve_generation_target(
     resources: Resources,
     project_id: uuid.UUID,
@@ -527,8 +545,11 @@ async def resolve_generation_target(
     merged over the connection's defaults and checked against that provider's schema (400 naming
     `parameters.<name>` or `connectionId`)."""
     settings = resources.settings
-    async with resources.reader.connect() as conn:
-        row = await repository.find_generation_connection(conn, project_id, connection_id)
+    if connection_id is None:
+        row = await _project_default(resources, project_id)
+    else:
+        async with resources.reader.connect() as conn:
+            row = await repository.find_generation_connection(conn, project_id, connection_id)
     if connection_id is not None and row is None:
         raise ValidationFailed.field("connectionId", "connection not found")
     if row is not None:

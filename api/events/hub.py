@@ -13,10 +13,11 @@ with backoff, subscribes every watched channel again and then wakes every watche
 database (events published during the outage are gone). Events are a latency optimisation: a watcher
 that could not subscribe (Redis down) simply waits out its timeout; the database stays the truth.
 
-`follow(listener)` also subscribes the pattern of every generation's channel, on the same connection,
-for a process-wide cache of finished records: the listener hears each generation's change, when the
-pattern is confirmed (`resumed`), and when the connection drops (`lost`: events may be missed until
-it is resumed). A followed hub connects at startup and keeps reconnecting.
+`follow(pattern, listener)` also subscribes a pattern of channels, on the same connection, for a
+process-wide cache: every generation's channel for the finished records, every project's connections
+channel for the default connections. The listener hears each change (the channel's name past the
+pattern's `*`), when the pattern is confirmed (`resumed`), and when the connection drops (`lost`:
+events may be missed until it is resumed). A followed hub connects at startup and keeps reconnecting.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.generations.cache import FinishedRecords
-from shared.events import generation_channel
+from shared.events import connections_channel, generation_channel
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -47,14 +48,16 @@ log = get_logger(__name__)
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
 _RECONNECT_FIRST_DELAY_SECONDS = 0.2
 _RECONNECT_MAX_DELAY_SECONDS = 5.0
-_CHANNEL_PREFIX = generation_channel("")
-_EVERY_GENERATION = generation_channel("*")
+EVERY_GENERATION = generation_channel("*")
+EVERY_PROJECTS_CONNECTIONS = connections_channel("*")
 
 
 class ChangeListener(Protocol):
-    """Hears every generation's status events (api.generations.cache.FinishedRecords)."""
+    """Hears the events of every channel of a pattern (api.generations.cache.FinishedRecords,
+    api.connections.cache.DefaultConnections)."""
 
-    def changed(self, generation_id: str) -> None: ...
+    def changed(self, key: str) -> None:
+        """An event on the channel `<pattern's prefix><key>`."""
 
     def resumed(self) -> None: ...
 
@@ -125,7 +128,7 @@ class StatusHub:
         self._reader: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._listener: ChangeListener | None = None
+        self._listeners: dict[str, ChangeListener] = {}  # by the pattern they follow
         self._closed = False
 
     # --- what callers use -------------------------------------------------------------------------
@@ -148,9 +151,12 @@ class StatusHub:
         finally:
             self._remove(channel, watch)
 
-    def follow(self, listener: ChangeListener) -> None:
-        """Tell `listener` about every generation's events from now on (connects in the background)."""
-        self._listener = listener
+    def follow(self, pattern: str, listener: ChangeListener) -> None:
+        """Tell `listener` about the events of every channel matching `pattern` (`<prefix>*`) from now on
+        (connects in the background). Call before the hub is connected: at startup."""
+        if not pattern.endswith("*") or "*" in pattern[:-1]:
+            raise ValueError("a followed pattern is a channel prefix followed by one *")
+        self._listeners[pattern] = listener
         self._schedule_reconnect(delay=0.0)
 
     def watcher_count(self, generation_id: uuid.UUID | str) -> int:
@@ -165,8 +171,8 @@ class StatusHub:
         await asyncio.gather(*tasks, return_exceptions=True)
         async with self._lock:
             await self._drop_locked(self._pubsub)
-        if self._listener is not None:
-            self._listener.lost()
+        for listener in self._listeners.values():
+            listener.lost()
         for state in self._channels.values():
             for watch in state.watches:
                 watch._notify(None)
@@ -218,19 +224,19 @@ class StatusHub:
         self._replies.setdefault(name, deque()).append(future)
         return future
 
-    async def _subscribe_locked(self, channels: list[str]) -> asyncio.Future[bool] | None:
+    async def _subscribe_locked(self, channels: list[str]) -> list[asyncio.Future[bool]]:
         """SUBSCRIBE `channels` (connecting first if needed); each channel's `ready` resolves on its reply.
-        A new connection of a followed hub also PSUBSCRIBEs every generation: returns its future."""
+        A new connection of a followed hub also PSUBSCRIBEs its patterns: returns their futures."""
         for name in channels:
             self._channels[name].ready = self._expect_reply(name)
         pubsub = self._pubsub
-        pattern_ready = None
+        patterns_ready: list[asyncio.Future[bool]] = []
         try:
             if pubsub is None:
                 pubsub = self._pubsub = self._redis.pubsub()
-                if self._listener is not None:
-                    pattern_ready = self._expect_reply(_EVERY_GENERATION)
-                    await pubsub.psubscribe(_EVERY_GENERATION)  # opens the connection
+                if self._listeners:
+                    patterns_ready = [self._expect_reply(pattern) for pattern in self._listeners]
+                    await pubsub.psubscribe(*self._listeners)  # opens the connection
                 if channels:
                     await pubsub.subscribe(*channels)  # opens the connection if not yet open
                 self._reader = asyncio.create_task(self._read(pubsub))
@@ -240,7 +246,7 @@ class StatusHub:
             log.warning("status event subscribe failed", error=repr(exc))
             await self._drop_locked(pubsub)
             self._schedule_reconnect()
-        return pattern_ready
+        return patterns_ready
 
     # --- the connection ---------------------------------------------------------------------------
 
@@ -265,8 +271,11 @@ class StatusHub:
         raw_channel = message.get("channel")
         channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
         if kind == "pmessage":
-            if self._listener is not None:
-                self._listener.changed(channel.removeprefix(_CHANNEL_PREFIX))
+            raw_pattern = message.get("pattern")
+            pattern = raw_pattern.decode() if isinstance(raw_pattern, bytes) else str(raw_pattern)
+            listener = self._listeners.get(pattern)
+            if listener is not None:
+                listener.changed(channel.removeprefix(pattern[:-1]))
         elif kind == "message":
             state = self._channels.get(channel)
             if state is not None:
@@ -274,8 +283,8 @@ class StatusHub:
                 for watch in state.watches:
                     watch._notify(status)
         elif kind in ("subscribe", "unsubscribe", "psubscribe"):
-            if kind == "psubscribe" and self._listener is not None:
-                self._listener.resumed()
+            if kind == "psubscribe" and channel in self._listeners:
+                self._listeners[channel].resumed()
             replies = self._replies.get(channel)
             if not replies:
                 return
@@ -290,8 +299,8 @@ class StatusHub:
         if pubsub is None or self._pubsub is not pubsub:
             return
         self._pubsub = None
-        if self._listener is not None:
-            self._listener.lost()
+        for listener in self._listeners.values():
+            listener.lost()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -316,14 +325,13 @@ class StatusHub:
             delay = min(max(delay * 2, _RECONNECT_FIRST_DELAY_SECONDS), _RECONNECT_MAX_DELAY_SECONDS)
             async with self._lock:
                 channels = list(self._channels)
-                if not channels and self._listener is None:
+                if not channels and not self._listeners:
                     return  # nobody is waiting: the next watch connects
-                pattern_ready = None
+                patterns_ready = []
                 if self._pubsub is None:
-                    pattern_ready = await self._subscribe_locked(channels)
+                    patterns_ready = await self._subscribe_locked(channels)
                 futures = [state.ready for state in self._channels.values() if state.ready is not None]
-                if pattern_ready is not None:
-                    futures.append(pattern_ready)
+                futures.extend(patterns_ready)
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
                     confirmed = await asyncio.gather(*(asyncio.shield(f) for f in futures))
@@ -347,15 +355,17 @@ class StatusHub:
 
 @asynccontextmanager
 async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """The process's hub and its cache of finished records. It connects in the background (or on the
-    first watch), so a Redis that is down does not stop startup."""
+    """The process's hub, its cache of finished records, and the events keeping the resources' cache
+    of default connections exact. It connects in the background (or on the first watch), so a Redis
+    that is down does not stop startup."""
     settings = app.state.settings
     hub = StatusHub(settings.redis_url)
     app.state.status_hub = hub
     finished = FinishedRecords(settings.server.poll_cache_size)
     app.state.finished_records = finished
     if finished.size > 0:
-        hub.follow(finished)
+        hub.follow(EVERY_GENERATION, finished)
+    hub.follow(EVERY_PROJECTS_CONNECTIONS, app.state.resources.default_connections)
     try:
         yield
     finally:

@@ -17,7 +17,8 @@ from litestar.response.sse import ServerSentEventMessage
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.events.hub import finished_records_of, status_hub_of
-from api.generations import service
+from api.generations import conditional, idempotency, service, waiting
+from api.generations.rules import check_batch_size, check_deadline_seconds, validate_create
 from api.generations.schemas import (
     BatchCreateRequest,
     BatchEnvelope,
@@ -82,14 +83,16 @@ PreferHeader = Annotated[
 
 
 def _wait_of(request: AnyRequest) -> int | None:
-    return service.parse_prefer_wait(request.headers.getall("prefer", []))
+    return conditional.parse_prefer_wait(request.headers.getall("prefer", []))
 
 
 def _not_modified(headers: dict[str, str]) -> Response[Any]:
     return Response(content=None, status_code=304, headers=headers)
 
 
-def _replayed(stored: service.StoredResponse, envelope: type[Any], headers: dict[str, str]) -> Response[Any]:
+def _replayed(
+    stored: idempotency.StoredResponse, envelope: type[Any], headers: dict[str, str]
+) -> Response[Any]:
     content = msgspec.convert(stored.body, envelope)
     return Response(content, status_code=stored.status, headers={**headers, "Idempotent-Replayed": "true"})
 
@@ -127,21 +130,21 @@ class GenerationController(Controller):
     ) -> Response[GenerationEnvelope]:
         async with GenerationSpend(request) as spend:  # a refused create costs no budget
             project_id = project_id_of(principal, "create generations")
-            key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+            key = idempotency.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
             # Decoded here, not as a `data:` parameter: Litestar decodes those before the handler, where a
             # refused body could not give back the generation unit the guard spent.
             body = decode_body(await request.body(), CreateGenerationRequest)
-            valid = service.validate_create(body, resources.settings)
+            valid = validate_create(body, resources.settings)
             wait = _wait_of(request)
 
-            async def create(generation_id: uuid.UUID) -> GenerationRecord | service.StoredResponse:
+            async def create(generation_id: uuid.UUID) -> GenerationRecord | idempotency.StoredResponse:
                 if key is None:
-                    created: GenerationRecord | service.StoredResponse = await service.create_generation(
+                    created: GenerationRecord | idempotency.StoredResponse = await service.create_generation(
                         resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
                     )
                 else:
-                    once = service.IdempotencyKey(
-                        key, service.request_hash(CREATE_ROUTE, service.canonical_create_body(body))
+                    once = idempotency.IdempotencyKey(
+                        key, idempotency.request_hash(CREATE_ROUTE, idempotency.canonical_create_body(body))
                     )
                     created = await service.create_generation_once(
                         resources,
@@ -156,11 +159,11 @@ class GenerationController(Controller):
                 return created
 
             async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
-                result, waited = await service.submit_and_wait(
+                result, waited = await waiting.submit_and_wait(
                     resources, status_hub_of(request), wait, project_id, create
                 )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
-        if isinstance(result, service.StoredResponse):
+        if isinstance(result, idempotency.StoredResponse):
             return _replayed(result, GenerationEnvelope, headers)
         return Response(GenerationEnvelope(data=result), status_code=201, headers=headers)
 
@@ -186,18 +189,18 @@ class GenerationController(Controller):
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[BatchEnvelope]:
         project_id = project_id_of(principal, "create generations")
-        key = service.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
-        service.check_batch_size(data.items, resources.settings)
+        key = idempotency.check_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+        check_batch_size(data.items, resources.settings)
         once = None
         if key is not None:
-            once = service.IdempotencyKey(
-                key, service.request_hash(BATCH_ROUTE, service.canonical_batch_body(data.items))
+            once = idempotency.IdempotencyKey(
+                key, idempotency.request_hash(BATCH_ROUTE, idempotency.canonical_batch_body(data.items))
             )
         async with GenerationSpend(request) as spend:  # units of items then refused are given back
             result = await service.create_batch(
                 resources, project_id, principal.max_in_flight, data.items, spend, once
             )
-        if isinstance(result, service.StoredResponse):
+        if isinstance(result, idempotency.StoredResponse):
             return _replayed(result, BatchEnvelope, {})
         return Response(result, status_code=200)
 
@@ -274,7 +277,7 @@ class GenerationController(Controller):
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             retry: int | None = EVENTS_RETRY_MS
             try:
-                async for record in service.follow_generation(
+                async for record in waiting.follow_generation(
                     resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
                 ):
                     await slot.renew()
@@ -329,7 +332,7 @@ class GenerationController(Controller):
             deadline_seconds = None
             if raw.strip():
                 body = decode_body(raw, RegenerateRequest)  # in the spend block, as in create_generation
-                deadline_seconds = service.check_deadline_seconds(body.deadline_seconds, resources.settings)
+                deadline_seconds = check_deadline_seconds(body.deadline_seconds, resources.settings)
             record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
         return GenerationEnvelope(data=record)
 

@@ -1,5 +1,7 @@
-"""The rules of the generations API: what a valid request is, how a generation is created (once per
-Idempotency-Key, alone or in a batch), read, waited for, listed, cancelled, regenerated and deleted.
+"""The generations API's operations: how a generation is created (alone, once per Idempotency-Key, or
+in a batch), read, listed, cancelled, regenerated and deleted. What a valid request is lives in
+`rules`, the Idempotency-Key in `idempotency`, ETags and `Prefer` in `conditional`, waits and queue
+positions in `waiting`.
 
 The database, not the broker, is the source of truth: a row is committed before its task is enqueued,
 and a lost enqueue is repaired by the worker's sweeper. Status events (Redis pub/sub, `api.events`)
@@ -10,28 +12,35 @@ other answer is read from the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
 from cachetools import TTLCache
-from sqlalchemy.exc import DBAPIError
 
-from api.connections.service import resolve_generation_target
 from api.envelope import ErrorBody, Pagination
-from api.events.hub import StatusHub, StatusWatch
+from api.events.hub import StatusHub
 from api.generations import repository
 from api.generations.cache import FinishedAnswer, FinishedRecords
+from api.generations.conditional import etag_matches, etag_of
+from api.generations.idempotency import (
+    IDEMPOTENCY_LOCK_TIMEOUT_MS,
+    IdempotencyKey,
+    StoredResponse,
+    find_stored_response,
+    run_once_per_key,
+)
+from api.generations.rules import (
+    ValidGeneration,
+    in_flight_cap,
+    over_cap,
+    prepare_generation,
+    validate_create,
+)
 from api.generations.schemas import (
-    JSON_FIELD_MAX_BYTES,
-    MODEL_MAX_LENGTH,
-    PROMPT_MAX_LENGTH,
     BatchEnvelope,
     BatchItemResult,
     BatchSummary,
@@ -40,50 +49,35 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
+from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of
 from api.pagination import PageTotal, encode_cursor, parse_page, parse_statuses, read_cursor
-from api.parsing import check_json_object, check_text, decode_body, parse_bool
+from api.parsing import decode_body, parse_bool
 from api.resources import Resources
 from api.security.auth import Principal
-from shared.enhancer import DEFAULT_TEMPLATE, enhance
 from shared.errors import (
-    ConcurrencyLimitExceeded,
     GenerationNotFound,
     InvalidState,
     KilnError,
     RateLimitExceeded,
-    ValidationFailed,
 )
 from shared.events import StatusChange, publish_status
 from shared.image_store import generation_prefix
 from shared.logging import get_logger
-from shared.models import TERMINAL_STATUSES, GenerationStatus, new_id, utcnow
-from shared.providers import PROVIDER_NAMES
+from shared.models import GenerationStatus, utcnow
 from shared.queueing import enqueue_generation, queue_for_provider
-from shared.settings import Settings
 from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
-from shared.webhooks import URL_MAX_LENGTH, validate_webhook_url
+from shared.webhooks import URL_MAX_LENGTH
 
 log = get_logger(__name__)
 
 # A list's `total` is counted exactly up to this many rows; past it, it is the planner's estimate
 # (flagged totalIsEstimate): counting costs a row read per row, 3.3 ms of PostgreSQL time at 10,000.
 TOTAL_EXACT_UP_TO = 1_000
-# queuePosition counts at most this many generations ahead (a position past it reads CAP + 1).
-QUEUE_POSITION_CAP = 10_000
 ENQUEUE_TIMEOUT_SECONDS = 2.0
 WEBHOOK_URL_MAX_LENGTH = URL_MAX_LENGTH
-# `Prefer: wait=N` is honoured up to this many seconds (larger values are cut to it).
-MAX_WAIT_SECONDS = 60
-IDEMPOTENCY_KEY_MAX_LENGTH = 255
-IDEMPOTENCY_TTL = timedelta(hours=24)
-# A request whose key another transaction holds waits this long for it before answering 409.
-IDEMPOTENCY_LOCK_TIMEOUT_MS = 2000
-IDEMPOTENCY_RETRY_AFTER_SECONDS = 1
 # Batches prepare (resolve connection, enhance prompt) this many items at once.
 BATCH_PREPARE_CONCURRENCY = 8
 _STATUSES = tuple(s.value for s in GenerationStatus)
-_TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
-_LOCK_NOT_AVAILABLE = "55P03"
 
 
 class GenerationBudget(Protocol):
@@ -95,169 +89,6 @@ class GenerationBudget(Protocol):
 
     async def refund_last(self) -> None:
         """Give back the unit last charged: the item it paid for was refused."""
-
-
-class IdempotencyKeyReused(KilnError):
-    status_code = 422
-    code = "IDEMPOTENCY_KEY_REUSED"
-    default_message = "This Idempotency-Key was used with a different request body"
-
-
-class IdempotencyInProgress(KilnError):
-    status_code = 409
-    code = "IDEMPOTENCY_IN_PROGRESS"
-    default_message = "A request with this Idempotency-Key is still being processed; retry shortly"
-
-    def __init__(self, message: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(IDEMPOTENCY_RETRY_AFTER_SECONDS)})
-
-
-# --- create ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ValidGeneration:
-    prompt: str
-    aspect_ratio: str
-    auto_enhance: bool
-    template: str
-    meta: dict[str, Any]
-    negative_prompt: str | None
-    model: str | None
-    parameters: dict[str, Any]
-    seed: int | None
-    connection_id: uuid.UUID | None
-    webhook_url: str | None = None
-    deadline_seconds: int | None = None
-
-
-def check_webhook_url(value: str, settings: Settings, field: str = "webhookUrl") -> str:
-    """The same rules as webhook endpoints' URLs (and the provider URLs' address policy)."""
-    return validate_webhook_url(value, settings.network.policy(), field)
-
-
-def check_deadline_seconds(value: int | None, settings: Settings) -> int | None:
-    if value is None:
-        return None
-    limit = settings.generation.max_deadline_seconds
-    if not 1 <= value <= limit:
-        raise ValidationFailed.field("deadlineSeconds", f"must be between 1 and {limit}")
-    return value
-
-
-def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidGeneration:
-    """Check what the Struct's Meta constraints cannot (trimmed text, JSON sizes, settings' limits) and
-    report all bad fields at once. Parameters are checked against the provider's schema once the
-    connection is resolved (`resolve_generation_target`)."""
-    errors: list[dict[str, Any]] = []
-
-    def check(field: str, run: Any) -> Any:
-        try:
-            return run()
-        except ValidationFailed as exc:
-            errors.extend(exc.details or [{"field": field, "message": exc.message}])
-            return None
-
-    prompt = check(
-        "prompt", lambda: check_text(body.prompt, "prompt", max_length=PROMPT_MAX_LENGTH, required=True)
-    )
-    template = body.enhancement_options.template if body.enhancement_options else DEFAULT_TEMPLATE
-    meta = check("meta", lambda: check_json_object(body.meta, "meta", max_bytes=JSON_FIELD_MAX_BYTES))
-    negative = check(
-        "negativePrompt",
-        lambda: check_text(body.negative_prompt, "negativePrompt", max_length=PROMPT_MAX_LENGTH) or None,
-    )
-    model = check("model", lambda: check_text(body.model, "model", max_length=MODEL_MAX_LENGTH) or None)
-    parameters: dict[str, Any] = {}
-    if body.parameters is not None:
-        checked = check(
-            "parameters",
-            lambda: check_json_object(body.parameters or {}, "parameters", max_bytes=JSON_FIELD_MAX_BYTES),
-        )
-        parameters = checked or {}
-    connection_id = None
-    if body.connection_id is not None:
-        try:
-            connection_id = uuid.UUID(body.connection_id)
-        except ValueError:
-            errors.append({"field": "connectionId", "message": "must be a UUID"})
-    webhook_url = None
-    if body.webhook_url is not None:
-        webhook_url = check("webhookUrl", lambda: check_webhook_url(body.webhook_url or "", settings))
-    deadline_seconds = check(
-        "deadlineSeconds", lambda: check_deadline_seconds(body.deadline_seconds, settings)
-    )
-    if errors:
-        first = errors[0]
-        raise ValidationFailed(f"{first['field']}: {first['message']}", details=errors)
-    return ValidGeneration(
-        prompt=prompt,
-        aspect_ratio=body.aspect_ratio,
-        auto_enhance=body.auto_enhance,
-        template=template,
-        meta=meta,
-        negative_prompt=negative,
-        model=model,
-        parameters=parameters,
-        seed=body.seed,
-        connection_id=connection_id,
-        webhook_url=webhook_url,
-        deadline_seconds=deadline_seconds,
-    )
-
-
-async def prepare_generation(
-    resources: Resources,
-    project_id: uuid.UUID,
-    request: ValidGeneration,
-    generation_id: uuid.UUID | None = None,
-) -> dict[str, Any]:
-    """The row to insert: connection resolved (provider, model, checked parameters), prompt enhanced."""
-    settings = resources.settings
-    target = await resolve_generation_target(
-        resources, project_id, request.connection_id, request.model, request.parameters
-    )
-    prompt, engine = request.prompt, None
-    if request.auto_enhance:
-        enhancement = await enhance(request.prompt, request.template)
-        prompt, engine = enhancement.prompt, enhancement.engine
-    now = utcnow()
-    deadline_seconds = request.deadline_seconds or settings.generation.deadline_seconds
-    return {
-        "id": generation_id or new_id(),
-        "project_id": project_id,
-        "prompt": prompt,
-        "original_prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "auto_enhance": request.auto_enhance,
-        "enhancement_template": request.template if request.auto_enhance else None,
-        "enhancement_engine": engine,
-        "aspect_ratio": request.aspect_ratio,
-        "status": GenerationStatus.PENDING.value,
-        "provider": target.provider,
-        "model": target.model,
-        "connection_id": target.connection_id,
-        "parameters": target.parameters,
-        "seed": request.seed,
-        "meta": request.meta,
-        "retry_count": 0,
-        "attempts": 0,
-        "version": 1,
-        "deadline_at": now + timedelta(seconds=deadline_seconds),
-        "enqueued_at": now,
-        "webhook_url": request.webhook_url,
-    }
-
-
-def _in_flight_cap(settings: Settings, override: int | None) -> int:
-    return override if override is not None else settings.limits.max_in_flight_per_project
-
-
-def _over_cap(cap: int) -> ConcurrencyLimitExceeded:
-    return ConcurrencyLimitExceeded(
-        f"This project already has {cap} generations pending or processing; retry when some finish",
-        headers={"Retry-After": "5"},
-    )
 
 
 async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
@@ -309,112 +140,13 @@ async def create_generation(
 ) -> GenerationRecord:
     """The plain create: one INSERT committed on its own, then the enqueue."""
     values = await prepare_generation(resources, project_id, request, generation_id)
-    cap = _in_flight_cap(resources.settings, in_flight_override)
+    cap = in_flight_cap(resources.settings, in_flight_override)
     async with resources.engine.connect() as conn:
         row = await repository.insert_generation(conn, values, cap)
     if row is None:
-        raise _over_cap(cap)
+        raise over_cap(cap)
     await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
-
-
-# --- idempotency ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyKey:
-    key: str
-    request_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """The first response to an Idempotency-Key, answered again to a repeat."""
-
-    status: int
-    body: dict[str, Any]
-
-
-def check_idempotency_key(value: str | None) -> str | None:
-    """The header's value: 1..255 printable ASCII characters."""
-    if value is None:
-        return None
-    if not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX_LENGTH or not all(" " <= ch <= "~" for ch in value):
-        raise ValidationFailed.field(
-            "Idempotency-Key", f"must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} printable ASCII characters"
-        )
-    return value
-
-
-def request_hash(route: str, canonical_body: Any) -> str:
-    """SHA-256 of the route and the parsed body (defaults filled in, keys sorted): two requests that
-    mean the same thing hash the same, whatever their spacing or key order."""
-    text = json.dumps([route, canonical_body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def canonical_create_body(body: CreateGenerationRequest) -> Any:
-    return msgspec.to_builtins(body)
-
-
-async def find_stored_response(
-    resources: Resources, project_id: uuid.UUID, key: IdempotencyKey
-) -> StoredResponse | None:
-    """The stored response to repeat; 422 for another body under the key, 409 while the first runs."""
-    async with resources.reader.connect() as conn:
-        row = await repository.find_idempotency_record(conn, project_id, key.key)
-    if row is None:
-        return None
-    if row.request_hash != key.request_hash:
-        raise IdempotencyKeyReused(
-            "This Idempotency-Key was already used with a different request; use a new key per request"
-        )
-    if row.state != repository.IDEMPOTENCY_COMPLETED or row.response_status is None:
-        raise IdempotencyInProgress()
-    return StoredResponse(status=row.response_status, body=row.response_body or {})
-
-
-class _KeyTaken(Exception):
-    """Another request owns the key: roll back and answer from its record."""
-
-
-def _is_lock_timeout(exc: DBAPIError) -> bool:
-    orig = exc.orig
-    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == _LOCK_NOT_AVAILABLE
-
-
-async def _run_once_per_key(
-    resources: Resources,
-    project_id: uuid.UUID,
-    key: IdempotencyKey,
-    work: Callable[[Any], Awaitable[tuple[int, dict[str, Any], Any]]],
-) -> tuple[Any, StoredResponse | None]:
-    """Run `work(conn)` in one transaction with the key's record: INSERT in_progress, the work, then the
-    response stored and `completed`, all committed together. Returns (work's result, None) for the
-    first request, (None, stored response) for a repeat that lost the race. A failed first request
-    rolls the record back with everything else, so the key stays usable."""
-    for _ in range(2):
-        try:
-            async with resources.engine.begin() as conn:
-                await repository.set_lock_timeout(conn, IDEMPOTENCY_LOCK_TIMEOUT_MS)
-                if not await repository.claim_idempotency_key(
-                    conn, project_id, key.key, key.request_hash, IDEMPOTENCY_TTL
-                ):
-                    raise _KeyTaken
-                status, body, result = await work(conn)
-                await repository.complete_idempotency_key(conn, project_id, key.key, status, body)
-            return result, None
-        except _KeyTaken:
-            pass
-        except DBAPIError as exc:
-            if _is_lock_timeout(exc):
-                raise IdempotencyInProgress() from None
-            raise
-        stored = await find_stored_response(resources, project_id, key)
-        if stored is not None:
-            return None, stored
-        # The holder's record expired or vanished in between: try to claim the key once more.
-    raise IdempotencyInProgress()
 
 
 async def create_generation_once(
@@ -433,48 +165,21 @@ async def create_generation_once(
     if stored is not None:
         return stored
     values = await prepare_generation(resources, project_id, request, generation_id)
-    cap = _in_flight_cap(resources.settings, in_flight_override)
+    cap = in_flight_cap(resources.settings, in_flight_override)
 
     async def insert(conn: Any) -> tuple[int, dict[str, Any], GenerationRecord]:
         await budget.charge()
         row = await repository.insert_generation_in_transaction(conn, values, cap)
         if row is None:
-            raise _over_cap(cap)
+            raise over_cap(cap)
         record = generation_record(row, resources.urls, with_image=False)
         return 201, msgspec.to_builtins(GenerationEnvelope(data=record)), record
 
-    record, repeated = await _run_once_per_key(resources, project_id, key, insert)
+    record, repeated = await run_once_per_key(resources, project_id, key, insert)
     if repeated is not None:
         return repeated
     await _enqueue(resources, [_enqueued(record)])
     return record
-
-
-def stored_generation_id(stored: StoredResponse) -> uuid.UUID | None:
-    data = stored.body.get("data")
-    try:
-        return uuid.UUID(data["id"]) if isinstance(data, dict) else None
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-# --- batch ----------------------------------------------------------------------------------------
-
-
-def check_batch_size(items: Sequence[Any], settings: Settings) -> None:
-    limit = settings.limits.max_batch_items
-    if not 1 <= len(items) <= limit:
-        raise ValidationFailed.field("items", f"must hold 1 to {limit} items (got {len(items)})")
-
-
-def canonical_batch_body(items: Sequence[msgspec.Raw]) -> Any:
-    canonical: list[Any] = []
-    for raw in items:
-        try:
-            canonical.append(canonical_create_body(msgspec.json.decode(raw, type=CreateGenerationRequest)))
-        except msgspec.MsgspecError:
-            canonical.append(msgspec.json.decode(raw))  # each item was valid JSON inside the body
-    return canonical
 
 
 def _error_body(exc: KilnError) -> ErrorBody:
@@ -510,7 +215,7 @@ async def create_batch(
             return exc
 
     prepared = await asyncio.gather(*(prepare(raw) for raw in items))
-    cap = _in_flight_cap(settings, in_flight_override)
+    cap = in_flight_cap(settings, in_flight_override)
 
     async def insert(conn: Any) -> tuple[int, dict[str, Any], BatchEnvelope]:
         results: list[BatchItemResult] = []
@@ -524,7 +229,7 @@ async def create_batch(
                     await budget.charge()
                     row = await repository.insert_generation_in_transaction(conn, item, cap)
                     if row is None:
-                        refusal = _over_cap(cap)
+                        refusal = over_cap(cap)
                         await budget.refund_last()  # the item was refused: its unit is given back
                 except RateLimitExceeded as exc:
                     refusal = exc
@@ -546,142 +251,12 @@ async def create_batch(
             await repository.set_lock_timeout(conn, IDEMPOTENCY_LOCK_TIMEOUT_MS)  # also opens the transaction
             _, _, envelope = await insert(conn)
     else:
-        envelope, repeated = await _run_once_per_key(resources, project_id, key, insert)
+        envelope, repeated = await run_once_per_key(resources, project_id, key, insert)
         if repeated is not None:
             return repeated
     created = [_enqueued(r.data) for r in envelope.data if r.data is not None]
     await _enqueue(resources, created)
     return envelope
-
-
-# --- waiting --------------------------------------------------------------------------------------
-
-
-def parse_prefer_wait(values: Sequence[str]) -> int | None:
-    """Seconds from `Prefer: wait=N` (RFC 7240), cut to MAX_WAIT_SECONDS; None when absent or not a
-    positive integer (a preference the server cannot honour is ignored, as the RFC says)."""
-    for header in values:
-        for preference in header.split(","):
-            name, _, value = preference.split(";", 1)[0].partition("=")
-            if name.strip().lower() != "wait":
-                continue
-            try:
-                seconds = int(value.strip().strip('"'))
-            except ValueError:
-                return None
-            return min(seconds, MAX_WAIT_SECONDS) if seconds > 0 else None
-    return None
-
-
-def etag_of(row: Any) -> str:
-    """Weak: equal for two reads of the same version in the same status, however the payload is
-    rendered. queuePosition is advisory and not part of it."""
-    updated_at: datetime = row["updated_at"]
-    source = f"{row['id']}:{row['version']}:{row['status']}:{updated_at.timestamp():.6f}"
-    return 'W/"' + hashlib.sha256(source.encode()).hexdigest()[:24] + '"'
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Weak comparison (RFC 9110): `W/` is ignored; `*` matches any current representation."""
-    if if_none_match is None:
-        return False
-    wanted = etag.removeprefix("W/")
-    for candidate in if_none_match.split(","):
-        tag = candidate.strip()
-        if tag == "*" or tag.removeprefix("W/") == wanted:
-            return True
-    return False
-
-
-def _providers_on_queue_of(settings: Settings, provider: str) -> list[str]:
-    queue = queue_for_provider(settings, provider)
-    names = [name for name in PROVIDER_NAMES if queue_for_provider(settings, name) == queue]
-    return names if provider in names else [*names, provider]
-
-
-async def _add_queue_positions(
-    resources: Resources, conn: Any, rows: Sequence[Any], records: list[GenerationRecord]
-) -> None:
-    """queuePosition of each pending record: 1 + the pending generations queued before it on its queue
-    (across projects: that is the line it waits in), one statement per queue."""
-    settings = resources.settings
-    by_queue: dict[str, list[tuple[Any, GenerationRecord]]] = {}
-    for row, record in zip(rows, records, strict=True):
-        if record.status == GenerationStatus.PENDING.value:
-            by_queue.setdefault(queue_for_provider(settings, row["provider"]), []).append((row, record))
-    for group in by_queue.values():
-        ahead = await repository.count_pending_ahead(
-            conn,
-            [(row["id"], row["created_at"]) for row, _ in group],
-            _providers_on_queue_of(settings, group[0][0]["provider"]),
-            QUEUE_POSITION_CAP,
-        )
-        for row, record in group:
-            record.queue_position = min(ahead.get(row["id"], 0), QUEUE_POSITION_CAP) + 1
-
-
-async def _read_row(resources: Resources, project_id: uuid.UUID | None, generation_id: uuid.UUID) -> Any:
-    async with resources.engine.connect() as conn:  # the compiled query runs outside any transaction
-        return await repository.get_generation(conn, generation_id, project_id)
-
-
-async def _record_of(resources: Resources, row: Any) -> GenerationRecord:
-    record = generation_record(row, resources.urls)
-    if record.status == GenerationStatus.PENDING.value:
-        async with resources.reader.connect() as conn:
-            await _add_queue_positions(resources, conn, [row], [record])
-    return record
-
-
-async def wait_until_terminal(
-    resources: Resources,
-    watch: StatusWatch,
-    project_id: uuid.UUID | None,
-    generation_id: uuid.UUID,
-    seconds: float,
-) -> GenerationRecord | None:
-    """The record once it is terminal, or as it is after `seconds`; None if it no longer exists."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + seconds
-    row = await _read_row(resources, project_id, generation_id)
-    while row is not None and row["status"] not in _TERMINAL:
-        if not await watch.wait(until - loop.time()):
-            break
-        row = await _read_row(resources, project_id, generation_id)
-    return None if row is None else await _record_of(resources, row)
-
-
-async def submit_and_wait(
-    resources: Resources,
-    hub: StatusHub | None,
-    wait_seconds: int | None,
-    project_id: uuid.UUID,
-    create: Callable[[uuid.UUID], Awaitable[GenerationRecord | StoredResponse]],
-) -> tuple[GenerationRecord | StoredResponse, bool]:
-    """Run `create(new id)`; with `wait_seconds`, hold the answer until the generation is terminal (or
-    the time is up). The channel is subscribed before the row exists, so no status change is missed.
-    Returns (what create returned, or the record as it is after the wait; whether the wait was applied)."""
-    generation_id = new_id()
-    if not wait_seconds or hub is None:
-        return await create(generation_id), False
-    async with AsyncExitStack() as stack:
-        watch = await stack.enter_async_context(hub.watch(generation_id))
-        created = await create(generation_id)
-        if isinstance(created, StoredResponse):
-            # A repeat: wait on the generation the first request created.
-            stored_id = stored_generation_id(created)
-            if stored_id is None:
-                return created, False
-            await stack.aclose()
-            watch = await stack.enter_async_context(hub.watch(stored_id))
-            generation_id = stored_id
-        waited = await wait_until_terminal(resources, watch, project_id, generation_id, wait_seconds)
-        if isinstance(created, StoredResponse):
-            if waited is None:
-                return created, False
-            body = msgspec.to_builtins(GenerationEnvelope(data=waited))
-            return StoredResponse(status=created.status, body=body), True
-        return (waited or created), True
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,10 +274,10 @@ _encode = msgspec.json.Encoder().encode
 async def get_generation(
     resources: Resources, principal: Principal, generation_id: uuid.UUID
 ) -> GenerationRecord:
-    row = await _read_row(resources, principal.project_id, generation_id)
+    row = await read_row(resources, principal.project_id, generation_id)
     if row is None:
         raise GenerationNotFound()
-    return await _record_of(resources, row)
+    return await record_of(resources, row)
 
 
 async def view_generation(
@@ -727,8 +302,8 @@ async def view_generation(
             if answer is not None:
                 return _view_of(answer, if_none_match)
             ticket = finished.ticket()
-        row = await _read_row(resources, principal.project_id, generation_id)
-        if ticket is not None and row is not None and row["status"] in _TERMINAL:
+        row = await read_row(resources, principal.project_id, generation_id)
+        if ticket is not None and row is not None and row["status"] in TERMINAL:
             assert finished is not None
             answer = _finished_answer(resources, row)
             finished.fill(ticket, generation_id, answer)
@@ -737,7 +312,7 @@ async def view_generation(
     loop = asyncio.get_running_loop()
     until = loop.time() + wait_seconds
     async with hub.watch(generation_id) as watch:
-        row = await _read_row(resources, principal.project_id, generation_id)
+        row = await read_row(resources, principal.project_id, generation_id)
         if row is None:
             raise GenerationNotFound()
         if if_none_match is not None:
@@ -749,7 +324,7 @@ async def view_generation(
             else:
                 return await _view(resources, row, if_none_match)  # the client is behind: answer now
         else:
-            if row["status"] in _TERMINAL:
+            if row["status"] in TERMINAL:
                 return await _view(resources, row, if_none_match)
             first_status = row["status"]
 
@@ -757,7 +332,7 @@ async def view_generation(
                 return bool(fresh["status"] != first_status)
 
         while await watch.wait(until - loop.time()):
-            fresh = await _read_row(resources, principal.project_id, generation_id)
+            fresh = await read_row(resources, principal.project_id, generation_id)
             if fresh is None:
                 raise GenerationNotFound()
             row = fresh
@@ -772,7 +347,7 @@ async def _view(resources: Resources, row: Any, if_none_match: str | None) -> Ge
     etag = etag_of(row)
     if etag_matches(if_none_match, etag):
         return GenerationView(body=None, etag=etag)
-    record = await _record_of(resources, row)
+    record = await record_of(resources, row)
     return GenerationView(body=_encode(GenerationEnvelope(data=record)), etag=etag)
 
 
@@ -786,34 +361,6 @@ def _view_of(answer: FinishedAnswer, if_none_match: str | None) -> GenerationVie
     if etag_matches(if_none_match, answer.etag):
         return GenerationView(body=None, etag=answer.etag)
     return GenerationView(body=answer.body, etag=answer.etag)
-
-
-async def follow_generation(
-    resources: Resources,
-    hub: StatusHub,
-    principal: Principal,
-    generation_id: uuid.UUID,
-    heartbeat_seconds: float,
-) -> AsyncIterator[GenerationRecord | None]:
-    """The record now, then again at each status change, until it is terminal (or gone); None every
-    `heartbeat_seconds` of silence (the caller sends a keep-alive). Each silence also re-reads the row,
-    a safety net for events lost while Redis was away."""
-    async with hub.watch(generation_id) as watch:
-        row = await _read_row(resources, principal.project_id, generation_id)
-        if row is None:
-            return
-        yield await _record_of(resources, row)
-        seen = (row["status"], row["version"])
-        while row["status"] not in _TERMINAL:
-            if not await watch.wait(heartbeat_seconds):
-                yield None
-            fresh = await _read_row(resources, principal.project_id, generation_id)
-            if fresh is None:
-                return
-            row = fresh
-            if (row["status"], row["version"]) != seen:
-                seen = (row["status"], row["version"])
-                yield await _record_of(resources, row)
 
 
 # --- cancel and regenerate ------------------------------------------------------------------------
@@ -862,10 +409,10 @@ async def regenerate_generation(
         target = await repository.lock_for_regenerate(conn, generation_id, principal.project_id)
         if target is None:
             raise GenerationNotFound()
-        cap = _in_flight_cap(settings, principal.max_in_flight)
-        if target.status in _TERMINAL and cap > 0:  # it becomes in-flight work again
+        cap = in_flight_cap(settings, principal.max_in_flight)
+        if target.status in TERMINAL and cap > 0:  # it becomes in-flight work again
             if await repository.count_in_flight(conn, target.project_id, cap) >= cap:
-                raise _over_cap(cap)
+                raise over_cap(cap)
         row = await repository.regenerate_generation(conn, generation_id, deadline_seconds)
     # Wakes a worker still on the previous version (it abandons) and anyone waiting on the generation.
     await publish_status(resources.redis, row["id"], row["project_id"], row["status"], row["updated_at"])
@@ -956,7 +503,7 @@ async def list_generations(
         rows = rows[: query.limit]
         total = await _list_total(conn, where, query, len(rows), has_more)
         records = [generation_record(row, resources.urls) for row in rows]
-        await _add_queue_positions(resources, conn, rows, records)
+        await add_queue_positions(resources, conn, rows, records)
     last = rows[-1] if has_more else None
     pagination = Pagination(
         limit=query.limit,

@@ -7,7 +7,7 @@ import uuid
 
 from sqlalchemy import func, insert, select, text, update
 
-from api.generations.service import IDEMPOTENCY_LOCK_TIMEOUT_MS
+from api.generations.idempotency import IDEMPOTENCY_LOCK_TIMEOUT_MS
 from api.security.ratelimit import Budget, window_key
 from shared.models import metadata, new_id
 from tests.integration.api.conftest import api_client, generations, make_tenant, with_limits
