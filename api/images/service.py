@@ -20,6 +20,7 @@ from api.images.schemas import (
     UPLOAD_MAX_FILE_BYTES,
     UPLOAD_META_MAX_BYTES,
     ImageRecord,
+    image_record,
 )
 from api.parsing import check_json_object
 from api.resources import Resources
@@ -103,7 +104,7 @@ async def _get_row(resources: Resources, principal: Principal, image_id: uuid.UU
 
 
 async def get_image(resources: Resources, principal: Principal, image_id: uuid.UUID) -> ImageRecord:
-    return resources.urls.image_record(await _get_row(resources, principal, image_id))
+    return image_record(await _get_row(resources, principal, image_id), resources.urls)
 
 
 async def find_own(resources: Resources, principal: Principal, image_id: uuid.UUID) -> Any:
@@ -239,7 +240,7 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
             raise _first_error(exc) from exc
         raise
     log.info("image uploaded", image_id=str(image_id), mime_type=info.mime_type, file_size=info.size)
-    return resources.urls.image_record(row)
+    return image_record(row, resources.urls)
 
 
 def _first_error(exc: BaseException) -> BaseException:

@@ -8,7 +8,8 @@ from typing import Any
 
 import msgspec
 
-from api.envelope import Pagination, format_time
+from api.envelope import Pagination
+from shared.records import format_time
 
 DESCRIPTION_MAX_LENGTH = 500
 
