@@ -15,12 +15,12 @@ from litestar.connection import ASGIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.connections.cache import DefaultConnections
-from api.images.schemas import ImageUrls
 from api.security.ratelimit import RateLimiter
 from shared.db import create_engine, create_sessionmaker
 from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
 from shared.queueing import close_publisher, create_producer
+from shared.records import ImageUrls
 from shared.settings import Settings
 from shared.storage import ObjectStorage, create_storage
 
@@ -94,7 +94,7 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         broker_redis=broker_redis,
         producer=producer,
         storage=storage,
-        urls=ImageUrls(settings.server.base_url, storage),
+        urls=ImageUrls(settings.server.base_url, storage.direct_url),
         default_connections=DefaultConnections(),
     )
     try:

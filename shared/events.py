@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.logging import get_logger
+from shared.records import format_time
 
 log = get_logger(__name__)
 
@@ -38,11 +39,6 @@ def connections_channel(project_id: uuid.UUID | str) -> str:
     return f"kiln:connections:{project_id}"
 
 
-def api_timestamp(value: datetime) -> str:
-    """ISO 8601 UTC with milliseconds, as the API writes times: 2025-11-28T10:00:00.000Z."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def status_event(
     generation_id: uuid.UUID | str, project_id: uuid.UUID | str, status: str, updated_at: datetime
 ) -> str:
@@ -51,7 +47,7 @@ def status_event(
             "id": str(generation_id),
             "projectId": str(project_id),
             "status": status,
-            "updatedAt": api_timestamp(updated_at),
+            "updatedAt": format_time(updated_at),
         },
         separators=(",", ":"),
     )

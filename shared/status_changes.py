@@ -1,11 +1,16 @@
-"""What happens after a generation's status changes: the one home of its side effects.
+"""What happens when a generation's record changes: the one home of its side effects.
 
-Every code path that changes a status (worker success/failure, sweeper, API cancel and delete) does
+Every code path that changes a generation (worker success/failure/claim, sweeper, API cancel, delete,
+regenerate, image delete) does
 
-    async with <transaction> as db:
+    async with status_changes(deps, <transaction>) as changes:      # deps: settings, redis, producer
         change = <the guarded UPDATE ... RETURNING>
-        recorded = await record_in_transaction(db, settings, change)   # webhook delivery rows
-    await after_commit(recorded, redis=..., producer=..., settings=...)  # event + delivery tasks
+        await changes.status_changed(change)   # its webhook delivery rows, in this transaction
+        changes.record_changed(other)          # a change no webhook announces (delete, image delete)
+
+and on a clean exit, after the commit, every change is published on Redis (long polls and SSE wake,
+every API process drops its cached answer: no stale record is served) and the delivery tasks are sent.
+An exception rolls everything back and nothing is sent.
 
 The delivery rows commit with the status change or not at all (a transactional outbox). The Redis
 event and the delivery tasks go out after the commit; if the process dies in between, the rows are
@@ -16,7 +21,9 @@ KILN_WEBHOOKS_UNSENT_AFTER_SECONDS has passed. A lost event costs a client one e
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -29,41 +36,71 @@ from shared.webhooks import enqueue_webhook_deliveries, insert_status_deliveries
 
 log = get_logger(__name__)
 
-__all__ = ["RecordedChanges", "StatusChange", "after_commit", "record_in_transaction"]
+Db = TypeVar("Db", AsyncSession, AsyncConnection)
+
+__all__ = ["ChangeEffects", "RecordChanges", "StatusChange", "publish_changes", "status_changes"]
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedChanges:
-    """Status changes written in a transaction, with the webhook deliveries inserted alongside."""
+class ChangeEffects(Protocol):
+    """What the after-commit effects need: the API's Resources and the worker's dependencies have it.
+    `producer` None (some tests, tools): the dispatcher sends every delivery once it is due."""
 
-    changes: tuple[StatusChange, ...] = ()
-    delivery_ids: tuple[uuid.UUID, ...] = ()
+    @property
+    def settings(self) -> Settings: ...
 
+    @property
+    def redis(self) -> aioredis.Redis: ...
 
-async def record_in_transaction(
-    db: AsyncSession | AsyncConnection, settings: Settings, *changes: StatusChange
-) -> RecordedChanges:
-    """Insert the webhook deliveries of `changes` in the caller's open transaction (which must hold
-    the changed rows: the payload is read from them). Raises like any statement: the caller's
-    transaction then rolls back, status change included."""
-    delivery_ids = await insert_status_deliveries(db, changes, settings)
-    return RecordedChanges(changes=changes, delivery_ids=tuple(delivery_ids))
+    @property
+    def producer(self) -> Celery | None: ...
 
 
-async def after_commit(
-    recorded: RecordedChanges, *, redis: aioredis.Redis, producer: Celery | None, settings: Settings
+class RecordChanges(Generic[Db]):
+    """The changes made in one open transaction (`db`), with the webhook deliveries inserted for them."""
+
+    def __init__(self, db: Db, settings: Settings) -> None:
+        self.db: Db = db
+        self._settings = settings
+        self.changes: list[StatusChange] = []
+        self.delivery_ids: list[uuid.UUID] = []
+
+    async def status_changed(self, *changes: StatusChange) -> None:
+        """Insert the webhook deliveries of `changes` now (the payload is read from the rows as they
+        are: call it before a row is deleted). Raises like any statement: the transaction then rolls
+        back, status change included."""
+        self.delivery_ids += await insert_status_deliveries(self.db, changes, self._settings)
+        self.changes += changes
+
+    def record_changed(self, *changes: StatusChange) -> None:
+        """A change of the record that no webhook announces: published after the commit only."""
+        self.changes += changes
+
+
+@asynccontextmanager
+async def status_changes(
+    effects: ChangeEffects, transaction: AbstractAsyncContextManager[Db]
+) -> AsyncIterator[RecordChanges[Db]]:
+    """Open `transaction`, let the caller record its changes in it, commit, then publish them and send
+    their webhooks (see the module's docstring)."""
+    async with transaction as db:
+        changes = RecordChanges(db, effects.settings)
+        yield changes
+    await publish_changes(effects, changes.changes, changes.delivery_ids)
+
+
+async def publish_changes(
+    effects: ChangeEffects, changes: list[StatusChange], delivery_ids: list[uuid.UUID] | None = None
 ) -> None:
-    """Publish each change's Redis event, then send its delivery tasks. Never raises: the change is
-    committed, and what is not sent here the dispatcher sends. Without a producer (some tests, tools)
-    the dispatcher sends every delivery."""
-    for change in recorded.changes:
-        await publish_status(redis, change.id, change.project_id, change.status, change.updated_at)
-    if not recorded.delivery_ids:
+    """After the commit: each change's Redis event, then its delivery tasks. Never raises: the change
+    is committed, and what is not sent here the dispatcher sends."""
+    for change in changes:
+        await publish_status(effects.redis, change.id, change.project_id, change.status, change.updated_at)
+    if not delivery_ids:
         return
-    if producer is not None:
-        await enqueue_webhook_deliveries(producer, settings, [(d, 0) for d in recorded.delivery_ids])
+    if effects.producer is not None:
+        await enqueue_webhook_deliveries(effects.producer, effects.settings, [(d, 0) for d in delivery_ids])
     log.info(
         "webhooks scheduled",
-        generation_ids=sorted({str(c.id) for c in recorded.changes})[:10],
-        deliveries=len(recorded.delivery_ids),
+        generation_ids=sorted({str(c.id) for c in changes})[:10],
+        deliveries=len(delivery_ids),
     )

@@ -133,7 +133,8 @@ async def _in_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
         return result
 
 
-def _join_url(base: str | None, key: str) -> str | None:
+def direct_url_under(base: str | None, key: str) -> str | None:
+    """`key` under a public base URL (a bucket website or CDN), or None without one."""
     if not base:
         return None
     return base.rstrip("/") + "/" + quote(key, safe="/~")
@@ -293,7 +294,7 @@ class LocalStorage:
             raise PermissionError(f"storage directory {self.root} is not writable")
 
     def direct_url(self, key: str) -> str | None:
-        return _join_url(self.public_base_url, key)
+        return direct_url_under(self.public_base_url, key)
 
     async def close(self) -> None:
         """Nothing to release; here so both backends can be closed the same way."""
@@ -514,7 +515,7 @@ class S3Storage:
         await self._call(self._ping_client.head_bucket, Bucket=self.bucket)
 
     def direct_url(self, key: str) -> str | None:
-        return _join_url(self.public_base_url, key)
+        return direct_url_under(self.public_base_url, key)
 
     async def close(self) -> None:
         """Close the HTTP connection pools (on shutdown)."""

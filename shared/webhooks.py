@@ -30,9 +30,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
 
 import httpx
+import msgspec
 from celery import Celery
 from kombu import Producer
 from sqlalchemy import func, insert, literal, select, tuple_
@@ -41,11 +41,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from shared.crypto import WEBHOOK_SIGNING_INFO, derive_key
 from shared.errors import ValidationFailed
-from shared.events import StatusChange, api_timestamp
+from shared.events import StatusChange
 from shared.logging import get_logger
 from shared.models import GenerationStatus, metadata, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
 from shared.queueing import DELIVER_WEBHOOK_TASK, publisher_of, webhook_queue
+from shared.records import ImageUrls, format_time, generation_record
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -213,72 +214,20 @@ def encode_body(payload: Mapping[str, Any]) -> bytes:
 # --- the event payload -------------------------------------------------------------------------
 
 
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _time_or_none(value: datetime | None) -> str | None:
-    return None if value is None else api_timestamp(value)
-
-
-def output_image_fields(row: Mapping[Any, Any], settings: Settings) -> dict[str, Any]:
-    """`outputImage` as the API shows it (URLs rebuilt from settings: shared never imports api)."""
-    base = settings.server.base_url
-    image_id = str(row["image_id"])
-    public = f"{base}/i/{row['image_public_token']}"
-    direct_base = settings.storage.public_base_url
-    storage_url = (
-        direct_base.rstrip("/") + "/" + quote(row["image_storage_key"], safe="/~")
-        if direct_base
-        else f"{base}/api/v1/images/{image_id}/content"
-    )
-    return {
-        "id": image_id,
-        "storageUrl": storage_url,
-        "publicUrl": public,
-        "mimeType": row["image_mime_type"],
-        "width": row["image_width"],
-        "height": row["image_height"],
-        "fileSize": row["image_file_size"],
-        "thumbnails": {"sm": f"{public}?size=sm", "lg": f"{public}?size=lg"},
-    }
-
-
 def generation_event_payload(
-    row: Mapping[Any, Any], status: str, settings: Settings, occurred_at: datetime
+    row: Mapping[Any, Any], status: str, urls: ImageUrls, occurred_at: datetime
 ) -> dict[str, Any]:
-    """`{type: "generation.<status>", timestamp, data: <generation record>}`.
+    """`{type: "generation.<status>", timestamp, data: <the generation record, as the API shows it>}`.
 
     `data.status` is the announced status even if the row has moved on since (events of one
     generation may arrive out of order: order them by `data.updatedAt`).
     """
-    data: dict[str, Any] = {
-        "id": str(row["id"]),
-        "projectId": str(row["project_id"]),
-        "status": status,
-        "prompt": row["prompt"],
-        "originalPrompt": row["original_prompt"],
-        "negativePrompt": row["negative_prompt"],
-        "aspectRatio": row["aspect_ratio"],
-        "provider": row["provider"],
-        "model": row["model"],
-        "outputImageId": _str_or_none(row["output_image_id"]),
-        "outputImage": None,
-        "errorCode": row["error_code"],
-        "errorMessage": row["error_message"],
-        "retryCount": row["retry_count"],
-        "attempts": row["attempts"],
-        "processingTimeMs": row["processing_time_ms"],
-        "meta": row["meta"],
-        "createdAt": api_timestamp(row["created_at"]),
-        "updatedAt": api_timestamp(row["updated_at"]),
-        "startedAt": _time_or_none(row["started_at"]),
-        "completedAt": _time_or_none(row["completed_at"]),
-        "cancelledAt": _time_or_none(row["cancelled_at"]),
+    record = generation_record(row, urls, status=status)
+    return {
+        "type": f"generation.{status}",
+        "timestamp": format_time(occurred_at),
+        "data": msgspec.to_builtins(record),
     }
-    if status == GenerationStatus.SUCCESS.value and row["image_id"] is not None:
-        data["outputImage"] = output_image_fields(row, settings)
-    return {"type": f"generation.{status}", "timestamp": api_timestamp(occurred_at), "data": data}
 
 
 # --- scheduling --------------------------------------------------------------------------------
@@ -314,6 +263,7 @@ async def insert_status_deliveries(
         return []
     g, i = generations.c, images.c
     now = datetime.now(UTC)
+    urls = ImageUrls.from_settings(settings)
     # Sent right after the commit; if that message never comes (lost with the broker, or the process
     # died between the commit and the send), the dispatcher sends it once this grace has passed.
     first_due = func.now() + timedelta(seconds=settings.webhooks.unsent_after_seconds)
@@ -342,7 +292,7 @@ async def insert_status_deliveries(
                 targets.append((None, row["webhook_url"]))
             if not targets:
                 continue
-            payload = generation_event_payload(row, status, settings, now)
+            payload = generation_event_payload(row, status, urls, now)
             values += [
                 {
                     "id": new_id(),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from api.envelope import format_time
 from shared.models import ApiKey, Project
+from shared.records import format_time
 
 
 class CreateProjectRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):

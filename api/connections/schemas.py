@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from api.envelope import Pagination, format_time
+from api.envelope import Pagination
+from shared.records import format_time
 
 NAME_MAX_LENGTH = 200
 API_URL_MAX_LENGTH = 2048

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from api.envelope import ErrorBody, Pagination, format_time
-from api.images.schemas import ImageUrls, OutputImage
+from api.envelope import ErrorBody, Pagination
 from api.openapi import body_schema
 from shared.enhancer import DEFAULT_TEMPLATE, TEMPLATES
+
+# The record itself lives in shared/ (webhook payloads carry it too); re-exported for the routes.
+from shared.records import GenerationRecord
+from shared.records import generation_record as generation_record
 from shared.settings import Settings
 from shared.sizes import ASPECT_RATIOS
 from shared.webhooks import URL_MAX_LENGTH
@@ -91,43 +93,6 @@ class RegenerateRequest(msgspec.Struct, forbid_unknown_fields=True, rename="came
     deadline_seconds: DeadlineSeconds | None = None
 
 
-class GenerationRecord(msgspec.Struct, rename="camel"):
-    id: str
-    project_id: str
-    prompt: str
-    original_prompt: str
-    auto_enhance: bool
-    aspect_ratio: str
-    status: str
-    output_image_id: str | None
-    output_image: OutputImage | None
-    processing_time_ms: int | None
-    retry_count: int
-    error_message: str | None
-    meta: dict[str, Any]
-    created_at: str
-    updated_at: str
-    # (ext)
-    negative_prompt: str | None
-    enhancement_template: str | None
-    enhancement_engine: str | None
-    provider: str
-    model: str | None
-    connection_id: str | None
-    parameters: dict[str, Any]
-    seed: int | None
-    error_code: str | None
-    attempts: int
-    started_at: str | None
-    completed_at: str | None
-    deadline_at: str
-    cancelled_at: str | None
-    version: int
-    webhook_url: str | None
-    # Pending records only: 1 + the pending generations queued before it on the same queue.
-    queue_position: int | None = None
-
-
 class GenerationEnvelope(msgspec.Struct, kw_only=True):
     success: bool = True
     data: GenerationRecord
@@ -158,58 +123,3 @@ class BatchEnvelope(msgspec.Struct, kw_only=True):
     success: bool = True
     data: list[BatchItemResult]
     summary: BatchSummary
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def generation_record(
-    row: Mapping[Any, Any], urls: ImageUrls, *, with_image: bool = True
-) -> GenerationRecord:
-    """A generations row by column name (an asyncpg Record or a SQLAlchemy row mapping), optionally
-    joined with its output image (`image_*` columns)."""
-    output_image = None
-    if with_image and row["status"] == "success" and row["image_id"] is not None:
-        output_image = urls.output_image(
-            image_id=str(row["image_id"]),
-            storage_key=row["image_storage_key"],
-            public_token=row["image_public_token"],
-            mime_type=row["image_mime_type"],
-            width=row["image_width"],
-            height=row["image_height"],
-            file_size=row["image_file_size"],
-        )
-    return GenerationRecord(
-        id=str(row["id"]),
-        project_id=str(row["project_id"]),
-        prompt=row["prompt"],
-        original_prompt=row["original_prompt"],
-        auto_enhance=row["auto_enhance"],
-        aspect_ratio=row["aspect_ratio"],
-        status=row["status"],
-        output_image_id=_str_or_none(row["output_image_id"]),
-        output_image=output_image,
-        processing_time_ms=row["processing_time_ms"],
-        retry_count=row["retry_count"],
-        error_message=row["error_message"],
-        meta=row["meta"],
-        created_at=format_time(row["created_at"]) or "",
-        updated_at=format_time(row["updated_at"]) or "",
-        negative_prompt=row["negative_prompt"],
-        enhancement_template=row["enhancement_template"],
-        enhancement_engine=row["enhancement_engine"],
-        provider=row["provider"],
-        model=row["model"],
-        connection_id=_str_or_none(row["connection_id"]),
-        parameters=row["parameters"],
-        seed=row["seed"],
-        error_code=row["error_code"],
-        attempts=row["attempts"],
-        started_at=format_time(row["started_at"]),
-        completed_at=format_time(row["completed_at"]),
-        deadline_at=format_time(row["deadline_at"]) or "",
-        cancelled_at=format_time(row["cancelled_at"]),
-        version=row["version"],
-        webhook_url=row["webhook_url"],
-    )

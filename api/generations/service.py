@@ -60,12 +60,12 @@ from shared.errors import (
     KilnError,
     RateLimitExceeded,
 )
-from shared.events import StatusChange, publish_status
+from shared.events import StatusChange
 from shared.image_store import generation_prefix
 from shared.logging import get_logger
 from shared.models import GenerationStatus, utcnow
 from shared.queueing import enqueue_generation, queue_for_provider
-from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
+from shared.status_changes import status_changes
 from shared.webhooks import URL_MAX_LENGTH
 
 log = get_logger(__name__)
@@ -372,7 +372,8 @@ async def cancel_generation(
     """pending/processing → cancelled (409 INVALID_STATE once terminal). A worker running it finds its
     next guarded write refused (it also hears the event and checks at once), drops the provider call
     and deletes what it stored."""
-    async with resources.engine.begin() as conn:
+    async with status_changes(resources, resources.engine.begin()) as changes:
+        conn = changes.db
         row = await repository.cancel_generation(conn, generation_id, principal.project_id)
         if row is None:
             current = await repository.get_generation(conn, generation_id, principal.project_id)
@@ -382,17 +383,13 @@ async def cancel_generation(
                 f"The generation is already {current['status']}; only pending or processing ones can be"
                 " cancelled"
             )
-        change = StatusChange(row["id"], row["project_id"], row["status"], row["updated_at"])
-        recorded = await record_in_transaction(conn, resources.settings, change)
-    await _after_commit(resources, recorded)
+        await changes.status_changed(_change_of(row))
     log.info("generation cancelled", generation_id=str(generation_id))
     return generation_record(row, resources.urls, with_image=False)
 
 
-async def _after_commit(resources: Resources, recorded: RecordedChanges) -> None:
-    await after_commit(
-        recorded, redis=resources.redis, producer=resources.producer, settings=resources.settings
-    )
+def _change_of(row: Any) -> StatusChange:
+    return StatusChange(row["id"], row["project_id"], row["status"], row["updated_at"])
 
 
 async def regenerate_generation(
@@ -405,7 +402,9 @@ async def regenerate_generation(
     superseded at once (its running attempt's guarded writes no longer match and it is abandoned).
     The previous version's image and objects are kept; the new one is stored under `v<version>/`."""
     settings = resources.settings
-    async with resources.engine.begin() as conn:
+    # The change wakes a worker still on the previous version (it abandons) and anyone waiting on it.
+    async with status_changes(resources, resources.engine.begin()) as changes:
+        conn = changes.db
         target = await repository.lock_for_regenerate(conn, generation_id, principal.project_id)
         if target is None:
             raise GenerationNotFound()
@@ -414,8 +413,7 @@ async def regenerate_generation(
             if await repository.count_in_flight(conn, target.project_id, cap) >= cap:
                 raise over_cap(cap)
         row = await repository.regenerate_generation(conn, generation_id, deadline_seconds)
-    # Wakes a worker still on the previous version (it abandons) and anyone waiting on the generation.
-    await publish_status(resources.redis, row["id"], row["project_id"], row["status"], row["updated_at"])
+        await changes.status_changed(_change_of(row))
     await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     log.info("generation regenerated", generation_id=str(generation_id), version=row["version"])
     return generation_record(row, resources.urls, with_image=False)
@@ -522,28 +520,26 @@ async def list_generations(
 
 async def delete_generation(resources: Resources, principal: Principal, generation_id: uuid.UUID) -> None:
     now = utcnow()
-    async with resources.engine.begin() as conn:
+    # A worker running it hears the event and abandons the attempt now rather than at its next
+    # heartbeat; every API process forgets its cached answer.
+    async with status_changes(resources, resources.engine.begin()) as changes:
+        conn = changes.db
         # The row lock makes a concurrent worker finalize wait; once we commit, its guarded update
         # finds no row (and would find a cancelled one had we stopped at the cancel).
         target = await repository.lock_generation(conn, generation_id, principal.project_id)
         if target is None:
             raise GenerationNotFound()
-        recorded = RecordedChanges()
         if target.status in repository.UNFINISHED:
             await repository.cancel_unfinished(conn, generation_id, now)
             # Announced like a cancel; recorded before the row goes (the payload is read from it).
-            change = StatusChange(generation_id, target.project_id, "cancelled", now)
-            recorded = await record_in_transaction(conn, resources.settings, change)
+            await changes.status_changed(StatusChange(generation_id, target.project_id, "cancelled", now))
+        else:
+            changes.record_changed(StatusChange(generation_id, target.project_id, "deleted", now))
         owned = await repository.images_of_generation(conn, generation_id, target.output_image_id)
         doomed = [image for image in owned if image.alias is None]  # aliased images outlive it
         await repository.delete_generation(conn, generation_id)
         if doomed:
             await repository.delete_images(conn, [image.id for image in doomed])
-    # A worker running it hears the event and abandons the attempt now rather than at its next heartbeat.
-    await _after_commit(resources, recorded)
-    if not recorded.changes:
-        # A finished one: no webhook, but every API process forgets its cached answer.
-        await publish_status(resources.redis, generation_id, target.project_id, "deleted", now)
     # Objects go after the commit: a failed delete leaves orphans, never rows pointing at nothing.
     try:
         if len(doomed) == len(owned):

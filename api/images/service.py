@@ -18,12 +18,13 @@ from api.images.schemas import (
     UPLOAD_MAX_FILE_BYTES,
     UPLOAD_META_MAX_BYTES,
     ImageRecord,
+    image_record,
 )
 from api.parsing import check_json_object
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import ImageNotFound, KilnError, PayloadTooLarge, ValidationFailed
-from shared.events import publish_status
+from shared.events import StatusChange
 from shared.image_store import (
     THUMBNAIL_MIME_TYPE,
     ImageKeys,
@@ -35,6 +36,7 @@ from shared.image_store import (
 from shared.imaging import InvalidImage
 from shared.logging import get_logger
 from shared.models import new_id, utcnow
+from shared.status_changes import status_changes
 from shared.storage import ObjectMissing
 
 log = get_logger(__name__)
@@ -104,7 +106,7 @@ async def _get_row(resources: Resources, principal: Principal, image_id: uuid.UU
 
 
 async def get_image(resources: Resources, principal: Principal, image_id: uuid.UUID) -> ImageRecord:
-    return resources.urls.image_record(await _get_row(resources, principal, image_id))
+    return image_record(await _get_row(resources, principal, image_id), resources.urls)
 
 
 async def find_own(resources: Resources, principal: Principal, image_id: uuid.UUID) -> Any:
@@ -114,15 +116,13 @@ async def find_own(resources: Resources, principal: Principal, image_id: uuid.UU
 async def delete_image(resources: Resources, principal: Principal, image_id: uuid.UUID) -> None:
     """Soft delete of the row (lists hide its generation unless includeDeleted), and its objects removed
     at once, so that direct bucket/CDN URLs stop working too, not only /i/<token>."""
-    async with resources.engine.begin() as conn:
-        deleted = await repository.soft_delete_image(conn, image_id, principal.project_id, utcnow())
-    if deleted is None:
-        raise ImageNotFound()
-    keys, marked = deleted
-    for generation in marked:  # its record changed (updatedAt): API processes forget their cached answer
-        await publish_status(
-            resources.redis, generation.id, generation.project_id, generation.status, generation.updated_at
-        )
+    async with status_changes(resources, resources.engine.begin()) as changes:
+        deleted = await repository.soft_delete_image(changes.db, image_id, principal.project_id, utcnow())
+        if deleted is None:
+            raise ImageNotFound()
+        keys, marked = deleted
+        # Their records changed (updatedAt), not their status: published, no webhook.
+        changes.record_changed(*(StatusChange(g.id, g.project_id, g.status, g.updated_at) for g in marked))
     # After the commit: a failed delete leaves objects no live row points at, which the storage
     # reconciler removes later; never a live row pointing at nothing.
     try:
@@ -226,4 +226,4 @@ async def upload_image(resources: Resources, project_id: uuid.UUID, upload: Vali
         await discard_objects(resources.storage, prefix, exc)
         raise
     log.info("image uploaded", image_id=str(image_id), mime_type=info.mime_type, file_size=info.size)
-    return resources.urls.image_record(row)
+    return image_record(row, resources.urls)

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from api.envelope import Pagination, format_time
+from api.envelope import Pagination
+from shared.records import format_time
 from shared.webhooks import URL_MAX_LENGTH, WEBHOOK_EVENTS
 
 DESCRIPTION_MAX_LENGTH = 500

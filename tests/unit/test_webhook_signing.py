@@ -6,10 +6,12 @@ import base64
 import uuid
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from shared.errors import ValidationFailed
 from shared.netguard import OutboundPolicy
+from shared.records import GenerationRecord, ImageUrls, generation_record
 from shared.settings import Settings
 from shared.webhooks import (
     WebhookVerificationError,
@@ -172,6 +174,15 @@ def _row(**overrides: object) -> dict[str, object]:
         "started_at": now,
         "completed_at": now,
         "cancelled_at": None,
+        "auto_enhance": True,
+        "enhancement_template": "general",
+        "enhancement_engine": "rules",
+        "connection_id": None,
+        "parameters": {},
+        "seed": 7,
+        "deadline_at": now,
+        "version": 1,
+        "webhook_url": None,
         "image_id": uuid.UUID(int=3),
         "image_storage_key": "projects/p/generations/g/v1/a1/original.png",
         "image_public_token": "tok",
@@ -184,10 +195,31 @@ def _row(**overrides: object) -> dict[str, object]:
     return row
 
 
+URLS = ImageUrls.from_settings(Settings())
+
+
+def test_the_payload_data_is_the_api_record_field_for_field() -> None:
+    """One shape: a receiver reads exactly what `GET /api/v1/generations/:id` answers."""
+    row = _row()
+    payload = generation_event_payload(row, "success", URLS, datetime.now(UTC))
+    assert payload["data"] == msgspec.to_builtins(generation_record(row, URLS))
+    assert set(payload["data"]) == {f.encode_name for f in msgspec.structs.fields(GenerationRecord)}
+
+
+def test_a_storage_with_a_public_base_url_gives_direct_storage_urls_in_the_payload() -> None:
+    settings = Settings(storage={"public_base_url": "https://cdn.example.com/media/"})
+    payload = generation_event_payload(
+        _row(), "success", ImageUrls.from_settings(settings), datetime.now(UTC)
+    )
+    assert payload["data"]["outputImage"]["storageUrl"] == (
+        "https://cdn.example.com/media/projects/p/generations/g/v1/a1/original.png"
+    )
+
+
 def test_the_success_payload_carries_the_record_and_the_image_urls() -> None:
     settings = Settings(server={"public_url": "https://kiln.example.com/"})
     at = datetime(2025, 11, 28, 10, 0, 1, 500_000, tzinfo=UTC)
-    payload = generation_event_payload(_row(), "success", settings, at)
+    payload = generation_event_payload(_row(), "success", ImageUrls.from_settings(settings), at)
     assert payload["type"] == "generation.success"
     assert payload["timestamp"] == "2025-11-28T10:00:01.500Z"
     data = payload["data"]
@@ -211,13 +243,13 @@ def test_the_success_payload_carries_the_record_and_the_image_urls() -> None:
 
 
 def test_other_events_carry_no_image_and_announce_their_own_status() -> None:
-    payload = generation_event_payload(_row(status="success"), "processing", Settings(), datetime.now(UTC))
+    payload = generation_event_payload(_row(status="success"), "processing", URLS, datetime.now(UTC))
     assert payload["type"] == "generation.processing"
     assert payload["data"]["status"] == "processing" and payload["data"]["outputImage"] is None
     failed = generation_event_payload(
         _row(status="failed", error_code="DEADLINE_EXCEEDED", image_id=None, output_image_id=None),
         "failed",
-        Settings(),
+        URLS,
         datetime.now(UTC),
     )
     assert failed["data"]["errorCode"] == "DEADLINE_EXCEEDED" and failed["data"]["outputImage"] is None

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from api.envelope import format_time
+from shared.records import format_time
 
 
 @pytest.mark.parametrize(

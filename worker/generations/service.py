@@ -53,7 +53,7 @@ from shared.outbound import outbound_policy
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
 from shared.providers.vendor_http import URL_FORBIDDEN, redact
 from shared.settings import Settings
-from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
+from shared.status_changes import publish_changes, status_changes
 from shared.storage import ObjectStorage
 from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
@@ -161,8 +161,8 @@ class GenerationPipeline:
         self._slot: SlotLease | None = None
         self._outbound_policy: OutboundPolicy = deps.settings.network.policy()
         self._heartbeat: asyncio.Future[None] | None = None  # renews the lease from the claim on
-        # The `processing` webhooks, when recorded with the claim (`_sure_to_run`): sent once it runs.
-        self._announced: RecordedChanges | None = None
+        # `processing` was announced with the claim (`_sure_to_run`).
+        self._announced = False
         self._resumed = False
         # Milliseconds per phase, logged once with "generation succeeded" (read by `make bench`).
         self.phase_ms: dict[str, int] = {}
@@ -215,10 +215,10 @@ class GenerationPipeline:
 
     async def _claim(self, generation_id: uuid.UUID, resume: AttemptRef | None) -> ClaimedGeneration | None:
         """A retry of an interrupted attempt resumes it; otherwise (or if the row moved on) a fresh claim.
-        A claim that is sure to run records its `processing` webhooks in the same transaction."""
+        A claim that is sure to run announces `processing` with it (webhooks in the same transaction)."""
         lease = self.settings.lease_seconds
-        async with transaction(self.deps.sessions) as session:
-            repository = GenerationRepository(session)
+        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+            repository = GenerationRepository(changes.db)
             claim = None
             if resume is not None:
                 claim = await repository.resume(generation_id, resume.attempt, resume.version, lease)
@@ -228,7 +228,8 @@ class GenerationPipeline:
             if claim is None:
                 claim = await repository.claim(generation_id, lease)
             if claim is not None and self._sure_to_run(claim):
-                self._announced = await record_in_transaction(session, self.deps.settings, _processing(claim))
+                await changes.status_changed(_processing(claim))
+                self._announced = True
             return claim
 
     def _sure_to_run(self, claim: ClaimedGeneration) -> bool:
@@ -242,21 +243,20 @@ class GenerationPipeline:
 
     async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
         """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
-        async with transaction(self.deps.sessions) as session:
-            repository = GenerationRepository(session)
+        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+            repository = GenerationRepository(changes.db)
             state = await repository.get_state(generation_id)
-            recorded = None
+            change = None
             if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
                 change = await repository.fail_pending_past_deadline(
                     generation_id, "the generation did not start before its deadline"
                 )
                 if change is not None:
-                    recorded = await record_in_transaction(session, self.deps.settings, change)
-        if recorded is None:
+                    await changes.status_changed(change)
+        if change is None:
             log.info("generation not claimable; nothing to do", status=state.status if state else None)
             return PipelineOutcome.SKIPPED
         log.info("generation failed", error_code="DEADLINE_EXCEEDED")
-        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     # --- the work, under a renewed lease ------------------------------------------------------
@@ -594,8 +594,8 @@ class GenerationPipeline:
         )
         finalizing = time.monotonic()
         try:
-            async with transaction(self.deps.sessions) as session:
-                repository = GenerationRepository(session)
+            async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+                repository = GenerationRepository(changes.db)
                 await repository.insert_image(image)
                 change = await repository.mark_succeeded(
                     claim.id,
@@ -607,7 +607,7 @@ class GenerationPipeline:
                 )
                 if change is None:
                     raise LeaseLost  # rolls the image row back
-                recorded = await record_in_transaction(session, self.deps.settings, change)
+                await changes.status_changed(change)
         except LeaseLost:
             log.info("finalize refused: this attempt no longer owns the row; deleting its objects")
             await self._discard_objects(prefix)
@@ -623,20 +623,19 @@ class GenerationPipeline:
             height=info.height,
             phase_ms=self.phase_ms,
         )
-        await self._after_commit(recorded)
         return PipelineOutcome.SUCCEEDED
 
     async def _fail(self, claim: ClaimedGeneration, code: str, message: str) -> PipelineOutcome:
-        async with transaction(self.deps.sessions) as session:
-            change = await GenerationRepository(session).mark_failed(
+        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+            change = await GenerationRepository(changes.db).mark_failed(
                 claim.id, claim.attempt, claim.version, error_code=code, error_message=message
             )
-            recorded = await record_in_transaction(session, self.deps.settings, change) if change else None
-        if recorded is None:
+            if change is not None:
+                await changes.status_changed(change)
+        if change is None:
             log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
             return PipelineOutcome.ABANDONED
         log.info("generation failed", error_code=code, error_message=message)
-        await self._after_commit(recorded)
         return PipelineOutcome.FAILED
 
     async def _expire_lease(self, claim: ClaimedGeneration) -> None:
@@ -658,22 +657,15 @@ class GenerationPipeline:
         """The claim committed `processing` before the job knew it would run (its connection may be at
         its limit and hand it back), so its deliveries get their own transaction, here. Best effort: a
         database error must not end an attempt that owns its row (the lease heartbeat decides that)."""
-        if self._announced is not None:  # recorded with the claim
-            await self._after_commit(self._announced)
+        if self._announced:  # with the claim
             return
         change = _processing(claim)
         try:
-            async with transaction(self.deps.sessions) as session:
-                recorded = await record_in_transaction(session, self.deps.settings, change)
+            async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+                await changes.status_changed(change)
         except Exception as exc:
             log.warning("webhooks of `processing` not recorded", error=repr(exc))
-            recorded = RecordedChanges(changes=(change,))
-        await self._after_commit(recorded)
-
-    async def _after_commit(self, recorded: RecordedChanges) -> None:
-        await after_commit(
-            recorded, redis=self.deps.redis, producer=self.deps.producer, settings=self.deps.settings
-        )
+            await publish_changes(self.deps, [change])  # the event still wakes those waiting
 
 
 def _processing(claim: ClaimedGeneration) -> StatusChange:

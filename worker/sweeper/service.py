@@ -27,7 +27,7 @@ from shared.models import GenerationStatus
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
-from shared.status_changes import RecordedChanges, after_commit, record_in_transaction
+from shared.status_changes import status_changes
 from shared.storage import ObjectStorage
 from worker.sweeper.repository import EmptyQueues, SweepRepository, SweptGeneration
 
@@ -81,19 +81,20 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     # First: rows the later steps take back are then sent once, by those steps.
     resent, unsent = await _resend_if_broker_lost(deps, batch_size)
 
-    async with transaction(deps.sessions) as session:
-        expired = await SweepRepository(session).fail_past_deadline(
+    # `failed` rows announce themselves, `pending` ones taken back do not (no webhook of `pending`).
+    async with status_changes(deps, transaction(deps.sessions)) as changes:
+        expired = await SweepRepository(changes.db).fail_past_deadline(
             batch_size, "the generation did not finish before its deadline"
         )
-        recorded = await _record(session, settings, expired)
-    await _after_ending(deps, expired, recorded)
+        await changes.status_changed(*_changes_of(expired))
+    await _delete_cut_off_attempts(deps, expired)
 
-    async with transaction(deps.sessions) as session:
-        repository = SweepRepository(session)
+    async with status_changes(deps, transaction(deps.sessions)) as changes:
+        repository = SweepRepository(changes.db)
         lost = await repository.fail_lost_leases(settings.generation.max_attempts, batch_size)
         taken_back = await repository.requeue_lost_leases(settings.generation.max_attempts, batch_size)
-        recorded = await _record(session, settings, [*lost, *taken_back])
-    await _after_ending(deps, [*lost, *taken_back], recorded)
+        await changes.status_changed(*_changes_of([*lost, *taken_back]))
+    await _delete_cut_off_attempts(deps, [*lost, *taken_back])
 
     unsent += await _enqueue(deps, taken_back)
 
@@ -124,19 +125,12 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     return report
 
 
-async def _record(
-    session: AsyncSession, settings: Settings, rows: Sequence[SweptGeneration]
-) -> RecordedChanges:
-    """The webhook deliveries of these changes, in the transaction that made them."""
-    changes = [StatusChange(row.id, row.project_id, row.status, row.updated_at) for row in rows]
-    return await record_in_transaction(session, settings, *changes)
+def _changes_of(rows: Sequence[SweptGeneration]) -> list[StatusChange]:
+    return [StatusChange(row.id, row.project_id, row.status, row.updated_at) for row in rows]
 
 
-async def _after_ending(
-    deps: SweeperDependencies, rows: Sequence[SweptGeneration], recorded: RecordedChanges
-) -> None:
-    """Delete the objects of attempts that were cut off mid-flight; then publish the changes and send
-    their webhooks (`failed` rows announce themselves, `pending` ones taken back do not)."""
+async def _delete_cut_off_attempts(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -> None:
+    """Delete the objects of attempts that were cut off mid-flight."""
     for row in rows:
         if row.previous_status == GenerationStatus.PROCESSING.value:
             # A live worker of that attempt would be refused at finalize and delete these itself;
@@ -146,7 +140,6 @@ async def _after_ending(
                 await deps.storage.delete_prefix(prefix)
             except Exception as exc:
                 log.warning("could not delete an abandoned attempt's objects", prefix=prefix, error=str(exc))
-    await after_commit(recorded, redis=deps.redis, producer=deps.producer, settings=deps.settings)
 
 
 async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> tuple[int, int]:

@@ -20,12 +20,13 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from shared.db import transaction
 from shared.events import StatusChange
 from shared.models import metadata
 from shared.outbound import outbound_client
 from shared.queueing import DELIVER_WEBHOOK_TASK, create_producer, webhook_queue
 from shared.settings import Settings
-from shared.status_changes import after_commit, record_in_transaction
+from shared.status_changes import status_changes
 from tests.fakes.server import serve
 
 # The API fixtures (session client, tenants, admin key) and row helpers, shared with the API tests.
@@ -199,10 +200,9 @@ async def announce(
 ) -> list[uuid.UUID]:
     """What every status change does: its deliveries in the transaction, then the tasks after it."""
     change = StatusChange(generation_id, project_id, status, datetime.now(UTC))
-    async with deps.sessions() as session, session.begin():
-        recorded = await record_in_transaction(session, deps.settings, change)
-    await after_commit(recorded, redis=deps.redis, producer=deps.producer, settings=deps.settings)
-    return list(recorded.delivery_ids)
+    async with status_changes(deps, transaction(deps.sessions)) as changes:
+        await changes.status_changed(change)
+    return changes.delivery_ids
 
 
 # --- rows ------------------------------------------------------------------------------------------

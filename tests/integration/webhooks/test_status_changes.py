@@ -4,15 +4,21 @@ a process killed between the commit and the send loses no webhook; API cancel an
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
+from shared.db import transaction
+from shared.events import generation_channel
 from shared.queueing import webhook_queue
 from shared.settings import Settings
+from shared.status_changes import StatusChange, status_changes
 from shared.webhooks import verify
 from tests.integration.webhooks.conftest import (
     BASE_URL,
@@ -105,6 +111,53 @@ async def test_cancel_announces_cancelled(client, tenant, engine, redis_client, 
     [request] = receiver.received("/cancel")
     verify(endpoint["secret"], request.headers, request.body)
     assert request.json()["type"] == "generation.cancelled" and request.json()["data"]["id"] == str(gid)
+    # The payload's record is the API's, field for field.
+    shown = (await client.get(f"/api/v1/generations/{gid}", headers=tenant.headers)).json()["data"]
+    assert request.json()["data"] == shown
+
+
+async def _events_of(redis_client, gid):
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(generation_channel(gid))
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    return pubsub
+
+
+async def test_a_change_whose_transaction_fails_sends_nothing(
+    client, tenant, engine, redis_client, receiver, webhook_deps
+):
+    await create_endpoint(client, tenant, receiver.at("/never"), events=["failed"])
+    gid = await insert_generation(engine, tenant.project_id, status="failed")
+    pubsub = await _events_of(redis_client, gid)
+
+    with pytest.raises(RuntimeError):
+        async with status_changes(webhook_deps, transaction(webhook_deps.sessions)) as changes:
+            await changes.status_changed(StatusChange(gid, tenant.project_id, "failed", datetime.now(UTC)))
+            raise RuntimeError("the statement after it fails")
+
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(webhook_deliveries))).all() == []  # rolled back with it
+    assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
+    assert await queued_deliveries(redis_client, webhook_deps.settings) == []
+    await pubsub.aclose()
+
+
+async def test_a_record_change_without_a_status_change_is_published_and_sends_no_webhook(
+    client, tenant, engine, redis_client, receiver, webhook_deps
+):
+    await create_endpoint(client, tenant, receiver.at("/quiet"), events=["success"])
+    gid = await insert_generation(engine, tenant.project_id, status="success")
+    pubsub = await _events_of(redis_client, gid)
+
+    async with status_changes(webhook_deps, transaction(webhook_deps.sessions)) as changes:
+        changes.record_changed(StatusChange(gid, tenant.project_id, "success", datetime.now(UTC)))
+
+    event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert event is not None and json.loads(event["data"])["status"] == "success"
+    assert changes.delivery_ids == []
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(webhook_deliveries))).all() == []
+    await pubsub.aclose()
 
 
 async def test_deleting_an_unfinished_generation_announces_cancelled(
