@@ -158,15 +158,18 @@ class LocalStorage:
         await _in_thread_to_the_end(self._put, self._path(key), data)
 
     def _put(self, path: Path, data: bytes) -> None:
-        for attempt in range(3):
+        # The directory is made only when it is missing: most puts land beside an object already there
+        # (or one put a moment ago), and a mkdir of every parent on each put costs more than the write.
+        for attempt in range(4):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
                 break
             except FileNotFoundError:
-                # A concurrent delete pruned a directory of this path while we made it: again.
-                if attempt == 2:
+                # Not made yet, or a concurrent delete pruned a directory of this path: make it, again.
+                if attempt == 3:
                     raise
+                with contextlib.suppress(FileNotFoundError):  # pruned while we made it: next round
+                    path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

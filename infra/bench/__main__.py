@@ -134,7 +134,8 @@ def process_cpu(bench: BenchPlatform) -> dict[str, dict[int, float]]:
     for name, pids in groups.items():
         snapshot[name] = {}
         for pid in pids:
-            with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+            # Ended since it was listed: gone before the open, or between the open and the read.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 snapshot[name][pid] = cpu_seconds(pid)
     return snapshot
 
