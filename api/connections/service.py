@@ -34,7 +34,7 @@ from api.connections.schemas import (
     connection_record,
 )
 from api.envelope import Pagination
-from api.parsing import check_json_object, check_text, parse_int
+from api.parsing import check_json_object, check_text
 from api.resources import Resources
 from shared.connections import (
     ResolvedConnection,
@@ -327,16 +327,14 @@ async def get_connection(
 
 
 async def list_connections(
-    resources: Resources, project_id: uuid.UUID, *, limit: str | None, offset: str | None
+    resources: Resources, project_id: uuid.UUID, *, limit: int, offset: int
 ) -> tuple[list[ConnectionRecord], Pagination]:
-    page_size = parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT)
-    skip = parse_int(offset, "offset", default=0, minimum=0, maximum=LIST_MAX_OFFSET)
     async with resources.reader.connect() as conn:
-        rows = await repository.list_connections(conn, project_id, limit=page_size + 1, offset=skip)
+        rows = await repository.list_connections(conn, project_id, limit=limit + 1, offset=offset)
         total = await repository.count_connections(conn, project_id)
-    has_more = len(rows) > page_size
-    pagination = Pagination(limit=page_size, offset=skip, total=total, has_more=has_more, next_cursor=None)
-    return [connection_record(row) for row in rows[:page_size]], pagination
+    has_more = len(rows) > limit
+    pagination = Pagination(limit=limit, offset=offset, total=total, has_more=has_more, next_cursor=None)
+    return [connection_record(row) for row in rows[:limit]], pagination
 
 
 async def update_connection(
