@@ -21,11 +21,8 @@ from api.connections.schemas import (
     API_KEY_MAX_LENGTH,
     API_URL_MAX_LENGTH,
     JSON_FIELD_MAX_BYTES,
-    MAX_CONCURRENCY_MAX,
     MODEL_MAX_LENGTH,
     NAME_MAX_LENGTH,
-    TIMEOUT_MAX_SECONDS,
-    TIMEOUT_MIN_SECONDS,
     ConnectionRecord,
     ConnectionTestResult,
     CreateConnectionRequest,
@@ -238,10 +235,6 @@ def _check_fields(
     parameters = _check_default_parameters(
         resources, provider, default_parameters, checked_metadata, problems
     )
-    if timeout_seconds is not None and not (TIMEOUT_MIN_SECONDS <= timeout_seconds <= TIMEOUT_MAX_SECONDS):
-        problems.add("timeoutSeconds", f"must be between {TIMEOUT_MIN_SECONDS} and {TIMEOUT_MAX_SECONDS:g}")
-    if max_concurrency is not None and not 1 <= max_concurrency <= MAX_CONCURRENCY_MAX:
-        problems.add("maxConcurrency", f"must be between 1 and {MAX_CONCURRENCY_MAX}")
     problems.raise_if_any()
     assert checked_name is not None and provider is not None
     return ConnectionFields(
