@@ -236,6 +236,18 @@ async def test_the_openapi_document_shows_the_parameters_bounds_and_types(client
         (path_id,) = [p for p in paths[path][method]["parameters"] if p["in"] == "path"]
         assert path_id["schema"]["format"] == "uuid"
 
+    # The request Structs' Meta, as the connections and admin bodies are documented.
+    def body(path: str, method: str = "post") -> dict:
+        return paths[path][method]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+    timeout = body("/api/v1/connections")["timeoutSeconds"]["anyOf"][0]
+    assert (timeout["minimum"], timeout["maximum"]) == (1, 3600)
+    assert body("/api/v1/connections/{id}", "patch")["name"]["maxLength"] == 200
+    assert (
+        body("/api/v1/admin/projects/{project_id}/keys")["readsPerHour"]["anyOf"][0]["maximum"] == 10_000_000
+    )
+    assert "pattern" in body("/api/v1/admin/projects")["slug"]["anyOf"][0]
+
 
 async def test_bad_admin_and_image_paths_answer_400(client, tenant, admin_headers):
     r = await client.get("/api/v1/images/nope", headers=tenant.headers)
