@@ -8,6 +8,7 @@ never carries a stack trace.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -25,6 +26,9 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 _RETRY_AFTER_SECONDS = "5"
+_SNAKE_SEGMENT = re.compile(r"_([a-z0-9])")
+# Litestar names a missing parameter only in its sentence (no `extra`), already by the client's name.
+_MISSING_PARAMETER = re.compile(r"^Missing required \w+ parameter '(?P<name>[^']+)'")
 
 _CODES_BY_STATUS = {
     400: "VALIDATION_ERROR",
@@ -58,9 +62,21 @@ def _is_unavailable(exc: Exception) -> bool:
     return is_connection_error(exc)
 
 
-def _field_name(key: Any) -> str:
+def _field_name(request: Request[Any, Any, Any], key: Any) -> str:
+    """The name the client sent: a query parameter's declared name (`generationId`), a path parameter's
+    camelCased like the JSON fields (`deliveryId`). Litestar reports the handler's Python name."""
     # `data` is Litestar's name for the body; only an absent one gets here (api.parsing decodes the rest).
-    return "body" if not key or key == "data" else str(key)
+    if not key or key == "data":
+        return "body"
+    parameter = request.route_handler.parsed_fn_signature.parameters.get(str(key))
+    kwarg = parameter.kwarg_definition if parameter else None
+    declared = getattr(kwarg, "name", None) or getattr(kwarg, "query", None)
+    return declared or _SNAKE_SEGMENT.sub(lambda match: match[1].upper(), str(key))
+
+
+def _missing_parameter(detail: str) -> str | None:
+    match = _MISSING_PARAMETER.match(detail)
+    return match["name"] if match else None
 
 
 def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -76,13 +92,16 @@ def _from_litestar(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
         limit = request.app.state.settings.server.max_body_bytes
         message = f"Request body larger than {limit} bytes"
     elif isinstance(exc, ValidationException):
-        message = "Invalid parameters"
         extra = exc.extra if isinstance(exc.extra, list) else []
         details = [
-            {"field": _field_name(item.get("key")), "message": str(item.get("message") or exc.detail)}
+            {
+                "field": _field_name(request, item.get("key")),
+                "message": str(item.get("message") or exc.detail),
+            }
             for item in extra
             if isinstance(item, dict)
-        ] or [{"field": "body", "message": exc.detail}]
+        ] or [{"field": _missing_parameter(exc.detail) or "body", "message": exc.detail}]
+        message = f"{details[0]['field']}: {details[0]['message']}"  # as ValidationFailed words it
     else:
         message = exc.detail
     if status >= 500:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody, PathParameter
 
 from api.admin import service
 from api.admin.schemas import (
@@ -22,13 +23,16 @@ from api.admin.schemas import (
     project_record,
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
-from api.parsing import JsonBody, parse_uuid
+from api.parsing import JsonBody
 from api.security.auth import invalidate_cached_key
 from api.security.guards import InjectedResources, require_admin, require_api_key
 from shared.db import transaction
 from shared.models import ApiKeyKind
 
 AnyRequest = Request[Any, Any, Any]
+
+ProjectIdPath = Annotated[uuid.UUID, PathParameter(description="The project's id")]
+KeyIdPath = Annotated[uuid.UUID, PathParameter(description="The API key's id")]
 
 
 class AdminController(Controller):
@@ -66,15 +70,14 @@ class AdminController(Controller):
         responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def update_project(
-        self, data: JSONBody[UpdateProjectRequest], resources: InjectedResources, project_id: FromPath[str]
+        self, data: JSONBody[UpdateProjectRequest], resources: InjectedResources, project_id: ProjectIdPath
     ) -> ProjectEnvelope:
-        project_uuid = parse_uuid(project_id, "projectId")
         async with transaction(resources.sessions) as session:
             if data.outbound_allow_hosts is None:
-                project = await service.get_project(session, project_uuid)
+                project = await service.get_project(session, project_id)
             else:
                 project = await service.set_outbound_allow_hosts(
-                    session, project_uuid, data.outbound_allow_hosts
+                    session, project_id, data.outbound_allow_hosts
                 )
         return ProjectEnvelope(data=project_record(project))
 
@@ -89,15 +92,14 @@ class AdminController(Controller):
     async def create_api_key(
         self,
         resources: InjectedResources,
-        project_id: FromPath[str],
+        project_id: ProjectIdPath,
         data: JSONBody[CreateApiKeyRequest | None] = None,
     ) -> CreatedApiKeyEnvelope:
-        project_uuid = parse_uuid(project_id, "projectId")
         body = data or CreateApiKeyRequest()  # no body: all defaults
         async with transaction(resources.sessions) as session:
             key, plain = await service.create_api_key(
                 session,
-                project_uuid,
+                project_id,
                 ApiKeyKind.PROJECT,
                 name=body.name,
                 generations_per_hour=body.generations_per_hour,
@@ -111,11 +113,10 @@ class AdminController(Controller):
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def list_api_keys(
-        self, resources: InjectedResources, project_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectIdPath
     ) -> ApiKeyListEnvelope:
-        project_uuid = parse_uuid(project_id, "projectId")
         async with resources.sessions() as session:
-            keys = await service.list_api_keys(session, project_uuid)
+            keys = await service.list_api_keys(session, project_id)
         return ApiKeyListEnvelope(data=[api_key_record(k) for k in keys])
 
     @delete(
@@ -124,10 +125,9 @@ class AdminController(Controller):
         summary="Revoke a key (refused at once)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
-    async def revoke_api_key(self, resources: InjectedResources, key_id: FromPath[str]) -> ApiKeyEnvelope:
-        key_uuid = parse_uuid(key_id, "keyId")
+    async def revoke_api_key(self, resources: InjectedResources, key_id: KeyIdPath) -> ApiKeyEnvelope:
         async with transaction(resources.sessions) as session:
-            key = await service.revoke_api_key(session, key_uuid)
+            key = await service.revoke_api_key(session, key_id)
             # Tombstone before the commit: if Redis is down the revoke fails whole, not half.
             await invalidate_cached_key(resources.redis, key.digest)
         return ApiKeyEnvelope(data=api_key_record(key))

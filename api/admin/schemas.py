@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 from shared.models import ApiKey, Project
+from shared.netguard import ALLOW_HOSTS_MAX
 from shared.records import format_time
+
+NAME_MAX_LENGTH = 200
+HOURLY_LIMIT_MAX = 10_000_000
+SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
+
+# Checked while decoding and shown in the OpenAPI document. The service checks the same bounds again
+# (with these constants) because the CLI (`kiln projects|keys ...`) calls it without a request body.
+HourlyLimit = Annotated[int, Meta(ge=1, le=HOURLY_LIMIT_MAX)]
 
 
 class CreateProjectRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    name: str
-    slug: str | None = None
+    name: Annotated[str, Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=r"\S")]
+    slug: Annotated[str, Meta(pattern=SLUG_PATTERN)] | None = None
 
 
 class UpdateProjectRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     # Absent: unchanged. Hosts that may reach private/loopback addresses although settings forbid them.
-    outbound_allow_hosts: list[str] | None = None
+    outbound_allow_hosts: Annotated[list[str], Meta(max_length=ALLOW_HOSTS_MAX)] | None = None
 
 
 class CreateApiKeyRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    name: str = ""
-    generations_per_hour: int | None = None
-    reads_per_hour: int | None = None
+    name: Annotated[str, Meta(max_length=NAME_MAX_LENGTH)] = ""
+    generations_per_hour: HourlyLimit | None = None
+    reads_per_hour: HourlyLimit | None = None
 
 
 class ProjectRecord(msgspec.Struct, rename="camel"):

@@ -20,15 +20,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from api.admin import repository
+from api.admin.schemas import HOURLY_LIMIT_MAX, NAME_MAX_LENGTH, SLUG_PATTERN
 from shared.apikeys import generate_api_key
 from shared.crypto import SecretUnreadable, is_current, reencrypt_secret
 from shared.errors import NotFound, ValidationFailed
 from shared.models import ApiKey, ApiKeyKind, Project, metadata, utcnow
 from shared.netguard import ALLOW_HOSTS_MAX, allow_host_entry
 
-NAME_MAX_LENGTH = 200
-HOURLY_LIMIT_MAX = 10_000_000
-_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_SLUG = re.compile(SLUG_PATTERN)
 
 
 def slugify(name: str) -> str:

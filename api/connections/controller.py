@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from api.connections import service
 from api.connections.schemas import (
@@ -19,7 +20,7 @@ from api.connections.schemas import (
 )
 from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
-from api.parsing import JsonBody, parse_uuid
+from api.parsing import JsonBody
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedResources,
@@ -29,6 +30,12 @@ from api.security.guards import (
 )
 
 AnyRequest = Request[Any, Any, Any]
+
+ConnectionIdPath = Annotated[uuid.UUID, PathParameter(description="The connection's id")]
+LimitQuery = Annotated[
+    int, QueryParameter(ge=1, le=service.LIST_MAX_LIMIT, description="Page size (default 50)")
+]
+OffsetQuery = Annotated[int, QueryParameter(ge=0, le=service.LIST_MAX_OFFSET, description="Rows to skip")]
 
 
 _VENDOR_ERRORS = {
@@ -66,8 +73,8 @@ class ConnectionController(Controller):
         self,
         resources: InjectedResources,
         project_id: ProjectId,
-        limit: Annotated[str | None, QueryParameter(description="1..100, default 50")] = None,
-        offset: Annotated[str | None, QueryParameter(description="0..10000, default 0")] = None,
+        limit: LimitQuery = service.LIST_DEFAULT_LIMIT,
+        offset: OffsetQuery = 0,
     ) -> ConnectionListEnvelope:
         records, pagination = await service.list_connections(
             resources, project_id, limit=limit, offset=offset
@@ -91,18 +98,18 @@ class ConnectionController(Controller):
         return ConnectionEnvelope(data=record)
 
     @get(
-        "/{connection_id:str}",
+        "/{id:str}",
         summary="Get a connection",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def get_connection(
-        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: ConnectionIdPath
     ) -> ConnectionEnvelope:
-        record = await service.get_connection(resources, project_id, parse_uuid(connection_id, "id"))
+        record = await service.get_connection(resources, project_id, id)
         return ConnectionEnvelope(data=record)
 
     @patch(
-        "/{connection_id:str}",
+        "/{id:str}",
         dto=JsonBody,
         return_dto=None,
         summary="Change a connection (absent fields stay; `apiKey: null` removes the key)",
@@ -113,43 +120,42 @@ class ConnectionController(Controller):
         data: JSONBody[UpdateConnectionRequest],
         resources: InjectedResources,
         project_id: ProjectId,
-        connection_id: FromPath[str],
+        id: ConnectionIdPath,
     ) -> ConnectionEnvelope:
-        connection_uuid = parse_uuid(connection_id, "id")
-        record = await service.update_connection(resources, project_id, connection_uuid, data)
+        record = await service.update_connection(resources, project_id, id, data)
         return ConnectionEnvelope(data=record)
 
     @delete(
-        "/{connection_id:str}",
+        "/{id:str}",
         status_code=200,
         summary="Delete a connection",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def delete_connection(
-        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: ConnectionIdPath
     ) -> MessageEnvelope:
-        await service.delete_connection(resources, project_id, parse_uuid(connection_id, "id"))
+        await service.delete_connection(resources, project_id, id)
         return MessageEnvelope(message="Connection deleted")
 
     @get(
-        "/{connection_id:str}/models",
+        "/{id:str}/models",
         summary="The connection's models: the provider's static list, or fetched live",
         responses={**error_responses(400, 403, 404, *AUTHENTICATED_ERRORS), **_VENDOR_ERRORS},
     )
     async def list_models(
-        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: ConnectionIdPath
     ) -> ModelListEnvelope:
-        models = await service.list_models(resources, project_id, parse_uuid(connection_id, "id"))
+        models = await service.list_models(resources, project_id, id)
         return ModelListEnvelope(data=models)
 
     @post(
-        "/{connection_id:str}/test",
+        "/{id:str}/test",
         status_code=200,
         summary="Try the connection: {ok: true} or {ok: false, errorCode, errorMessage}",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def test_connection(
-        self, resources: InjectedResources, project_id: ProjectId, connection_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: ConnectionIdPath
     ) -> ConnectionTestEnvelope:
-        result = await service.test_connection(resources, project_id, parse_uuid(connection_id, "id"))
+        result = await service.test_connection(resources, project_id, id)
         return ConnectionTestEnvelope(data=result)

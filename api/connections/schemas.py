@@ -5,10 +5,10 @@ The API key is write-only: requests may carry `apiKey`, responses only say `hasA
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
 
 from api.envelope import Pagination
 from shared.records import format_time
@@ -22,33 +22,42 @@ TIMEOUT_MIN_SECONDS = 1
 TIMEOUT_MAX_SECONDS = 3600.0  # the longest a connection may give one provider call
 MAX_CONCURRENCY_MAX = 1000
 
+# The rules msgspec checks while decoding (and the OpenAPI document shows); the service still trims text,
+# refuses NUL, and checks what needs the provider or the project's outbound policy.
+Name = Annotated[str, Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=r"\S")]
+ApiUrl = Annotated[str, Meta(max_length=API_URL_MAX_LENGTH)]
+ApiKey = Annotated[str, Meta(max_length=API_KEY_MAX_LENGTH)]
+Model = Annotated[str, Meta(max_length=MODEL_MAX_LENGTH)]
+TimeoutSeconds = Annotated[float, Meta(ge=TIMEOUT_MIN_SECONDS, le=TIMEOUT_MAX_SECONDS)]
+MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY_MAX)]
+
 
 class CreateConnectionRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    name: str
+    name: Name
     provider: str
-    api_url: str | None = None
-    api_key: str | None = None
-    model: str | None = None
+    api_url: ApiUrl | None = None
+    api_key: ApiKey | None = None
+    model: Model | None = None
     is_default: bool = False
     default_parameters: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    timeout_seconds: float | None = None
-    max_concurrency: int | None = None
+    timeout_seconds: TimeoutSeconds | None = None
+    max_concurrency: MaxConcurrency | None = None
 
 
 class UpdateConnectionRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     """Absent fields keep their value; `null` clears a field (`apiKey: null` removes the key)."""
 
-    name: str | UnsetType = UNSET
+    name: Name | UnsetType = UNSET
     provider: str | UnsetType = UNSET
-    api_url: str | UnsetType | None = UNSET
-    api_key: str | UnsetType | None = UNSET
-    model: str | UnsetType | None = UNSET
+    api_url: ApiUrl | UnsetType | None = UNSET
+    api_key: ApiKey | UnsetType | None = UNSET
+    model: Model | UnsetType | None = UNSET
     is_default: bool | UnsetType = UNSET
     default_parameters: dict[str, Any] | UnsetType | None = UNSET
     metadata: dict[str, Any] | UnsetType | None = UNSET
-    timeout_seconds: float | UnsetType | None = UNSET
-    max_concurrency: int | UnsetType | None = UNSET
+    timeout_seconds: TimeoutSeconds | UnsetType | None = UNSET
+    max_concurrency: MaxConcurrency | UnsetType | None = UNSET
 
 
 class ConnectionRecord(msgspec.Struct, rename="camel"):

@@ -22,11 +22,8 @@ from api.connections.schemas import (
     API_KEY_MAX_LENGTH,
     API_URL_MAX_LENGTH,
     JSON_FIELD_MAX_BYTES,
-    MAX_CONCURRENCY_MAX,
     MODEL_MAX_LENGTH,
     NAME_MAX_LENGTH,
-    TIMEOUT_MAX_SECONDS,
-    TIMEOUT_MIN_SECONDS,
     ConnectionRecord,
     ConnectionTestResult,
     CreateConnectionRequest,
@@ -35,7 +32,7 @@ from api.connections.schemas import (
     connection_record,
 )
 from api.envelope import Pagination
-from api.parsing import check_json_object, check_text, parse_int
+from api.parsing import check_json_object, check_text
 from api.resources import Resources
 from shared.connections import (
     ResolvedConnection,
@@ -239,10 +236,6 @@ def _check_fields(
     parameters = _check_default_parameters(
         resources, provider, default_parameters, checked_metadata, problems
     )
-    if timeout_seconds is not None and not (TIMEOUT_MIN_SECONDS <= timeout_seconds <= TIMEOUT_MAX_SECONDS):
-        problems.add("timeoutSeconds", f"must be between {TIMEOUT_MIN_SECONDS} and {TIMEOUT_MAX_SECONDS:g}")
-    if max_concurrency is not None and not 1 <= max_concurrency <= MAX_CONCURRENCY_MAX:
-        problems.add("maxConcurrency", f"must be between 1 and {MAX_CONCURRENCY_MAX}")
     problems.raise_if_any()
     assert checked_name is not None and provider is not None
     return ConnectionFields(
@@ -329,16 +322,14 @@ async def get_connection(
 
 
 async def list_connections(
-    resources: Resources, project_id: uuid.UUID, *, limit: str | None, offset: str | None
+    resources: Resources, project_id: uuid.UUID, *, limit: int, offset: int
 ) -> tuple[list[ConnectionRecord], Pagination]:
-    page_size = parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT)
-    skip = parse_int(offset, "offset", default=0, minimum=0, maximum=LIST_MAX_OFFSET)
     async with resources.reader.connect() as conn:
-        rows = await repository.list_connections(conn, project_id, limit=page_size + 1, offset=skip)
+        rows = await repository.list_connections(conn, project_id, limit=limit + 1, offset=offset)
         total = await repository.count_connections(conn, project_id)
-    has_more = len(rows) > page_size
-    pagination = Pagination(limit=page_size, offset=skip, total=total, has_more=has_more, next_cursor=None)
-    return [connection_record(row) for row in rows[:page_size]], pagination
+    has_more = len(rows) > limit
+    pagination = Pagination(limit=limit, offset=offset, total=total, has_more=has_more, next_cursor=None)
+    return [connection_record(row) for row in rows[:limit]], pagination
 
 
 async def update_connection(

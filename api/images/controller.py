@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,7 +24,6 @@ from api.images.schemas import (
     ImageEnvelope,
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
-from api.parsing import parse_uuid
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedPrincipal,
@@ -38,8 +38,7 @@ AnyRequest = Request[Any, Any, Any]
 PRIVATE_CACHE_CONTROL = "private, max-age=3600"
 # Bytes are served as the type the row says; a browser must not guess another (HTML, script) from them.
 _NO_SNIFF = {"X-Content-Type-Options": "nosniff"}
-# Documented as a UUID (what it must be; anything else answers 400), so fuzzers reach the lookups.
-ImageIdPath = Annotated[str, PathParameter(description="Image id (UUID)", schema_extra={"format": "uuid"})]
+ImageIdPath = Annotated[uuid.UUID, PathParameter(description="The image's id")]
 SizeQuery = Annotated[str | None, QueryParameter(description="sm (≈300 px) or lg (≈1024 px); omit: original")]
 
 
@@ -199,18 +198,18 @@ class ImageController(Controller):
         return ImageEnvelope(data=record)
 
     @get(
-        "/{image_id:str}",
+        "/{id:str}",
         summary="Get an image record",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def get_image(
-        self, resources: InjectedResources, principal: InjectedPrincipal, image_id: ImageIdPath
+        self, resources: InjectedResources, principal: InjectedPrincipal, id: ImageIdPath
     ) -> ImageEnvelope:
-        record = await service.get_image(resources, principal, parse_uuid(image_id, "id"))
+        record = await service.get_image(resources, principal, id)
         return ImageEnvelope(data=record)
 
     @get(
-        "/{image_id:str}/content",
+        "/{id:str}/content",
         summary="Image bytes",
         media_type="application/octet-stream",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
@@ -220,12 +219,11 @@ class ImageController(Controller):
         request: AnyRequest,
         resources: InjectedResources,
         principal: InjectedPrincipal,
-        image_id: ImageIdPath,
+        id: ImageIdPath,
         size: SizeQuery = None,
     ) -> Response[bytes]:
-        image_uuid = parse_uuid(image_id, "id")
         variant = service.parse_size(size)
-        row = await service.find_own(resources, principal, image_uuid)
+        row = await service.find_own(resources, principal, id)
         if (
             cached := _not_modified(request, service.etag_of(row.id, variant), PRIVATE_CACHE_CONTROL)
         ) is not None:
@@ -234,13 +232,13 @@ class ImageController(Controller):
         return _content_response(content, PRIVATE_CACHE_CONTROL)
 
     @delete(
-        "/{image_id:str}",
+        "/{id:str}",
         status_code=200,
         summary="Delete an image (the record is kept, soft-deleted; its objects are removed)",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def delete_image(
-        self, resources: InjectedResources, principal: InjectedPrincipal, image_id: ImageIdPath
+        self, resources: InjectedResources, principal: InjectedPrincipal, id: ImageIdPath
     ) -> MessageEnvelope:
-        await service.delete_image(resources, principal, parse_uuid(image_id, "id"))
+        await service.delete_image(resources, principal, id)
         return MessageEnvelope(message="Image deleted")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
-from api.parsing import JsonBody, parse_uuid
+from api.pagination import LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT, LIST_MAX_OFFSET
+from api.parsing import JsonBody
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedResources,
@@ -45,8 +47,12 @@ def _responses(*statuses: int, conflict: str | None = None) -> dict[int, Respons
     return responses
 
 
-LimitQuery = Annotated[str | None, QueryParameter(description="1..100, default 20")]
-OffsetQuery = Annotated[str | None, QueryParameter(description="0..100000, default 0")]
+WebhookIdPath = Annotated[uuid.UUID, PathParameter(description="The webhook endpoint's id")]
+DeliveryIdPath = Annotated[uuid.UUID, PathParameter(description="The delivery's id")]
+LimitQuery = Annotated[int, QueryParameter(ge=1, le=LIST_MAX_LIMIT, description="Page size (default 20)")]
+OffsetQuery = Annotated[
+    int, QueryParameter(ge=0, le=LIST_MAX_OFFSET, description="Rows to skip; page deeper with the cursor")
+]
 CursorQuery = Annotated[
     str | None, QueryParameter(description="nextCursor of the previous page (keyset paging)")
 ]
@@ -86,8 +92,8 @@ class WebhookController(Controller):
         self,
         resources: InjectedResources,
         project_id: ProjectId,
-        limit: LimitQuery = None,
-        offset: OffsetQuery = None,
+        limit: LimitQuery = LIST_DEFAULT_LIMIT,
+        offset: OffsetQuery = 0,
     ) -> WebhookEndpointListEnvelope:
         records, pagination = await service.list_endpoints(resources, project_id, limit=limit, offset=offset)
         return WebhookEndpointListEnvelope(data=records, pagination=pagination)
@@ -123,17 +129,16 @@ class WebhookController(Controller):
         resources: InjectedResources,
         project_id: ProjectId,
         generation_id: Annotated[
-            str | None, QueryParameter(name="generationId", description="The generation (required)")
-        ] = None,
+            uuid.UUID, QueryParameter(name="generationId", description="The generation")
+        ],
         status: StatusQuery = None,
-        limit: LimitQuery = None,
-        offset: OffsetQuery = None,
+        limit: LimitQuery = LIST_DEFAULT_LIMIT,
+        offset: OffsetQuery = 0,
         cursor: CursorQuery = None,
     ) -> WebhookDeliveryListEnvelope:
-        generation_uuid = service.parse_generation_filter(generation_id)
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
         records, pagination = await service.list_deliveries(
-            resources, project_id, query, generation_id=generation_uuid
+            resources, project_id, query, generation_id=generation_id
         )
         return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
 
@@ -144,24 +149,24 @@ class WebhookController(Controller):
         responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
     )
     async def redeliver_any(
-        self, resources: InjectedResources, project_id: ProjectId, delivery_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, delivery_id: DeliveryIdPath
     ) -> WebhookDeliveryEnvelope:
-        record = await service.redeliver(resources, project_id, parse_uuid(delivery_id, "deliveryId"))
+        record = await service.redeliver(resources, project_id, delivery_id)
         return WebhookDeliveryEnvelope(data=record)
 
     @get(
-        "/{webhook_id:str}",
+        "/{id:str}",
         summary="Get a webhook endpoint (no secret)",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def get_webhook(
-        self, resources: InjectedResources, project_id: ProjectId, webhook_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: WebhookIdPath
     ) -> WebhookEndpointEnvelope:
-        record = await service.get_endpoint(resources, project_id, parse_uuid(webhook_id, "id"))
+        record = await service.get_endpoint(resources, project_id, id)
         return WebhookEndpointEnvelope(data=record)
 
     @patch(
-        "/{webhook_id:str}",
+        "/{id:str}",
         dto=JsonBody,
         return_dto=None,
         summary='Change a webhook endpoint; {"enabled": true} re-enables one disabled by a 410',
@@ -172,26 +177,25 @@ class WebhookController(Controller):
         data: JSONBody[UpdateWebhookRequest],
         resources: InjectedResources,
         project_id: ProjectId,
-        webhook_id: FromPath[str],
+        id: WebhookIdPath,
     ) -> WebhookEndpointEnvelope:
-        endpoint_id = parse_uuid(webhook_id, "id")
-        record = await service.update_endpoint(resources, project_id, endpoint_id, data)
+        record = await service.update_endpoint(resources, project_id, id, data)
         return WebhookEndpointEnvelope(data=record)
 
     @delete(
-        "/{webhook_id:str}",
+        "/{id:str}",
         status_code=200,
         summary="Delete a webhook endpoint and its delivery log",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def delete_webhook(
-        self, resources: InjectedResources, project_id: ProjectId, webhook_id: FromPath[str]
+        self, resources: InjectedResources, project_id: ProjectId, id: WebhookIdPath
     ) -> MessageEnvelope:
-        await service.delete_endpoint(resources, project_id, parse_uuid(webhook_id, "id"))
+        await service.delete_endpoint(resources, project_id, id)
         return MessageEnvelope(message="Webhook endpoint deleted")
 
     @get(
-        "/{webhook_id:str}/deliveries",
+        "/{id:str}/deliveries",
         summary="An endpoint's delivery log, newest first",
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
@@ -199,21 +203,18 @@ class WebhookController(Controller):
         self,
         resources: InjectedResources,
         project_id: ProjectId,
-        webhook_id: FromPath[str],
+        id: WebhookIdPath,
         status: StatusQuery = None,
-        limit: LimitQuery = None,
-        offset: OffsetQuery = None,
+        limit: LimitQuery = LIST_DEFAULT_LIMIT,
+        offset: OffsetQuery = 0,
         cursor: CursorQuery = None,
     ) -> WebhookDeliveryListEnvelope:
-        endpoint_id = parse_uuid(webhook_id, "id")
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
-        records, pagination = await service.list_deliveries(
-            resources, project_id, query, endpoint_id=endpoint_id
-        )
+        records, pagination = await service.list_deliveries(resources, project_id, query, endpoint_id=id)
         return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
 
     @post(
-        "/{webhook_id:str}/deliveries/{delivery_id:str}/redeliver",
+        "/{id:str}/deliveries/{delivery_id:str}/redeliver",
         status_code=202,
         summary="Send a delivered or failed delivery again now (a fresh retry schedule)",
         responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
@@ -222,14 +223,8 @@ class WebhookController(Controller):
         self,
         resources: InjectedResources,
         project_id: ProjectId,
-        webhook_id: FromPath[str],
-        delivery_id: FromPath[str],
+        id: WebhookIdPath,
+        delivery_id: DeliveryIdPath,
     ) -> WebhookDeliveryEnvelope:
-        endpoint_id = parse_uuid(webhook_id, "id")
-        record = await service.redeliver(
-            resources,
-            project_id,
-            parse_uuid(delivery_id, "deliveryId"),
-            endpoint_id=endpoint_id,
-        )
+        record = await service.redeliver(resources, project_id, delivery_id, endpoint_id=id)
         return WebhookDeliveryEnvelope(data=record)

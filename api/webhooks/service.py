@@ -11,15 +11,11 @@ from typing import Any
 
 from api.envelope import Pagination
 from api.pagination import (
-    LIST_DEFAULT_LIMIT,
-    LIST_MAX_LIMIT,
-    LIST_MAX_OFFSET,
     decode_cursor,
     encode_cursor,
-    parse_page,
     parse_statuses,
 )
-from api.parsing import check_text, parse_int, parse_uuid
+from api.parsing import check_text
 from api.resources import Resources
 from api.webhooks import repository
 from api.webhooks.schemas import (
@@ -124,18 +120,12 @@ async def create_endpoint(
 
 
 async def list_endpoints(
-    resources: Resources, project_id: uuid.UUID, *, limit: str | None, offset: str | None
+    resources: Resources, project_id: uuid.UUID, *, limit: int, offset: int
 ) -> tuple[list[WebhookEndpointRecord], Pagination]:
-    page_limit = parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT)
-    page_offset = parse_int(offset, "offset", default=0, minimum=0, maximum=LIST_MAX_OFFSET)
     async with resources.reader.connect() as conn:
-        rows, total = await repository.list_endpoints(conn, project_id, page_limit, page_offset)
+        rows, total = await repository.list_endpoints(conn, project_id, limit, offset)
     pagination = Pagination(
-        limit=page_limit,
-        offset=page_offset,
-        total=total,
-        has_more=page_offset + len(rows) < total,
-        next_cursor=None,
+        limit=limit, offset=offset, total=total, has_more=offset + len(rows) < total, next_cursor=None
     )
     return [endpoint_record(row) for row in rows], pagination
 
@@ -212,14 +202,11 @@ class DeliveryQuery:
     after: tuple[datetime, uuid.UUID] | None
 
 
-def parse_delivery_query(
-    *, status: str | None, limit: str | None, offset: str | None, cursor: str | None
-) -> DeliveryQuery:
-    page_limit, page_offset = parse_page(limit, offset)
+def parse_delivery_query(*, status: str | None, limit: int, offset: int, cursor: str | None) -> DeliveryQuery:
     return DeliveryQuery(
         statuses=parse_statuses(status, DELIVERY_STATUSES),
-        limit=page_limit,
-        offset=page_offset,
+        limit=limit,
+        offset=offset,
         after=decode_cursor(cursor) if cursor else None,
     )
 
@@ -298,9 +285,3 @@ async def redeliver(
     await enqueue_webhook_deliveries(resources.producer, settings, [(delivery_id, 0)])
     log.info("webhook redelivery requested", delivery_id=str(delivery_id))
     return delivery_record(row)
-
-
-def parse_generation_filter(generation_id: str | None) -> uuid.UUID:
-    if not generation_id:
-        raise ValidationFailed.field("generationId", "is required (the generation whose deliveries to list)")
-    return parse_uuid(generation_id, "generationId")

@@ -50,9 +50,9 @@ PLURALS = {"generations": "generation", "images": "image", "connections": "conne
            "deliveries": "delivery", "projects": "project", "keys": "key"}  # fmt: skip
 # Bodies that pass validation, so that a route which checks its body before the lookup still reaches it.
 BODIES: dict[tuple[str, str], Any] = {
-    ("PATCH", "/api/v1/connections/{connection_id}"): {"name": "renamed"},
-    ("PATCH", "/api/v1/webhooks/{webhook_id}"): {"description": "renamed"},
-    ("PUT", "/api/v1/images/{image_id}/alias"): {"alias": "walked"},
+    ("PATCH", "/api/v1/connections/{id}"): {"name": "renamed"},
+    ("PATCH", "/api/v1/webhooks/{id}"): {"description": "renamed"},
+    ("PUT", "/api/v1/images/{id}/alias"): {"alias": "walked"},
 }
 SKIPPED_METHODS = {"OPTIONS", "HEAD"}
 STREAM_TIMEOUT_SECONDS = 15
@@ -219,7 +219,7 @@ def walked_app() -> Litestar:
 def test_the_walk_finds_the_id_routes_of_every_resource_kind(settings) -> None:
     routes = id_routes(walked_app())
     paths = {r.path for r in routes}
-    assert "/api/v1/generations/{generation_id}" in paths and "/api/v1/images/{image_id}" in paths
+    assert "/api/v1/generations/{generation_id}" in paths and "/api/v1/images/{id}" in paths
     for route in routes:
         for param in route.params:
             route.kind_of(param)  # every id kind is one the walk can create

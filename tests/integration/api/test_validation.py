@@ -186,6 +186,69 @@ async def test_bad_list_queries_answer_400_naming_the_parameter(client, tenant, 
     assert_validation_error(r, field)
 
 
+# Typed query and path parameters (Litestar validates them): (url, field, what the message must say)
+BAD_PARAMETERS = [
+    ("/api/v1/connections?limit=0", "limit", ">= 1"),
+    ("/api/v1/connections?limit=101", "limit", "<= 100"),
+    ("/api/v1/connections?offset=10001", "offset", "<= 10000"),
+    ("/api/v1/connections?offset=abc", "offset", "int"),
+    ("/api/v1/connections/not-a-uuid", "id", "UUID"),
+    ("/api/v1/webhooks?limit=1000", "limit", "<= 100"),
+    ("/api/v1/webhooks?offset=-1", "offset", ">= 0"),
+    ("/api/v1/webhooks/%20", "id", "UUID"),
+    ("/api/v1/webhooks/deliveries?generationId=nope", "generationId", "UUID"),
+    ("/api/v1/webhooks/deliveries", "generationId", "generationId"),
+    (f"/api/v1/webhooks/{uuid.UUID(int=1)}/deliveries?limit=1.5", "limit", "int"),
+    ("/api/v1/images/123/content", "id", "UUID"),
+]
+
+
+@pytest.mark.parametrize(("url", "field", "says"), BAD_PARAMETERS)
+async def test_bad_typed_parameters_answer_400_naming_the_parameter(client, tenant, url, field, says):
+    r = await client.get(url, headers=tenant.headers)
+    assert_validation_error(r, field)
+    error = r.json()["error"]
+    assert error["message"].startswith(f"{field}: ")
+    assert says in next(d["message"] for d in error["details"] if d["field"] == field)
+
+
+async def test_a_bad_delivery_id_is_named_as_the_client_wrote_it(client, tenant):
+    r = await client.post("/api/v1/webhooks/deliveries/nope/redeliver", headers=tenant.headers)
+    assert_validation_error(r, "deliveryId")
+
+
+async def test_the_openapi_document_shows_the_parameters_bounds_and_types(client):
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+
+    def parameter(path: str, name: str, method: str = "get") -> dict:
+        return next(p for p in paths[path][method]["parameters"] if p["name"] == name)
+
+    limit = parameter("/api/v1/connections", "limit")["schema"]
+    assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 100, 50)
+    assert parameter("/api/v1/webhooks", "offset")["schema"]["maximum"] == 100_000
+    generation = parameter("/api/v1/webhooks/deliveries", "generationId")
+    assert generation["required"] is True and generation["schema"]["format"] == "uuid"
+    for path, method in (
+        ("/api/v1/connections/{id}", "get"),
+        ("/api/v1/images/{id}", "delete"),
+        ("/api/v1/admin/keys/{key_id}", "delete"),
+    ):
+        (path_id,) = [p for p in paths[path][method]["parameters"] if p["in"] == "path"]
+        assert path_id["schema"]["format"] == "uuid"
+
+    # The request Structs' Meta, as the connections and admin bodies are documented.
+    def body(path: str, method: str = "post") -> dict:
+        return paths[path][method]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+    timeout = body("/api/v1/connections")["timeoutSeconds"]["anyOf"][0]
+    assert (timeout["minimum"], timeout["maximum"]) == (1, 3600)
+    assert body("/api/v1/connections/{id}", "patch")["name"]["maxLength"] == 200
+    assert (
+        body("/api/v1/admin/projects/{project_id}/keys")["readsPerHour"]["anyOf"][0]["maximum"] == 10_000_000
+    )
+    assert "pattern" in body("/api/v1/admin/projects")["slug"]["anyOf"][0]
+
+
 async def test_bad_admin_and_image_paths_answer_400(client, tenant, admin_headers):
     r = await client.get("/api/v1/images/nope", headers=tenant.headers)
     assert_validation_error(r, "id")

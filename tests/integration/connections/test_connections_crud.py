@@ -159,6 +159,12 @@ async def test_patch_is_partial_and_api_key_null_clears_it(client, tenant: Tenan
     assert r.status_code == 400 and "defaultParameters.steps" in fields_of(r)
     r = await client.patch(f"/api/v1/connections/{data['id']}", json={"nope": 1}, headers=tenant.headers)
     assert r.status_code == 400 and "nope" in fields_of(r)
+    r = await client.patch(
+        f"/api/v1/connections/{data['id']}",
+        json={"name": "", "timeoutSeconds": 3601, "maxConcurrency": 0},
+        headers=tenant.headers,
+    )
+    assert r.status_code == 400 and {"name", "timeoutSeconds", "maxConcurrency"} <= set(fields_of(r))
 
 
 async def test_delete(client, tenant: Tenant, engine):
@@ -232,31 +238,44 @@ async def test_concurrent_default_switches_leave_exactly_one_default(client, ten
 
 
 async def test_validation_names_every_bad_field_and_writes_nothing(client, tenant: Tenant, engine):
+    # The rules on the request Struct (msgspec.Meta) are checked while decoding, every bad field at once.
     r = await client.post(
         "/api/v1/connections",
-        json={
-            "name": "   ",
-            "provider": "dall-e-9",
-            "apiUrl": "ftp://example.com",
-            "model": "m" * 201,
-            "timeoutSeconds": 0,
-            "maxConcurrency": 1001,
-        },
+        json={"name": "   ", "model": "m" * 201, "timeoutSeconds": 0, "maxConcurrency": 1001},
         headers=tenant.headers,
     )
     assert r.status_code == 400
     fields = fields_of(r)
-    assert set(fields) == {"name", "provider", "apiUrl", "model", "timeoutSeconds", "maxConcurrency"}
-    assert "openai" in fields["provider"] and "http" in fields["apiUrl"]
+    assert set(fields) == {"name", "provider", "model", "timeoutSeconds", "maxConcurrency"}
+    assert (
+        "200" in fields["model"]
+        and ">= 1" in fields["timeoutSeconds"]
+        and "<= 1000" in fields["maxConcurrency"]
+    )
+    r = await client.post(
+        "/api/v1/connections",
+        json={"name": "x", "provider": "openai", "timeoutSeconds": 3601, "maxConcurrency": 0},
+        headers=tenant.headers,
+    )
+    fields = fields_of(r)
+    assert set(fields) == {"timeoutSeconds", "maxConcurrency"}
+    assert "<= 3600" in fields["timeoutSeconds"] and ">= 1" in fields["maxConcurrency"]
 
+    # The service's rules (the provider, the outbound policy, the provider's parameters), all at once.
+    r = await client.post(
+        "/api/v1/connections",
+        json={"name": "x", "provider": "dall-e-9", "apiUrl": "ftp://example.com"},
+        headers=tenant.headers,
+    )
+    fields = fields_of(r)
+    assert set(fields) == {"provider", "apiUrl"}
+    assert "openai" in fields["provider"] and "http" in fields["apiUrl"]
     r = await client.post(
         "/api/v1/connections",
         json={
             "name": "x",
             "provider": "openai",
             "defaultParameters": {"quality": "ultra", "steps": 3, "outputCompression": 101},
-            "timeoutSeconds": 3601,
-            "maxConcurrency": 0,
         },
         headers=tenant.headers,
     )
@@ -265,8 +284,6 @@ async def test_validation_names_every_bad_field_and_writes_nothing(client, tenan
         "defaultParameters.quality",
         "defaultParameters.steps",
         "defaultParameters.outputCompression",
-        "timeoutSeconds",
-        "maxConcurrency",
     } == set(fields)
     assert "unknown parameter" in fields["defaultParameters.steps"]
 

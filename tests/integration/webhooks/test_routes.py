@@ -324,15 +324,13 @@ async def test_the_openapi_document_lists_the_webhook_routes(client):
     paths = (await client.get("/schema/openapi.json")).json()["paths"]
     for path in (
         WEBHOOKS,
-        f"{WEBHOOKS}/{{webhook_id}}",
-        f"{WEBHOOKS}/{{webhook_id}}/deliveries",
-        f"{WEBHOOKS}/{{webhook_id}}/deliveries/{{delivery_id}}/redeliver",
+        f"{WEBHOOKS}/{{id}}",
+        f"{WEBHOOKS}/{{id}}/deliveries",
+        f"{WEBHOOKS}/{{id}}/deliveries/{{delivery_id}}/redeliver",
         f"{WEBHOOKS}/secret",
     ):
         assert path in paths
-    assert (
-        "409" in paths[f"{WEBHOOKS}/{{webhook_id}}/deliveries/{{delivery_id}}/redeliver"]["post"]["responses"]
-    )
+    assert "409" in paths[f"{WEBHOOKS}/{{id}}/deliveries/{{delivery_id}}/redeliver"]["post"]["responses"]
 
 
 async def _insert_delivery(
