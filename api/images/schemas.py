@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from shared.imaging import THUMBNAIL_SIZES
-from shared.records import ImageUrls, Thumbnails, format_time
+from shared.records import ImageUrls, OutputImage, format_time
 
 SIZES = tuple(THUMBNAIL_SIZES)
 
@@ -21,18 +21,12 @@ RESERVED_ALIASES = frozenset({"last", "first"})
 UPLOAD_FIELDS = ("file", "alias", "meta")
 
 
-class ImageRecord(msgspec.Struct, rename="camel"):
-    id: str
+class ImageRecord(OutputImage):
+    """An image as its own routes show it: what a generation's `outputImage` shows, and whose it is."""
+
     project_id: str
     generation_id: str | None
     source: str
-    storage_url: str
-    public_url: str
-    mime_type: str
-    width: int
-    height: int
-    file_size: int
-    thumbnails: Thumbnails
     alias: str | None
     meta: dict[str, Any]
     created_at: str
@@ -44,20 +38,20 @@ class ImageEnvelope(msgspec.Struct, kw_only=True):
 
 
 def image_record(row: Any, urls: ImageUrls) -> ImageRecord:
-    image_id = str(row.id)
-    public = urls.public_url(row.public_token)
-    return ImageRecord(
-        id=image_id,
-        project_id=str(row.project_id),
-        generation_id=str(row.generation_id) if row.generation_id else None,
-        source=row.source,
-        storage_url=urls.storage_url(image_id, row.storage_key),
-        public_url=public,
+    image = urls.output_image(
+        image_id=str(row.id),
+        storage_key=row.storage_key,
+        public_token=row.public_token,
         mime_type=row.mime_type,
         width=row.width,
         height=row.height,
         file_size=row.file_size,
-        thumbnails=urls.thumbnails(public),
+    )
+    return ImageRecord(
+        **msgspec.structs.asdict(image),
+        project_id=str(row.project_id),
+        generation_id=str(row.generation_id) if row.generation_id else None,
+        source=row.source,
         alias=row.alias,
         meta=row.meta,
         created_at=format_time(row.created_at) or "",
