@@ -8,9 +8,10 @@ import base64
 import binascii
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
-from api.parsing import parse_int
+from litestar.params import QueryParameter
+
 from shared.errors import ValidationFailed
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -19,6 +20,16 @@ LIST_DEFAULT_LIMIT = 20
 LIST_MAX_LIMIT = 100
 # Deeper pages must use the cursor: an OFFSET walks every skipped row.
 LIST_MAX_OFFSET = 100_000
+# The page parameters of every newest-first list (Litestar checks them; the document shows the bounds).
+PageLimit = Annotated[
+    int, QueryParameter(ge=1, le=LIST_MAX_LIMIT, description=f"Page size (default {LIST_DEFAULT_LIMIT})")
+]
+PageOffset = Annotated[
+    int, QueryParameter(ge=0, le=LIST_MAX_OFFSET, description="Rows to skip; page deeper with the cursor")
+]
+PageCursor = Annotated[
+    str | None, QueryParameter(description="nextCursor of the previous page (keyset paging)")
+]
 # A total read back from a cursor is the client's to tamper with: keep it a number JSON can carry.
 _MAX_CARRIED_TOTAL = 2**53
 
@@ -45,21 +56,6 @@ def parse_statuses(status: str | None, allowed: tuple[str, ...]) -> tuple[str, .
             "status", f"unknown status {', '.join(unknown)[:100]}; must be one of {', '.join(allowed)}"
         )
     return statuses
-
-
-def parse_page(limit: str | None, offset: str | None) -> tuple[int, int]:
-    """`limit` (1..100, default 20) and `offset` (0..100,000)."""
-    return (
-        parse_int(limit, "limit", default=LIST_DEFAULT_LIMIT, minimum=1, maximum=LIST_MAX_LIMIT),
-        parse_int(
-            offset,
-            "offset",
-            default=0,
-            minimum=0,
-            maximum=LIST_MAX_OFFSET,
-            hint="; page deeper with the cursor",
-        ),
-    )
 
 
 def encode_cursor(created_at: datetime, row_id: uuid.UUID, total: PageTotal | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Turn untrusted request input (JSON bodies, path ids, query strings) into typed values.
+"""Turn untrusted request bodies into typed values (query parameters and path ids are typed on the handlers).
 
 Every failure becomes a 400 VALIDATION_ERROR whose details name the field, so no input can reach a
 500. Bodies are decoded with msgspec directly (strict types, unknown fields refused, camelCase names,
@@ -9,7 +9,6 @@ through `JsonBody`.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Generator
 from typing import Any, ClassVar, TypeVar
 
@@ -131,13 +130,6 @@ class JsonBody(AbstractDTO[Any]):
         return decode_body(value, self._types[self.asgi_connection.route_handler.handler_id])
 
 
-def parse_uuid(value: str, field: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValidationFailed.field(field, "must be a UUID") from None
-
-
 def check_text(value: str | None, field: str, *, max_length: int, required: bool = False) -> str | None:
     """Trimmed text within limits; NUL is refused because PostgreSQL text cannot hold it."""
     if value is None:
@@ -184,29 +176,3 @@ def check_json_object(value: dict[str, Any], field: str, *, max_bytes: int) -> d
     if b"\\u0000" in encoded:
         raise ValidationFailed.field(field, "must not contain NUL characters")
     return value
-
-
-def parse_int(
-    value: str | None, field: str, *, default: int, minimum: int, maximum: int | None = None, hint: str = ""
-) -> int:
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValidationFailed.field(field, "must be an integer") from None
-    if number < minimum or (maximum is not None and number > maximum):
-        bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise ValidationFailed.field(field, f"must be {bounds}{hint}")
-    return number
-
-
-def parse_bool(value: str | None, field: str, *, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValidationFailed.field(field, "must be true or false")

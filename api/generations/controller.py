@@ -11,7 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -29,7 +29,8 @@ from api.generations.schemas import (
     RegenerateRequest,
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
-from api.parsing import JsonBody, decode_body, parse_uuid
+from api.pagination import LIST_DEFAULT_LIMIT, PageCursor, PageLimit, PageOffset
+from api.parsing import JsonBody, decode_body
 from api.security.guards import (
     IDEMPOTENCY_HEADER,
     GenerationSpend,
@@ -47,6 +48,7 @@ CREATE_ROUTE = "POST /api/v1/generations"
 BATCH_ROUTE = "POST /api/v1/generations/batch"
 # Server-Sent Events: a comment this often keeps proxies from closing a quiet stream; `retry:` tells
 # the browser how soon to reconnect after a drop.
+GenerationIdPath = Annotated[uuid.UUID, PathParameter(description="The generation's id")]
 EVENTS_HEARTBEAT_SECONDS = 15.0
 EVENTS_RETRY_MS = 3000
 
@@ -205,7 +207,7 @@ class GenerationController(Controller):
         return Response(result, status_code=200)
 
     @get(
-        "/{generation_id:str}",
+        "/{id:str}",
         summary="Get a generation",
         description="ETag + If-None-Match answer 304. `Prefer: wait=N` holds the answer until the "
         "generation changes from what the client has seen (its If-None-Match, else the current status) "
@@ -229,7 +231,7 @@ class GenerationController(Controller):
         request: AnyRequest,
         resources: InjectedResources,
         principal: InjectedPrincipal,
-        generation_id: FromPath[str],
+        id: GenerationIdPath,
         prefer: PreferHeader = None,
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[GenerationEnvelope]:
@@ -239,7 +241,7 @@ class GenerationController(Controller):
                 resources,
                 status_hub_of(request),
                 principal,
-                parse_uuid(generation_id, "id"),
+                id,
                 if_none_match=request.headers.get("if-none-match"),
                 wait_seconds=wait,
                 finished=finished_records_of(request),
@@ -254,7 +256,7 @@ class GenerationController(Controller):
         return encoded
 
     @get(
-        "/{generation_id:str}/events",
+        "/{id:str}/events",
         summary="Follow a generation's status as Server-Sent Events",
         description="`event: status` with the record at once and at every status change, until the "
         "generation is terminal; then the stream ends. A comment every 15 s keeps it open.",
@@ -266,11 +268,10 @@ class GenerationController(Controller):
         request: AnyRequest,
         resources: InjectedResources,
         principal: InjectedPrincipal,
-        generation_id: FromPath[str],
+        id: GenerationIdPath,
     ) -> ServerSentEvent:
         hub = status_hub_of(request)
-        parsed_id = parse_uuid(generation_id, "id")
-        await service.get_generation(resources, principal, parsed_id)  # 404 before the stream starts
+        await service.get_generation(resources, principal, id)  # 404 before the stream starts
         slot = StreamSlot(request)
         await slot.open()  # 429 before the stream starts; the stream frees it when it ends
 
@@ -278,7 +279,7 @@ class GenerationController(Controller):
             retry: int | None = EVENTS_RETRY_MS
             try:
                 async for record in waiting.follow_generation(
-                    resources, hub, principal, parsed_id, EVENTS_HEARTBEAT_SECONDS
+                    resources, hub, principal, id, EVENTS_HEARTBEAT_SECONDS
                 ):
                     await slot.renew()
                     if record is None:
@@ -294,7 +295,7 @@ class GenerationController(Controller):
         return ServerSentEvent(messages())
 
     @post(
-        "/{generation_id:str}/cancel",
+        "/{id:str}/cancel",
         status_code=200,
         summary="Cancel a pending or processing generation",
         responses={
@@ -303,13 +304,13 @@ class GenerationController(Controller):
         },
     )
     async def cancel_generation(
-        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
+        self, resources: InjectedResources, principal: InjectedPrincipal, id: GenerationIdPath
     ) -> GenerationEnvelope:
-        record = await service.cancel_generation(resources, principal, parse_uuid(generation_id, "id"))
+        record = await service.cancel_generation(resources, principal, id)
         return GenerationEnvelope(data=record)
 
     @post(
-        "/{generation_id:str}/regenerate",
+        "/{id:str}/regenerate",
         status_code=200,
         opt={"budget": Budget.GENERATE},
         operation_class=json_body(RegenerateRequest, required=False),
@@ -323,17 +324,16 @@ class GenerationController(Controller):
         request: AnyRequest,
         resources: InjectedResources,
         principal: InjectedPrincipal,
-        generation_id: FromPath[str],
+        id: GenerationIdPath,
     ) -> GenerationEnvelope:
         async with GenerationSpend(request):  # a refused regenerate costs no budget
             project_id_of(principal, "regenerate generations")
-            parsed_id = parse_uuid(generation_id, "id")
             raw = await request.body()
             deadline_seconds = None
             if raw.strip():
                 body = decode_body(raw, RegenerateRequest)  # in the spend block, as in create_generation
                 deadline_seconds = check_deadline_seconds(body.deadline_seconds, resources.settings)
-            record = await service.regenerate_generation(resources, principal, parsed_id, deadline_seconds)
+            record = await service.regenerate_generation(resources, principal, id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
     @get("/", summary="List generations, newest first", responses=error_responses(400, *AUTHENTICATED_ERRORS))
@@ -345,17 +345,13 @@ class GenerationController(Controller):
         status: Annotated[
             str | None, QueryParameter(description="One status or a comma list (pending,processing,...)")
         ] = None,
-        limit: Annotated[str | None, QueryParameter(description="1..100, default 20")] = None,
-        offset: Annotated[
-            str | None, QueryParameter(description="0..100000, default 0 (deeper: cursor)")
-        ] = None,
+        limit: PageLimit = LIST_DEFAULT_LIMIT,
+        offset: PageOffset = 0,
         include_deleted: Annotated[
-            str | None,
+            bool,
             QueryParameter(name="includeDeleted", description="Include generations whose image was deleted"),
-        ] = None,
-        cursor: Annotated[
-            str | None, QueryParameter(description="nextCursor of the previous page (keyset paging)")
-        ] = None,
+        ] = False,
+        cursor: PageCursor = None,
     ) -> GenerationListEnvelope:
         # Repeated ?status= values add up, like a comma list.
         statuses = request.query_params.getall("status", [])
@@ -370,13 +366,13 @@ class GenerationController(Controller):
         return GenerationListEnvelope(data=records, pagination=pagination)
 
     @delete(
-        "/{generation_id:str}",
+        "/{id:str}",
         status_code=200,
         summary="Delete a generation and its output image",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def delete_generation(
-        self, resources: InjectedResources, principal: InjectedPrincipal, generation_id: FromPath[str]
+        self, resources: InjectedResources, principal: InjectedPrincipal, id: GenerationIdPath
     ) -> MessageEnvelope:
-        await service.delete_generation(resources, principal, parse_uuid(generation_id, "id"))
+        await service.delete_generation(resources, principal, id)
         return MessageEnvelope(message="Generation deleted")

@@ -50,8 +50,8 @@ from api.generations.schemas import (
     generation_record,
 )
 from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of
-from api.pagination import PageTotal, encode_cursor, parse_page, parse_statuses, read_cursor
-from api.parsing import decode_body, parse_bool
+from api.pagination import PageTotal, encode_cursor, parse_statuses, read_cursor
+from api.parsing import decode_body
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import (
@@ -434,20 +434,14 @@ class ListQuery:
 
 
 def parse_list_query(
-    *,
-    status: str | None,
-    limit: str | None,
-    offset: str | None,
-    include_deleted: str | None,
-    cursor: str | None,
+    *, status: str | None, limit: int, offset: int, include_deleted: bool, cursor: str | None
 ) -> ListQuery:
-    page_limit, page_offset = parse_page(limit, offset)
     position = read_cursor(cursor) if cursor else None
     return ListQuery(
         statuses=parse_statuses(status, _STATUSES),
-        limit=page_limit,
-        offset=page_offset,
-        include_deleted=parse_bool(include_deleted, "includeDeleted", default=False),
+        limit=limit,
+        offset=offset,
+        include_deleted=include_deleted,
         after=position.after if position else None,
         carried_total=position.total if position else None,
     )

@@ -11,7 +11,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
-from api.pagination import LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT, LIST_MAX_OFFSET
+from api.pagination import LIST_DEFAULT_LIMIT, PageCursor, PageLimit, PageOffset
 from api.parsing import JsonBody
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
@@ -49,13 +49,6 @@ def _responses(*statuses: int, conflict: str | None = None) -> dict[int, Respons
 
 WebhookIdPath = Annotated[uuid.UUID, PathParameter(description="The webhook endpoint's id")]
 DeliveryIdPath = Annotated[uuid.UUID, PathParameter(description="The delivery's id")]
-LimitQuery = Annotated[int, QueryParameter(ge=1, le=LIST_MAX_LIMIT, description="Page size (default 20)")]
-OffsetQuery = Annotated[
-    int, QueryParameter(ge=0, le=LIST_MAX_OFFSET, description="Rows to skip; page deeper with the cursor")
-]
-CursorQuery = Annotated[
-    str | None, QueryParameter(description="nextCursor of the previous page (keyset paging)")
-]
 StatusQuery = Annotated[
     str | None, QueryParameter(description="pending, delivered, failed (or a comma list)")
 ]
@@ -92,8 +85,8 @@ class WebhookController(Controller):
         self,
         resources: InjectedResources,
         project_id: ProjectId,
-        limit: LimitQuery = LIST_DEFAULT_LIMIT,
-        offset: OffsetQuery = 0,
+        limit: PageLimit = LIST_DEFAULT_LIMIT,
+        offset: PageOffset = 0,
     ) -> WebhookEndpointListEnvelope:
         records, pagination = await service.list_endpoints(resources, project_id, limit=limit, offset=offset)
         return WebhookEndpointListEnvelope(data=records, pagination=pagination)
@@ -132,9 +125,9 @@ class WebhookController(Controller):
             uuid.UUID, QueryParameter(name="generationId", description="The generation")
         ],
         status: StatusQuery = None,
-        limit: LimitQuery = LIST_DEFAULT_LIMIT,
-        offset: OffsetQuery = 0,
-        cursor: CursorQuery = None,
+        limit: PageLimit = LIST_DEFAULT_LIMIT,
+        offset: PageOffset = 0,
+        cursor: PageCursor = None,
     ) -> WebhookDeliveryListEnvelope:
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
         records, pagination = await service.list_deliveries(
@@ -205,9 +198,9 @@ class WebhookController(Controller):
         project_id: ProjectId,
         id: WebhookIdPath,
         status: StatusQuery = None,
-        limit: LimitQuery = LIST_DEFAULT_LIMIT,
-        offset: OffsetQuery = 0,
-        cursor: CursorQuery = None,
+        limit: PageLimit = LIST_DEFAULT_LIMIT,
+        offset: PageOffset = 0,
+        cursor: PageCursor = None,
     ) -> WebhookDeliveryListEnvelope:
         query = service.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
         records, pagination = await service.list_deliveries(resources, project_id, query, endpoint_id=id)

@@ -13,6 +13,7 @@ from PIL import Image
 from shared.embedded import free_port
 from tests import services
 from tests.e2e.harness import Platform, base_env
+from tests.factories import OBJECTS_AT_STORE
 from tests.images import bomb_png
 
 pytestmark = pytest.mark.e2e
@@ -87,4 +88,4 @@ def test_a_small_png_claiming_9400x9400_answers_400_at_once_without_growing_the_
         )
 
     stored = [p for p in (api.workdir / "storage").rglob("*") if p.is_file()]
-    assert len(stored) == 3, stored  # the warm-up's original and thumbnails; nothing of the bomb
+    assert len(stored) == OBJECTS_AT_STORE, stored  # the warm-up's objects; nothing of the bomb

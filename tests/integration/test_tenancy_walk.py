@@ -61,7 +61,7 @@ STREAM_TIMEOUT_SECONDS = 15
 @dataclass(frozen=True)
 class IdRoute:
     method: str
-    path: str  # "/api/v1/generations/{generation_id}"
+    path: str  # "/api/v1/generations/{id}"
     params: tuple[str, ...]  # path parameters that are ids, in path order
     admin_only: bool
 
@@ -219,7 +219,7 @@ def walked_app() -> Litestar:
 def test_the_walk_finds_the_id_routes_of_every_resource_kind(settings) -> None:
     routes = id_routes(walked_app())
     paths = {r.path for r in routes}
-    assert "/api/v1/generations/{generation_id}" in paths and "/api/v1/images/{id}" in paths
+    assert "/api/v1/generations/{id}" in paths and "/api/v1/images/{id}" in paths
     for route in routes:
         for param in route.params:
             route.kind_of(param)  # every id kind is one the walk can create

@@ -80,7 +80,7 @@ async def test_schema_is_a_valid_openapi_document_listing_the_routes(client):
     validate(document)
     paths = document["paths"]
     assert {"post", "get"} <= set(paths["/api/v1/generations"])
-    assert {"get", "delete"} <= set(paths["/api/v1/generations/{generation_id}"])
+    assert {"get", "delete"} <= set(paths["/api/v1/generations/{id}"])
     assert "/i/{token}" in paths and "/api/v1/admin/projects" in paths
     create_body = paths["/api/v1/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert create_body["required"] == ["prompt"] and "aspectRatio" in create_body["properties"]
