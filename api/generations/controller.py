@@ -25,7 +25,6 @@ from api.generations.schemas import (
     CreateGenerationRequest,
     GenerationEnvelope,
     GenerationListEnvelope,
-    GenerationRecord,
     RegenerateRequest,
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses, json_body
@@ -139,30 +138,21 @@ class GenerationController(Controller):
             valid = validate_create(body, resources.settings)
             wait = _wait_of(request)
 
-            async def create(generation_id: uuid.UUID) -> GenerationRecord | idempotency.StoredResponse:
-                if key is None:
-                    created: GenerationRecord | idempotency.StoredResponse = await service.create_generation(
-                        resources, project_id, principal.max_in_flight, valid, generation_id=generation_id
-                    )
-                else:
-                    once = idempotency.IdempotencyKey(
-                        key, idempotency.request_hash(CREATE_ROUTE, idempotency.canonical_create_body(body))
-                    )
-                    created = await service.create_generation_once(
-                        resources,
-                        project_id,
-                        principal.max_in_flight,
-                        valid,
-                        once,
-                        spend,
-                        generation_id=generation_id,
-                    )
-                spend.keep()  # the row exists; whatever the wait does next, the unit paid for it
-                return created
-
+            once = None
+            if key is not None:
+                once = idempotency.IdempotencyKey(
+                    key, idempotency.request_hash(CREATE_ROUTE, idempotency.canonical_create_body(body))
+                )
             async with StreamSlot(request) if wait else nullcontext():  # a long poll holds a slot
-                result, waited = await waiting.submit_and_wait(
-                    resources, status_hub_of(request), wait, project_id, create
+                result, waited = await service.submit_generation(
+                    resources,
+                    status_hub_of(request),
+                    project_id,
+                    principal.max_in_flight,
+                    valid,
+                    once,
+                    spend,
+                    wait,
                 )
         headers = {"Preference-Applied": f"wait={wait}"} if waited else {}
         if isinstance(result, idempotency.StoredResponse):

@@ -49,7 +49,7 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
-from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of
+from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of, submit_and_wait
 from api.pagination import PageTotal, encode_cursor, parse_statuses, read_cursor
 from api.parsing import decode_body
 from api.resources import Resources
@@ -89,6 +89,9 @@ class GenerationBudget(Protocol):
 
     async def refund_last(self) -> None:
         """Give back the unit last charged: the item it paid for was refused."""
+
+    def keep(self) -> None:
+        """The units spent so far paid for accepted work: nothing is given back from here on."""
 
 
 async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
@@ -147,6 +150,35 @@ async def create_generation(
         raise over_cap(cap)
     await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
+
+
+async def submit_generation(
+    resources: Resources,
+    hub: StatusHub | None,
+    project_id: uuid.UUID,
+    in_flight_override: int | None,
+    request: ValidGeneration,
+    once: IdempotencyKey | None,
+    budget: GenerationBudget,
+    wait_seconds: int | None,
+) -> tuple[GenerationRecord | StoredResponse, bool]:
+    """A create (under an Idempotency-Key when `once` is given), then with `wait_seconds` the wait for
+    its end (`Prefer: wait`). Returns what to answer and whether the wait was applied."""
+
+    async def create(generation_id: uuid.UUID) -> GenerationRecord | StoredResponse:
+        created: GenerationRecord | StoredResponse
+        if once is None:
+            created = await create_generation(
+                resources, project_id, in_flight_override, request, generation_id=generation_id
+            )
+        else:
+            created = await create_generation_once(
+                resources, project_id, in_flight_override, request, once, budget, generation_id=generation_id
+            )
+        budget.keep()  # the row exists; whatever the wait does next, the unit paid for it
+        return created
+
+    return await submit_and_wait(resources, hub, wait_seconds, project_id, create)
 
 
 async def create_generation_once(
