@@ -45,6 +45,33 @@ async def api_client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
         yield client
 
 
+@asynccontextmanager
+async def followed_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    """An API process whose per-process caches (finished records, default connections) follow the
+    events: its hub connects in the background, so wait until it has."""
+    async with api_client(settings) as client:
+        state = client.app.state
+
+        def live() -> bool:
+            return bool(state.finished_records.live and state.resources.default_connections.live)
+
+        for _ in range(500):
+            if live():
+                break
+            await asyncio.sleep(0.01)
+        assert live()
+        yield client
+
+
+@pytest.fixture
+async def two_processes(
+    api_settings: Settings,
+) -> AsyncIterator[tuple[AsyncTestClient[Any], AsyncTestClient[Any]]]:
+    """Two API instances (each its own hub and caches) on the same database and Redis."""
+    async with followed_api(api_settings) as a, followed_api(api_settings) as b:
+        yield a, b
+
+
 @pytest.fixture(scope="session")
 def api_settings(settings: Settings) -> Settings:
     # Limits high enough that only the tests about limits ever meet them.

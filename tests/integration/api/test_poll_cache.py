@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from api.generations.cache import FinishedRecords
 from shared.settings import Settings
 from tests.integration.api.conftest import (
     api_client,
+    followed_api,
     insert_finished_generation,
     insert_generation,
 )
@@ -33,18 +32,6 @@ def _with_cache_size(settings: Settings, size: int) -> Settings:
 def finished_records(client: AsyncTestClient[Any]) -> FinishedRecords:
     cache: FinishedRecords = client.app.state.finished_records
     return cache
-
-
-@asynccontextmanager
-async def cached_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    """An API process whose cache follows the status events (its hub connects in the background)."""
-    async with api_client(settings) as client:
-        for _ in range(500):
-            if finished_records(client).live:
-                break
-            await asyncio.sleep(0.01)
-        assert finished_records(client).live
-        yield client
 
 
 @pytest.fixture
@@ -65,7 +52,7 @@ async def test_a_finished_record_is_answered_without_a_database_read(
     api_settings, tenant, engine, storage, reads
 ):
     generation_id, _ = await insert_finished_generation(engine, storage, tenant.project_id)
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         first = await api.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
         assert first.status_code == 200 and reads == [generation_id]
         again = await api.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
@@ -89,7 +76,7 @@ async def test_the_cached_answer_is_byte_for_byte_the_uncached_one(api_settings,
     async with api_client(_with_cache_size(api_settings, 0)) as uncached:
         plain = await uncached.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
         assert len(finished_records(uncached)) == 0
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         await api.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
         cached = await api.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
     assert cached.content == plain.content and cached.headers["etag"] == plain.headers["etag"]
@@ -97,7 +84,7 @@ async def test_the_cached_answer_is_byte_for_byte_the_uncached_one(api_settings,
 
 async def test_unfinished_records_are_not_cached(api_settings, tenant, engine, reads):
     pending = await insert_generation(engine, tenant.project_id, status="pending")
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         for _ in range(2):
             r = await api.get(f"{GENERATIONS}/{pending}", headers=tenant.headers)
             assert r.json()["data"]["queuePosition"] == 1
@@ -109,22 +96,13 @@ async def test_a_cached_record_is_not_read_by_another_project(
     api_settings, tenant, other_tenant, admin_headers, engine, storage
 ):
     generation_id, _ = await insert_finished_generation(engine, storage, tenant.project_id)
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         mine = await api.get(f"{GENERATIONS}/{generation_id}", headers=tenant.headers)
         assert len(finished_records(api)) == 1
         theirs = await api.get(f"{GENERATIONS}/{generation_id}", headers=other_tenant.headers)
         admin = await api.get(f"{GENERATIONS}/{generation_id}", headers=admin_headers)
     assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "GENERATION_NOT_FOUND"
     assert admin.status_code == 200 and admin.content == mine.content
-
-
-@pytest.fixture
-async def two_processes(
-    api_settings: Settings,
-) -> AsyncIterator[tuple[AsyncTestClient[Any], AsyncTestClient[Any]]]:
-    """Two API instances (each its own hub and cache) on the same database and Redis."""
-    async with cached_api(api_settings) as a, cached_api(api_settings) as b:
-        yield a, b
 
 
 async def _cached_on(api: AsyncTestClient[Any], generation_id: Any, headers: dict[str, str]) -> Any:
@@ -189,7 +167,7 @@ async def test_a_lost_event_connection_empties_the_cache_until_it_follows_again(
     api_settings, tenant, engine, storage, reads
 ):
     generation_id, _ = await insert_finished_generation(engine, storage, tenant.project_id)
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         await _cached_on(api, generation_id, tenant.headers)
         cache = finished_records(api)
         hub = api.app.state.status_hub

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,8 +13,8 @@ from litestar.testing import AsyncTestClient
 
 from api.connections import repository
 from api.connections.cache import DefaultConnections
-from shared.settings import Settings
-from tests.integration.api.conftest import Tenant, api_client
+from tests.integration.api.conftest import Tenant, followed_api
+from tests.integration.api.conftest import two_processes as two_processes  # a fixture, shared
 from tests.integration.connections.helpers import create_connection
 
 GENERATIONS = "/api/v1/generations"
@@ -33,14 +31,6 @@ async def until(condition: Any) -> None:
             return
         await asyncio.sleep(0.01)
     assert condition()
-
-
-@asynccontextmanager
-async def cached_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    """An API process whose cache follows the connections events (its hub connects in the background)."""
-    async with api_client(settings) as client:
-        await until(lambda: default_connections(client).live)
-        yield client
 
 
 @pytest.fixture
@@ -69,7 +59,7 @@ async def create(api: AsyncTestClient[Any], tenant: Tenant, **body: Any) -> dict
 async def test_the_default_is_read_once_then_answered_from_memory(
     api_settings, tenant: Tenant, other_tenant: Tenant, lookups
 ):
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         default = await create_connection(api, tenant.headers, provider="novelai", isDefault=True)
         lookups.clear()
         for _ in range(3):
@@ -83,15 +73,6 @@ async def test_the_default_is_read_once_then_answered_from_memory(
         (other_tenant.project_id, None),
         (tenant.project_id, uuid.UUID(default["id"])),
     ]
-
-
-@pytest.fixture
-async def two_processes(
-    api_settings: Settings,
-) -> AsyncIterator[tuple[AsyncTestClient[Any], AsyncTestClient[Any]]]:
-    """Two API instances (each its own hub and cache) on the same database and Redis."""
-    async with cached_api(api_settings) as a, cached_api(api_settings) as b:
-        yield a, b
 
 
 async def test_every_change_through_another_process_is_used_at_once(two_processes, tenant: Tenant):
@@ -122,7 +103,7 @@ async def test_every_change_through_another_process_is_used_at_once(two_processe
 async def test_a_lost_event_connection_empties_the_cache_until_it_follows_again(
     api_settings, tenant: Tenant, lookups
 ):
-    async with cached_api(api_settings) as api:
+    async with followed_api(api_settings) as api:
         await create(api, tenant)
         await create(api, tenant)
         assert len(lookups) == 1
