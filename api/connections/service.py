@@ -17,7 +17,7 @@ import httpx
 from msgspec import UNSET
 
 from api.connections import repository
-from api.connections.cache import announce_change
+from api.connections.cache import KnownDefault, announce_change
 from api.connections.schemas import (
     API_KEY_MAX_LENGTH,
     API_URL_MAX_LENGTH,
@@ -521,7 +521,7 @@ async def _project_default(resources: Resources, project_id: uuid.UUID) -> Any:
     async with resources.reader.connect() as conn:
         row = await repository.find_generation_connection(conn, project_id, None)
     if ticket is not None:
-        cache.fill(ticket, project_id, row)
+        cache.fill(ticket, project_id, KnownDefault(row))
     return row
 
 

@@ -53,8 +53,8 @@ EVERY_PROJECTS_CONNECTIONS = connections_channel("*")
 
 
 class ChangeListener(Protocol):
-    """Hears the events of every channel of a pattern (api.generations.cache.FinishedRecords,
-    api.connections.cache.DefaultConnections)."""
+    """Hears the events of every channel of a pattern (api.events.followed.FollowedCache: the finished
+    records and the default connections)."""
 
     def changed(self, key: str) -> None:
         """An event on the channel `<pattern's prefix><key>`."""
