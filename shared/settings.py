@@ -111,6 +111,13 @@ class ServerSettings(BaseModel):
         description="Finished generations whose GET answer each API process keeps (about 2 KB each); "
         "invalidated by status events. 0: every poll reads the database.",
     )
+    list_cache_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        description="Bytes of encoded list pages of finished generations (status=success, failed or "
+        "cancelled) each API process keeps; a project's pages are retired by its status events. 0: every "
+        "list reads the database.",
+    )
 
     @property
     def base_url(self) -> str:

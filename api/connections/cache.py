@@ -57,7 +57,7 @@ class DefaultConnections(FollowedCache[uuid.UUID, KnownDefault]):
         """What is known of the project's default; None: not known, read it from the database."""
         return self._lookup(project_id)
 
-    def changed(self, project_id: str) -> None:
+    def changed(self, project_id: str, data: bytes | str | None = None) -> None:
         try:
             key = uuid.UUID(project_id)
         except ValueError:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cachetools import Cache
 
@@ -47,7 +48,7 @@ class FollowedCache(Generic[K, V]):
         self._following = False
         self._seq = 0  # counts events and gaps
         self._gap_at = 0  # seq of the last gap: tickets before it are void
-        self._recent: deque[tuple[int, K]] = deque(maxlen=RECENT_EVENTS)
+        self._recent: deque[tuple[int, Any]] = deque(maxlen=RECENT_EVENTS)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -68,26 +69,41 @@ class FollowedCache(Generic[K, V]):
 
     def fill(self, ticket: Ticket, key: K, value: V) -> None:
         """Keep `value` unless an event for `key`, or a gap, came after `ticket`."""
-        if not self._following or ticket.seq < self._gap_at or self.size <= 0:
+        if not self._following or ticket.seq < self._gap_at or self._raced(ticket, key):
             return
-        if ticket.seq != self._seq:
-            recent = self._recent
-            if len(recent) == recent.maxlen and recent[0][0] > ticket.seq + 1:
-                return  # events since the ticket were dropped from memory: cannot tell
-            for seq, changed_key in reversed(recent):
-                if seq <= ticket.seq:
-                    break
-                if changed_key == key:
-                    return
-        self._entries[key] = value
+        with suppress(ValueError):  # larger than the whole cache (or a cache of size 0): not kept
+            self._entries[key] = value
+
+    def _raced(self, ticket: Ticket, key: K) -> bool:
+        """Whether an event that `_touches` the key came after `ticket` (or events since were forgotten)."""
+        if ticket.seq == self._seq:
+            return False
+        recent = self._recent
+        if len(recent) == recent.maxlen and recent[0][0] > ticket.seq + 1:
+            return True  # events since the ticket were dropped from memory: cannot tell
+        for seq, changed_key in reversed(recent):
+            if seq <= ticket.seq:
+                return False
+            if self._touches(changed_key, key):
+                return True
+        return False
+
+    def _touches(self, changed_key: Any, key: K) -> bool:
+        """Whether an event for `changed_key` may change the entry `key` (subclasses keyed otherwise
+        than their events say)."""
+        return bool(changed_key == key)
 
     def _lookup(self, key: K) -> V | None:
         return self._entries.get(key) if self._following else None
 
-    def _forget(self, key: K) -> None:
-        """An event for `key`."""
+    def _note_event(self, key: Any) -> None:
+        """An event for `key` (an entry key, or what `_touches` compares with)."""
         self._seq += 1
         self._recent.append((self._seq, key))
+
+    def _forget(self, key: K) -> None:
+        """An event for the entry `key`."""
+        self._note_event(key)
         self._entries.pop(key, None)
 
     def _gap(self) -> None:

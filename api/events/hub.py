@@ -38,7 +38,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from api.generations.cache import FinishedRecords
+from api.generations.cache import FinishedRecords, ListPages
 from shared.events import connections_channel, generation_channel
 from shared.logging import get_logger
 
@@ -56,8 +56,8 @@ class ChangeListener(Protocol):
     """Hears the events of every channel of a pattern (api.events.followed.FollowedCache: the finished
     records and the default connections)."""
 
-    def changed(self, key: str) -> None:
-        """An event on the channel `<pattern's prefix><key>`."""
+    def changed(self, key: str, data: bytes | str | None) -> None:
+        """An event on the channel `<pattern's prefix><key>`, with its message."""
 
     def resumed(self) -> None: ...
 
@@ -128,7 +128,7 @@ class StatusHub:
         self._reader: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._listeners: dict[str, ChangeListener] = {}  # by the pattern they follow
+        self._listeners: dict[str, list[ChangeListener]] = {}  # by the pattern they follow
         self._closed = False
 
     # --- what callers use -------------------------------------------------------------------------
@@ -156,8 +156,11 @@ class StatusHub:
         (connects in the background). Call before the hub is connected: at startup."""
         if not pattern.endswith("*") or "*" in pattern[:-1]:
             raise ValueError("a followed pattern is a channel prefix followed by one *")
-        self._listeners[pattern] = listener
+        self._listeners.setdefault(pattern, []).append(listener)
         self._schedule_reconnect(delay=0.0)
+
+    def _every_listener(self) -> list[ChangeListener]:
+        return [listener for listeners in self._listeners.values() for listener in listeners]
 
     def watcher_count(self, generation_id: uuid.UUID | str) -> int:
         state = self._channels.get(generation_channel(generation_id))
@@ -171,7 +174,7 @@ class StatusHub:
         await asyncio.gather(*tasks, return_exceptions=True)
         async with self._lock:
             await self._drop_locked(self._pubsub)
-        for listener in self._listeners.values():
+        for listener in self._every_listener():
             listener.lost()
         for state in self._channels.values():
             for watch in state.watches:
@@ -273,9 +276,9 @@ class StatusHub:
         if kind == "pmessage":
             raw_pattern = message.get("pattern")
             pattern = raw_pattern.decode() if isinstance(raw_pattern, bytes) else str(raw_pattern)
-            listener = self._listeners.get(pattern)
-            if listener is not None:
-                listener.changed(channel.removeprefix(pattern[:-1]))
+            key, data = channel.removeprefix(pattern[:-1]), message.get("data")
+            for listener in self._listeners.get(pattern, ()):
+                listener.changed(key, data)
         elif kind == "message":
             state = self._channels.get(channel)
             if state is not None:
@@ -283,8 +286,9 @@ class StatusHub:
                 for watch in state.watches:
                     watch._notify(status)
         elif kind in ("subscribe", "unsubscribe", "psubscribe"):
-            if kind == "psubscribe" and channel in self._listeners:
-                self._listeners[channel].resumed()
+            if kind == "psubscribe":
+                for listener in self._listeners.get(channel, ()):
+                    listener.resumed()
             replies = self._replies.get(channel)
             if not replies:
                 return
@@ -299,7 +303,7 @@ class StatusHub:
         if pubsub is None or self._pubsub is not pubsub:
             return
         self._pubsub = None
-        for listener in self._listeners.values():
+        for listener in self._every_listener():
             listener.lost()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
@@ -355,9 +359,9 @@ class StatusHub:
 
 @asynccontextmanager
 async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """The process's hub, its cache of finished records, and the events keeping the resources' cache
-    of default connections exact. It connects in the background (or on the first watch), so a Redis
-    that is down does not stop startup."""
+    """The process's hub, its caches of finished records and list pages, and the events keeping the
+    resources' cache of default connections exact. It connects in the background (or on the first
+    watch), so a Redis that is down does not stop startup."""
     settings = app.state.settings
     hub = StatusHub(settings.redis_url)
     app.state.status_hub = hub
@@ -365,6 +369,10 @@ async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     app.state.finished_records = finished
     if finished.size > 0:
         hub.follow(EVERY_GENERATION, finished)
+    pages = ListPages(settings.server.list_cache_bytes)
+    app.state.list_pages = pages
+    if pages.size > 0:
+        hub.follow(EVERY_GENERATION, pages)
     hub.follow(EVERY_PROJECTS_CONNECTIONS, app.state.resources.default_connections)
     try:
         yield
@@ -375,6 +383,11 @@ async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
 def finished_records_of(connection: ASGIConnection[Any, Any, Any, Any]) -> FinishedRecords:
     finished: FinishedRecords = connection.app.state.finished_records
     return finished
+
+
+def list_pages_of(connection: ASGIConnection[Any, Any, Any, Any]) -> ListPages:
+    pages: ListPages = connection.app.state.list_pages
+    return pages
 
 
 def status_hub_of(connection: ASGIConnection[Any, Any, Any, Any]) -> StatusHub:

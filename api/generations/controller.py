@@ -16,7 +16,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.events.hub import finished_records_of, status_hub_of
+from api.events.hub import finished_records_of, list_pages_of, status_hub_of
 from api.generations import conditional, idempotency, service, waiting
 from api.generations.rules import check_batch_size, check_deadline_seconds, validate_create
 from api.generations.schemas import (
@@ -342,7 +342,7 @@ class GenerationController(Controller):
             QueryParameter(name="includeDeleted", description="Include generations whose image was deleted"),
         ] = False,
         cursor: PageCursor = None,
-    ) -> GenerationListEnvelope:
+    ) -> Response[GenerationListEnvelope]:
         # Repeated ?status= values add up, like a comma list.
         statuses = request.query_params.getall("status", [])
         query = service.parse_list_query(
@@ -352,8 +352,10 @@ class GenerationController(Controller):
             include_deleted=include_deleted,
             cursor=cursor,
         )
-        records, pagination = await service.list_generations(resources, principal, query)
-        return GenerationListEnvelope(data=records, pagination=pagination)
+        # The GenerationListEnvelope, encoded by the service (and kept encoded for finished pages).
+        body = await service.list_page(resources, principal, query, list_pages_of(request))
+        page: Response[Any] = Response(body)
+        return page
 
     @delete(
         "/{id:str}",

@@ -24,7 +24,7 @@ from cachetools import TTLCache
 from api.envelope import ErrorBody, Pagination
 from api.events.hub import StatusHub
 from api.generations import repository
-from api.generations.cache import FinishedAnswer, FinishedRecords
+from api.generations.cache import FinishedAnswer, FinishedRecords, ListPages, PageKey
 from api.generations.conditional import etag_matches, etag_of
 from api.generations.idempotency import (
     IDEMPOTENCY_LOCK_TIMEOUT_MS,
@@ -46,6 +46,7 @@ from api.generations.schemas import (
     BatchSummary,
     CreateGenerationRequest,
     GenerationEnvelope,
+    GenerationListEnvelope,
     GenerationRecord,
     generation_record,
 )
@@ -509,6 +510,25 @@ async def _list_total(
         return PageTotal(max(estimate, query.offset + on_page + has_more), is_estimate=True)
     counted = await repository.count_generations(conn, where, cap=TOTAL_EXACT_UP_TO + 1)
     return PageTotal(min(counted, TOTAL_EXACT_UP_TO), is_estimate=counted > TOTAL_EXACT_UP_TO)
+
+
+async def list_page(
+    resources: Resources, principal: Principal, query: ListQuery, pages: ListPages | None = None
+) -> bytes:
+    """The encoded GenerationListEnvelope. A page of finished statuses only is answered from `pages`
+    when it holds it (no database read, no encoding), and put there when read (api.generations.cache)."""
+    key = ticket = None
+    if pages is not None and query.statuses and TERMINAL.issuperset(query.statuses):
+        key = PageKey(principal.project_id, query)
+        if (body := pages.get(key)) is not None:
+            return body
+        ticket = pages.ticket()
+    records, pagination = await list_generations(resources, principal, query)
+    body = _encode(GenerationListEnvelope(data=records, pagination=pagination))
+    if key is not None and ticket is not None:
+        assert pages is not None
+        pages.fill_page(ticket, key, body)
+    return body
 
 
 async def list_generations(

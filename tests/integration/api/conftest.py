@@ -47,13 +47,14 @@ async def api_client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
 
 @asynccontextmanager
 async def followed_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    """An API process whose per-process caches (finished records, default connections) follow the
+    """An API process whose per-process caches (finished records, list pages, default connections) follow the
     events: its hub connects in the background, so wait until it has."""
     async with api_client(settings) as client:
         state = client.app.state
 
         def live() -> bool:
-            return bool(state.finished_records.live and state.resources.default_connections.live)
+            caches = (state.finished_records, state.list_pages, state.resources.default_connections)
+            return all(cache.live for cache in caches)
 
         for _ in range(500):
             if live():
