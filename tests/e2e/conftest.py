@@ -31,7 +31,7 @@ def platform(
         KILN_GENERATION_PROVIDER_RETRIES="8",
     )
     p = Platform(env, workdir)
-    dev = p.start("dev")
+    dev = p.start("dev", "--verbose")  # the tests read the children's own log lines
     key_file = Path(env["KILN_EMBEDDED_DATA_DIR"]) / "demo-api-key"
     wait_until(lambda: "Demo API key" in dev.output() or dev.proc.poll() is not None, 90, "kiln dev banner")
     assert dev.proc.poll() is None, dev.output()
