@@ -186,14 +186,14 @@ def migrate() -> None:
 
 
 def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `work(session)` in one transaction against the configured database."""
-    from shared.db import create_engine, create_sessionmaker, transaction
+    """Run `work(conn)` in one transaction against the configured database."""
+    from shared.db import create_engine
 
     async def main() -> T:
         engine = create_engine(_admin_settings(), pool_size=1)
         try:
-            async with transaction(create_sessionmaker(engine)) as session:
-                return await work(session)
+            async with engine.begin() as conn:
+                return await work(conn)
         finally:
             await engine.dispose()
 
@@ -205,16 +205,13 @@ def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
         raise _fail(exc.message) from exc
 
 
-async def _project_by_ref(session: Any, ref: str) -> Any:
-    from sqlmodel import select
-
-    from shared.models import Project
+async def _project_by_ref(conn: Any, ref: str) -> Any:
+    from api.admin.repository import find_project
 
     try:
-        condition = Project.id == uuid.UUID(ref)
+        project = await find_project(conn, uuid.UUID(ref))
     except ValueError:
-        condition = Project.slug == ref
-    project = (await session.execute(select(Project).where(condition))).scalar_one_or_none()
+        project = await find_project(conn, ref)
     if project is None:
         raise _fail(f"no project {ref!r}: see `kiln projects list`")
     return project
@@ -263,9 +260,9 @@ def projects_allow_hosts(
     although KILN_NETWORK_ALLOW_PRIVATE/_LOOPBACK forbid them (production). Replaces the list."""
     from api.admin.service import set_outbound_allow_hosts
 
-    async def work(session: Any) -> Any:
-        project_id = (await _project_by_ref(session, project)).id
-        return await set_outbound_allow_hosts(session, project_id, hosts or [])
+    async def work(conn: Any) -> Any:
+        project_id = (await _project_by_ref(conn, project)).id
+        return await set_outbound_allow_hosts(conn, project_id, hosts or [])
 
     updated = _run_db(work)
     allowed = list(updated.outbound_allow_hosts)
@@ -292,10 +289,10 @@ def keys_create(
     if admin == (project is not None):
         raise _fail("give either --project <id|slug> or --admin")
 
-    async def work(session: Any) -> tuple[Any, str]:
-        project_id = (await _project_by_ref(session, project)).id if project else None
+    async def work(conn: Any) -> tuple[Any, str]:
+        project_id = (await _project_by_ref(conn, project)).id if project else None
         kind = ApiKeyKind.ADMIN if admin else ApiKeyKind.PROJECT
-        return await create_api_key(session, project_id, kind, name, generations_per_hour, reads_per_hour)
+        return await create_api_key(conn, project_id, kind, name, generations_per_hour, reads_per_hour)
 
     key, plain = _run_db(work)
     _echo(
@@ -313,8 +310,8 @@ def keys_list(
     """List a project's keys (prefixes only)."""
     from api.admin.service import list_api_keys
 
-    async def work(session: Any) -> list[Any]:
-        return list(await list_api_keys(session, (await _project_by_ref(session, project)).id))
+    async def work(conn: Any) -> list[Any]:
+        return list(await list_api_keys(conn, (await _project_by_ref(conn, project)).id))
 
     keys = _run_db(work)
     rows = [{"id": k.id, "prefix": k.prefix, "name": k.name, "revokedAt": k.revoked_at} for k in keys]

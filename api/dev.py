@@ -55,25 +55,20 @@ def _print(line: str) -> None:
 
 async def _ensure_demo_key(settings: Settings, saved: str | None) -> str:
     """The demo project's key: the saved one while it is still active, else a new one."""
-    from sqlmodel import select
-
+    from api.admin import repository
     from api.admin.service import create_api_key, create_project
-    from shared.db import create_engine, create_sessionmaker, transaction
-    from shared.models import ApiKey, ApiKeyKind, Project
+    from shared.db import create_engine
+    from shared.models import ApiKeyKind
 
     engine = create_engine(settings, pool_size=1)
     try:
-        async with transaction(create_sessionmaker(engine)) as session:
-            if saved:
-                active = ApiKey.digest == digest_key(saved), ApiKey.revoked_at.is_(None)  # type: ignore[union-attr]
-                if (await session.execute(select(ApiKey).where(*active))).scalar_one_or_none():
-                    return saved
-            project = (
-                await session.execute(select(Project).where(Project.slug == DEMO_PROJECT_SLUG))
-            ).scalar_one_or_none()
+        async with engine.begin() as conn:
+            if saved and await repository.find_active_api_key(conn, digest_key(saved)):
+                return saved
+            project = await repository.find_project(conn, DEMO_PROJECT_SLUG)
             if project is None:
-                project = await create_project(session, "Demo", DEMO_PROJECT_SLUG)
-            _, plain = await create_api_key(session, project.id, ApiKeyKind.PROJECT, "demo key (kiln dev)")
+                project = await create_project(conn, "Demo", DEMO_PROJECT_SLUG)
+            _, plain = await create_api_key(conn, project.id, ApiKeyKind.PROJECT, "demo key (kiln dev)")
     finally:
         await engine.dispose()
     return plain

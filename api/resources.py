@@ -12,11 +12,11 @@ import redis.asyncio as aioredis
 from celery import Celery
 from litestar import Litestar
 from litestar.connection import ASGIConnection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.connections.cache import DefaultConnections
 from api.security.ratelimit import RateLimiter
-from shared.db import create_engine, create_sessionmaker
+from shared.db import create_engine
 from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
 from shared.queueing import close_publisher, create_producer
@@ -38,7 +38,6 @@ class Resources:
     engine: AsyncEngine
     # Same pool, autocommit: reads of one statement (lists, key lookups) skip BEGIN/ROLLBACK round trips.
     reader: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]  # ORM sessions for the admin services (shared with the CLI)
     redis: aioredis.Redis
     limiter: RateLimiter
     # The broker's own client when it is a different Redis than `redis` (only /ready uses it).
@@ -88,7 +87,6 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         settings=settings,
         engine=engine,
         reader=engine.execution_options(isolation_level="AUTOCOMMIT"),
-        sessions=create_sessionmaker(engine),
         redis=redis,
         limiter=RateLimiter(redis),
         broker_redis=broker_redis,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
 from shared.crypto import decrypt_secret
@@ -104,7 +104,7 @@ def stored_connection(settings: Settings, row: Any) -> ResolvedConnection:
 
 
 async def project_outbound_policy(
-    db: AsyncSession | AsyncConnection, settings: Settings, project_id: uuid.UUID
+    db: AsyncConnection, settings: Settings, project_id: uuid.UUID
 ) -> OutboundPolicy:
     """The network settings' policy plus the project's `outboundAllowHosts`."""
     hosts = await db.scalar(select(col(Project.outbound_allow_hosts)).where(col(Project.id) == project_id))

@@ -1,11 +1,10 @@
-"""Database engine and sessions (asyncpg), plus the error translation shared by api and worker."""
+"""The database engine (asyncpg; a unit of work is `async with engine.begin() as conn`), plus the error
+translation shared by api and worker."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -13,7 +12,7 @@ import msgspec
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from shared.settings import Settings
 
@@ -91,17 +90,6 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
             raise sa_exc.DisconnectionError() from exc
         if not alive:
             raise sa_exc.DisconnectionError()
-
-
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
-
-
-@asynccontextmanager
-async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commit on success, roll back on any error."""
-    async with sessions() as session, session.begin():
-        yield session
 
 
 # SQLSTATEs meaning "the database cannot serve this now, the same statement may work later": class 08

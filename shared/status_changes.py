@@ -23,11 +23,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from celery import Celery
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import StatusChange, publish_status
 from shared.logging import get_logger
@@ -35,8 +35,6 @@ from shared.settings import Settings
 from shared.webhooks import enqueue_webhook_deliveries, insert_status_deliveries
 
 log = get_logger(__name__)
-
-Db = TypeVar("Db", AsyncSession, AsyncConnection)
 
 __all__ = ["ChangeEffects", "RecordChanges", "StatusChange", "publish_changes", "status_changes"]
 
@@ -55,11 +53,11 @@ class ChangeEffects(Protocol):
     def producer(self) -> Celery | None: ...
 
 
-class RecordChanges(Generic[Db]):
+class RecordChanges:
     """The changes made in one open transaction (`db`), with the webhook deliveries inserted for them."""
 
-    def __init__(self, db: Db, settings: Settings) -> None:
-        self.db: Db = db
+    def __init__(self, db: AsyncConnection, settings: Settings) -> None:
+        self.db = db
         self._settings = settings
         self.changes: list[StatusChange] = []
         self.delivery_ids: list[uuid.UUID] = []
@@ -78,8 +76,8 @@ class RecordChanges(Generic[Db]):
 
 @asynccontextmanager
 async def status_changes(
-    effects: ChangeEffects, transaction: AbstractAsyncContextManager[Db]
-) -> AsyncIterator[RecordChanges[Db]]:
+    effects: ChangeEffects, transaction: AbstractAsyncContextManager[AsyncConnection]
+) -> AsyncIterator[RecordChanges]:
     """Open `transaction`, let the caller record its changes in it, commit, then publish them and send
     their webhooks (see the module's docstring)."""
     async with transaction as db:

@@ -37,7 +37,7 @@ from celery import Celery
 from kombu import Producer
 from sqlalchemy import func, insert, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.crypto import WEBHOOK_SIGNING_INFO, derive_key
 from shared.errors import ValidationFailed
@@ -164,7 +164,7 @@ def generation_webhook_secret(secret_key: str, project_id: uuid.UUID | str, vers
 
 
 async def current_generation_webhook_secret(
-    conn: AsyncConnection | AsyncSession, secret_key: str, project_id: uuid.UUID
+    conn: AsyncConnection, secret_key: str, project_id: uuid.UUID
 ) -> str:
     """The project's generation-webhook secret as of now (its stored secret version)."""
     version = (
@@ -246,7 +246,7 @@ def _subscribed_endpoints(status: str) -> Any:
 
 
 async def insert_status_deliveries(
-    db: AsyncSession | AsyncConnection, changes: Sequence[StatusChange], settings: Settings
+    db: AsyncConnection, changes: Sequence[StatusChange], settings: Settings
 ) -> list[uuid.UUID]:
     """Insert one `pending` delivery per enabled endpoint of the generation's project subscribed to
     the change's status, plus one for the generation's own `webhookUrl`; returns their ids.

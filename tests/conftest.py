@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 import shared.models  # noqa: F401  (registers every table in SQLModel.metadata, which clean_state empties)
-from shared.db import create_engine, create_sessionmaker
+from shared.db import create_engine
 from shared.migrations import migrate
 from shared.settings import Settings, get_settings
 from tests import services
@@ -74,11 +74,6 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     eng = create_engine(settings, pool_size=5)
     yield eng
     await eng.dispose()
-
-
-@pytest.fixture(scope="session")
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return create_sessionmaker(engine)
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,11 @@ a state without going through the endpoints. One factory per kind of row; tests 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import func, insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.crypto import encrypt_secret
 from shared.imaging import THUMBNAILS_MADE_AT_STORE
@@ -18,26 +16,14 @@ from shared.models import metadata, new_id
 
 connections = metadata.tables["connections"]
 generations = metadata.tables["generations"]
-
-Database = AsyncEngine | async_sessionmaker[AsyncSession]  # whichever fixture the test already has
-
+projects = metadata.tables["projects"]
 
 # Objects a stored image has at once: the original and the thumbnails made at store.
 OBJECTS_AT_STORE = 1 + len(THUMBNAILS_MADE_AT_STORE)
 
 
-@asynccontextmanager
-async def _transaction(db: Database) -> AsyncIterator[AsyncConnection | AsyncSession]:
-    if isinstance(db, AsyncEngine):
-        async with db.begin() as conn:
-            yield conn
-    else:
-        async with db() as session, session.begin():
-            yield session
-
-
 async def insert_generation(
-    db: Database,
+    db: AsyncEngine,
     project_id: uuid.UUID,
     *,
     status: str = "pending",
@@ -66,13 +52,13 @@ async def insert_generation(
         "updated_at": now,
         **values,
     }
-    async with _transaction(db) as conn:
+    async with db.begin() as conn:
         await conn.execute(insert(generations).values(**row))
     return uuid.UUID(str(generation_id))
 
 
 async def insert_connection(
-    db: Database,
+    db: AsyncEngine,
     project_id: uuid.UUID,
     *,
     api_key: str | None = None,
@@ -93,6 +79,16 @@ async def insert_connection(
         "meta": {},
         **values,
     }
-    async with _transaction(db) as conn:
+    async with db.begin() as conn:
         await conn.execute(insert(connections).values(**row))
     return uuid.UUID(str(connection_id))
+
+
+async def insert_project(db: AsyncEngine, name: str, slug: str) -> uuid.UUID:
+    """A project row (the admin service's checks are not wanted here)."""
+    project_id = new_id()
+    async with db.begin() as conn:
+        await conn.execute(
+            insert(projects).values(id=project_id, name=name, slug=slug, created_at=func.now())
+        )
+    return project_id

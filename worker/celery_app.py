@@ -33,9 +33,9 @@ import httpx
 import redis.asyncio as aioredis
 from celery import Celery, signals
 from PIL import Image
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import create_engine, create_sessionmaker
+from shared.db import create_engine
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.outbound import outbound_client
@@ -49,7 +49,7 @@ from shared.queueing import (
 )
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStorage, S3Storage, create_storage
-from worker.generations.repository import GenerationRepository
+from worker.generations import repository as generation_queries
 
 log = get_logger(__name__)
 
@@ -118,7 +118,6 @@ class WorkerRuntime:
     thread_id: int
     loop: asyncio.AbstractEventLoop
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
     redis: aioredis.Redis
     broker_redis: aioredis.Redis
     http: httpx.AsyncClient
@@ -166,7 +165,6 @@ def get_runtime() -> WorkerRuntime:
         thread_id=threading.get_ident(),
         loop=loop,
         engine=engine,
-        sessions=create_sessionmaker(engine),
         redis=redis,
         broker_redis=broker_redis,
         http=outbound_client(settings, settings.generation.provider_timeout_seconds),
@@ -225,8 +223,8 @@ async def warm_up(runtime: WorkerRuntime) -> None:
     now is met by the jobs' own error handling."""
     try:
         async with asyncio.timeout(WARM_UP_TIMEOUT_SECONDS):
-            async with runtime.sessions() as session, session.begin():
-                await GenerationRepository(session).claim(uuid.UUID(int=0), 1.0)
+            async with runtime.engine.begin() as conn:
+                await generation_queries.claim(conn, uuid.UUID(int=0), 1.0)
             await runtime.redis.ping()
             if runtime.broker_redis is not runtime.redis:
                 await runtime.broker_redis.ping()

@@ -26,7 +26,6 @@ from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import JsonBody
 from api.security.auth import invalidate_cached_key
 from api.security.guards import InjectedResources, require_admin, require_api_key
-from shared.db import transaction
 from shared.models import ApiKeyKind
 
 AnyRequest = Request[Any, Any, Any]
@@ -52,14 +51,14 @@ class AdminController(Controller):
     async def create_project(
         self, data: JSONBody[CreateProjectRequest], resources: InjectedResources
     ) -> ProjectEnvelope:
-        async with transaction(resources.sessions) as session:
-            project = await service.create_project(session, data.name, data.slug)
+        async with resources.engine.begin() as conn:
+            project = await service.create_project(conn, data.name, data.slug)
         return ProjectEnvelope(data=project_record(project))
 
     @get("/projects", summary="List projects", responses=error_responses(403, *AUTHENTICATED_ERRORS))
     async def list_projects(self, resources: InjectedResources) -> ProjectListEnvelope:
-        async with resources.sessions() as session:
-            projects = await service.list_projects(session)
+        async with resources.engine.connect() as conn:
+            projects = await service.list_projects(conn)
         return ProjectListEnvelope(data=[project_record(p) for p in projects])
 
     @patch(
@@ -72,13 +71,11 @@ class AdminController(Controller):
     async def update_project(
         self, data: JSONBody[UpdateProjectRequest], resources: InjectedResources, project_id: ProjectIdPath
     ) -> ProjectEnvelope:
-        async with transaction(resources.sessions) as session:
+        async with resources.engine.begin() as conn:
             if data.outbound_allow_hosts is None:
-                project = await service.get_project(session, project_id)
+                project = await service.get_project(conn, project_id)
             else:
-                project = await service.set_outbound_allow_hosts(
-                    session, project_id, data.outbound_allow_hosts
-                )
+                project = await service.set_outbound_allow_hosts(conn, project_id, data.outbound_allow_hosts)
         return ProjectEnvelope(data=project_record(project))
 
     @post(
@@ -96,9 +93,9 @@ class AdminController(Controller):
         data: JSONBody[CreateApiKeyRequest | None] = None,
     ) -> CreatedApiKeyEnvelope:
         body = data or CreateApiKeyRequest()  # no body: all defaults
-        async with transaction(resources.sessions) as session:
+        async with resources.engine.begin() as conn:
             key, plain = await service.create_api_key(
-                session,
+                conn,
                 project_id,
                 ApiKeyKind.PROJECT,
                 name=body.name,
@@ -115,8 +112,8 @@ class AdminController(Controller):
     async def list_api_keys(
         self, resources: InjectedResources, project_id: ProjectIdPath
     ) -> ApiKeyListEnvelope:
-        async with resources.sessions() as session:
-            keys = await service.list_api_keys(session, project_id)
+        async with resources.engine.connect() as conn:
+            keys = await service.list_api_keys(conn, project_id)
         return ApiKeyListEnvelope(data=[api_key_record(k) for k in keys])
 
     @delete(
@@ -126,8 +123,8 @@ class AdminController(Controller):
         responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def revoke_api_key(self, resources: InjectedResources, key_id: KeyIdPath) -> ApiKeyEnvelope:
-        async with transaction(resources.sessions) as session:
-            key = await service.revoke_api_key(session, key_id)
+        async with resources.engine.begin() as conn:
+            key = await service.revoke_api_key(conn, key_id)
             # Tombstone before the commit: if Redis is down the revoke fails whole, not half.
             await invalidate_cached_key(resources.redis, key.digest)
         return ApiKeyEnvelope(data=api_key_record(key))

@@ -1,8 +1,8 @@
 """Projects, API keys and secrets at rest. The admin routes and the CLI (`kiln projects|keys|secrets ...`)
 call these.
 
-Every function takes the session and leaves the transaction to the caller
-(`async with shared.db.transaction(sessions) as session: ...`). After revoking a key, also call
+Every function takes the connection and leaves the transaction to the caller
+(`async with engine.begin() as conn: ...`). After revoking a key, also call
 `api.security.auth.invalidate_cached_key(redis, key.digest)` so that API processes refuse it at
 once instead of when its cache entry expires (the admin route does both).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.admin import repository
 from api.admin.schemas import HOURLY_LIMIT_MAX, NAME_MAX_LENGTH, SLUG_PATTERN
@@ -52,24 +52,23 @@ def _check_limit(value: int | None, field: str) -> int | None:
     return value
 
 
-async def create_project(session: AsyncSession, name: str, slug: str | None = None) -> Project:
+async def create_project(conn: AsyncConnection, name: str, slug: str | None = None) -> Project:
     name = _check_name(name, "name", required=True)
     if slug is None:
         slug = base = slugify(name)
-        while await repository.slug_taken(session, slug):  # a derived slug never fails: suffix it
+        while await repository.slug_taken(conn, slug):  # a derived slug never fails: suffix it
             slug = f"{base[:57]}-{secrets.token_hex(3)}"
     else:
         if not _SLUG.match(slug):
             raise ValidationFailed.field(
                 "slug", "must be 1-64 lowercase letters, digits or dashes, starting and ending alphanumeric"
             )
-        if await repository.slug_taken(session, slug):
+        if await repository.slug_taken(conn, slug):
             raise ValidationFailed.field("slug", f"{slug!r} is already in use")
     # created_at is set here: a server default would need a refresh before it can be read.
     project = Project(name=name, slug=slug, created_at=utcnow())
-    session.add(project)
     try:
-        await session.flush()
+        await repository.insert_project(conn, project)
     except sa_exc.IntegrityError:  # a concurrent create took the slug between check and insert
         raise ValidationFailed.field("slug", f"{slug!r} is already in use") from None
     return project
@@ -90,29 +89,29 @@ def check_outbound_allow_hosts(hosts: list[str]) -> list[str]:
     return checked
 
 
-async def set_outbound_allow_hosts(session: AsyncSession, project_id: uuid.UUID, hosts: list[str]) -> Project:
+async def set_outbound_allow_hosts(conn: AsyncConnection, project_id: uuid.UUID, hosts: list[str]) -> Project:
     """Hosts the project's connections and webhooks may reach on private/loopback addresses even when
     the network settings forbid them (an empty list: none)."""
     checked = check_outbound_allow_hosts(hosts)
-    project = await get_project(session, project_id)
-    project.outbound_allow_hosts = checked
-    await session.flush()
+    project = await repository.set_outbound_allow_hosts(conn, project_id, checked)
+    if project is None:
+        raise NotFound("Project not found")
     return project
 
 
-async def list_projects(session: AsyncSession) -> Sequence[Project]:
-    return await repository.list_projects(session)
+async def list_projects(conn: AsyncConnection) -> list[Project]:
+    return await repository.list_projects(conn)
 
 
-async def get_project(session: AsyncSession, project_id: uuid.UUID) -> Project:
-    project = await repository.get_project(session, project_id)
+async def get_project(conn: AsyncConnection, project_id: uuid.UUID) -> Project:
+    project = await repository.get_project(conn, project_id)
     if project is None:
         raise NotFound("Project not found")
     return project
 
 
 async def create_api_key(
-    session: AsyncSession,
+    conn: AsyncConnection,
     project_id: uuid.UUID | None,
     kind: ApiKeyKind,
     name: str = "",
@@ -126,7 +125,7 @@ async def create_api_key(
     if kind is ApiKeyKind.PROJECT:
         if project_id is None:
             raise ValidationFailed.field("projectId", "project keys need a project")
-        await get_project(session, project_id)
+        await get_project(conn, project_id)
     new = generate_api_key()
     key = ApiKey(
         project_id=project_id,
@@ -138,26 +137,22 @@ async def create_api_key(
         reads_per_hour=_check_limit(reads_per_hour, "readsPerHour"),
         created_at=utcnow(),
     )
-    session.add(key)
-    await session.flush()
+    await repository.insert_api_key(conn, key)
     return key, new.plain
 
 
-async def list_api_keys(session: AsyncSession, project_id: uuid.UUID | None) -> list[ApiKey]:
+async def list_api_keys(conn: AsyncConnection, project_id: uuid.UUID | None) -> list[ApiKey]:
     """Keys of a project (None: the admin keys)."""
     if project_id is not None:
-        await get_project(session, project_id)
-    return list(await repository.list_api_keys(session, project_id))
+        await get_project(conn, project_id)
+    return await repository.list_api_keys(conn, project_id)
 
 
-async def revoke_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey:
+async def revoke_api_key(conn: AsyncConnection, key_id: uuid.UUID) -> ApiKey:
     """Mark the key revoked (idempotent: a second revoke keeps the first time)."""
-    key = await repository.get_api_key(session, key_id)
+    key = await repository.revoke_api_key(conn, key_id, utcnow())
     if key is None:
         raise NotFound("API key not found")
-    if key.revoked_at is None:
-        key.revoked_at = utcnow()
-        await session.flush()
     return key
 
 

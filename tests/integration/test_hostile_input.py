@@ -48,15 +48,15 @@ async def row_counts(engine: Any) -> dict[str, int]:
 
 
 @pytest.fixture
-async def hostile(settings, sessions, clean_state) -> AsyncIterator[tuple[AsyncTestClient[Any], Any, Any]]:
+async def hostile(settings, engine, clean_state) -> AsyncIterator[tuple[AsyncTestClient[Any], Any, Any]]:
     api_settings = with_limits(
         settings.model_copy(update={"server": settings.server.model_copy(update={"public_url": BASE_URL})}),
         generations_per_hour=100_000,
         reads_per_hour=100_000,
         max_in_flight_per_project=0,
     )
-    tenant = await make_tenant(sessions, "Hostile")
-    admin = {"X-API-Key": await make_admin_key(sessions)}
+    tenant = await make_tenant(engine, "Hostile")
+    admin = {"X-API-Key": await make_admin_key(engine)}
     async with AsyncTestClient(app=create_app(api_settings), base_url=BASE_URL, timeout=60) as client:
         yield client, tenant, admin
 

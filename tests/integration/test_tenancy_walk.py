@@ -194,7 +194,7 @@ class World:
 
 
 @pytest.fixture
-async def world(settings, sessions, engine, clean_state) -> AsyncIterator[World]:
+async def world(settings, engine, clean_state) -> AsyncIterator[World]:
     from tests.integration.api.conftest import make_admin_key
 
     api_settings = with_limits(
@@ -203,9 +203,9 @@ async def world(settings, sessions, engine, clean_state) -> AsyncIterator[World]
         reads_per_hour=100_000,
         max_in_flight_per_project=0,
     )
-    owner = await make_tenant(sessions, "Owner")
-    stranger = await make_tenant(sessions, "Stranger")
-    admin_headers = {"X-API-Key": await make_admin_key(sessions)}
+    owner = await make_tenant(engine, "Owner")
+    stranger = await make_tenant(engine, "Stranger")
+    admin_headers = {"X-API-Key": await make_admin_key(engine)}
     async with AsyncTestClient(app=create_app(api_settings), base_url=BASE_URL, timeout=60) as client:
         yield World(client, engine, create_storage(api_settings), owner, stranger, admin_headers)
 

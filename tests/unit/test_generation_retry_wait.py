@@ -21,7 +21,7 @@ from worker.generations.service import GenerationPipeline, PipelineDependencies
 def pipeline(**generation: Any) -> GenerationPipeline:
     settings = Settings(database={"url": "postgresql://unused/db"}, redis={"url": "redis://unused:6379/0"})
     settings = settings.model_copy(update={"generation": settings.generation.model_copy(update=generation)})
-    deps = PipelineDependencies(settings=settings, sessions=None, redis=None, storage=None, provider_for=None)  # type: ignore[arg-type]
+    deps = PipelineDependencies(settings=settings, engine=None, redis=None, storage=None, provider_for=None)  # type: ignore[arg-type]
     return GenerationPipeline(deps)
 
 

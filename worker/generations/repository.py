@@ -1,4 +1,4 @@
-"""Every query of the generation pipeline: SQLAlchemy Core statements on the caller's session.
+"""Every query of the generation pipeline: SQLAlchemy Core statements on the caller's connection.
 
 Each write that follows the claim is guarded by `status='processing' AND attempts=:attempt AND
 version=:version`, so only the attempt that currently owns the row can change it: a stale worker,
@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Interval, and_, bindparam, case, func, insert, null, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import StatusChange
 from shared.models import GenerationStatus, metadata
@@ -164,168 +164,183 @@ _MARK_SUCCEEDED = (
 )
 
 
-class GenerationRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+async def claim(
+    conn: AsyncConnection, generation_id: uuid.UUID, lease_seconds: float
+) -> ClaimedGeneration | None:
+    """pending → processing in one statement; None when not pending, past its deadline, or absent."""
+    params = {"claim_id": generation_id, "lease": timedelta(seconds=lease_seconds)}
+    return _claimed((await conn.execute(_CLAIM, params)).one_or_none())
 
-    async def claim(self, generation_id: uuid.UUID, lease_seconds: float) -> ClaimedGeneration | None:
-        """pending → processing in one statement; None when not pending, past its deadline, or absent."""
-        params = {"claim_id": generation_id, "lease": timedelta(seconds=lease_seconds)}
-        return _claimed((await self.session.execute(_CLAIM, params)).one_or_none())
 
-    async def resume(
-        self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
-    ) -> ClaimedGeneration | None:
-        """The same attempt again (its task retried after a database outage): still `processing` with
-        that attempt and version → the lease renewed, `attempts` unchanged. None when the row moved on
-        (finished, taken back by the sweeper, claimed again, cancelled) or its deadline passed."""
-        g = generations.c
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version), g.deadline_at > func.now())
-            .values(lease_until=func.now() + timedelta(seconds=lease_seconds), updated_at=func.now())
-            .returning(*_CLAIMED_COLUMNS)
-        )
-        return _claimed((await self.session.execute(stmt)).one_or_none())
+async def resume(
+    conn: AsyncConnection, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
+) -> ClaimedGeneration | None:
+    """The same attempt again (its task retried after a database outage): still `processing` with
+    that attempt and version → the lease renewed, `attempts` unchanged. None when the row moved on
+    (finished, taken back by the sweeper, claimed again, cancelled) or its deadline passed."""
+    g = generations.c
+    stmt = (
+        update(generations)
+        .where(_owned_by(generation_id, attempt, version), g.deadline_at > func.now())
+        .values(lease_until=func.now() + timedelta(seconds=lease_seconds), updated_at=func.now())
+        .returning(*_CLAIMED_COLUMNS)
+    )
+    return _claimed((await conn.execute(stmt)).one_or_none())
 
-    async def get_state(self, generation_id: uuid.UUID) -> GenerationState | None:
-        g = generations.c
-        row = (
-            await self.session.execute(
-                select(g.status, (g.deadline_at <= func.now()).label("past_deadline")).where(
-                    g.id == generation_id
-                )
-            )
-        ).one_or_none()
-        return None if row is None else GenerationState(status=row.status, past_deadline=row.past_deadline)
 
-    async def fail_pending_past_deadline(self, generation_id: uuid.UUID, message: str) -> StatusChange | None:
-        g = generations.c
-        stmt = (
-            update(generations)
-            .where(
-                g.id == generation_id, g.status == GenerationStatus.PENDING.value, g.deadline_at <= func.now()
-            )
-            .values(
-                status=GenerationStatus.FAILED.value,
-                error_code="DEADLINE_EXCEEDED",
-                error_message=message[:ERROR_MESSAGE_MAX_CHARS],
-                completed_at=func.now(),
-                lease_until=None,
-                updated_at=func.now(),
-            )
-            .returning(*_STATUS_CHANGE_COLUMNS)
-        )
-        return _status_change((await self.session.execute(stmt)).one_or_none())
-
-    async def load_connection(self, connection_id: uuid.UUID) -> Any | None:
-        """The connection profile a generation runs with (None: deleted since)."""
-        c = connections.c
-        stmt = select(
-            c.id, c.provider, c.api_url, c.api_key_encrypted, c.model, c.meta, c.timeout_seconds,
-            c.max_concurrency,
-        ).where(c.id == connection_id)  # fmt: skip
-        return (await self.session.execute(stmt)).one_or_none()
-
-    async def return_claim(self, generation_id: uuid.UUID, attempt: int, version: int) -> bool:
-        """processing → pending without using up an attempt (its connection was busy); marked enqueued
-        now, since the caller sends it again at once. False when this attempt no longer owns the row."""
-        g = generations.c
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(
-                status=PENDING,
-                attempts=g.attempts - 1,
-                lease_until=None,
-                started_at=case((g.attempts == 1, null()), else_=g.started_at),
-                enqueued_at=func.now(),
-                updated_at=func.now(),
+async def get_state(conn: AsyncConnection, generation_id: uuid.UUID) -> GenerationState | None:
+    g = generations.c
+    row = (
+        await conn.execute(
+            select(g.status, (g.deadline_at <= func.now()).label("past_deadline")).where(
+                g.id == generation_id
             )
         )
-        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+    ).one_or_none()
+    return None if row is None else GenerationState(status=row.status, past_deadline=row.past_deadline)
 
-    async def renew_lease(
-        self, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
-    ) -> bool:
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
+
+async def fail_pending_past_deadline(
+    conn: AsyncConnection, generation_id: uuid.UUID, message: str
+) -> StatusChange | None:
+    g = generations.c
+    stmt = (
+        update(generations)
+        .where(g.id == generation_id, g.status == GenerationStatus.PENDING.value, g.deadline_at <= func.now())
+        .values(
+            status=GenerationStatus.FAILED.value,
+            error_code="DEADLINE_EXCEEDED",
+            error_message=message[:ERROR_MESSAGE_MAX_CHARS],
+            completed_at=func.now(),
+            lease_until=None,
+            updated_at=func.now(),
         )
-        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+        .returning(*_STATUS_CHANGE_COLUMNS)
+    )
+    return _status_change((await conn.execute(stmt)).one_or_none())
 
-    async def count_provider_retry(self, generation_id: uuid.UUID, attempt: int, version: int) -> bool:
-        """retry_count + 1 (clients polling see it); False when this attempt no longer owns the row."""
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(retry_count=generations.c.retry_count + 1, updated_at=func.now())
+
+async def load_connection(conn: AsyncConnection, connection_id: uuid.UUID) -> Any | None:
+    """The connection profile a generation runs with (None: deleted since)."""
+    c = connections.c
+    stmt = select(
+        c.id, c.provider, c.api_url, c.api_key_encrypted, c.model, c.meta, c.timeout_seconds,
+        c.max_concurrency,
+    ).where(c.id == connection_id)  # fmt: skip
+    return (await conn.execute(stmt)).one_or_none()
+
+
+async def return_claim(conn: AsyncConnection, generation_id: uuid.UUID, attempt: int, version: int) -> bool:
+    """processing → pending without using up an attempt (its connection was busy); marked enqueued
+    now, since the caller sends it again at once. False when this attempt no longer owns the row."""
+    g = generations.c
+    stmt = (
+        update(generations)
+        .where(_owned_by(generation_id, attempt, version))
+        .values(
+            status=PENDING,
+            attempts=g.attempts - 1,
+            lease_until=None,
+            started_at=case((g.attempts == 1, null()), else_=g.started_at),
+            enqueued_at=func.now(),
+            updated_at=func.now(),
         )
-        return (await self.session.execute(stmt)).rowcount == 1  # type: ignore[attr-defined]
+    )
+    return (await conn.execute(stmt)).rowcount == 1
 
-    async def expire_lease(self, generation_id: uuid.UUID, attempt: int, version: int) -> None:
-        """Hand the row to the sweeper's next pass now instead of after the full lease."""
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(lease_until=func.now())
+
+async def renew_lease(
+    conn: AsyncConnection, generation_id: uuid.UUID, attempt: int, version: int, lease_seconds: float
+) -> bool:
+    stmt = (
+        update(generations)
+        .where(_owned_by(generation_id, attempt, version))
+        .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
+    )
+    return (await conn.execute(stmt)).rowcount == 1
+
+
+async def count_provider_retry(
+    conn: AsyncConnection, generation_id: uuid.UUID, attempt: int, version: int
+) -> bool:
+    """retry_count + 1 (clients polling see it); False when this attempt no longer owns the row."""
+    stmt = (
+        update(generations)
+        .where(_owned_by(generation_id, attempt, version))
+        .values(retry_count=generations.c.retry_count + 1, updated_at=func.now())
+    )
+    return (await conn.execute(stmt)).rowcount == 1
+
+
+async def expire_lease(conn: AsyncConnection, generation_id: uuid.UUID, attempt: int, version: int) -> None:
+    """Hand the row to the sweeper's next pass now instead of after the full lease."""
+    stmt = (
+        update(generations).where(_owned_by(generation_id, attempt, version)).values(lease_until=func.now())
+    )
+    await conn.execute(stmt)
+
+
+async def insert_image(conn: AsyncConnection, image: NewImage) -> None:
+    await conn.execute(
+        _INSERT_IMAGE,
+        {
+            "id": image.id,
+            "project_id": image.project_id,
+            "generation_id": image.generation_id,
+            "storage_key": image.storage_key,
+            "thumb_sm_key": image.thumb_sm_key,
+            "thumb_lg_key": image.thumb_lg_key,
+            "mime_type": image.mime_type,
+            "width": image.width,
+            "height": image.height,
+            "file_size": image.file_size,
+            "public_token": image.public_token,
+            "meta": image.meta,
+        },
+    )
+
+
+async def mark_succeeded(
+    conn: AsyncConnection,
+    generation_id: uuid.UUID,
+    attempt: int,
+    version: int,
+    *,
+    output_image_id: uuid.UUID,
+    processing_time_ms: int,
+    seed: int | None,
+) -> StatusChange | None:
+    params = {
+        "owner_id": generation_id,
+        "owner_attempt": attempt,
+        "owner_version": version,
+        "image_id": output_image_id,
+        "took_ms": processing_time_ms,
+        "result_seed": seed,
+    }
+    return _status_change((await conn.execute(_MARK_SUCCEEDED, params)).one_or_none())
+
+
+async def mark_failed(
+    conn: AsyncConnection,
+    generation_id: uuid.UUID,
+    attempt: int,
+    version: int,
+    *,
+    error_code: str,
+    error_message: str,
+) -> StatusChange | None:
+    stmt = (
+        update(generations)
+        .where(_owned_by(generation_id, attempt, version))
+        .values(
+            status=GenerationStatus.FAILED.value,
+            error_code=error_code,
+            error_message=error_message[:ERROR_MESSAGE_MAX_CHARS],
+            completed_at=func.now(),
+            lease_until=None,
+            updated_at=func.now(),
         )
-        await self.session.execute(stmt)
-
-    async def insert_image(self, image: NewImage) -> None:
-        await self.session.execute(
-            _INSERT_IMAGE,
-            {
-                "id": image.id,
-                "project_id": image.project_id,
-                "generation_id": image.generation_id,
-                "storage_key": image.storage_key,
-                "thumb_sm_key": image.thumb_sm_key,
-                "thumb_lg_key": image.thumb_lg_key,
-                "mime_type": image.mime_type,
-                "width": image.width,
-                "height": image.height,
-                "file_size": image.file_size,
-                "public_token": image.public_token,
-                "meta": image.meta,
-            },
-        )
-
-    async def mark_succeeded(
-        self,
-        generation_id: uuid.UUID,
-        attempt: int,
-        version: int,
-        *,
-        output_image_id: uuid.UUID,
-        processing_time_ms: int,
-        seed: int | None,
-    ) -> StatusChange | None:
-        params = {
-            "owner_id": generation_id,
-            "owner_attempt": attempt,
-            "owner_version": version,
-            "image_id": output_image_id,
-            "took_ms": processing_time_ms,
-            "result_seed": seed,
-        }
-        return _status_change((await self.session.execute(_MARK_SUCCEEDED, params)).one_or_none())
-
-    async def mark_failed(
-        self, generation_id: uuid.UUID, attempt: int, version: int, *, error_code: str, error_message: str
-    ) -> StatusChange | None:
-        stmt = (
-            update(generations)
-            .where(_owned_by(generation_id, attempt, version))
-            .values(
-                status=GenerationStatus.FAILED.value,
-                error_code=error_code,
-                error_message=error_message[:ERROR_MESSAGE_MAX_CHARS],
-                completed_at=func.now(),
-                lease_until=None,
-                updated_at=func.now(),
-            )
-            .returning(*_STATUS_CHANGE_COLUMNS)
-        )
-        return _status_change((await self.session.execute(stmt)).one_or_none())
+        .returning(*_STATUS_CHANGE_COLUMNS)
+    )
+    return _status_change((await conn.execute(stmt)).one_or_none())

@@ -25,7 +25,7 @@ import httpx
 import redis.asyncio as aioredis
 import structlog
 from celery import Celery
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -41,7 +41,7 @@ from shared.connections import (
     stored_connection,
 )
 from shared.crypto import SecretUnreadable
-from shared.db import is_connection_error, transaction
+from shared.db import is_connection_error
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.events import StatusChange, generation_channel
 from shared.image_store import StoredImage, attempt_prefix, discard_objects, store_image
@@ -55,7 +55,8 @@ from shared.providers.vendor_http import URL_FORBIDDEN, redact
 from shared.settings import Settings
 from shared.status_changes import publish_changes, status_changes
 from shared.storage import ObjectStorage
-from worker.generations.repository import ClaimedGeneration, GenerationRepository, NewImage
+from worker.generations import repository
+from worker.generations.repository import ClaimedGeneration, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
 
 log = get_logger(__name__)
@@ -92,7 +93,7 @@ class PipelineOutcome(StrEnum):
 @dataclass(frozen=True)
 class PipelineDependencies:
     settings: Settings
-    sessions: async_sessionmaker[AsyncSession]
+    engine: AsyncEngine
     redis: aioredis.Redis
     storage: ObjectStorage
     provider_for: ProviderFactory
@@ -217,16 +218,16 @@ class GenerationPipeline:
         """A retry of an interrupted attempt resumes it; otherwise (or if the row moved on) a fresh claim.
         A claim that is sure to run announces `processing` with it (webhooks in the same transaction)."""
         lease = self.settings.lease_seconds
-        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
-            repository = GenerationRepository(changes.db)
+        async with status_changes(self.deps, self.deps.engine.begin()) as changes:
+            conn = changes.db
             claim = None
             if resume is not None:
-                claim = await repository.resume(generation_id, resume.attempt, resume.version, lease)
+                claim = await repository.resume(conn, generation_id, resume.attempt, resume.version, lease)
                 if claim is not None:
                     self._resumed = True
                     log.info("resuming an interrupted attempt", attempt=claim.attempt)
             if claim is None:
-                claim = await repository.claim(generation_id, lease)
+                claim = await repository.claim(conn, generation_id, lease)
             if claim is not None and self._sure_to_run(claim):
                 await changes.status_changed(_processing(claim))
                 self._announced = True
@@ -243,13 +244,13 @@ class GenerationPipeline:
 
     async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
         """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
-        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
-            repository = GenerationRepository(changes.db)
-            state = await repository.get_state(generation_id)
+        async with status_changes(self.deps, self.deps.engine.begin()) as changes:
+            conn = changes.db
+            state = await repository.get_state(conn, generation_id)
             change = None
             if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
                 change = await repository.fail_pending_past_deadline(
-                    generation_id, "the generation did not start before its deadline"
+                    conn, generation_id, "the generation did not start before its deadline"
                 )
                 if change is not None:
                     await changes.status_changed(change)
@@ -303,9 +304,9 @@ class GenerationPipeline:
                     await check_now.wait()
             check_now.clear()
             try:
-                async with transaction(self.deps.sessions) as session:
-                    renewed = await GenerationRepository(session).renew_lease(
-                        claim.id, claim.attempt, claim.version, self.settings.lease_seconds
+                async with self.deps.engine.begin() as conn:
+                    renewed = await repository.renew_lease(
+                        conn, claim.id, claim.attempt, claim.version, self.settings.lease_seconds
                     )
             except Exception as exc:
                 log.warning("lease renewal failed; will try again", error=str(exc))
@@ -399,8 +400,8 @@ class GenerationPipeline:
         settings = self.deps.settings
         if claim.connection_id is None:
             return server_default_connection(settings, claim.provider)
-        async with transaction(self.deps.sessions) as session:
-            row = await GenerationRepository(session).load_connection(claim.connection_id)
+        async with self.deps.engine.begin() as conn:
+            row = await repository.load_connection(conn, claim.connection_id)
         if row is None:
             raise GenerationFailure(
                 "CONNECTION_NOT_FOUND", "the connection this generation was created with has been deleted"
@@ -419,10 +420,8 @@ class GenerationPipeline:
             ) from exc
 
     async def _defer(self, claim: ClaimedGeneration, limit: int) -> PipelineOutcome:
-        async with transaction(self.deps.sessions) as session:
-            returned = await GenerationRepository(session).return_claim(
-                claim.id, claim.attempt, claim.version
-            )
+        async with self.deps.engine.begin() as conn:
+            returned = await repository.return_claim(conn, claim.id, claim.attempt, claim.version)
         if not returned:
             return PipelineOutcome.ABANDONED
         countdown = self.deps.settings.providers.busy_retry_seconds * random.uniform(0.5, 1.5)
@@ -552,9 +551,9 @@ class GenerationPipeline:
                 error=str(error),
             )
             try:
-                async with transaction(self.deps.sessions) as session:
-                    owned = await GenerationRepository(session).count_provider_retry(
-                        claim.id, claim.attempt, claim.version
+                async with self.deps.engine.begin() as conn:
+                    owned = await repository.count_provider_retry(
+                        conn, claim.id, claim.attempt, claim.version
                     )
             except Exception as exc:
                 if not is_connection_error(exc):
@@ -594,10 +593,11 @@ class GenerationPipeline:
         )
         finalizing = time.monotonic()
         try:
-            async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
-                repository = GenerationRepository(changes.db)
-                await repository.insert_image(image)
+            async with status_changes(self.deps, self.deps.engine.begin()) as changes:
+                conn = changes.db
+                await repository.insert_image(conn, image)
                 change = await repository.mark_succeeded(
+                    conn,
                     claim.id,
                     claim.attempt,
                     claim.version,
@@ -626,9 +626,9 @@ class GenerationPipeline:
         return PipelineOutcome.SUCCEEDED
 
     async def _fail(self, claim: ClaimedGeneration, code: str, message: str) -> PipelineOutcome:
-        async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
-            change = await GenerationRepository(changes.db).mark_failed(
-                claim.id, claim.attempt, claim.version, error_code=code, error_message=message
+        async with status_changes(self.deps, self.deps.engine.begin()) as changes:
+            change = await repository.mark_failed(
+                changes.db, claim.id, claim.attempt, claim.version, error_code=code, error_message=message
             )
             if change is not None:
                 await changes.status_changed(change)
@@ -643,8 +643,8 @@ class GenerationPipeline:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         try:
-            async with transaction(self.deps.sessions) as session:
-                await GenerationRepository(session).expire_lease(claim.id, claim.attempt, claim.version)
+            async with self.deps.engine.begin() as conn:
+                await repository.expire_lease(conn, claim.id, claim.attempt, claim.version)
         except Exception as exc:
             log.warning(
                 "could not release the lease; the sweeper will take it back when it expires", error=str(exc)
@@ -661,7 +661,7 @@ class GenerationPipeline:
             return
         change = _processing(claim)
         try:
-            async with status_changes(self.deps, transaction(self.deps.sessions)) as changes:
+            async with status_changes(self.deps, self.deps.engine.begin()) as changes:
                 await changes.status_changed(change)
         except Exception as exc:
             log.warning("webhooks of `processing` not recorded", error=repr(exc))

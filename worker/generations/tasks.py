@@ -42,7 +42,7 @@ def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
 
     return PipelineDependencies(
         settings=runtime.settings,
-        sessions=runtime.sessions,
+        engine=runtime.engine,
         redis=runtime.redis,
         storage=runtime.storage,
         provider_for=provider_for,

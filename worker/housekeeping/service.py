@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import transaction
 from shared.logging import get_logger
 from shared.settings import Settings
-from worker.housekeeping.repository import HousekeepingRepository
+from worker.housekeeping import repository
 
 log = get_logger(__name__)
 
@@ -29,22 +28,22 @@ class HousekeepingReport:
 
 async def housekeep(
     settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     *,
     batch_size: int = HOUSEKEEPING_BATCH_SIZE,
     max_batches: int = HOUSEKEEPING_MAX_BATCHES,
 ) -> HousekeepingReport:
     retention_days = settings.webhooks.retention_days
 
-    async def idempotency(repository: HousekeepingRepository) -> int:
-        return await repository.delete_expired_idempotency_keys(batch_size)
+    async def idempotency(conn: AsyncConnection) -> int:
+        return await repository.delete_expired_idempotency_keys(conn, batch_size)
 
-    async def deliveries(repository: HousekeepingRepository) -> int:
-        return await repository.delete_old_webhook_deliveries(retention_days, batch_size)
+    async def deliveries(conn: AsyncConnection) -> int:
+        return await repository.delete_old_webhook_deliveries(conn, retention_days, batch_size)
 
     report = HousekeepingReport(
-        idempotency_keys_deleted=await _in_batches(sessions, idempotency, batch_size, max_batches),
-        webhook_deliveries_deleted=await _in_batches(sessions, deliveries, batch_size, max_batches),
+        idempotency_keys_deleted=await _in_batches(engine, idempotency, batch_size, max_batches),
+        webhook_deliveries_deleted=await _in_batches(engine, deliveries, batch_size, max_batches),
     )
     if report.idempotency_keys_deleted or report.webhook_deliveries_deleted:
         log.info(
@@ -56,15 +55,15 @@ async def housekeep(
 
 
 async def _in_batches(
-    sessions: async_sessionmaker[AsyncSession],
-    delete_batch: Callable[[HousekeepingRepository], Awaitable[int]],
+    engine: AsyncEngine,
+    delete_batch: Callable[[AsyncConnection], Awaitable[int]],
     batch_size: int,
     max_batches: int,
 ) -> int:
     deleted = 0
     for _ in range(max_batches):
-        async with transaction(sessions) as session:
-            count = await delete_batch(HousekeepingRepository(session))
+        async with engine.begin() as conn:
+            count = await delete_batch(conn)
         deleted += count
         if count < batch_size:
             break

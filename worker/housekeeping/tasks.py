@@ -15,7 +15,7 @@ log = get_logger(__name__)
 def housekeeping() -> None:
     runtime = get_runtime()
     try:
-        runtime.run(housekeep(runtime.settings, runtime.sessions))
+        runtime.run(housekeep(runtime.settings, runtime.engine))
     except Exception as exc:
         if not is_connection_error(exc):
             raise

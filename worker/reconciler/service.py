@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
 from shared.logging import get_logger
 from shared.settings import Settings
 from shared.storage import ObjectStorage, StoredObject
-from worker.reconciler.repository import ReconcileRepository
+from worker.reconciler import repository
 
 log = get_logger(__name__)
 
@@ -45,7 +44,7 @@ _OWNED_KEY = re.compile(rf"^projects/{_UUID}/(?P<kind>generations|uploads)/(?P<o
 @dataclass(frozen=True)
 class ReconcilerDependencies:
     settings: Settings
-    sessions: async_sessionmaker[AsyncSession]
+    engine: AsyncEngine
     redis: aioredis.Redis  # where the cursor is kept between passes
     storage: ObjectStorage
 
@@ -83,8 +82,9 @@ async def reconcile_storage(
     page = await deps.storage.list_objects(SCANNED_PREFIX, start_after=cursor, limit=batch_size)
     owned = [(obj, owner) for obj in page if (owner := owner_of(obj.key)) is not None]
 
-    async with transaction(deps.sessions) as session:
-        live = await ReconcileRepository(session).live_keys(
+    async with deps.engine.begin() as conn:
+        live = await repository.live_keys(
+            conn,
             {o.generation_id for _, o in owned if o.generation_id is not None},
             {o.image_id for _, o in owned if o.image_id is not None},
         )

@@ -13,7 +13,7 @@ log = get_logger(__name__)
 
 def reconciler_dependencies(runtime: WorkerRuntime) -> ReconcilerDependencies:
     return ReconcilerDependencies(
-        settings=runtime.settings, sessions=runtime.sessions, redis=runtime.redis, storage=runtime.storage
+        settings=runtime.settings, engine=runtime.engine, redis=runtime.redis, storage=runtime.storage
     )
 
 

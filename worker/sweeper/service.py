@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
 from shared.events import StatusChange
 from shared.image_store import attempt_prefix
 from shared.logging import get_logger
@@ -29,7 +28,8 @@ from shared.queueing import enqueue_generation, queue_for_provider
 from shared.settings import Settings
 from shared.status_changes import status_changes
 from shared.storage import ObjectStorage
-from worker.sweeper.repository import EmptyQueues, SweepRepository, SweptGeneration
+from worker.sweeper import repository
+from worker.sweeper.repository import EmptyQueues, SweptGeneration
 
 log = get_logger(__name__)
 
@@ -47,7 +47,7 @@ BROKER_EPOCH_TIMEOUT_SECONDS = 5.0
 @dataclass(frozen=True)
 class SweeperDependencies:
     settings: Settings
-    sessions: async_sessionmaker[AsyncSession]
+    engine: AsyncEngine
     redis: aioredis.Redis  # status events
     broker_redis: aioredis.Redis  # the broker's Redis, to see whether the queue is empty
     storage: ObjectStorage
@@ -82,17 +82,17 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     resent, unsent = await _resend_if_broker_lost(deps, batch_size)
 
     # `failed` rows announce themselves, `pending` ones taken back do not (no webhook of `pending`).
-    async with status_changes(deps, transaction(deps.sessions)) as changes:
-        expired = await SweepRepository(changes.db).fail_past_deadline(
-            batch_size, "the generation did not finish before its deadline"
+    async with status_changes(deps, deps.engine.begin()) as changes:
+        expired = await repository.fail_past_deadline(
+            changes.db, batch_size, "the generation did not finish before its deadline"
         )
         await changes.status_changed(*_changes_of(expired))
     await _delete_cut_off_attempts(deps, expired)
 
-    async with status_changes(deps, transaction(deps.sessions)) as changes:
-        repository = SweepRepository(changes.db)
-        lost = await repository.fail_lost_leases(settings.generation.max_attempts, batch_size)
-        taken_back = await repository.requeue_lost_leases(settings.generation.max_attempts, batch_size)
+    async with status_changes(deps, deps.engine.begin()) as changes:
+        conn = changes.db
+        lost = await repository.fail_lost_leases(conn, settings.generation.max_attempts, batch_size)
+        taken_back = await repository.requeue_lost_leases(conn, settings.generation.max_attempts, batch_size)
         await changes.status_changed(*_changes_of([*lost, *taken_back]))
     await _delete_cut_off_attempts(deps, [*lost, *taken_back])
 
@@ -100,8 +100,9 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
 
     empty_queues = await _empty_queues(deps)
     requeue_after = settings.worker.requeue_after_seconds
-    async with transaction(deps.sessions) as session:
-        lost_messages = await SweepRepository(session).mark_lost_pending_for_enqueue(
+    async with deps.engine.begin() as conn:
+        lost_messages = await repository.mark_lost_pending_for_enqueue(
+            conn,
             requeue_after_seconds=requeue_after,
             # An empty queue with rows still pending after requeue_after: their messages are gone.
             stale_enqueue_seconds=STALE_ENQUEUE_SECONDS,
@@ -147,9 +148,8 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
     broker restarted empty, so every pending row is re-sent in this sweep (batch after batch); the
     marker is set again only once all were sent (a sweep that dies half-way is finished by the next).
     Neither present: the first sweep ever, nothing was lost. Returns (re-sent, unsent)."""
-    async with transaction(deps.sessions) as session:
-        repository = SweepRepository(session)
-        if not await repository.try_lock_broker_epoch():
+    async with deps.engine.begin() as conn:
+        if not await repository.try_lock_broker_epoch(conn):
             return 0, 0  # another sweep is comparing (and re-sending) right now
         try:
             async with asyncio.timeout(BROKER_EPOCH_TIMEOUT_SECONDS):  # never hold the lock on a hung broker
@@ -158,24 +158,24 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
             log.warning("broker epoch unknown", error=str(exc))
             return 0, 0
         in_broker = raw.decode() if isinstance(raw, bytes) else raw
-        recorded = await repository.broker_epoch()
+        recorded = await repository.read_broker_epoch(conn)
         if in_broker is not None:
             # Steady state; or a broker (or database) replaced with its data: trust the broker.
             if recorded is None or recorded.epoch != in_broker or recorded.lost_at is not None:
-                await repository.record_broker_epoch(in_broker)
+                await repository.record_broker_epoch(conn, in_broker)
             return 0, 0
         if recorded is None:  # the first sweep ever
             epoch = uuid.uuid4().hex
-            await repository.record_broker_epoch(epoch)
+            await repository.record_broker_epoch(conn, epoch)
             await _mark_broker(deps, epoch)
             return 0, 0
         epoch = recorded.epoch
-        lost_at = await repository.mark_broker_lost()
+        lost_at = await repository.mark_broker_lost(conn)
 
     resent = 0
     while True:
-        async with transaction(deps.sessions) as session:
-            batch = await SweepRepository(session).mark_pending_for_resend(lost_at, batch_size)
+        async with deps.engine.begin() as conn:
+            batch = await repository.mark_pending_for_resend(conn, lost_at, batch_size)
         unsent = await _enqueue(deps, batch)
         resent += len(batch) - unsent
         if unsent:
@@ -183,8 +183,8 @@ async def _resend_if_broker_lost(deps: SweeperDependencies, batch_size: int) -> 
         if len(batch) < batch_size:
             break
     if await _mark_broker(deps, epoch):
-        async with transaction(deps.sessions) as session:
-            await SweepRepository(session).record_broker_epoch(epoch)
+        async with deps.engine.begin() as conn:
+            await repository.record_broker_epoch(conn, epoch)
     log.warning("the broker lost its messages (restarted empty): pending jobs re-sent", resent=resent)
     return resent, 0
 
@@ -236,7 +236,7 @@ async def _enqueue(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -
         except Exception as exc:
             unsent = [r.id for r in rows[position:]]
             log.warning("broker unavailable; re-enqueue postponed", unsent=len(unsent), error=str(exc))
-            async with transaction(deps.sessions) as session:
-                await SweepRepository(session).forget_enqueue(unsent)
+            async with deps.engine.begin() as conn:
+                await repository.forget_enqueue(conn, unsent)
             return len(unsent)
     return 0

@@ -14,7 +14,7 @@ log = get_logger(__name__)
 def sweeper_dependencies(runtime: WorkerRuntime) -> SweeperDependencies:
     return SweeperDependencies(
         settings=runtime.settings,
-        sessions=runtime.sessions,
+        engine=runtime.engine,
         redis=runtime.redis,
         broker_redis=runtime.broker_redis,
         storage=runtime.storage,

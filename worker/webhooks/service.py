@@ -25,11 +25,10 @@ import httpx
 import redis.asyncio as aioredis
 import structlog
 from celery import Celery
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.connections import project_outbound_policy
 from shared.crypto import SecretUnreadable, decrypt_secret
-from shared.db import transaction
 from shared.logging import get_logger
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
@@ -44,8 +43,9 @@ from shared.webhooks import (
     signature_headers,
 )
 from worker.generations.slots import ConnectionSlots, SlotLease
+from worker.webhooks import repository
 from worker.webhooks.breaker import ReceiverBreakers, receiver_key
-from worker.webhooks.repository import ClaimedDelivery, DueDelivery, WebhookDeliveryRepository
+from worker.webhooks.repository import ClaimedDelivery, DueDelivery
 
 log = get_logger(__name__)
 
@@ -57,7 +57,7 @@ RESPONSE_SNIPPET_BYTES = 200
 @dataclass(frozen=True)
 class WebhookDependencies:
     settings: Settings
-    sessions: async_sessionmaker[AsyncSession]
+    engine: AsyncEngine
     http: httpx.AsyncClient
     producer: Celery  # sends `kiln.deliver_webhook` (the dispatcher)
     redis: aioredis.Redis  # circuit breakers and the per-project cap, shared by every worker
@@ -125,24 +125,25 @@ class WebhookDelivery:
 
     async def _run(self, delivery_id: uuid.UUID, expected_attempts: int | None) -> DeliveryOutcome:
         lease = attempt_lease_seconds(self.deps.settings)
-        async with transaction(self.deps.sessions) as session:
-            repository = WebhookDeliveryRepository(session)
-            claimed = await repository.claim(delivery_id, expected_attempts, lease)
+        async with self.deps.engine.begin() as conn:
+            claimed = await repository.claim(conn, delivery_id, expected_attempts, lease)
             if claimed is None:
                 log.debug("webhook delivery not claimable; nothing to do")
                 return DeliveryOutcome.SKIPPED
             try:
-                url, secret = await self._target(repository, claimed)
-                policy = await project_outbound_policy(session, self.deps.settings, claimed.project_id)
+                url, secret = await self._target(conn, claimed)
+                policy = await project_outbound_policy(conn, self.deps.settings, claimed.project_id)
             except DeliveryRefused as refused:
-                await repository.mark_failed(claimed.id, claimed.attempt, claimed.url, None, str(refused))
+                await repository.mark_failed(
+                    conn, claimed.id, claimed.attempt, claimed.url, None, str(refused)
+                )
                 self._log_attempt(claimed, AttemptResult(None, str(refused), retryable=False), "failed", 0.0)
                 return DeliveryOutcome.FAILED
             if claimed.attempt <= self.settings.max_attempts:
                 postponed = await self._admit(claimed, url)
                 if postponed is not None:
                     # Undone in the claim's own transaction: a postponed delivery used no attempt.
-                    await repository.postpone(claimed.id, claimed.attempt, postponed.seconds)
+                    await repository.postpone(conn, claimed.id, claimed.attempt, postponed.seconds)
                     log.info(
                         "webhook attempt postponed",
                         reason=postponed.reason,
@@ -195,17 +196,13 @@ class WebhookDelivery:
         except Exception as exc:  # Redis trouble: the breaker just learns less
             log.warning("circuit breaker not updated", error=repr(exc))
 
-    async def _target(
-        self, repository: WebhookDeliveryRepository, claimed: ClaimedDelivery
-    ) -> tuple[str, str]:
+    async def _target(self, conn: AsyncConnection, claimed: ClaimedDelivery) -> tuple[str, str]:
         """Where to send and the secret to sign with: the endpoint's current URL and secret, or the
         generation's own URL signed with the project's generation-webhook secret."""
         if claimed.endpoint_id is None:
             secret_key = self.deps.settings.secret_key
-            return claimed.url, await current_generation_webhook_secret(
-                repository.session, secret_key, claimed.project_id
-            )
-        endpoint = await repository.get_endpoint(claimed.endpoint_id)
+            return claimed.url, await current_generation_webhook_secret(conn, secret_key, claimed.project_id)
+        endpoint = await repository.get_endpoint(conn, claimed.endpoint_id)
         if endpoint is None:  # deleting an endpoint deletes its deliveries; this is a race with that
             raise DeliveryRefused("the endpoint was deleted")
         if not endpoint.enabled:
@@ -258,29 +255,28 @@ class WebhookDelivery:
         self, claimed: ClaimedDelivery, url: str, result: AttemptResult, elapsed: float
     ) -> DeliveryOutcome:
         attempt = claimed.attempt
-        async with transaction(self.deps.sessions) as session:
-            repository = WebhookDeliveryRepository(session)
+        async with self.deps.engine.begin() as conn:
             if result.delivered:
                 assert result.status_code is not None
-                matched = await repository.mark_delivered(claimed.id, attempt, url, result.status_code)
+                matched = await repository.mark_delivered(conn, claimed.id, attempt, url, result.status_code)
                 outcome = DeliveryOutcome.DELIVERED
             elif result.gone:
                 reason = "the endpoint answered 410 Gone"
                 if claimed.endpoint_id is not None:
-                    await repository.disable_endpoint(claimed.endpoint_id, reason)
+                    await repository.disable_endpoint(conn, claimed.endpoint_id, reason)
                 matched = await repository.mark_failed(
-                    claimed.id, attempt, url, 410, f"{reason}; not retried"
+                    conn, claimed.id, attempt, url, 410, f"{reason}; not retried"
                 )
                 outcome = DeliveryOutcome.FAILED
             elif result.retryable and attempt < self.settings.max_attempts:
                 delay = retry_delay_seconds(self.deps.settings, attempt)
                 matched = await repository.schedule_retry(
-                    claimed.id, attempt, url, result.status_code, result.error or "", delay
+                    conn, claimed.id, attempt, url, result.status_code, result.error or "", delay
                 )
                 outcome = DeliveryOutcome.RETRY_SCHEDULED
             else:
                 matched = await repository.mark_failed(
-                    claimed.id, attempt, url, result.status_code, result.error or "failed"
+                    conn, claimed.id, attempt, url, result.status_code, result.error or "failed"
                 )
                 outcome = DeliveryOutcome.FAILED
         if not matched:
@@ -329,8 +325,8 @@ def _host_of(url: str) -> str:
 async def dispatch_due_webhooks(deps: WebhookDependencies, batch_size: int = DISPATCH_BATCH_SIZE) -> int:
     """Send `kiln.deliver_webhook` for every due pending delivery; returns how many were sent."""
     lease = attempt_lease_seconds(deps.settings)
-    async with transaction(deps.sessions) as session:
-        due = await WebhookDeliveryRepository(session).claim_due(batch_size, lease)
+    async with deps.engine.begin() as conn:
+        due = await repository.claim_due(conn, batch_size, lease)
     if not due:
         log.debug("webhook dispatch: nothing due")
         return 0
@@ -339,8 +335,8 @@ async def dispatch_due_webhooks(deps: WebhookDependencies, batch_size: int = DIS
     )
     if unsent_ids:
         unsent: list[DueDelivery] = [d for d in due if d.id in unsent_ids]
-        async with transaction(deps.sessions) as session:
-            await WebhookDeliveryRepository(session).release(unsent)
+        async with deps.engine.begin() as conn:
+            await repository.release(conn, unsent)
     sent = len(due) - len(unsent_ids)
     log.info("webhook dispatch", sent=sent, unsent=len(unsent_ids))
     return sent

@@ -16,7 +16,7 @@ log = get_logger(__name__)
 def webhook_dependencies(runtime: WorkerRuntime) -> WebhookDependencies:
     return WebhookDependencies(
         settings=runtime.settings,
-        sessions=runtime.sessions,
+        engine=runtime.engine,
         http=runtime.http,
         producer=app,  # inside the worker, the worker's own app sends the tasks
         redis=runtime.redis,

@@ -16,12 +16,11 @@ import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin.service import create_api_key, create_project
 from api.app import create_app
 from api.events.hub import StatusHub
-from shared.db import transaction
 from shared.embedded import free_port
 from shared.models import ApiKeyKind, metadata, new_id
 from shared.settings import Settings
@@ -144,34 +143,32 @@ class Tenant:
         return {"X-API-Key": self.key}
 
 
-async def make_tenant(
-    sessions: async_sessionmaker[AsyncSession], name: str | None = None, **key_options: Any
-) -> Tenant:
-    async with transaction(sessions) as session:
-        project = await create_project(session, name or f"project {secrets.token_hex(3)}")
-        key, plain = await create_api_key(session, project.id, ApiKeyKind.PROJECT, "test", **key_options)
+async def make_tenant(engine: AsyncEngine, name: str | None = None, **key_options: Any) -> Tenant:
+    async with engine.begin() as conn:
+        project = await create_project(conn, name or f"project {secrets.token_hex(3)}")
+        key, plain = await create_api_key(conn, project.id, ApiKeyKind.PROJECT, "test", **key_options)
     return Tenant(project.id, plain, key.id, key.digest)
 
 
-async def make_admin_key(sessions: async_sessionmaker[AsyncSession]) -> str:
-    async with transaction(sessions) as session:
-        _, plain = await create_api_key(session, None, ApiKeyKind.ADMIN, "admin")
+async def make_admin_key(engine: AsyncEngine) -> str:
+    async with engine.begin() as conn:
+        _, plain = await create_api_key(conn, None, ApiKeyKind.ADMIN, "admin")
     return plain
 
 
 @pytest.fixture
-async def tenant(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> Tenant:
-    return await make_tenant(sessions, "Tenant A")
+async def tenant(clean_state: None, engine: AsyncEngine) -> Tenant:
+    return await make_tenant(engine, "Tenant A")
 
 
 @pytest.fixture
-async def other_tenant(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> Tenant:
-    return await make_tenant(sessions, "Tenant B")
+async def other_tenant(clean_state: None, engine: AsyncEngine) -> Tenant:
+    return await make_tenant(engine, "Tenant B")
 
 
 @pytest.fixture
-async def admin_headers(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
-    return {"X-API-Key": await make_admin_key(sessions)}
+async def admin_headers(clean_state: None, engine: AsyncEngine) -> dict[str, str]:
+    return {"X-API-Key": await make_admin_key(engine)}
 
 
 async def insert_image(

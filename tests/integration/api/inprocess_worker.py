@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.providers import ImageProvider, ProviderConnection, get_provider
 from shared.settings import Settings
@@ -22,7 +22,7 @@ from worker.sweeper.service import SweeperDependencies, SweepReport, sweep
 
 def worker_deps(
     settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     redis: aioredis.Redis,
     storage: ObjectStorage,
 ) -> PipelineDependencies:
@@ -30,7 +30,7 @@ def worker_deps(
         return get_provider(name, None, connection)
 
     return PipelineDependencies(
-        settings=settings, sessions=sessions, redis=redis, storage=storage, provider_for=provider_for
+        settings=settings, engine=engine, redis=redis, storage=storage, provider_for=provider_for
     )
 
 
@@ -53,7 +53,7 @@ async def run_next_job(
 
 async def sweep_once(
     settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     redis: aioredis.Redis,
     storage: ObjectStorage,
 ) -> SweepReport:
@@ -64,7 +64,7 @@ async def sweep_once(
         return await sweep(
             SweeperDependencies(
                 settings=settings,
-                sessions=sessions,
+                engine=engine,
                 redis=redis,
                 broker_redis=redis,
                 storage=storage,

@@ -8,7 +8,6 @@ import pytest
 
 from api.admin import service
 from shared.apikeys import digest_key, looks_like_key
-from shared.db import transaction
 from shared.errors import NotFound, ValidationFailed
 from shared.models import ApiKeyKind
 
@@ -138,26 +137,26 @@ async def test_project_keys_are_forbidden_on_admin_routes(client, tenant, method
     assert "x-ratelimit-limit" in r.headers  # authenticated, so it spent a read
 
 
-async def test_service_functions_for_the_cli(sessions, clean_state):
-    async with transaction(sessions) as session:
-        project = await service.create_project(session, "CLI project", "cli")
-        admin_key, admin_plain = await service.create_api_key(session, None, ApiKeyKind.ADMIN, "root")
-        project_key, _ = await service.create_api_key(session, project.id, ApiKeyKind.PROJECT)
+async def test_service_functions_for_the_cli(engine, clean_state):
+    async with engine.begin() as conn:
+        project = await service.create_project(conn, "CLI project", "cli")
+        admin_key, admin_plain = await service.create_api_key(conn, None, ApiKeyKind.ADMIN, "root")
+        project_key, _ = await service.create_api_key(conn, project.id, ApiKeyKind.PROJECT)
     assert admin_key.kind == "admin" and admin_key.project_id is None and looks_like_key(admin_plain)
     assert admin_key.digest == digest_key(admin_plain)
-    async with sessions() as session:
-        assert [p.slug for p in await service.list_projects(session)] == ["cli"]
-        assert [k.id for k in await service.list_api_keys(session, project.id)] == [project_key.id]
-        assert [k.id for k in await service.list_api_keys(session, None)] == [admin_key.id]
-    async with transaction(sessions) as session:
-        revoked = await service.revoke_api_key(session, project_key.id)
+    async with engine.connect() as conn:
+        assert [p.slug for p in await service.list_projects(conn)] == ["cli"]
+        assert [k.id for k in await service.list_api_keys(conn, project.id)] == [project_key.id]
+        assert [k.id for k in await service.list_api_keys(conn, None)] == [admin_key.id]
+    async with engine.begin() as conn:
+        revoked = await service.revoke_api_key(conn, project_key.id)
     assert revoked.revoked_at is not None
     with pytest.raises(NotFound):
-        async with transaction(sessions) as session:
-            await service.revoke_api_key(session, uuid.uuid4())
+        async with engine.begin() as conn:
+            await service.revoke_api_key(conn, uuid.uuid4())
     with pytest.raises(ValidationFailed):
-        async with transaction(sessions) as session:
-            await service.create_api_key(session, project.id, ApiKeyKind.ADMIN)
+        async with engine.begin() as conn:
+            await service.create_api_key(conn, project.id, ApiKeyKind.ADMIN)
     with pytest.raises(NotFound):
-        async with transaction(sessions) as session:
-            await service.create_api_key(session, uuid.uuid4(), ApiKeyKind.PROJECT)
+        async with engine.begin() as conn:
+            await service.create_api_key(conn, uuid.uuid4(), ApiKeyKind.PROJECT)

@@ -19,7 +19,6 @@ from api.security.auth import PRINCIPAL_STATE_KEY, Principal, authenticate, inva
 from api.security.guards import StreamSlot
 from api.security.ratelimit import Budget, key_cache_key
 from shared.apikeys import digest_key
-from shared.db import transaction
 from tests.integration.api.conftest import (
     api_client,
     generations,
@@ -94,12 +93,12 @@ async def test_requests_without_a_valid_key_answer_401(client, tenant, engine, h
     assert await generation_rows(engine) == 0
 
 
-async def test_a_key_revoked_through_the_service_answers_401_at_once(client, tenant, sessions, redis_client):
+async def test_a_key_revoked_through_the_service_answers_401_at_once(client, tenant, engine, redis_client):
     ok = await client.get(CREATE, headers=tenant.headers)
     assert ok.status_code == 200  # the key record is now cached
     # What the CLI does: revoke in the database, then drop the cached record.
-    async with transaction(sessions) as session:
-        key = await revoke_api_key(session, tenant.key_id)
+    async with engine.begin() as conn:
+        key = await revoke_api_key(conn, tenant.key_id)
     await invalidate_cached_key(redis_client, key.digest)
     r = await client.get(CREATE, headers=tenant.headers)
     assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
@@ -114,9 +113,9 @@ async def test_a_key_revoked_over_http_answers_401_at_once(client, tenant, admin
     assert (await client.get(CREATE, headers=tenant.headers)).status_code == 401
 
 
-async def test_revocation_survives_the_cache_expiring(client, tenant, sessions, redis_client):
-    async with transaction(sessions) as session:
-        await revoke_api_key(session, tenant.key_id)
+async def test_revocation_survives_the_cache_expiring(client, tenant, engine, redis_client):
+    async with engine.begin() as conn:
+        await revoke_api_key(conn, tenant.key_id)
     await redis_client.flushdb()  # no cache at all: the database answers
     assert (await client.get(CREATE, headers=tenant.headers)).status_code == 401
 
@@ -212,9 +211,9 @@ async def test_errors_after_authentication_carry_the_headers(client, tenant):
     assert_rate_headers(invalid, 100_000)
 
 
-async def test_a_per_key_override_replaces_the_default(api_settings, sessions, clean_state):
-    limited = await make_tenant(sessions, generations_per_hour=2, reads_per_hour=4)
-    regular = await make_tenant(sessions)
+async def test_a_per_key_override_replaces_the_default(api_settings, engine, clean_state):
+    limited = await make_tenant(engine, generations_per_hour=2, reads_per_hour=4)
+    regular = await make_tenant(engine)
     async with api_client(with_limits(api_settings, generations_per_hour=100, reads_per_hour=100)) as client:
         codes = [(await client.post(CREATE, json={"prompt": "x"}, headers=limited.headers)) for _ in range(3)]
         assert [r.status_code for r in codes] == [201, 201, 429]

@@ -63,10 +63,8 @@ async def test_mixed_items_each_get_their_own_outcome_in_order(
     assert sorted(await queued_ids(redis_client, api_settings.worker.queue)) == sorted(created)
 
 
-async def test_each_item_spends_one_unit_of_the_generation_budget(
-    api_settings, sessions, engine, clean_state
-):
-    tenant = await make_tenant(sessions, generations_per_hour=3)
+async def test_each_item_spends_one_unit_of_the_generation_budget(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine, generations_per_hour=3)
     async with api_client(api_settings) as client:
         items = [{"prompt": f"p{i}"} for i in range(5)]
         r = await client.post(BATCH, json={"items": items}, headers=tenant.headers)
@@ -85,8 +83,8 @@ async def test_each_item_spends_one_unit_of_the_generation_budget(
         assert single.status_code == 429
 
 
-async def test_invalid_items_spend_no_budget(api_settings, sessions, engine, clean_state):
-    tenant = await make_tenant(sessions, generations_per_hour=2)
+async def test_invalid_items_spend_no_budget(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine, generations_per_hour=2)
     async with api_client(api_settings) as client:
         items = [{"prompt": ""}, {"prompt": "ok 1"}, {"aspectRatio": "1:1"}, {"prompt": "ok 2"}]
         r = await client.post(BATCH, json={"items": items}, headers=tenant.headers)

@@ -40,7 +40,7 @@ def parse(value: str) -> datetime:
 
 
 async def test_a_pending_generation_is_cancelled_and_the_workers_later_claim_does_nothing(
-    live_api, tenant, engine, api_settings, sessions, redis_client, storage
+    live_api, tenant, engine, api_settings, redis_client, storage
 ):
     created = (await live_api.http.post(CREATE, json={"prompt": "never mind"}, headers=tenant.headers)).json()
     generation_id = uuid.UUID(created["data"]["id"])
@@ -67,7 +67,7 @@ async def test_a_pending_generation_is_cancelled_and_the_workers_later_claim_doe
     assert (row.status, row.lease_until, row.attempts) == ("cancelled", None, 0)
     # The message is still in the broker queue: the worker takes it and finds nothing to claim.
     assert await next_queued_id(redis_client, api_settings.worker.queue) == generation_id
-    deps = worker_deps(api_settings, sessions, redis_client, storage)
+    deps = worker_deps(api_settings, engine, redis_client, storage)
     assert await run_generation(generation_id, deps) is PipelineOutcome.SKIPPED
     row = await fetch(engine, generations, generation_id)
     assert (row.status, row.attempts, row.output_image_id) == ("cancelled", 0, None)
@@ -77,7 +77,7 @@ async def test_a_pending_generation_is_cancelled_and_the_workers_later_claim_doe
 
 
 async def test_a_processing_generation_is_cancelled_and_its_provider_call_abandoned_at_once(
-    live_api, tenant, engine, api_settings, sessions, redis_client, storage
+    live_api, tenant, engine, api_settings, redis_client, storage
 ):
     """The lease is a minute (a heartbeat every 20 s): only the cancel's event can stop it this soon."""
     assert api_settings.generation.lease_seconds >= 60
@@ -87,7 +87,7 @@ async def test_a_processing_generation_is_cancelled_and_its_provider_call_abando
     generation_id = uuid.UUID(created.json()["data"]["id"])
     assert await next_queued_id(redis_client, api_settings.worker.queue) == generation_id
     run = asyncio.create_task(
-        run_generation(generation_id, worker_deps(api_settings, sessions, redis_client, storage))
+        run_generation(generation_id, worker_deps(api_settings, engine, redis_client, storage))
     )
     for _ in range(500):
         if (await fetch(engine, generations, generation_id)).status == "processing":
@@ -108,7 +108,7 @@ async def test_a_processing_generation_is_cancelled_and_its_provider_call_abando
 
 
 async def test_a_cancel_just_after_the_claim_is_noticed_once_the_worker_listens(
-    live_api, tenant, engine, api_settings, sessions, redis_client, storage
+    live_api, tenant, engine, api_settings, redis_client, storage
 ):
     """Cancelled before the worker subscribed to the events: its first check after subscribing sees it."""
     created = await live_api.http.post(
@@ -116,7 +116,7 @@ async def test_a_cancel_just_after_the_claim_is_noticed_once_the_worker_listens(
     )
     generation_id = uuid.UUID(created.json()["data"]["id"])
     run = asyncio.create_task(
-        run_generation(generation_id, worker_deps(api_settings, sessions, redis_client, storage))
+        run_generation(generation_id, worker_deps(api_settings, engine, redis_client, storage))
     )
     for _ in range(500):
         if (await fetch(engine, generations, generation_id)).status == "processing":
@@ -163,7 +163,7 @@ async def test_cancel_of_another_projects_or_an_unknown_generation_is_not_found(
 
 
 async def test_a_generation_that_cannot_start_before_its_deadline_fails_with_deadline_exceeded(
-    client, tenant, api_settings, sessions, redis_client, storage
+    client, tenant, api_settings, engine, redis_client, storage
 ):
     """No worker runs: the sweeper ends the job at its deadline."""
     created = await client.post(
@@ -172,9 +172,9 @@ async def test_a_generation_that_cannot_start_before_its_deadline_fails_with_dea
     assert created.status_code == 201
     data = created.json()["data"]
     assert abs((parse(data["deadlineAt"]) - parse(data["createdAt"])).total_seconds() - 1) < 0.5
-    assert (await sweep_once(api_settings, sessions, redis_client, storage)).deadline_failed == 0
+    assert (await sweep_once(api_settings, engine, redis_client, storage)).deadline_failed == 0
     await asyncio.sleep(1.2)
-    report = await sweep_once(api_settings, sessions, redis_client, storage)
+    report = await sweep_once(api_settings, engine, redis_client, storage)
     assert report.deadline_failed == 1
     done = (await client.get(f"{CREATE}/{data['id']}", headers=tenant.headers)).json()["data"]
     assert (done["status"], done["errorCode"]) == ("failed", "DEADLINE_EXCEEDED")

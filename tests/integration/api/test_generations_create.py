@@ -217,8 +217,8 @@ async def test_in_flight_cap_answers_429_concurrency_limit(api_settings, tenant,
     assert await row_count(engine) == 5
 
 
-async def test_project_override_of_the_in_flight_cap(api_settings, sessions, engine, clean_state):
-    tenant = await make_tenant(sessions)
+async def test_project_override_of_the_in_flight_cap(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine)
     async with engine.begin() as conn:
         await conn.execute(
             text("UPDATE projects SET max_in_flight = 1 WHERE id = :id"), {"id": tenant.project_id}

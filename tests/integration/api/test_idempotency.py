@@ -135,9 +135,9 @@ async def test_a_repeat_waits_for_a_first_request_inside_its_transaction(client,
 
 
 async def test_fifty_concurrent_posts_with_one_key_create_exactly_one_generation(
-    api_settings, sessions, engine, redis_client, clean_state
+    api_settings, engine, redis_client, clean_state
 ):
-    tenant = await make_tenant(sessions)
+    tenant = await make_tenant(engine)
     async with api_client(api_settings) as client:
         responses = await asyncio.gather(
             *(
@@ -156,8 +156,8 @@ async def test_fifty_concurrent_posts_with_one_key_create_exactly_one_generation
     assert await redis_client.zcard(window_key(tenant.digest, Budget.GENERATE)) == 1
 
 
-async def test_a_repeat_spends_no_generation_budget(api_settings, sessions, clean_state):
-    tenant = await make_tenant(sessions, generations_per_hour=1)
+async def test_a_repeat_spends_no_generation_budget(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine, generations_per_hour=1)
     async with api_client(api_settings) as client:
         first = await client.post(CREATE, json={"prompt": "x"}, headers=keyed(tenant, "only-one"))
         assert first.status_code == 201
@@ -198,8 +198,8 @@ async def test_an_expired_key_is_ignored_and_can_be_used_again(client, tenant, e
     assert await count(engine) == 2 and await count(engine, idempotency_keys) == 1
 
 
-async def test_a_failed_first_request_does_not_poison_the_key(api_settings, sessions, engine, clean_state):
-    tenant = await make_tenant(sessions, generations_per_hour=1)
+async def test_a_failed_first_request_does_not_poison_the_key(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine, generations_per_hour=1)
     async with api_client(with_limits(api_settings, max_in_flight_per_project=1)) as client:
         # A validation error stores nothing...
         bad = await client.post(CREATE, json={"prompt": "  "}, headers=keyed(tenant, "k1"))
@@ -211,7 +211,7 @@ async def test_a_failed_first_request_does_not_poison_the_key(api_settings, sess
         refused = await client.post(CREATE, json={"prompt": "more"}, headers=keyed(tenant, "k2"))
         assert refused.status_code == 429
     assert await count(engine, idempotency_keys) == 1
-    other = await make_tenant(sessions)
+    other = await make_tenant(engine)
     async with api_client(with_limits(api_settings, max_in_flight_per_project=1)) as client:
         first = await client.post(CREATE, json={"prompt": "x"}, headers=other.headers)
         assert first.status_code == 201

@@ -56,8 +56,8 @@ async def test_ready_answers_503_naming_a_dead_database(api_settings):
     assert r.json()["checks"]["database"] != "ok" and r.json()["checks"]["redis"] == "ok"
 
 
-async def test_database_down_answers_503_with_retry_after(api_settings, sessions, engine, clean_state):
-    tenant = await make_tenant(sessions)  # not cached yet: authentication must ask the database
+async def test_database_down_answers_503_with_retry_after(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine)  # not cached yet: authentication must ask the database
     dead = api_settings.model_copy(
         update={
             "database": api_settings.database.model_copy(
@@ -133,9 +133,9 @@ def _with_dead_broker(api_settings):
 
 
 async def test_ready_names_the_failed_dependency_without_its_detail_to_anonymous_callers(
-    api_settings, sessions, clean_state
+    api_settings, engine, clean_state
 ):
-    tenant = await make_tenant(sessions)  # a project key is no admin: still no detail
+    tenant = await make_tenant(engine)  # a project key is no admin: still no detail
     async with api_client(_with_dead_broker(api_settings)) as client:
         anonymous = await client.get("/ready")
         project = await client.get("/ready", headers=tenant.headers)
@@ -148,8 +148,8 @@ async def test_ready_names_the_failed_dependency_without_its_detail_to_anonymous
         assert "127.0.0.1" not in r.text and "Error" not in r.text
 
 
-async def test_ready_gives_the_failure_detail_to_an_admin_key(api_settings, sessions, clean_state):
-    admin_key = await make_admin_key(sessions)
+async def test_ready_gives_the_failure_detail_to_an_admin_key(api_settings, engine, clean_state):
+    admin_key = await make_admin_key(engine)
     async with api_client(_with_dead_broker(api_settings)) as client:
         r = await client.get("/ready", headers={"X-API-Key": admin_key})
     assert r.status_code == 503

@@ -33,9 +33,9 @@ async def image_rows(engine, generation_id) -> list:
 
 
 async def test_regenerate_runs_a_new_version_under_new_keys_and_leaves_the_old_objects_alone(
-    live_api, tenant, engine, api_settings, sessions, redis_client, storage
+    live_api, tenant, engine, api_settings, redis_client, storage
 ):
-    deps = worker_deps(api_settings, sessions, redis_client, storage)
+    deps = worker_deps(api_settings, engine, redis_client, storage)
     created = await live_api.http.post(
         CREATE, json={"prompt": "a lighthouse", "deadlineSeconds": 600}, headers=tenant.headers
     )
@@ -94,9 +94,9 @@ async def test_a_failed_generation_is_regenerated(client, tenant, engine):
 
 
 async def test_regenerating_a_processing_generation_supersedes_the_running_attempt(
-    live_api, tenant, engine, api_settings, sessions, redis_client, storage
+    live_api, tenant, engine, api_settings, redis_client, storage
 ):
-    deps = worker_deps(api_settings, sessions, redis_client, storage)
+    deps = worker_deps(api_settings, engine, redis_client, storage)
     created = await live_api.http.post(
         CREATE, json={"prompt": "slow", "parameters": {"delayMs": 60_000}}, headers=tenant.headers
     )
@@ -125,8 +125,8 @@ async def test_regenerating_a_processing_generation_supersedes_the_running_attem
     assert all("/v2/" in key for key in await storage.list_keys(prefix))
 
 
-async def test_regenerate_spends_the_generation_budget(api_settings, sessions, engine, clean_state):
-    tenant = await make_tenant(sessions, generations_per_hour=1)
+async def test_regenerate_spends_the_generation_budget(api_settings, engine, clean_state):
+    tenant = await make_tenant(engine, generations_per_hour=1)
     async with api_client(api_settings) as client:
         created = await client.post(CREATE, json={"prompt": "x"}, headers=tenant.headers)
         r = await client.post(f"{CREATE}/{created.json()['data']['id']}/regenerate", headers=tenant.headers)

@@ -58,7 +58,7 @@ def timed(coro) -> asyncio.Task:
 
 
 async def test_create_with_prefer_wait_answers_the_finished_record(
-    live_api, tenant, api_settings, sessions, redis_client, storage
+    live_api, tenant, api_settings, engine, redis_client, storage
 ):
     request = timed(
         live_api.http.post(
@@ -68,7 +68,7 @@ async def test_create_with_prefer_wait_answers_the_finished_record(
         )
     )
     generation_id, outcome = await run_next_job(
-        worker_deps(api_settings, sessions, redis_client, storage), redis_client
+        worker_deps(api_settings, engine, redis_client, storage), redis_client
     )
     r, elapsed = await asyncio.wait_for(request, 10)
     assert outcome is PipelineOutcome.SUCCEEDED
@@ -102,7 +102,7 @@ async def test_a_wait_the_server_cannot_honour_is_ignored(live_api, tenant, pref
 
 
 async def test_a_replayed_create_with_prefer_wait_waits_on_the_first_generation(
-    live_api, tenant, api_settings, sessions, redis_client, storage
+    live_api, tenant, api_settings, engine, redis_client, storage
 ):
     headers = {**tenant.headers, "Idempotency-Key": "wait-key"}
     first = await live_api.http.post(CREATE, json={"prompt": "x"}, headers=headers)
@@ -110,7 +110,7 @@ async def test_a_replayed_create_with_prefer_wait_waits_on_the_first_generation(
         live_api.http.post(CREATE, json={"prompt": "x"}, headers={**headers, "Prefer": "wait=10"})
     )
     generation_id, _ = await run_next_job(
-        worker_deps(api_settings, sessions, redis_client, storage), redis_client
+        worker_deps(api_settings, engine, redis_client, storage), redis_client
     )
     r, _ = await asyncio.wait_for(request, 10)
     assert r.status_code == 201 and r.headers["idempotent-replayed"] == "true"
@@ -333,7 +333,7 @@ def status_of(block: dict[str, str] | None) -> str:
 
 
 async def test_the_event_stream_follows_a_generation_to_success_and_closes(
-    live_api, tenant, api_settings, sessions, redis_client, storage
+    live_api, tenant, api_settings, engine, redis_client, storage
 ):
     created = await live_api.http.post(
         CREATE, json={"prompt": "stream me", "parameters": {"delayMs": 300}}, headers=tenant.headers
@@ -351,7 +351,7 @@ async def test_the_event_stream_follows_a_generation_to_success_and_closes(
         assert json.loads(first["data"])["queuePosition"] == 1
 
         _, outcome = await run_next_job(
-            worker_deps(api_settings, sessions, redis_client, storage), redis_client
+            worker_deps(api_settings, engine, redis_client, storage), redis_client
         )
         assert outcome is PipelineOutcome.SUCCEEDED
         rest = []

@@ -72,7 +72,7 @@ async def test_an_admin_sets_a_projects_allowlist_normalized_and_checked(
 
 async def test_a_listed_host_is_reached_in_production_but_an_answer_url_elsewhere_is_forbidden(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     http,
@@ -87,17 +87,17 @@ async def test_a_listed_host_is_reached_in_production_but_an_answer_url_elsewher
     fake = FakeOpenAI()
     with serve(fake) as url:
         port = httpx.URL(url).port
-        cid = await insert_connection(sessions, settings, project_id, api_url=url, model="dall-e-3")
+        cid = await insert_connection(engine, settings, project_id, api_url=url, model="dall-e-3")
         # The API's own host is listed: the generation runs.
         ok = await make_generation(provider="openai", model="dall-e-3", connection_id=cid)
-        assert await run_generation(ok, deps(strict, sessions, redis_client, storage, http)) is (
+        assert await run_generation(ok, deps(strict, engine, redis_client, storage, http)) is (
             PipelineOutcome.SUCCEEDED
         )
         # Its answer points at another name for the same loopback address: not listed, not fetched.
         fake.script("generate", step("url", base=f"http://localhost:{port}"))
         elsewhere = await make_generation(provider="openai", model="dall-e-3", connection_id=cid)
-        outcome = await run_generation(elsewhere, deps(strict, sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, elsewhere)
+        outcome = await run_generation(elsewhere, deps(strict, engine, redis_client, storage, http))
+    row = await fetch_generation(engine, elsewhere)
     assert outcome is PipelineOutcome.FAILED
     assert row.error_code == "PROVIDER_URL_FORBIDDEN", row.error_message
     assert "localhost" in row.error_message and "loopback" in row.error_message
@@ -147,7 +147,7 @@ async def test_a_listed_ip_is_accepted_when_a_connection_is_saved_in_production(
 
 
 async def test_a_gzip_bomb_answer_fails_the_generation_at_once_as_too_large(
-    settings, sessions, redis_client, storage, project_id, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, project_id, make_generation: GenerationFactory
 ):
     capped = settings.model_copy(
         update={"network": settings.network.model_copy(update={"max_image_response_bytes": 1024 * 1024})}
@@ -158,10 +158,10 @@ async def test_a_gzip_bomb_answer_fails_the_generation_at_once_as_too_large(
     )
     async with outbound_client(capped, 30) as http:
         with serve(fake) as url:
-            cid = await insert_connection(sessions, settings, project_id, api_url=url, model="gpt-image-1")
+            cid = await insert_connection(engine, settings, project_id, api_url=url, model="gpt-image-1")
             gid = await make_generation(provider="openai", model="gpt-image-1", connection_id=cid)
-            outcome = await run_generation(gid, deps(tuned(capped), sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, gid)
+            outcome = await run_generation(gid, deps(tuned(capped), engine, redis_client, storage, http))
+    row = await fetch_generation(engine, gid)
     assert outcome is PipelineOutcome.FAILED
     assert row.error_code == "PROVIDER_RESPONSE_TOO_LARGE", row.error_message
     assert "1048576 bytes" in row.error_message

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.models import metadata
 from shared.outbound import outbound_client
@@ -56,7 +56,7 @@ async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def insert_connection(
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     settings: Settings,
     project_id: uuid.UUID,
     *,
@@ -66,13 +66,13 @@ async def insert_connection(
 ) -> uuid.UUID:
     """An openai connection holding KEY, encrypted with the session's KILN_SECRET_KEY unless told."""
     return await factories.insert_connection(
-        sessions, project_id, api_key=api_key, secret_key=secret_key or settings.secret_key, **values
+        engine, project_id, api_key=api_key, secret_key=secret_key or settings.secret_key, **values
     )
 
 
 def deps(
     settings: Settings,
-    sessions,
+    engine,
     redis_client,
     storage: LocalStorage,
     http: httpx.AsyncClient,
@@ -87,7 +87,7 @@ def deps(
 
     return PipelineDependencies(
         settings=settings,
-        sessions=sessions,
+        engine=engine,
         redis=redis_client,
         storage=storage,
         provider_for=provider_for,
@@ -96,11 +96,11 @@ def deps(
 
 
 async def test_a_job_runs_with_its_connections_url_key_and_model(
-    settings, sessions, redis_client, storage, http, project_id, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, http, project_id, make_generation: GenerationFactory
 ):
     fake = FakeOpenAI(api_key=KEY)
     with serve(fake) as url:
-        cid = await insert_connection(sessions, settings, project_id, api_url=url, model="dall-e-3")
+        cid = await insert_connection(engine, settings, project_id, api_url=url, model="dall-e-3")
         gid = await make_generation(
             provider="openai",
             model="dall-e-3",
@@ -108,21 +108,21 @@ async def test_a_job_runs_with_its_connections_url_key_and_model(
             aspect_ratio="16:9",
             parameters={"quality": "hd"},
         )
-        outcome = await run_generation(gid, deps(tuned(settings), sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, gid)
+        outcome = await run_generation(gid, deps(tuned(settings), engine, redis_client, storage, http))
+    row = await fetch_generation(engine, gid)
     assert outcome is PipelineOutcome.SUCCEEDED, (row.error_code, row.error_message)
     [request] = fake.received("generate")
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.json["model"] == "dall-e-3" and request.json["size"] == "1792x1024"
     assert request.json["quality"] == "hd"
-    [image] = await fetch_images(sessions, gid)
+    [image] = await fetch_images(engine, gid)
     assert (image.width, image.height) == (1792, 1024)
     assert image.meta["revisedPrompt"].startswith("A vivid rendering of")
     assert image.meta["provider"] == "openai" and image.meta["model"] == "dall-e-3"
 
 
 async def test_the_server_default_connection_comes_from_settings(
-    settings, sessions, redis_client, storage, http, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, http, make_generation: GenerationFactory
 ):
     fake = FakeOpenAI(api_key=KEY)
     with serve(fake) as url:
@@ -134,7 +134,7 @@ async def test_the_server_default_connection_comes_from_settings(
             }
         )
         gid = await make_generation(provider="openai", model="gpt-image-1")
-        outcome = await run_generation(gid, deps(tuned(configured), sessions, redis_client, storage, http))
+        outcome = await run_generation(gid, deps(tuned(configured), engine, redis_client, storage, http))
     assert outcome is PipelineOutcome.SUCCEEDED
     assert fake.received("generate")[0].headers["authorization"] == f"Bearer {KEY}"
 
@@ -149,7 +149,7 @@ async def test_the_server_default_connection_comes_from_settings(
 )
 async def test_a_connection_that_cannot_be_used_fails_the_job_with_a_clear_code(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     http,
@@ -161,29 +161,29 @@ async def test_a_connection_that_cannot_be_used_fails_the_job_with_a_clear_code(
     if setup == "deleted":
         cid = uuid.uuid4()
     elif setup == "other_secret":  # KILN_SECRET_KEY was rotated since the key was saved
-        cid = await insert_connection(sessions, settings, project_id, secret_key="an-older-secret-key")
+        cid = await insert_connection(engine, settings, project_id, secret_key="an-older-secret-key")
     else:  # written before the policy existed, or straight into the database
-        cid = await insert_connection(sessions, settings, project_id, api_url="http://169.254.169.254/v1")
+        cid = await insert_connection(engine, settings, project_id, api_url="http://169.254.169.254/v1")
     gid = await make_generation(provider="openai", connection_id=cid)
-    outcome = await run_generation(gid, deps(tuned(settings), sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, gid)
+    outcome = await run_generation(gid, deps(tuned(settings), engine, redis_client, storage, http))
+    row = await fetch_generation(engine, gid)
     assert outcome is PipelineOutcome.FAILED
     assert (row.status, row.error_code) == ("failed", code), row.error_message
     assert KEY not in (row.error_message or "")
 
 
 async def test_loopback_refused_by_policy_never_reaches_the_vendor(
-    settings, sessions, redis_client, storage, http, project_id, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, http, project_id, make_generation: GenerationFactory
 ):
     strict = settings.model_copy(
         update={"network": settings.network.model_copy(update={"allow_loopback": False})}
     )
     fake = FakeOpenAI()
     with serve(fake) as url:
-        cid = await insert_connection(sessions, settings, project_id, api_url=url)
+        cid = await insert_connection(engine, settings, project_id, api_url=url)
         gid = await make_generation(provider="openai", connection_id=cid)
-        await run_generation(gid, deps(tuned(strict), sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, gid)
+        await run_generation(gid, deps(tuned(strict), engine, redis_client, storage, http))
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.error_code) == ("failed", "PROVIDER_URL_FORBIDDEN")
     assert "loopback" in row.error_message
     assert fake.received("generate") == []
@@ -201,7 +201,7 @@ async def test_loopback_refused_by_policy_never_reaches_the_vendor(
 )
 async def test_failures_say_what_the_vendor_said(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     http,
@@ -213,49 +213,49 @@ async def test_failures_say_what_the_vendor_said(
 ):
     fake = FakeOpenAI(*steps)
     with serve(fake) as url:
-        cid = await insert_connection(sessions, settings, project_id, api_url=url, model="dall-e-2")
+        cid = await insert_connection(engine, settings, project_id, api_url=url, model="dall-e-2")
         gid = await make_generation(provider="openai", model="dall-e-2", connection_id=cid)
         await run_generation(
-            gid, deps(tuned(settings, provider_retries=2), sessions, redis_client, storage, http)
+            gid, deps(tuned(settings, provider_retries=2), engine, redis_client, storage, http)
         )
-    row = await fetch_generation(sessions, gid)
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.error_code) == ("failed", code), row.error_message
     assert said in row.error_message and KEY not in row.error_message
 
 
 async def test_the_connections_timeout_overrides_the_servers(
-    settings, sessions, redis_client, storage, http, project_id, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, http, project_id, make_generation: GenerationFactory
 ):
     fake = FakeOpenAI(step("hang", seconds=30))
     with serve(fake) as url:
-        cid = await insert_connection(sessions, settings, project_id, api_url=url, timeout_seconds=1)
+        cid = await insert_connection(engine, settings, project_id, api_url=url, timeout_seconds=1)
         gid = await make_generation(provider="openai", model="dall-e-2", connection_id=cid)
         started = time.monotonic()
         await run_generation(
             gid,
             deps(
                 tuned(settings, provider_retries=0, provider_timeout_seconds=120),
-                sessions,
+                engine,
                 redis_client,
                 storage,
                 http,
             ),
         )
         elapsed = time.monotonic() - started
-    row = await fetch_generation(sessions, gid)
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.error_code) == ("failed", "PROVIDER_TIMEOUT"), row.error_message
     assert elapsed < 10
 
 
 async def test_one_slot_connection_runs_one_job_at_a_time_without_holding_a_worker(
-    settings, sessions, redis_client, storage, http, project_id, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, http, project_id, make_generation: GenerationFactory
 ):
     fake = FakeComfyUI(ComfyUIScript(polls=3))
     recorder = OverlapRecorder(fake)
     requeued: list[tuple[uuid.UUID, str, float]] = []
     with serve(recorder) as url:
         cid = await insert_connection(
-            sessions,
+            engine,
             settings,
             project_id,
             provider="comfyui",
@@ -266,7 +266,7 @@ async def test_one_slot_connection_runs_one_job_at_a_time_without_holding_a_work
         )
         first = await make_generation(provider="comfyui", connection_id=cid)
         second = await make_generation(provider="comfyui", connection_id=cid)
-        pipeline_deps = deps(tuned(settings), sessions, redis_client, storage, http, requeued)
+        pipeline_deps = deps(tuned(settings), engine, redis_client, storage, http, requeued)
 
         running = asyncio.ensure_future(run_generation(first, pipeline_deps))
         while not fake.requests_to("POST", "/prompt"):
@@ -277,7 +277,7 @@ async def test_one_slot_connection_runs_one_job_at_a_time_without_holding_a_work
         outcome = await run_generation(second, pipeline_deps)
         assert outcome is PipelineOutcome.DEFERRED
         assert time.monotonic() - started < 1.0, "the second job waited instead of handing itself back"
-        waiting = await fetch_generation(sessions, second)
+        waiting = await fetch_generation(engine, second)
         assert (waiting.status, waiting.attempts, waiting.started_at) == ("pending", 0, None)
         assert waiting.enqueued_at is not None
         assert [(gid, provider) for gid, provider, _ in requeued] == [(second, "comfyui")]
@@ -289,7 +289,7 @@ async def test_one_slot_connection_runs_one_job_at_a_time_without_holding_a_work
         assert await run_generation(second, pipeline_deps) is PipelineOutcome.SUCCEEDED
     assert recorder.max_running == 1
     assert len(fake.requests_to("POST", "/prompt")) == 2
-    assert (await fetch_generation(sessions, second)).attempts == 1
+    assert (await fetch_generation(engine, second)).attempts == 1
 
 
 async def test_a_killed_holders_slot_frees_itself(redis_client):
@@ -323,14 +323,14 @@ async def queued_ids(redis_client, queue: str) -> list[str]:
 
 
 async def test_the_sweeper_resends_to_the_providers_queue_and_checks_that_queue(
-    settings, sessions, redis_client, storage, make_generation: GenerationFactory
+    settings, engine, redis_client, storage, make_generation: GenerationFactory
 ):
     from datetime import UTC, datetime, timedelta
 
     producer = create_producer(settings)
     sweeper = SweeperDependencies(
         settings=tuned(settings),
-        sessions=sessions,
+        engine=engine,
         redis=redis_client,
         broker_redis=redis_client,
         storage=storage,

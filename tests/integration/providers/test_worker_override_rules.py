@@ -25,7 +25,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_a_stored_override_the_rules_refuse_fails_the_job_and_is_never_sent(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     http,
@@ -34,15 +34,15 @@ async def test_a_stored_override_the_rules_refuse_fails_the_job_and_is_never_sen
 ):
     fake = FakeOpenAI(api_key=KEY)
     with serve(fake) as url:
-        cid = await insert_connection(sessions, settings, project_id, api_url=url, model="gpt-image-1")
+        cid = await insert_connection(engine, settings, project_id, api_url=url, model="gpt-image-1")
         gid = await make_generation(
             provider="openai",
             model="gpt-image-1",
             connection_id=cid,
             parameters={"rawRequestOverride": json.dumps({"n": 10})},
         )
-        outcome = await run_generation(gid, deps(tuned(settings), sessions, redis_client, storage, http))
-    row = await fetch_generation(sessions, gid)
+        outcome = await run_generation(gid, deps(tuned(settings), engine, redis_client, storage, http))
+    row = await fetch_generation(engine, gid)
     assert outcome is PipelineOutcome.FAILED, (row.error_code, row.error_message)
     assert row.error_code == "INVALID_PARAMETERS"
     assert "parameters.rawRequestOverride.n" in row.error_message
@@ -51,7 +51,7 @@ async def test_a_stored_override_the_rules_refuse_fails_the_job_and_is_never_sen
 
 async def test_the_server_default_connection_sends_no_stored_override_unless_allowed(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     http,
@@ -65,12 +65,10 @@ async def test_the_server_default_connection_sends_no_stored_override_unless_all
         )
         override = {"rawRequestOverride": json.dumps({"user": "someone"})}
         refused = await make_generation(provider="openai", model="gpt-image-1", parameters=override)
-        outcome = await run_generation(
-            refused, deps(tuned(configured), sessions, redis_client, storage, http)
-        )
+        outcome = await run_generation(refused, deps(tuned(configured), engine, redis_client, storage, http))
         assert outcome is PipelineOutcome.FAILED
         assert fake.received("generate") == []
-        row = await fetch_generation(sessions, refused)
+        row = await fetch_generation(engine, refused)
         assert (
             row.error_code == "INVALID_PARAMETERS"
             and "KILN_PROVIDERS_ALLOW_RAW_OVERRIDE" in row.error_message
@@ -80,6 +78,6 @@ async def test_the_server_default_connection_sends_no_stored_override_unless_all
             update={"providers": configured.providers.model_copy(update={"allow_raw_override": True})}
         )
         allowed = await make_generation(provider="openai", model="gpt-image-1", parameters=override)
-        outcome = await run_generation(allowed, deps(tuned(allowing), sessions, redis_client, storage, http))
+        outcome = await run_generation(allowed, deps(tuned(allowing), engine, redis_client, storage, http))
         assert outcome is PipelineOutcome.SUCCEEDED
         assert fake.received("generate")[-1].json["user"] == "someone"

@@ -18,9 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 from celery import Celery
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
 from shared.events import StatusChange
 from shared.models import metadata
 from shared.outbound import outbound_client
@@ -149,14 +148,14 @@ async def http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def webhook_deps(
     api_settings: Settings,  # noqa: F811 - the API's settings: same public URL as the API's image URLs
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     http_client: httpx.AsyncClient,
     producer: Celery,
     redis_client: aioredis.Redis,
 ) -> WebhookDependencies:
     return WebhookDependencies(
         settings=webhook_tuned(api_settings),
-        sessions=sessions,
+        engine=engine,
         http=http_client,
         producer=producer,
         redis=redis_client,
@@ -200,7 +199,7 @@ async def announce(
 ) -> list[uuid.UUID]:
     """What every status change does: its deliveries in the transaction, then the tasks after it."""
     change = StatusChange(generation_id, project_id, status, datetime.now(UTC))
-    async with status_changes(deps, transaction(deps.sessions)) as changes:
+    async with status_changes(deps, deps.engine.begin()) as changes:
         await changes.status_changed(change)
     return changes.delivery_ids
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from shared.db import create_engine, create_sessionmaker
+from shared.db import create_engine
 from shared.providers import ProviderConnection, get_provider
 from shared.queueing import create_producer
 from shared.settings import get_settings
@@ -41,7 +41,7 @@ async def main(generation_id: uuid.UUID) -> PipelineOutcome:
 
     deps = PipelineDependencies(
         settings=settings,
-        sessions=create_sessionmaker(engine),
+        engine=engine,
         redis=redis,
         storage=create_storage(settings),
         provider_for=provider_for,

@@ -202,7 +202,7 @@ async def test_an_address_the_outbound_policy_refuses_fails_without_a_request(
     assert strict.network.policy() == OutboundPolicy(allow_loopback=False)
     deps = WebhookDependencies(
         settings=strict,
-        sessions=webhook_deps.sessions,
+        engine=webhook_deps.engine,
         http=webhook_deps.http,
         producer=webhook_deps.producer,
         redis=webhook_deps.redis,
@@ -236,14 +236,14 @@ async def test_the_dispatcher_sends_a_delivery_whose_message_was_lost(
 async def test_a_worker_lost_mid_attempt_leaves_the_delivery_to_the_dispatcher(
     client, tenant, engine, redis_client, receiver, webhook_deps
 ):
-    from worker.webhooks.repository import WebhookDeliveryRepository
+    from worker.webhooks import repository
 
     await create_endpoint(client, tenant, receiver.at("/crash"))
     gid = await insert_generation(engine, tenant.project_id, status="failed")
     [delivery_id] = await announce(webhook_deps, tenant.project_id, gid, "failed")
     await redis_client.delete(webhook_queue(webhook_deps.settings))
-    async with webhook_deps.sessions() as session, session.begin():  # claimed, then the worker died
-        assert await WebhookDeliveryRepository(session).claim(delivery_id, 0, 60) is not None
+    async with webhook_deps.engine.begin() as conn:  # claimed, then the worker died
+        assert await repository.claim(conn, delivery_id, 0, 60) is not None
 
     await make_due(engine, delivery_id)  # its lease ran out
     assert await dispatch_due_webhooks(webhook_deps) == 1

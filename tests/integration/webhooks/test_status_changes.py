@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from shared.db import transaction
 from shared.events import generation_channel
 from shared.queueing import webhook_queue
 from shared.settings import Settings
@@ -34,7 +33,7 @@ from worker.webhooks.service import DeliveryOutcome
 
 
 async def test_a_process_killed_between_the_commit_and_the_send_still_delivers_the_webhook(
-    client, tenant, engine, sessions, settings: Settings, redis_client, receiver, tmp_path: Path
+    client, tenant, engine, settings: Settings, redis_client, receiver, tmp_path: Path
 ):
     endpoint = await create_endpoint(client, tenant, receiver.at("/outbox"), events=["success"])
     gid = await insert_generation(engine, tenant.project_id, provider="placeholder")
@@ -49,7 +48,7 @@ async def test_a_process_killed_between_the_commit_and_the_send_still_delivers_t
         timeout=120,
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
-    assert (await fetch_generation(sessions, gid)).status == "success"
+    assert (await fetch_generation(engine, gid)).status == "success"
     async with engine.connect() as conn:
         [row] = (await conn.execute(select(webhook_deliveries))).all()
     assert (row.generation_id, row.status, row.attempts) == (gid, "pending", 0)  # committed with it
@@ -131,7 +130,7 @@ async def test_a_change_whose_transaction_fails_sends_nothing(
     pubsub = await _events_of(redis_client, gid)
 
     with pytest.raises(RuntimeError):
-        async with status_changes(webhook_deps, transaction(webhook_deps.sessions)) as changes:
+        async with status_changes(webhook_deps, webhook_deps.engine.begin()) as changes:
             await changes.status_changed(StatusChange(gid, tenant.project_id, "failed", datetime.now(UTC)))
             raise RuntimeError("the statement after it fails")
 
@@ -149,7 +148,7 @@ async def test_a_record_change_without_a_status_change_is_published_and_sends_no
     gid = await insert_generation(engine, tenant.project_id, status="success")
     pubsub = await _events_of(redis_client, gid)
 
-    async with status_changes(webhook_deps, transaction(webhook_deps.sessions)) as changes:
+    async with status_changes(webhook_deps, webhook_deps.engine.begin()) as changes:
         changes.record_changed(StatusChange(gid, tenant.project_id, "success", datetime.now(UTC)))
 
     event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)

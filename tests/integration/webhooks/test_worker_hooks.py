@@ -33,7 +33,7 @@ from worker.webhooks.service import DeliveryOutcome, dispatch_due_webhooks
 
 
 async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpoints(
-    client, tenant, engine, sessions, redis_client, receiver, webhook_deps, api_settings, producer
+    client, tenant, engine, redis_client, receiver, webhook_deps, api_settings, producer
 ):
     everything = await create_endpoint(client, tenant, receiver.at("/all"))
     await create_endpoint(client, tenant, receiver.at("/failures"), events=["failed"])
@@ -41,7 +41,7 @@ async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpo
         engine, tenant.project_id, provider="scripted", webhook_url=receiver.at("/own"), meta={"job": 1}
     )
     storage = create_storage(api_settings)  # the API's own, so the payload's image URL can be fetched
-    deps = pipeline_deps(api_settings, sessions, redis_client, storage, ScriptedProvider(), producer)  # type: ignore[arg-type]
+    deps = pipeline_deps(api_settings, engine, redis_client, storage, ScriptedProvider(), producer)  # type: ignore[arg-type]
 
     assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
 
@@ -62,7 +62,7 @@ async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpo
         "success",
         {"job": 1},
     )
-    [image] = await fetch_images(sessions, gid)
+    [image] = await fetch_images(engine, gid)
     assert data["outputImageId"] == str(image.id) and data["outputImage"]["width"] == 320
     public_url = data["outputImage"]["publicUrl"]
     assert public_url == f"{BASE_URL}/i/{image.public_token}"
@@ -77,7 +77,7 @@ async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpo
 
 
 async def test_the_sweeper_announces_the_rows_it_fails(
-    client, tenant, engine, sessions, redis_client, receiver, webhook_deps, producer, tmp_path: Path
+    client, tenant, engine, redis_client, receiver, webhook_deps, producer, tmp_path: Path
 ):
     endpoint = await create_endpoint(client, tenant, receiver.at("/late"))
     gid = await insert_generation(
@@ -90,7 +90,7 @@ async def test_the_sweeper_announces_the_rows_it_fails(
     report = await sweep(
         SweeperDependencies(
             settings=webhook_deps.settings,
-            sessions=sessions,
+            engine=engine,
             redis=redis_client,
             broker_redis=redis_client,
             storage=LocalStorage(tmp_path),
@@ -108,7 +108,7 @@ async def test_the_sweeper_announces_the_rows_it_fails(
 
 
 async def test_a_broker_that_refuses_the_webhook_tasks_never_fails_the_generation(
-    client, tenant, engine, sessions, redis_client, receiver, api_settings, webhook_deps
+    client, tenant, engine, redis_client, receiver, api_settings, webhook_deps
 ):
     """The deliveries committed with the status change; their tasks could not be sent: the dispatcher
     sends them once KILN_WEBHOOKS_UNSENT_AFTER_SECONDS has passed."""
@@ -124,7 +124,7 @@ async def test_a_broker_that_refuses_the_webhook_tasks_never_fails_the_generatio
     producer = create_producer(dead_broker)
     try:
         deps = pipeline_deps(
-            api_settings, sessions, redis_client, create_storage(api_settings), ScriptedProvider(), producer
+            api_settings, engine, redis_client, create_storage(api_settings), ScriptedProvider(), producer
         )  # type: ignore[arg-type]
         assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
     finally:

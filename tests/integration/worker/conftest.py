@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.models import Project
 from shared.storage import LocalStorage
-from tests.factories import insert_generation
+from tests.factories import insert_generation, insert_project
 from tests.integration.worker.harness import GenerationFactory
 
 
@@ -24,15 +23,12 @@ def storage(tmp_path: Path) -> LocalStorage:
 
 
 @pytest.fixture
-async def project_id(clean_state: None, sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID:
-    project = Project(name="Worker tests", slug=f"worker-{uuid.uuid4().hex[:8]}")
-    async with sessions() as session, session.begin():
-        session.add(project)
-    return project.id
+async def project_id(clean_state: None, engine: AsyncEngine) -> uuid.UUID:
+    return await insert_project(engine, "Worker tests", f"worker-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
-def make_generation(sessions: async_sessionmaker[AsyncSession], project_id: uuid.UUID) -> GenerationFactory:
+def make_generation(engine: AsyncEngine, project_id: uuid.UUID) -> GenerationFactory:
     """Insert a generation row (pending, deadline in an hour unless told otherwise); returns its id."""
 
     async def make(**fields: Any) -> uuid.UUID:
@@ -42,7 +38,7 @@ def make_generation(sessions: async_sessionmaker[AsyncSession], project_id: uuid
             "provider": "scripted",
             "enqueued_at": datetime.now(UTC),
         }
-        return await insert_generation(sessions, project_id, **{**worker_defaults, **fields})
+        return await insert_generation(engine, project_id, **{**worker_defaults, **fields})
 
     return make
 

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 from PIL import Image
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.errors import ProviderError
 from shared.events import generation_channel
@@ -84,27 +84,25 @@ class ScriptedProvider:
         )
 
 
-async def fetch_generation(sessions: async_sessionmaker[AsyncSession], generation_id: uuid.UUID) -> Any:
-    async with sessions() as session:
-        return (await session.execute(select(generations).where(generations.c.id == generation_id))).one()
+async def fetch_generation(engine: AsyncEngine, generation_id: uuid.UUID) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(generations).where(generations.c.id == generation_id))).one()
 
 
-async def fetch_images(sessions: async_sessionmaker[AsyncSession], generation_id: uuid.UUID) -> list[Any]:
-    async with sessions() as session:
+async def fetch_images(engine: AsyncEngine, generation_id: uuid.UUID) -> list[Any]:
+    async with engine.connect() as conn:
         stmt = select(images).where(images.c.generation_id == generation_id)
-        return list((await session.execute(stmt)).all())
+        return list((await conn.execute(stmt)).all())
 
 
-async def set_columns(
-    sessions: async_sessionmaker[AsyncSession], generation_id: uuid.UUID, **values: Any
-) -> None:
-    async with sessions() as session, session.begin():
-        await session.execute(update(generations).where(generations.c.id == generation_id).values(**values))
+async def set_columns(engine: AsyncEngine, generation_id: uuid.UUID, **values: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(update(generations).where(generations.c.id == generation_id).values(**values))
 
 
 def pipeline_deps(
     settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     redis: aioredis.Redis,
     storage: LocalStorage,
     provider: ImageProvider,
@@ -114,7 +112,7 @@ def pipeline_deps(
     webhook task is sent (the dispatcher would send them)."""
     return PipelineDependencies(
         settings=settings,
-        sessions=sessions,
+        engine=engine,
         redis=redis,
         storage=storage,
         provider_for=lambda _name, _connection: provider,

@@ -90,12 +90,10 @@ def worker_process(start_worker: WorkerStarter) -> CeleryProcess:
     return start_worker()
 
 
-async def wait_for_terminal(
-    sessions, generation_id: uuid.UUID, process: CeleryProcess, timeout: float
-) -> Any:
+async def wait_for_terminal(engine, generation_id: uuid.UUID, process: CeleryProcess, timeout: float) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        row = await fetch_generation(sessions, generation_id)
+        row = await fetch_generation(engine, generation_id)
         if row.status in TERMINAL_STATUSES:
             return row
         assert process.proc.poll() is None, f"celery exited early:\n{process.log_tail()}"
@@ -106,7 +104,7 @@ async def wait_for_terminal(
 
 
 async def test_a_real_worker_process_runs_kiln_generate_sent_by_name(
-    settings: Settings, sessions, worker_process: CeleryProcess, make_generation: GenerationFactory
+    settings: Settings, engine, worker_process: CeleryProcess, make_generation: GenerationFactory
 ):
     gid = await make_generation(provider="placeholder", aspect_ratio="3:2")
     producer = create_producer(settings)
@@ -117,10 +115,10 @@ async def test_a_real_worker_process_runs_kiln_generate_sent_by_name(
     finally:
         producer.close()
 
-    row = await wait_for_terminal(sessions, gid, worker_process, timeout=45)
+    row = await wait_for_terminal(engine, gid, worker_process, timeout=45)
 
     assert (row.status, row.attempts, row.error_code) == ("success", 1, None), worker_process.log_tail()
-    [image] = await fetch_images(sessions, gid)
+    [image] = await fetch_images(engine, gid)
     assert (image.width, image.height) == (1216, 832)
     stored = settings.storage.local_dir / image.storage_key
     assert stored.is_file() and stored.stat().st_size == image.file_size
@@ -128,7 +126,7 @@ async def test_a_real_worker_process_runs_kiln_generate_sent_by_name(
 
 async def test_beat_schedules_the_sweeper_which_recovers_a_job_that_never_reached_the_broker(
     settings: Settings,
-    sessions,
+    engine,
     worker_process: CeleryProcess,
     make_generation: GenerationFactory,
     tmp_path: Path,
@@ -142,7 +140,7 @@ async def test_beat_schedules_the_sweeper_which_recovers_a_job_that_never_reache
         tmp_path / "beat.log",
     )
     try:
-        row = await wait_for_terminal(sessions, lost, worker_process, timeout=45)
+        row = await wait_for_terminal(engine, lost, worker_process, timeout=45)
     finally:
         beat.stop()
 
@@ -194,7 +192,7 @@ class TcpProxy:
 
 
 async def test_a_task_that_finds_the_database_down_retries_later_and_then_succeeds(
-    settings: Settings, sessions, start_worker: WorkerStarter, make_generation: GenerationFactory
+    settings: Settings, engine, start_worker: WorkerStarter, make_generation: GenerationFactory
 ):
     database = make_url(settings.database_url)
     proxy = TcpProxy(database.host or "127.0.0.1", database.port or 5432)
@@ -207,10 +205,10 @@ async def test_a_task_that_finds_the_database_down_retries_later_and_then_succee
             producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
         )
         await wait_for_log(worker, "database unreachable; task retries later", timeout=45)
-        assert (await fetch_generation(sessions, gid)).status == "pending"  # nothing marked meanwhile
+        assert (await fetch_generation(engine, gid)).status == "pending"  # nothing marked meanwhile
 
         await proxy.open()  # the database is back
-        row = await wait_for_terminal(sessions, gid, worker, timeout=30)
+        row = await wait_for_terminal(engine, gid, worker, timeout=30)
         assert (row.status, row.attempts) == ("success", 1), worker.log_tail()
     finally:
         producer.close()
@@ -231,7 +229,7 @@ async def wait_for_log(process: CeleryProcess, text: str, timeout: float) -> Non
 
 async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attempt(
     settings: Settings,
-    sessions,
+    engine,
     start_worker: WorkerStarter,
     make_generation: GenerationFactory,
     final_write_outage,
@@ -246,16 +244,16 @@ async def test_a_task_whose_final_write_hits_a_database_outage_resumes_its_attem
         await enqueue_generation(
             producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
         )
-        row = await wait_for_terminal(sessions, gid, worker, timeout=60)
+        row = await wait_for_terminal(engine, gid, worker, timeout=60)
     finally:
         producer.close()
     assert (row.status, row.attempts) == ("success", 1), worker.log_tail()
     assert "resuming an interrupted attempt" in worker.log_path.read_text(errors="replace")
-    assert len(await fetch_images(sessions, gid)) == 1
+    assert len(await fetch_images(engine, gid)) == 1
 
 
 async def test_a_kiln_generate_message_with_a_hostile_attempt_is_ignored(
-    settings: Settings, sessions, worker_process: CeleryProcess, make_generation: GenerationFactory
+    settings: Settings, engine, worker_process: CeleryProcess, make_generation: GenerationFactory
 ):
     """Only the task's own retry sets `attempt`/`version`; anything else sent as them touches nothing."""
     gid = await make_generation(provider="placeholder")
@@ -273,7 +271,7 @@ async def test_a_kiln_generate_message_with_a_hostile_attempt_is_ignored(
         await enqueue_generation(
             producer, gid, settings.worker.queue, deadline_at=datetime.now(UTC) + timedelta(hours=1)
         )  # a proper message after them
-        row = await wait_for_terminal(sessions, gid, worker_process, timeout=45)
+        row = await wait_for_terminal(engine, gid, worker_process, timeout=45)
     finally:
         producer.close()
     log_text = worker_process.log_path.read_text(errors="replace")

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.models import new_id
 from shared.queueing import HOUSEKEEPING_TASK
@@ -22,10 +22,10 @@ def days_ago(days: float) -> datetime:
 
 
 async def add_idempotency_key(
-    sessions: async_sessionmaker[AsyncSession], project_id: uuid.UUID, key: str, expires_at: datetime
+    engine: AsyncEngine, project_id: uuid.UUID, key: str, expires_at: datetime
 ) -> None:
-    async with sessions() as session, session.begin():
-        await session.execute(
+    async with engine.begin() as conn:
+        await conn.execute(
             insert(idempotency_keys).values(
                 id=new_id(), project_id=project_id, key=key, request_hash="h", expires_at=expires_at
             )
@@ -33,14 +33,14 @@ async def add_idempotency_key(
 
 
 async def add_delivery(
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     project_id: uuid.UUID,
     url: str,
     created_at: datetime,
     status: str,
 ) -> None:
-    async with sessions() as session, session.begin():
-        await session.execute(
+    async with engine.begin() as conn:
+        await conn.execute(
             insert(webhook_deliveries).values(
                 id=new_id(),
                 project_id=project_id,
@@ -53,9 +53,9 @@ async def add_delivery(
         )
 
 
-async def remaining(sessions: async_sessionmaker[AsyncSession], column) -> list[str]:
-    async with sessions() as session:
-        return sorted((await session.execute(select(column))).scalars().all())
+async def remaining(engine: AsyncEngine, column) -> list[str]:
+    async with engine.connect() as conn:
+        return sorted((await conn.execute(select(column))).scalars().all())
 
 
 def with_retention(settings: Settings, days: float) -> Settings:
@@ -64,38 +64,38 @@ def with_retention(settings: Settings, days: float) -> Settings:
 
 
 async def test_expired_idempotency_keys_and_old_deliveries_are_deleted_the_rest_kept(
-    settings, sessions, project_id
+    settings, engine, project_id
 ):
     for key in ("expired-1", "expired-2", "expired-3"):
-        await add_idempotency_key(sessions, project_id, key, days_ago(1 / 24))
-    await add_idempotency_key(sessions, project_id, "live", days_ago(-1))
-    await add_delivery(sessions, project_id, "https://old.example/delivered", days_ago(31), "delivered")
-    await add_delivery(sessions, project_id, "https://old.example/failed", days_ago(40), "failed")
-    await add_delivery(sessions, project_id, "https://old.example/pending", days_ago(45), "pending")
-    await add_delivery(sessions, project_id, "https://recent.example/delivered", days_ago(29), "delivered")
-    await add_delivery(sessions, project_id, "https://recent.example/pending", days_ago(0), "pending")
+        await add_idempotency_key(engine, project_id, key, days_ago(1 / 24))
+    await add_idempotency_key(engine, project_id, "live", days_ago(-1))
+    await add_delivery(engine, project_id, "https://old.example/delivered", days_ago(31), "delivered")
+    await add_delivery(engine, project_id, "https://old.example/failed", days_ago(40), "failed")
+    await add_delivery(engine, project_id, "https://old.example/pending", days_ago(45), "pending")
+    await add_delivery(engine, project_id, "https://recent.example/delivered", days_ago(29), "delivered")
+    await add_delivery(engine, project_id, "https://recent.example/pending", days_ago(0), "pending")
 
     # A batch of 2 leaves work for a second batch of the same run.
-    report = await housekeep(with_retention(settings, 30), sessions, batch_size=2)
+    report = await housekeep(with_retention(settings, 30), engine, batch_size=2)
 
     assert report == HousekeepingReport(idempotency_keys_deleted=3, webhook_deliveries_deleted=3)
-    assert await remaining(sessions, idempotency_keys.c.key) == ["live"]
-    assert await remaining(sessions, webhook_deliveries.c.url) == [
+    assert await remaining(engine, idempotency_keys.c.key) == ["live"]
+    assert await remaining(engine, webhook_deliveries.c.url) == [
         "https://recent.example/delivered",
         "https://recent.example/pending",
     ]
-    assert await housekeep(with_retention(settings, 30), sessions) == HousekeepingReport()
+    assert await housekeep(with_retention(settings, 30), engine) == HousekeepingReport()
 
 
-async def test_one_run_is_bounded_and_the_next_run_carries_on(settings, sessions, project_id):
+async def test_one_run_is_bounded_and_the_next_run_carries_on(settings, engine, project_id):
     for number in range(5):
-        await add_idempotency_key(sessions, project_id, f"expired-{number}", days_ago(1))
+        await add_idempotency_key(engine, project_id, f"expired-{number}", days_ago(1))
 
-    first = await housekeep(settings, sessions, batch_size=2, max_batches=2)
-    second = await housekeep(settings, sessions, batch_size=2, max_batches=2)
+    first = await housekeep(settings, engine, batch_size=2, max_batches=2)
+    second = await housekeep(settings, engine, batch_size=2, max_batches=2)
 
     assert (first.idempotency_keys_deleted, second.idempotency_keys_deleted) == (4, 1)
-    assert await remaining(sessions, idempotency_keys.c.key) == []
+    assert await remaining(engine, idempotency_keys.c.key) == []
 
 
 def test_the_beat_schedules_housekeeping_at_its_interval(settings):

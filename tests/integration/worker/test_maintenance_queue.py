@@ -63,7 +63,7 @@ def kiln(settings: Settings, project_id: uuid.UUID, tmp_path: Path) -> Iterator[
 
 
 async def test_a_sweep_runs_on_time_while_every_worker_process_is_busy_with_a_backlog(
-    settings: Settings, sessions, make_generation: GenerationFactory, kiln, tmp_path: Path
+    settings: Settings, engine, make_generation: GenerationFactory, kiln, tmp_path: Path
 ):
     env = service_env(
         settings,
@@ -86,7 +86,7 @@ async def test_a_sweep_runs_on_time_while_every_worker_process_is_busy_with_a_ba
     kiln.append(worker)
 
     async def processing() -> int:
-        return sum([(await fetch_generation(sessions, gid)).status == "processing" for gid in backlog])
+        return sum([(await fetch_generation(engine, gid)).status == "processing" for gid in backlog])
 
     deadline = asyncio.get_running_loop().time() + 60
     while await processing() < 2:  # both worker processes hold a slow job; four more wait behind them
@@ -107,7 +107,7 @@ async def test_a_sweep_runs_on_time_while_every_worker_process_is_busy_with_a_ba
 
     # Startup of `kiln beat` plus a few 1 s sweep intervals: well under one slow job.
     deadline = asyncio.get_running_loop().time() + 45
-    while (row := await fetch_generation(sessions, lost)).status == "processing":
+    while (row := await fetch_generation(engine, lost)).status == "processing":
         assert beat.proc.poll() is None, beat.log_tail()
         assert asyncio.get_running_loop().time() < deadline, (
             f"no sweep ran:\n{beat.log_tail()}\n--- worker ---\n{worker.log_tail()}"

@@ -8,7 +8,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.image_store import attempt_prefix
 from shared.storage import LocalStorage
@@ -54,22 +54,22 @@ class GatedStorage(LocalStorage):
 
 async def test_provider_output_over_the_pixel_budget_fails_the_job_permanently(
     settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     redis_client,
     storage,
     make_generation: GenerationFactory,
 ):
     provider = ScriptedProvider(image=bomb_png(9400, 9400))
     gid = await make_generation()
-    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, provider)
+    deps = pipeline_deps(tuned(settings), engine, redis_client, storage, provider)
 
     assert await run_generation(gid, deps) == PipelineOutcome.FAILED
 
-    row = await fetch_generation(sessions, gid)
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.error_code, row.attempts) == ("failed", "INVALID_PROVIDER_OUTPUT", 1)
     assert "40000000 pixels" in row.error_message
     assert len(provider.requests) == 1  # permanent: not retried
-    assert await fetch_images(sessions, gid) == []
+    assert await fetch_images(engine, gid) == []
     assert await storage.list_keys("projects/") == []
 
 
@@ -82,7 +82,7 @@ async def eventually(condition, what: str, timeout: float = 10.0) -> None:
 
 async def test_an_abandoned_attempt_waits_for_its_puts_in_flight_and_leaves_no_object(
     settings,
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     redis_client,
     tmp_path: Path,
     make_generation: GenerationFactory,
@@ -91,11 +91,11 @@ async def test_an_abandoned_attempt_waits_for_its_puts_in_flight_and_leaves_no_o
     storage = GatedStorage(tmp_path / "objects")
     provider = ScriptedProvider()
     gid = await make_generation()
-    deps = pipeline_deps(tuned(settings, lease_seconds=1), sessions, redis_client, storage, provider)
+    deps = pipeline_deps(tuned(settings, lease_seconds=1), engine, redis_client, storage, provider)
 
     run = asyncio.create_task(run_generation(gid, deps))
     assert await asyncio.to_thread(storage.writing.wait, 10), "the pipeline never started storing"
-    await set_columns(sessions, gid, status="cancelled", cancelled_at=datetime.now(UTC), lease_until=None)
+    await set_columns(engine, gid, status="cancelled", cancelled_at=datetime.now(UTC), lease_until=None)
     # The heartbeat (every lease/3 s) notices and cancels the work, and with it the puts.
     await eventually(lambda: len(storage.put_tasks) == OBJECTS_AT_STORE, "every put")
     await eventually(lambda: all(t.cancelling() or t.done() for t in storage.put_tasks), "the puts cancelled")
@@ -106,4 +106,4 @@ async def test_an_abandoned_attempt_waits_for_its_puts_in_flight_and_leaves_no_o
 
     assert await storage.list_keys(attempt_prefix(project_id, gid, 1, 1)) == []
     assert await storage.list_keys("projects/") == []
-    assert await fetch_images(sessions, gid) == []
+    assert await fetch_images(engine, gid) == []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import structlog
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.image_store import attempt_prefix, upload_prefix
 from shared.models import metadata, new_id
@@ -69,7 +69,7 @@ async def put_set(storage: ObjectStorage, prefix: str) -> list[str]:
 
 
 async def insert_image_row(
-    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     project_id: uuid.UUID,
     keys: list[str],
     *,
@@ -94,33 +94,31 @@ async def insert_image_row(
     }
     if deleted:
         values["deleted_at"] = datetime.now(UTC)
-    async with sessions() as session, session.begin():
-        await session.execute(insert(images).values(**values))
+    async with engine.begin() as conn:
+        await conn.execute(insert(images).values(**values))
 
 
 class Bucket:
     """Objects of every kind the reconciler meets, with the rows that own some of them."""
 
-    def __init__(
-        self, storage: ObjectStorage, sessions: async_sessionmaker[AsyncSession], project_id: uuid.UUID
-    ):
-        self.storage, self.sessions, self.project_id = storage, sessions, project_id
+    def __init__(self, storage: ObjectStorage, engine: AsyncEngine, project_id: uuid.UUID):
+        self.storage, self.engine, self.project_id = storage, engine, project_id
 
     async def fill(self) -> None:
         p = self.project_id
         generation, gone_generation = new_id(), new_id()
         uploaded, failed_upload, deleted_upload = new_id(), new_id(), new_id()
         self.live = await put_set(self.storage, attempt_prefix(p, generation, 1, 2))
-        await insert_image_row(self.sessions, p, self.live, generation_id=generation)
+        await insert_image_row(self.engine, p, self.live, generation_id=generation)
         self.live_upload = await put_set(self.storage, upload_prefix(p, uploaded))
-        await insert_image_row(self.sessions, p, self.live_upload, image_id=uploaded)
+        await insert_image_row(self.engine, p, self.live_upload, image_id=uploaded)
         # An abandoned attempt of a generation that succeeded later; a generation whose rows are gone.
         self.abandoned = await put_set(self.storage, attempt_prefix(p, generation, 1, 1))
         self.gone = await put_set(self.storage, attempt_prefix(p, gone_generation, 2, 1))
         # An upload whose insert failed; a soft-deleted image whose object delete failed at the time.
         self.failed_upload = await put_set(self.storage, upload_prefix(p, failed_upload))
         self.deleted_upload = await put_set(self.storage, upload_prefix(p, deleted_upload))
-        await insert_image_row(self.sessions, p, self.deleted_upload, image_id=deleted_upload, deleted=True)
+        await insert_image_row(self.engine, p, self.deleted_upload, image_id=deleted_upload, deleted=True)
         # Keys outside our layout are never ours to judge.
         self.foreign = [f"projects/{p}/exports/report.csv", "elsewhere/backup.tar"]
         for key in self.foreign:
@@ -136,24 +134,24 @@ class Bucket:
 
 
 @pytest.fixture
-async def bucket(storage, sessions, project_id) -> Bucket:
-    filled = Bucket(storage, sessions, project_id)
+async def bucket(storage, engine, project_id) -> Bucket:
+    filled = Bucket(storage, engine, project_id)
     await filled.fill()
     return filled
 
 
 def deps_for(
-    settings: Settings, sessions, redis_client, storage: ObjectStorage, grace: float
+    settings: Settings, engine, redis_client, storage: ObjectStorage, grace: float
 ) -> ReconcilerDependencies:
     return ReconcilerDependencies(
-        settings=with_grace(settings, grace), sessions=sessions, redis=redis_client, storage=storage
+        settings=with_grace(settings, grace), engine=engine, redis=redis_client, storage=storage
     )
 
 
 async def test_orphans_past_the_grace_period_are_deleted_and_logged_and_owned_objects_kept(
-    settings, sessions, redis_client, storage, bucket: Bucket
+    settings, engine, redis_client, storage, bucket: Bucket
 ):
-    deps = deps_for(settings, sessions, redis_client, storage, grace=0)
+    deps = deps_for(settings, engine, redis_client, storage, grace=0)
 
     with structlog.testing.capture_logs() as logs:
         report = await reconcile_storage(deps)
@@ -170,26 +168,26 @@ async def test_orphans_past_the_grace_period_are_deleted_and_logged_and_owned_ob
 
 
 async def test_orphans_younger_than_the_grace_period_are_kept(
-    settings, sessions, redis_client, storage, bucket: Bucket
+    settings, engine, redis_client, storage, bucket: Bucket
 ):
-    report = await reconcile_storage(deps_for(settings, sessions, redis_client, storage, grace=3600))
+    report = await reconcile_storage(deps_for(settings, engine, redis_client, storage, grace=3600))
 
     assert (report.deleted, report.kept_young) == (0, 12)
     assert await storage.list_keys("projects/") == sorted([*bucket.kept, *bucket.orphans])
 
 
 async def test_only_the_orphans_older_than_the_grace_period_go(
-    settings, sessions, redis_client, tmp_path: Path, project_id
+    settings, engine, redis_client, tmp_path: Path, project_id
 ):
     # Local storage only: S3 sets LastModified itself, here the files' mtime can be put in the past.
     storage = LocalStorage(tmp_path / "aged")
-    filled = Bucket(storage, sessions, project_id)
+    filled = Bucket(storage, engine, project_id)
     await filled.fill()
     hour_ago = time.time() - 3700
     for key in [*filled.abandoned, *filled.live]:
         os.utime(storage.root / key, (hour_ago, hour_ago))
 
-    report = await reconcile_storage(deps_for(settings, sessions, redis_client, storage, grace=3600))
+    report = await reconcile_storage(deps_for(settings, engine, redis_client, storage, grace=3600))
 
     assert (report.deleted, report.kept_young) == (3, 9)
     remaining = await storage.list_keys("projects/")
@@ -199,9 +197,9 @@ async def test_only_the_orphans_older_than_the_grace_period_go(
 
 
 async def test_each_pass_reads_one_bounded_page_and_the_passes_walk_the_whole_bucket(
-    settings, sessions, redis_client, storage, bucket: Bucket
+    settings, engine, redis_client, storage, bucket: Bucket
 ):
-    deps = deps_for(settings, sessions, redis_client, storage, grace=0)
+    deps = deps_for(settings, engine, redis_client, storage, grace=0)
     await redis_client.delete(CURSOR_KEY)
 
     reports: list[ReconcileReport] = []
@@ -218,7 +216,7 @@ async def test_each_pass_reads_one_bounded_page_and_the_passes_walk_the_whole_bu
 
 async def test_beat_runs_the_reconciler_in_a_real_worker(
     settings: Settings,
-    sessions,
+    engine,
     start_worker: WorkerStarter,  # noqa: F811 - the fixture imported above
     project_id,
     tmp_path: Path,
@@ -226,9 +224,9 @@ async def test_beat_runs_the_reconciler_in_a_real_worker(
     storage = LocalStorage(settings.storage.local_dir)  # the directory the worker process uses
     generation, upload = new_id(), new_id()
     owned = await put_set(storage, attempt_prefix(project_id, generation, 1, 2))
-    await insert_image_row(sessions, project_id, owned, generation_id=generation)
+    await insert_image_row(engine, project_id, owned, generation_id=generation)
     owned_upload = await put_set(storage, upload_prefix(project_id, upload))
-    await insert_image_row(sessions, project_id, owned_upload, image_id=upload)
+    await insert_image_row(engine, project_id, owned_upload, image_id=upload)
     orphaned = await put_set(storage, attempt_prefix(project_id, generation, 1, 1))
 
     worker = start_worker(KILN_STORAGE_ORPHAN_GRACE_SECONDS="0")

@@ -37,11 +37,11 @@ def producer(settings: Settings) -> Iterator[Celery]:
 
 @pytest.fixture
 def sweeper_deps(
-    settings, sessions, redis_client, storage: LocalStorage, producer: Celery
+    settings, engine, redis_client, storage: LocalStorage, producer: Celery
 ) -> SweeperDependencies:
     return SweeperDependencies(
         settings=tuned(settings, max_attempts=3),
-        sessions=sessions,
+        engine=engine,
         redis=redis_client,
         broker_redis=redis_client,
         storage=storage,
@@ -74,7 +74,7 @@ async def put_attempt_objects(storage: LocalStorage, prefix: str) -> None:
 
 
 async def test_pending_rows_that_never_reached_the_broker_are_enqueued_once(
-    settings, sessions, redis_client, sweeper_deps, make_generation: GenerationFactory
+    settings, engine, redis_client, sweeper_deps, make_generation: GenerationFactory
 ):
     lost = await make_generation(enqueued_at=None, created_at=ago(60))
     just_created = await make_generation(enqueued_at=None)  # the API may still be enqueueing it
@@ -83,15 +83,15 @@ async def test_pending_rows_that_never_reached_the_broker_are_enqueued_once(
 
     assert report == SweepReport(pending_requeued=1)
     assert await queued_generation_ids(redis_client, settings) == [str(lost)]
-    assert (await fetch_generation(sessions, lost)).enqueued_at is not None
-    assert (await fetch_generation(sessions, just_created)).enqueued_at is None
+    assert (await fetch_generation(engine, lost)).enqueued_at is not None
+    assert (await fetch_generation(engine, just_created)).enqueued_at is None
 
     assert await sweep(sweeper_deps) == SweepReport()  # idempotent: sent once, not on every pass
     assert await queued_generation_ids(redis_client, settings) == [str(lost)]
 
 
 async def test_enqueued_rows_are_sent_again_when_the_broker_queue_is_empty(
-    settings, sessions, redis_client, sweeper_deps, make_generation: GenerationFactory
+    settings, engine, redis_client, sweeper_deps, make_generation: GenerationFactory
 ):
     """A Redis restart without persistence loses the queue; the database still knows the rows."""
     gid = await make_generation(enqueued_at=ago(60))
@@ -116,7 +116,7 @@ async def test_rows_pending_long_after_their_enqueue_are_sent_again_even_with_a_
 
 async def test_expired_lease_is_taken_back_requeued_and_its_objects_deleted(
     settings,
-    sessions,
+    engine,
     redis_client,
     storage,
     sweeper_deps,
@@ -137,24 +137,24 @@ async def test_expired_lease_is_taken_back_requeued_and_its_objects_deleted(
         assert await events.statuses(1) == ["pending"]
 
     assert report == SweepReport(leases_requeued=1)
-    row = await fetch_generation(sessions, gid)
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.lease_until, row.attempts) == ("pending", None, 1)
     assert row.enqueued_at > ago(30)
     assert await queued_generation_ids(redis_client, settings) == [str(gid)]
     assert await storage.list_keys(abandoned) == []
     assert len(await storage.list_keys(healthy)) == 3
-    assert (await fetch_generation(sessions, other)).status == "processing"
+    assert (await fetch_generation(engine, other)).status == "processing"
 
     # The re-enqueued job then runs as attempt 2, under its own keys.
-    deps = pipeline_deps(tuned(settings), sessions, redis_client, storage, ScriptedProvider())
+    deps = pipeline_deps(tuned(settings), engine, redis_client, storage, ScriptedProvider())
     assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
-    [image] = await fetch_images(sessions, gid)
+    [image] = await fetch_images(engine, gid)
     assert image.storage_key.startswith(attempt_prefix(project_id, gid, 1, 2))
-    assert (await fetch_generation(sessions, gid)).attempts == 2
+    assert (await fetch_generation(engine, gid)).attempts == 2
 
 
 async def test_expired_lease_after_the_last_attempt_fails_with_worker_lost(
-    settings, sessions, redis_client, storage, sweeper_deps, make_generation: GenerationFactory, project_id
+    settings, engine, redis_client, storage, sweeper_deps, make_generation: GenerationFactory, project_id
 ):
     gid = await make_generation(status="processing", attempts=3, lease_until=ago(1))
     prefix = attempt_prefix(project_id, gid, 1, 3)
@@ -164,7 +164,7 @@ async def test_expired_lease_after_the_last_attempt_fails_with_worker_lost(
         assert await sweep(sweeper_deps) == SweepReport(leases_failed=1)
         assert await events.statuses(1) == ["failed"]
 
-    row = await fetch_generation(sessions, gid)
+    row = await fetch_generation(engine, gid)
     assert (row.status, row.error_code, row.error_message) == (
         "failed",
         "WORKER_LOST",
@@ -176,7 +176,7 @@ async def test_expired_lease_after_the_last_attempt_fails_with_worker_lost(
 
 
 async def test_rows_past_their_deadline_fail_with_deadline_exceeded(
-    settings, sessions, redis_client, storage, sweeper_deps, make_generation: GenerationFactory, project_id
+    settings, engine, redis_client, storage, sweeper_deps, make_generation: GenerationFactory, project_id
 ):
     pending = await make_generation(deadline_at=ago(1), enqueued_at=None, created_at=ago(120))
     processing = await make_generation(
@@ -191,9 +191,9 @@ async def test_rows_past_their_deadline_fail_with_deadline_exceeded(
         assert sorted(await events.statuses(2)) == ["failed", "failed"]
 
     for gid in (pending, processing):
-        row = await fetch_generation(sessions, gid)
+        row = await fetch_generation(engine, gid)
         assert (row.status, row.error_code, row.lease_until) == ("failed", "DEADLINE_EXCEEDED", None)
-    assert (await fetch_generation(sessions, in_time)).status == "pending"
+    assert (await fetch_generation(engine, in_time)).status == "pending"
     assert await storage.list_keys(prefix) == []
     assert await queued_generation_ids(redis_client, settings) == []
 
@@ -211,7 +211,7 @@ async def test_concurrent_sweeps_enqueue_each_row_exactly_once(
 
 
 async def test_a_broker_outage_leaves_rows_for_the_next_sweep(
-    settings, sessions, sweeper_deps, make_generation: GenerationFactory, redis_client
+    settings, engine, sweeper_deps, make_generation: GenerationFactory, redis_client
 ):
     gid = await make_generation(enqueued_at=None, created_at=ago(60))
     unreachable = settings.model_copy(
@@ -223,7 +223,7 @@ async def test_a_broker_outage_leaves_rows_for_the_next_sweep(
         report = await sweep(
             SweeperDependencies(
                 settings=sweeper_deps.settings,
-                sessions=sessions,
+                engine=engine,
                 redis=redis_client,
                 broker_redis=redis_client,
                 storage=sweeper_deps.storage,
@@ -234,13 +234,13 @@ async def test_a_broker_outage_leaves_rows_for_the_next_sweep(
         dead_broker.close()
 
     assert report == SweepReport(pending_requeued=1, enqueue_failed=1)
-    assert (await fetch_generation(sessions, gid)).enqueued_at is None  # so the next pass retries it
+    assert (await fetch_generation(engine, gid)).enqueued_at is None  # so the next pass retries it
     assert await sweep(sweeper_deps) == SweepReport(pending_requeued=1)
     assert await queued_generation_ids(redis_client, settings) == [str(gid)]
 
 
 async def test_a_broker_that_restarted_empty_gets_every_pending_row_resent_within_one_sweep(
-    settings, sessions, redis_client, sweeper_deps, make_generation: GenerationFactory
+    settings, engine, redis_client, sweeper_deps, make_generation: GenerationFactory
 ):
     """Issue 7 #23: 205 rows whose messages died with the broker, under steady load (the queue is never
     empty, and they were sent well under the 600 s fallback ago): all re-sent by the next sweep."""
