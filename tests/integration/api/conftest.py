@@ -63,6 +63,25 @@ async def followed_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]
         yield client
 
 
+async def lose_and_regain_events(api: AsyncTestClient[Any], cache: Any) -> None:
+    """Break the API's event connection (a Redis restart looks the same) and wait until `cache` has
+    noticed (it must then be empty) and follows the events again (its hub reconnects on its own)."""
+    hub = api.app.state.status_hub
+    await asyncio.wrap_future(
+        asyncio.run_coroutine_threadsafe(hub._pubsub.connection.disconnect(), hub._reader.get_loop())
+    )
+    for _ in range(500):
+        if not cache.live:
+            break
+        await asyncio.sleep(0.01)
+    assert not cache.live and len(cache) == 0
+    for _ in range(500):
+        if cache.live:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.live
+
+
 @pytest.fixture
 async def two_processes(
     api_settings: Settings,

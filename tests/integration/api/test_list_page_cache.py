@@ -17,6 +17,7 @@ from tests.integration.api.conftest import (
     followed_api,
     insert_finished_generation,
     insert_generation,
+    lose_and_regain_events,
 )
 
 GENERATIONS = "/api/v1/generations"
@@ -157,19 +158,5 @@ async def test_a_lost_event_connection_empties_the_cache_until_it_follows_again(
     await insert_finished_generation(engine, storage, tenant.project_id)
     async with followed_api(api_settings) as api:
         await _cached_page(api, SUCCESS, tenant.headers)
-        pages = api.app.state.list_pages
-        hub = api.app.state.status_hub
-        await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(hub._pubsub.connection.disconnect(), hub._reader.get_loop())
-        )
-        for _ in range(500):
-            if not pages.live:
-                break
-            await asyncio.sleep(0.01)
-        assert not pages.live and len(pages) == 0
-        for _ in range(500):
-            if pages.live:
-                break
-            await asyncio.sleep(0.01)
-        assert pages.live
+        await lose_and_regain_events(api, api.app.state.list_pages)
         await _cached_page(api, SUCCESS, tenant.headers)

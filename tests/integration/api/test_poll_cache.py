@@ -3,7 +3,6 @@ the same bytes, and never stale: a change made through another API process is se
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from typing import Any
 
@@ -18,6 +17,7 @@ from tests.integration.api.conftest import (
     followed_api,
     insert_finished_generation,
     insert_generation,
+    lose_and_regain_events,
 )
 
 GENERATIONS = "/api/v1/generations"
@@ -169,22 +169,7 @@ async def test_a_lost_event_connection_empties_the_cache_until_it_follows_again(
     generation_id, _ = await insert_finished_generation(engine, storage, tenant.project_id)
     async with followed_api(api_settings) as api:
         await _cached_on(api, generation_id, tenant.headers)
-        cache = finished_records(api)
-        hub = api.app.state.status_hub
-        # The hub's connection breaks (a Redis restart looks the same): it reconnects on its own.
-        await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(hub._pubsub.connection.disconnect(), hub._reader.get_loop())
-        )
-        for _ in range(500):
-            if not cache.live:
-                break
-            await asyncio.sleep(0.01)
-        assert not cache.live and len(cache) == 0
-        for _ in range(500):
-            if cache.live:
-                break
-            await asyncio.sleep(0.01)
-        assert cache.live
+        await lose_and_regain_events(api, finished_records(api))
         await _cached_on(api, generation_id, tenant.headers)
     assert reads == [generation_id, generation_id]
 
