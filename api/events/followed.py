@@ -1,8 +1,8 @@
 """A per-process cache kept exact by the status hub's events: the one home of the rules that let the
-finished-record cache (api.generations.cache) and the default-connection cache
+finished-record and list-page caches (api.generations.cache) and the default-connection cache
 (api.connections.cache) answer without reading the database.
 
-- The hub follows a channel pattern (`StatusHub.follow`) and calls `changed(key)` for every event,
+- The hub follows a channel pattern (`StatusHub.follow`) and calls `changed(key, message)` for every event,
   `resumed()` once events arrive and `lost()` when its subscription drops. While not following, events
   may be missed: the cache is empty, answers nothing and takes no fills.
 - A fill races an event: a value read just before a change commits could be stored after the change's
@@ -55,7 +55,7 @@ class FollowedCache(Generic[K, V]):
 
     @property
     def size(self) -> int:
-        """How many entries it keeps at most (0: it keeps none)."""
+        """How much it keeps at most, in entries (or what its cache's `getsizeof` counts); 0: nothing."""
         return int(self._entries.maxsize)
 
     @property
