@@ -209,9 +209,10 @@ async def _project_by_ref(conn: Any, ref: str) -> Any:
     from api.admin.repository import find_project
 
     try:
-        project = await find_project(conn, uuid.UUID(ref))
+        by: uuid.UUID | str = uuid.UUID(ref)
     except ValueError:
-        project = await find_project(conn, ref)
+        by = ref  # a slug
+    project = await find_project(conn, by)
     if project is None:
         raise _fail(f"no project {ref!r}: see `kiln projects list`")
     return project

@@ -20,12 +20,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
 import httpx
 import msgspec
+from cachetools import LRUCache
 
 # Lines of each child's raw output kept to show when it exits unexpectedly.
 TAIL_LINES = 60
@@ -46,7 +47,7 @@ class LineRenderer:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._providers: OrderedDict[str, str] = OrderedDict()
+        self._providers: LRUCache[str, str] = LRUCache(maxsize=_PROVIDERS_KEPT)
         self._warned_at: dict[str, float] = {}
 
     def render(self, raw: str) -> str | None:
@@ -59,7 +60,7 @@ class LineRenderer:
         level = str(record.get("level", ""))
         generation_id = record.get("generation_id")
         if event == "generation claimed" and generation_id:
-            self._remember_provider(str(generation_id), str(record.get("provider", "")))
+            self._providers[str(generation_id)] = str(record.get("provider", ""))
             return None
         if event == "generation succeeded" and generation_id:
             provider = self._providers.pop(str(generation_id), None)
@@ -85,11 +86,6 @@ class LineRenderer:
             self._warned_at[event] = now
             return f"! {_describe(record)}"
         return None
-
-    def _remember_provider(self, generation_id: str, provider: str) -> None:
-        self._providers[generation_id] = provider
-        while len(self._providers) > _PROVIDERS_KEPT:
-            self._providers.popitem(last=False)
 
 
 def _duration(ms: float) -> str:

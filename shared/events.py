@@ -6,11 +6,11 @@ poll of the database, so publishing is best-effort and never fails the caller.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -39,18 +39,35 @@ def connections_channel(project_id: uuid.UUID | str) -> str:
     return f"kiln:connections:{project_id}"
 
 
+class StatusEvent(msgspec.Struct, frozen=True):
+    """The message on a generation's channel: the one home of its shape (written by `status_event`,
+    read by `read_status_event`)."""
+
+    id: str
+    projectId: str
+    status: str
+    updatedAt: str | None
+
+
+_encode_event = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(StatusEvent).decode
+
+
 def status_event(
     generation_id: uuid.UUID | str, project_id: uuid.UUID | str, status: str, updated_at: datetime
 ) -> str:
-    return json.dumps(
-        {
-            "id": str(generation_id),
-            "projectId": str(project_id),
-            "status": status,
-            "updatedAt": format_time(updated_at),
-        },
-        separators=(",", ":"),
-    )
+    event = StatusEvent(str(generation_id), str(project_id), status, format_time(updated_at))
+    return _encode_event(event).decode()
+
+
+def read_status_event(data: object) -> StatusEvent | None:
+    """The event in a channel message; None for anything else."""
+    if not isinstance(data, bytes | str):
+        return None
+    try:
+        return _decode_event(data)
+    except msgspec.DecodeError:
+        return None
 
 
 async def publish_status(

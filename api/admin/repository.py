@@ -22,11 +22,6 @@ def _values(model: SQLModel, table: Table) -> dict[str, Any]:
     return {column.name: getattr(model, column.name) for column in table.columns}
 
 
-async def get_project(conn: AsyncConnection, project_id: uuid.UUID) -> Project | None:
-    row = (await conn.execute(select(projects).where(projects.c.id == project_id))).first()
-    return None if row is None else Project(**row._mapping)
-
-
 async def find_project(conn: AsyncConnection, ref: uuid.UUID | str) -> Project | None:
     """By id (a UUID) or slug."""
     condition = projects.c.id == ref if isinstance(ref, uuid.UUID) else projects.c.slug == ref

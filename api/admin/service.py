@@ -104,7 +104,7 @@ async def list_projects(conn: AsyncConnection) -> list[Project]:
 
 
 async def get_project(conn: AsyncConnection, project_id: uuid.UUID) -> Project:
-    project = await repository.get_project(conn, project_id)
+    project = await repository.find_project(conn, project_id)
     if project is None:
         raise NotFound("Project not found")
     return project

@@ -23,7 +23,6 @@ events may be missed until it is resumed). A followed hub connects at startup an
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.generations.cache import FinishedRecords, ListPages
-from shared.events import connections_channel, generation_channel
+from shared.events import connections_channel, generation_channel, read_status_event
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -102,11 +101,8 @@ class _Channel:
 
 
 def _status_of(data: Any) -> str | None:
-    try:
-        status = json.loads(data)["status"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return status if isinstance(status, str) else None
+    event = read_status_event(data)
+    return None if event is None else event.status
 
 
 class StatusHub:

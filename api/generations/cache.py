@@ -14,10 +14,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import msgspec
 from cachetools import LRUCache
 
 from api.events.followed import FollowedCache, Ticket
+from shared.events import read_status_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +61,6 @@ class CachedPage:
     body: bytes  # the encoded GenerationListEnvelope
 
 
-class _StatusEvent(msgspec.Struct):
-    projectId: uuid.UUID
-
-
-_decode_event = msgspec.json.Decoder(_StatusEvent).decode
 # Projects whose event count is kept; past it everything is forgotten at once (a gap), which is
 # always safe and keeps the counts bounded.
 _PROJECT_VERSIONS_KEPT = 100_000
@@ -103,9 +98,12 @@ class ListPages(FollowedCache[PageKey, CachedPage]):
         return key.project_id is None or changed_key == key.project_id
 
     def changed(self, generation_id: str, data: bytes | str | None = None) -> None:
+        event = read_status_event(data)
         try:
-            project_id = _decode_event(data or b"").projectId
-        except msgspec.DecodeError:
+            project_id = uuid.UUID(event.projectId) if event is not None else None
+        except ValueError:
+            project_id = None
+        if project_id is None:
             self._gap()  # an event that names no project could be anyone's
             return
         self._note_event(project_id)

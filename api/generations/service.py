@@ -517,18 +517,21 @@ async def list_page(
 ) -> bytes:
     """The encoded GenerationListEnvelope. A page of finished statuses only is answered from `pages`
     when it holds it (no database read, no encoding), and put there when read (api.generations.cache)."""
-    key = ticket = None
-    if pages is not None and query.statuses and TERMINAL.issuperset(query.statuses):
-        key = PageKey(principal.project_id, query)
-        if (body := pages.get(key)) is not None:
-            return body
-        ticket = pages.ticket()
-    records, pagination = await list_generations(resources, principal, query)
-    body = _encode(GenerationListEnvelope(data=records, pagination=pagination))
-    if key is not None and ticket is not None:
-        assert pages is not None
+    if pages is None or not query.statuses or not TERMINAL.issuperset(query.statuses):
+        return await _encoded_page(resources, principal, query)
+    key = PageKey(principal.project_id, query)
+    if (body := pages.get(key)) is not None:
+        return body
+    ticket = pages.ticket()
+    body = await _encoded_page(resources, principal, query)
+    if ticket is not None:
         pages.fill_page(ticket, key, body)
     return body
+
+
+async def _encoded_page(resources: Resources, principal: Principal, query: ListQuery) -> bytes:
+    records, pagination = await list_generations(resources, principal, query)
+    return _encode(GenerationListEnvelope(data=records, pagination=pagination))
 
 
 async def list_generations(

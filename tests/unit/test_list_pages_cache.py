@@ -3,16 +3,17 @@ raced its project's event is refused; it is bounded in bytes; a gap empties it."
 
 from __future__ import annotations
 
-import json
 import uuid
+from datetime import UTC, datetime
 
 from api.generations.cache import ListPages, PageKey
+from shared.events import status_event
 
 P, Q = uuid.uuid4(), uuid.uuid4()
 
 
 def event(project_id: uuid.UUID) -> str:
-    return json.dumps({"id": str(uuid.uuid4()), "projectId": str(project_id), "status": "success"})
+    return status_event(uuid.uuid4(), project_id, "success", datetime.now(UTC))
 
 
 def live_pages(max_bytes: int = 1000) -> ListPages:

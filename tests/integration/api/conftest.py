@@ -63,6 +63,22 @@ async def followed_api(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]
         yield client
 
 
+def record_reads(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """The second argument (after the connection) of every call to `api.generations.repository.<name>`
+    from now on: what the service read from the database."""
+    from api.generations import repository
+
+    seen: list[Any] = []
+    read = getattr(repository, name)
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[1])
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(repository, name, recording)
+    return seen
+
+
 async def lose_and_regain_events(api: AsyncTestClient[Any], cache: Any) -> None:
     """Break the API's event connection (a Redis restart looks the same) and wait until `cache` has
     noticed (it must then be empty) and follows the events again (its hub reconnects on its own)."""

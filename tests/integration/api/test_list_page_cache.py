@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from api.generations import repository
 from shared.settings import Settings
 from tests.integration.api.conftest import (
     api_client,
@@ -18,6 +17,7 @@ from tests.integration.api.conftest import (
     insert_finished_generation,
     insert_generation,
     lose_and_regain_events,
+    record_reads,
 )
 
 GENERATIONS = "/api/v1/generations"
@@ -31,15 +31,7 @@ def _without_cache(settings: Settings) -> Settings:
 @pytest.fixture
 def page_reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The list filter of every page read from the database."""
-    seen: list[Any] = []
-    read = repository.list_generations
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        seen.append(args[1])
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(repository, "list_generations", counting)
-    return seen
+    return record_reads(monkeypatch, "list_generations")
 
 
 def ids(page: Any) -> list[str]:

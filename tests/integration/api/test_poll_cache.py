@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from api.generations import repository
 from api.generations.cache import FinishedRecords
 from shared.settings import Settings
 from tests.integration.api.conftest import (
@@ -18,6 +17,7 @@ from tests.integration.api.conftest import (
     insert_finished_generation,
     insert_generation,
     lose_and_regain_events,
+    record_reads,
 )
 
 GENERATIONS = "/api/v1/generations"
@@ -37,15 +37,7 @@ def finished_records(client: AsyncTestClient[Any]) -> FinishedRecords:
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every generation row read by a GET (the service reads through repository.get_generation)."""
-    seen: list[Any] = []
-    read = repository.get_generation
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        seen.append(args[1])
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(repository, "get_generation", counting)
-    return seen
+    return record_reads(monkeypatch, "get_generation")
 
 
 async def test_a_finished_record_is_answered_without_a_database_read(
