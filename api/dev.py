@@ -119,7 +119,6 @@ def _show_tail(console: DevConsole | None, name: str) -> None:
     """What a child wrote last, when it exits unexpectedly (with --verbose it is on the terminal already)."""
     if console is None:
         return
-    time.sleep(0.2)  # let its reader take the last lines
     _say(f"the last lines of `kiln {name}`:")
     for line in console.tail(name):
         print(f"    {line}", flush=True)

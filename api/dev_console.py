@@ -110,6 +110,7 @@ class DevConsole:
         self._renderer = renderer or LineRenderer()
         self._lock = threading.Lock()  # one renderer, several reader threads
         self._tails: dict[str, deque[str]] = {}
+        self._readers: dict[str, threading.Thread] = {}
 
     def follow(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         """Read `proc`'s stdout (stderr merged into it) until it closes."""
@@ -117,6 +118,7 @@ class DevConsole:
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._tails[name] = tail
         reader = threading.Thread(target=self._read, args=(proc.stdout, tail), daemon=True)
+        self._readers[name] = reader
         reader.start()
 
     def _read(self, stream: IO[bytes], tail: deque[str]) -> None:
@@ -128,8 +130,12 @@ class DevConsole:
             if shown is not None:
                 self._say(shown)
 
-    def tail(self, name: str) -> list[str]:
-        """The last lines `name` wrote, to show why it exited."""
+    def tail(self, name: str, wait: float = 1.0) -> list[str]:
+        """The last lines `name` wrote, to show why it exited: once its reader has met the end of its
+        output (waiting at most `wait` seconds for that)."""
+        reader = self._readers.get(name)
+        if reader is not None:
+            reader.join(wait)
         return list(self._tails.get(name, ()))
 
 

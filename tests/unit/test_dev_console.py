@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from api.dev_console import DependencyWatch, LineRenderer
+from api.dev_console import DependencyWatch, DevConsole, LineRenderer
 
 GID = "01a24278-9e6f-7eaa-9647-582173b5a242"
 
@@ -122,3 +124,16 @@ def test_a_dependency_already_down_at_the_first_look_is_said():
     said: list[str] = []
     DependencyWatch(said.append).observe({"database": "ok", "storage": "down"})
     assert said == ["✗ storage is down"]
+
+
+def test_a_childs_last_lines_are_all_there_once_it_has_exited():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "for i in range(100): print(f'line {i}')"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    console = DevConsole(lambda _: None)
+    console.follow("child", child)
+    child.wait(10)
+    tail = console.tail("child")
+    assert tail[-1] == "line 99" and len(tail) == 60
