@@ -14,6 +14,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from api.admin.controller import AdminController
 from api.connections.controller import ConnectionController
+from api.dashboard.controller import DashboardController, dashboard_assets
 from api.errors import handle_exception
 from api.events.hub import status_hub_lifespan
 from api.generations.controller import GenerationController
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ProviderController,
             HealthController,
             WebhookController,
+            DashboardController,
+            dashboard_assets,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

@@ -366,6 +366,16 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class DashboardSettings(BaseModel):
+    session_hours: float = Field(
+        default=12,
+        gt=0,
+        le=24 * 30,
+        description="How long a dashboard sign-in lasts (the session in Redis and its cookie); signing in "
+        "again starts a new one. A revoked key ends its sessions at their next request.",
+    )
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
@@ -416,6 +426,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     network: NetworkSettings = NetworkSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

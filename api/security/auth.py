@@ -83,7 +83,14 @@ async def authenticate(
     `address` (the client's) is throttled once it failed too often: see `_refuse_if_throttled`."""
     if not raw_key or not looks_like_key(raw_key):
         raise Unauthorized()
-    digest = digest_key(raw_key)
+    return await authenticate_digest(resources, digest_key(raw_key), budget, address=address)
+
+
+async def authenticate_digest(
+    resources: Resources, digest: str, budget: Budget, *, address: str | None = None
+) -> tuple[Principal, RateLimitResult]:
+    """`authenticate` for a key known by its digest (a dashboard session holds the digest, never the
+    key): the same cache, revocation and budgets."""
     limit = default_limit(resources.settings, budget)
     for _ in range(3):  # a miss fills the cache and runs the script again
         reply = await resources.limiter.check(digest, budget, limit)

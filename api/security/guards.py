@@ -19,6 +19,7 @@ from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.handlers.base import BaseRouteHandler
+from structlog.contextvars import bind_contextvars
 
 from api.resources import Resources, resources_of
 from api.security.auth import (
@@ -26,11 +27,13 @@ from api.security.auth import (
     RATE_LIMIT_STATE_KEY,
     Principal,
     authenticate,
+    authenticate_digest,
     client_address,
     principal_of,
 )
 from api.security.ratelimit import Budget, RateLimitResult, Receipt
-from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams
+from api.security.sessions import check_csrf, close_session, session_of
+from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams, Unauthorized
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,13 +53,25 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
 
 async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], budget: Budget) -> RateLimitResult:
     """Authenticate and spend one unit of `budget`; the principal and the rate-limit result go into the
-    scope state (the response's rate-limit headers describe this budget)."""
-    principal, rate = await authenticate(
-        resources_of(connection),
-        connection.headers.get("x-api-key"),
-        budget,
-        address=client_address(connection),
-    )
+    scope state (the response's rate-limit headers describe this budget). Without X-API-Key, a dashboard
+    session cookie authenticates as the key it was opened with (api.security.sessions)."""
+    resources = resources_of(connection)
+    raw_key = connection.headers.get("x-api-key")
+    address = client_address(connection)
+    session = None
+    if raw_key is None:
+        session = await session_of(connection, resources.redis, resources.settings)
+    if session is None:
+        principal, rate = await authenticate(resources, raw_key, budget, address=address)
+    else:
+        check_csrf(connection, session)
+        try:
+            principal, rate = await authenticate_digest(resources, session.digest, budget, address=address)
+        except Unauthorized:  # the key was revoked: its session ends with it
+            await close_session(resources.redis, session.id)
+            raise
+    # Every log line of the request names who made it (actions are recorded with their actor).
+    bind_contextvars(key_id=str(principal.key_id), **({"key_name": session.key_name} if session else {}))
     state = connection.scope["state"]
     state[RATE_LIMIT_STATE_KEY] = rate
     state[PRINCIPAL_STATE_KEY] = principal
