@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -326,7 +327,11 @@ class GenerationController(Controller):
             record = await service.regenerate_generation(resources, principal, id, deadline_seconds)
         return GenerationEnvelope(data=record)
 
-    @get("/", summary="List generations, newest first", responses=error_responses(400, *AUTHENTICATED_ERRORS))
+    @get(
+        "/",
+        summary="List generations, newest first",
+        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+    )
     async def list_generations(
         self,
         request: AnyRequest,
@@ -342,6 +347,32 @@ class GenerationController(Controller):
             QueryParameter(name="includeDeleted", description="Include generations whose image was deleted"),
         ] = False,
         cursor: PageCursor = None,
+        project_id: Annotated[
+            uuid.UUID | None,
+            QueryParameter(
+                name="projectId", description="Admin keys: one project's generations (default: every project)"
+            ),
+        ] = None,
+        provider: Annotated[
+            str | None, QueryParameter(description="Only this provider's generations", max_length=64)
+        ] = None,
+        q: Annotated[
+            str | None,
+            QueryParameter(
+                description="Text in the prompt (case-insensitive). Each page reads at most 5,000 rows of "
+                "the other filters: a page may hold fewer matches than `limit` (even none) and still "
+                "have a nextCursor.",
+                max_length=200,
+            ),
+        ] = None,
+        created_after: Annotated[
+            datetime | None,
+            QueryParameter(name="createdAfter", description="ISO 8601 with a time zone: created at or after"),
+        ] = None,
+        created_before: Annotated[
+            datetime | None,
+            QueryParameter(name="createdBefore", description="ISO 8601 with a time zone: created before"),
+        ] = None,
     ) -> Response[GenerationListEnvelope]:
         # Repeated ?status= values add up, like a comma list.
         statuses = request.query_params.getall("status", [])
@@ -351,6 +382,11 @@ class GenerationController(Controller):
             offset=offset,
             include_deleted=include_deleted,
             cursor=cursor,
+            project_id=project_id,
+            provider=provider,
+            created_after=created_after,
+            created_before=created_before,
+            q=q,
         )
         # The GenerationListEnvelope, encoded by the service (and kept encoded for finished pages).
         body = await service.list_page(resources, principal, query, list_pages_of(request))

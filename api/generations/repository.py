@@ -226,9 +226,14 @@ _LIST_STATEMENTS_KEPT = 512
 class ListFilter(NamedTuple):
     """Which generations a list shows."""
 
-    project_id: uuid.UUID | None  # None: an admin key, which reads every project
+    project_id: uuid.UUID | None  # None: an admin key's list of every project
     statuses: tuple[str, ...]  # empty: any status
     include_deleted: bool
+    provider: str | None = None
+    created_after: datetime | None = None  # created_at >= it
+    created_before: datetime | None = None  # created_at < it
+    # Text in the prompt (case-insensitive). Only `search_rows` rows are read per page: see list_generations.
+    prompt_contains: str | None = None
 
 
 class ListShape(NamedTuple):
@@ -237,15 +242,40 @@ class ListShape(NamedTuple):
     scoped: bool  # project_id = :project_id
     statuses: tuple[str, ...]  # status IN (...), sorted; empty: any status
     include_deleted: bool
+    provider: bool = False  # provider = :provider
+    created_after: bool = False
+    created_before: bool = False
     keyset: bool = False  # (created_at, id) < (:after_created_at, :after_id)
     limit: int = 0
     offset: bool = False  # OFFSET :offset
+    search_rows: int = 0  # > 0: prompt ILIKE :prompt_pattern among that many rows of the other filters
 
 
 def _shape(where: ListFilter) -> ListShape:
     if not _STATUS_VALUES.issuperset(where.statuses):  # they are written into the SQL
         raise ValueError(f"unknown status in {where.statuses!r}")
-    return ListShape(where.project_id is not None, tuple(sorted(set(where.statuses))), where.include_deleted)
+    return ListShape(
+        where.project_id is not None,
+        tuple(sorted(set(where.statuses))),
+        where.include_deleted,
+        provider=where.provider is not None,
+        created_after=where.created_after is not None,
+        created_before=where.created_before is not None,
+    )
+
+
+def _filter_params(where: ListFilter) -> dict[str, Any]:
+    pattern = None
+    if where.prompt_contains is not None:  # the text as typed: LIKE's wildcards are escaped
+        escaped = where.prompt_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+    return {
+        "project_id": where.project_id,
+        "provider": where.provider,
+        "created_after": where.created_after,
+        "created_before": where.created_before,
+        "prompt_pattern": pattern,
+    }
 
 
 def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
@@ -257,19 +287,51 @@ def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
         conditions.append(g.status.in_([literal_column(f"'{status}'") for status in shape.statuses]))
     if not shape.include_deleted:
         conditions.append(g.deleted_at.is_(None))
+    if shape.provider:
+        conditions.append(g.provider == bindparam("provider", type_=g.provider.type))
+    if shape.created_after:
+        conditions.append(g.created_at >= bindparam("created_after", type_=g.created_at.type))
+    if shape.created_before:
+        conditions.append(g.created_at < bindparam("created_before", type_=g.created_at.type))
     return conditions
+
+
+def _keyset_condition() -> ColumnElement[bool]:
+    # Row comparison matches the (project_id[, status], created_at DESC, id DESC) index order.
+    g = generations.c
+    after = tuple_(
+        bindparam("after_created_at", type_=g.created_at.type), bindparam("after_id", type_=g.id.type)
+    )
+    return tuple_(g.created_at, g.id) < after
+
+
+def _searched_rows(shape: ListShape) -> Select[Any]:
+    """The rows a prompt search reads: the next `search_rows` of the other filters, newest first."""
+    g = generations.c
+    conditions = _list_filter(shape)
+    if shape.keyset:
+        conditions.append(_keyset_condition())
+    return (
+        select(g.id, g.created_at, g.prompt)
+        .where(*conditions)
+        .order_by(g.created_at.desc(), g.id.desc())
+        .limit(literal_column(str(int(shape.search_rows))))
+    )
 
 
 @functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
 def _list_page(shape: ListShape) -> CompiledQuery:
     g = generations.c
-    conditions = _list_filter(shape)
-    if shape.keyset:
-        # Row comparison matches the (project_id[, status], created_at DESC, id DESC) index order.
-        after = tuple_(
-            bindparam("after_created_at", type_=g.created_at.type), bindparam("after_id", type_=g.id.type)
+    if shape.search_rows:
+        searched = _searched_rows(shape).subquery("searched")
+        matching = select(searched.c.id).where(
+            searched.c.prompt.ilike(bindparam("prompt_pattern", type_=g.prompt.type), escape="\\")
         )
-        conditions.append(tuple_(g.created_at, g.id) < after)
+        conditions: list[ColumnElement[bool]] = [g.id.in_(matching)]
+    else:
+        conditions = _list_filter(shape)
+        if shape.keyset:
+            conditions.append(_keyset_condition())
     stmt = (
         select(*_GENERATION_COLUMNS, *_IMAGE_COLUMNS)
         .select_from(_WITH_IMAGE)
@@ -280,6 +342,17 @@ def _list_page(shape: ListShape) -> CompiledQuery:
     if shape.offset:
         stmt = stmt.offset(bindparam("offset", type_=Integer))
     return CompiledQuery(stmt)
+
+
+@functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
+def _search_end(shape: ListShape) -> CompiledQuery:
+    """The oldest row a prompt search read, and how many it read."""
+    searched = _searched_rows(shape).subquery("searched")
+    return CompiledQuery(
+        select(searched.c.created_at, searched.c.id, func.count().over().label("read"))
+        .order_by(searched.c.created_at, searched.c.id)
+        .limit(literal_column("1"))
+    )
 
 
 def _matching(shape: ListShape) -> Select[Any]:
@@ -304,18 +377,46 @@ async def list_generations(
     limit: int,
     offset: int,
     after: tuple[datetime, uuid.UUID] | None,
+    search_rows: int = 0,
 ) -> list[asyncpg.Record]:
-    """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row."""
-    shape = _shape(where)._replace(keyset=after is not None, limit=limit, offset=offset > 0)
-    params: dict[str, Any] = {"project_id": where.project_id, "offset": offset}
+    """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row.
+
+    With `where.prompt_contains` the page holds the matches among the next `search_rows` rows of the
+    other filters only (PostgreSQL cannot index a substring without pg_trgm, which the embedded server
+    lacks): a rare text costs a bounded read per page, never a walk of the whole table."""
+    shape = _shape(where)._replace(
+        keyset=after is not None,
+        limit=limit,
+        offset=offset > 0,
+        search_rows=search_rows if where.prompt_contains is not None else 0,
+    )
+    params: dict[str, Any] = {**_filter_params(where), "offset": offset}
     if after is not None:
         params["after_created_at"], params["after_id"] = after
     return await _list_page(shape).fetch(conn, **params)
 
 
+async def search_end(
+    conn: AsyncConnection,
+    where: ListFilter,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    search_rows: int,
+) -> tuple[tuple[datetime, uuid.UUID] | None, int]:
+    """Where a prompt search's page stopped reading: its oldest row read (None: none) and how many."""
+    shape = _shape(where)._replace(keyset=after is not None, search_rows=search_rows)
+    params = _filter_params(where)
+    if after is not None:
+        params["after_created_at"], params["after_id"] = after
+    row = await _search_end(shape).fetchrow(conn, **params)
+    if row is None:
+        return None, 0
+    return (row["created_at"], row["id"]), int(row["read"])
+
+
 async def count_generations(conn: AsyncConnection, where: ListFilter, *, cap: int) -> int:
     """The list's total, counted no further than `cap` rows (counting costs a row read per row)."""
-    row = await _count_up_to(_shape(where), cap).fetchrow(conn, project_id=where.project_id)
+    row = await _count_up_to(_shape(where), cap).fetchrow(conn, **_filter_params(where))
     assert row is not None  # an aggregate always answers one row
     return int(row[0])
 
@@ -323,7 +424,7 @@ async def count_generations(conn: AsyncConnection, where: ListFilter, *, cap: in
 async def estimate_generations(conn: AsyncConnection, where: ListFilter) -> int:
     """The planner's estimate of the list's total, from the table statistics: planning only, no row
     read (~0.1 ms of PostgreSQL time at any size, where counting 10,000 rows took 3.3 ms)."""
-    row = await _plan_of_matching(_shape(where)).fetchrow(conn, project_id=where.project_id)
+    row = await _plan_of_matching(_shape(where)).fetchrow(conn, **_filter_params(where))
     assert row is not None  # EXPLAIN always answers
     # SQLAlchemy's asyncpg dialect registers a json codec on its connections: the plan comes decoded.
     return int(row[0][0]["Plan"]["Plan Rows"])

@@ -52,14 +52,16 @@ from api.generations.schemas import (
 )
 from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of, submit_and_wait
 from api.pagination import PageTotal, encode_cursor, parse_statuses, read_cursor
-from api.parsing import decode_body
+from api.parsing import check_text, decode_body
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import (
+    Forbidden,
     GenerationNotFound,
     InvalidState,
     KilnError,
     RateLimitExceeded,
+    ValidationFailed,
 )
 from shared.events import StatusChange
 from shared.image_store import generation_prefix
@@ -464,12 +466,49 @@ class ListQuery:
     after: tuple[datetime, uuid.UUID] | None
     # A cursor page: the total its listing's first page reported (None: not carried by the cursor).
     carried_total: PageTotal | None = None
+    project_id: uuid.UUID | None = None  # an admin key's list of one project
+    provider: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    prompt_contains: str | None = None
+
+
+PROVIDER_MAX_LENGTH = 64
+SEARCH_MAX_LENGTH = 200
+# Rows a prompt search reads per page (see repository.list_generations): about 10 ms of PostgreSQL
+# time at 1M rows (README, "The dashboard").
+SEARCH_ROWS_PER_PAGE = 5_000
+
+
+def _utc(value: datetime | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValidationFailed.field(field, "must carry a time zone (e.g. 2026-01-31T12:00:00Z)")
+    return value
 
 
 def parse_list_query(
-    *, status: str | None, limit: int, offset: int, include_deleted: bool, cursor: str | None
+    *,
+    status: str | None,
+    limit: int,
+    offset: int,
+    include_deleted: bool,
+    cursor: str | None,
+    project_id: uuid.UUID | None = None,
+    provider: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    q: str | None = None,
 ) -> ListQuery:
     position = read_cursor(cursor) if cursor else None
+    provider = check_text(provider, "provider", max_length=PROVIDER_MAX_LENGTH) or None
+    prompt_contains = check_text(q, "q", max_length=SEARCH_MAX_LENGTH) or None
+    if prompt_contains is not None and offset:
+        raise ValidationFailed.field("offset", "a prompt search pages with the cursor only")
+    after, before = _utc(created_after, "createdAfter"), _utc(created_before, "createdBefore")
+    if after is not None and before is not None and after >= before:
+        raise ValidationFailed.field("createdBefore", "must be later than createdAfter")
     return ListQuery(
         statuses=parse_statuses(status, _STATUSES),
         limit=limit,
@@ -477,6 +516,33 @@ def parse_list_query(
         include_deleted=include_deleted,
         after=position.after if position else None,
         carried_total=position.total if position else None,
+        project_id=project_id,
+        provider=provider,
+        created_after=after,
+        created_before=before,
+        prompt_contains=prompt_contains,
+    )
+
+
+def list_scope(principal: Principal, project_id: uuid.UUID | None) -> uuid.UUID | None:
+    """The project a list reads (None: every project). An admin key may name one; a project key reads
+    its own, and naming another is refused."""
+    if principal.is_admin:
+        return project_id
+    if project_id is not None and project_id != principal.project_id:
+        raise Forbidden("A project key lists its own project's generations only")
+    return principal.project_id
+
+
+def _list_filter(principal: Principal, query: ListQuery) -> repository.ListFilter:
+    return repository.ListFilter(
+        list_scope(principal, query.project_id),
+        query.statuses,
+        query.include_deleted,
+        query.provider,
+        query.created_after,
+        query.created_before,
+        query.prompt_contains,
     )
 
 
@@ -537,7 +603,7 @@ async def _encoded_page(resources: Resources, principal: Principal, query: ListQ
 async def list_generations(
     resources: Resources, principal: Principal, query: ListQuery
 ) -> tuple[list[GenerationRecord], Pagination]:
-    where = repository.ListFilter(principal.project_id, query.statuses, query.include_deleted)
+    where = _list_filter(principal, query)
     async with resources.reader.connect() as conn:
         rows = await repository.list_generations(
             conn,
@@ -545,20 +611,31 @@ async def list_generations(
             limit=query.limit + 1,  # one more than asked tells whether there is a next page
             offset=query.offset,
             after=query.after,
+            search_rows=SEARCH_ROWS_PER_PAGE,
         )
         has_more = len(rows) > query.limit
         rows = rows[: query.limit]
-        total = await _list_total(conn, where, query, len(rows), has_more)
+        next_after = (rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
+        if where.prompt_contains is not None:
+            if not has_more:  # the page is short: more may match past the rows it read
+                oldest, read = await repository.search_end(
+                    conn, where, after=query.after, search_rows=SEARCH_ROWS_PER_PAGE
+                )
+                if read >= SEARCH_ROWS_PER_PAGE:
+                    has_more, next_after = True, oldest
+            # Counting matches would read every row: the total is what was found so far.
+            total = PageTotal(len(rows) + has_more, is_estimate=has_more)
+        else:
+            total = await _list_total(conn, where, query, len(rows), has_more)
         records = [generation_record(row, resources.urls) for row in rows]
         await add_queue_positions(resources, conn, rows, records)
-    last = rows[-1] if has_more else None
     pagination = Pagination(
         limit=query.limit,
         offset=query.offset,
         total=total.value,
         has_more=has_more,
         # The next pages carry this page's total instead of counting again.
-        next_cursor=encode_cursor(last["created_at"], last["id"], total) if last else None,
+        next_cursor=encode_cursor(*next_after, total) if next_after else None,
         total_is_estimate=total.is_estimate,
     )
     return records, pagination
