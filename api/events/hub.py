@@ -37,6 +37,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from api.events.feed import StatusFeed
 from api.generations.cache import FinishedRecords, ListPages
 from shared.events import connections_channel, generation_channel, read_status_event
 from shared.logging import get_logger
@@ -370,6 +371,9 @@ async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     if pages.size > 0:
         hub.follow(EVERY_GENERATION, pages)
     hub.follow(EVERY_PROJECTS_CONNECTIONS, app.state.resources.default_connections)
+    feed = StatusFeed()  # the dashboard's event streams
+    app.state.status_feed = feed
+    hub.follow(EVERY_GENERATION, feed)
     try:
         yield
     finally:
@@ -384,6 +388,11 @@ def finished_records_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Finis
 def list_pages_of(connection: ASGIConnection[Any, Any, Any, Any]) -> ListPages:
     pages: ListPages = connection.app.state.list_pages
     return pages
+
+
+def status_feed_of(connection: ASGIConnection[Any, Any, Any, Any]) -> StatusFeed:
+    feed: StatusFeed = connection.app.state.status_feed
+    return feed
 
 
 def status_hub_of(connection: ASGIConnection[Any, Any, Any, Any]) -> StatusHub:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
@@ -17,12 +18,15 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from api.envelope import ErrorEnvelope, MessageEnvelope
-from api.events.hub import finished_records_of, list_pages_of, status_hub_of
+from api.events.feed import RESYNC
+from api.events.hub import finished_records_of, list_pages_of, status_feed_of, status_hub_of
 from api.generations import conditional, idempotency, service, waiting
 from api.generations.rules import check_batch_size, check_deadline_seconds, validate_create
 from api.generations.schemas import (
     BatchCreateRequest,
     BatchEnvelope,
+    BulkCancelEnvelope,
+    BulkCancelRequest,
     CreateGenerationRequest,
     GenerationEnvelope,
     GenerationListEnvelope,
@@ -43,6 +47,7 @@ from api.security.guards import (
 from api.security.ratelimit import Budget
 
 AnyRequest = Request[Any, Any, Any]
+_encode_event = msgspec.json.Encoder().encode
 
 CREATE_ROUTE = "POST /api/v1/generations"
 BATCH_ROUTE = "POST /api/v1/generations/batch"
@@ -284,6 +289,79 @@ class GenerationController(Controller):
                 await slot.close()
 
         return ServerSentEvent(messages())
+
+    @get(
+        "/events",
+        summary="Follow every status change of the key's scope as Server-Sent Events",
+        description="`event: status` with `{id, projectId, status, updatedAt}` at every status change "
+        "of the project's generations (an admin key: every project's, or `projectId`'s); `event: resync` "
+        "when changes may have been missed (re-read what is shown). A comment every 15 s keeps it "
+        "open. Generations created pending announce no event: their count moves with the next change.",
+        media_type="text/event-stream",
+        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+    )
+    async def scope_events(
+        self,
+        request: AnyRequest,
+        principal: InjectedPrincipal,
+        project_id: Annotated[
+            uuid.UUID | None,
+            QueryParameter(name="projectId", description="Admin keys: one project's changes only"),
+        ] = None,
+    ) -> ServerSentEvent:
+        scope = service.list_scope(principal, project_id)
+        feed = status_feed_of(request)
+        slot = StreamSlot(request)
+        await slot.open()  # 429 before the stream starts; the stream frees it when it ends
+
+        async def messages() -> AsyncIterator[ServerSentEventMessage]:
+            try:
+                with feed.stream(str(scope) if scope else None) as stream:
+                    yield ServerSentEventMessage(event="resync", data="", retry=EVENTS_RETRY_MS)
+                    while True:
+                        try:
+                            async with asyncio.timeout(EVENTS_HEARTBEAT_SECONDS):
+                                event = await stream.queue.get()
+                        except TimeoutError:
+                            await slot.renew()
+                            yield ServerSentEventMessage(data=None, comment="keep-alive")
+                            continue
+                        if event is RESYNC:
+                            yield ServerSentEventMessage(event="resync", data="")
+                        else:
+                            yield ServerSentEventMessage(event="status", data=_encode_event(event).decode())
+            finally:
+                await slot.close()
+
+        return ServerSentEvent(messages())
+
+    @post(
+        "/cancel",
+        status_code=200,
+        dto=JsonBody,
+        return_dto=None,
+        summary="Cancel the pending generations of a filter (at most 1,000 per call)",
+        description="The filter is the list's (projectId for admin keys, provider, q, createdAfter, "
+        "createdBefore); only pending generations are cancelled, oldest first. `more` says whether "
+        "pending ones of the filter remain past this call's bound: call again.",
+        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
+    )
+    async def cancel_pending(
+        self, data: JSONBody[BulkCancelRequest], resources: InjectedResources, principal: InjectedPrincipal
+    ) -> BulkCancelEnvelope:
+        query = service.parse_list_query(
+            status="pending",
+            limit=1,
+            offset=0,
+            include_deleted=False,
+            cursor=None,
+            project_id=data.project_id,
+            provider=data.provider,
+            created_after=data.created_after,
+            created_before=data.created_before,
+            q=data.q,
+        )
+        return BulkCancelEnvelope(data=await service.cancel_pending(resources, principal, query))
 
     @post(
         "/{id:str}/cancel",

@@ -547,6 +547,36 @@ async def cancel_generation(
     return (await conn.execute(stmt)).mappings().first()
 
 
+async def cancel_pending_matching(conn: AsyncConnection, where: ListFilter, cap: int) -> Sequence[RowMapping]:
+    """pending → cancelled for at most `cap` pending generations of the list filter `where`, oldest
+    first (rows another transaction holds are skipped); the cancelled rows' (id, project_id, status,
+    updated_at)."""
+    g = generations.c
+    conditions = _list_filter(_shape(where))
+    if where.prompt_contains is not None:
+        conditions.append(g.prompt.ilike(bindparam("prompt_pattern", type_=g.prompt.type), escape="\\"))
+    doomed = (
+        select(g.id)
+        .where(*conditions, g.status == GenerationStatus.PENDING.value)
+        .order_by(g.created_at, g.id)
+        .limit(cap)
+        .with_for_update(skip_locked=True)
+        .params(**_filter_params(where))
+    )
+    stmt: Any = (
+        update(generations)
+        .where(g.id.in_(doomed.scalar_subquery()), g.status == GenerationStatus.PENDING.value)
+        .values(
+            status=GenerationStatus.CANCELLED.value,
+            cancelled_at=func.now(),
+            completed_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(g.id, g.project_id, g.status, g.updated_at)
+    )
+    return (await conn.execute(stmt)).mappings().all()
+
+
 async def lock_for_regenerate(
     conn: AsyncConnection, generation_id: uuid.UUID, project_id: uuid.UUID | None
 ) -> Row | None:

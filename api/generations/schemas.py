@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -123,3 +125,23 @@ class BatchEnvelope(msgspec.Struct, kw_only=True):
     success: bool = True
     data: list[BatchItemResult]
     summary: BatchSummary
+
+
+class BulkCancelRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    """The list's filter (GET /api/v1/generations); its pending generations are cancelled."""
+
+    project_id: uuid.UUID | None = None
+    provider: Annotated[str, Meta(max_length=64)] | None = None
+    q: Annotated[str, Meta(max_length=200)] | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class BulkCancelResult(msgspec.Struct, rename="camel"):
+    cancelled: int
+    more: bool  # pending generations of the filter remain past this call's bound
+
+
+class BulkCancelEnvelope(msgspec.Struct, kw_only=True):
+    success: bool = True
+    data: BulkCancelResult

@@ -44,6 +44,7 @@ from api.generations.schemas import (
     BatchEnvelope,
     BatchItemResult,
     BatchSummary,
+    BulkCancelResult,
     CreateGenerationRequest,
     GenerationEnvelope,
     GenerationListEnvelope,
@@ -421,6 +422,27 @@ async def cancel_generation(
         await changes.status_changed(_change_of(row))
     log.info("generation cancelled", generation_id=str(generation_id))
     return generation_record(row, resources.urls, with_image=False)
+
+
+# Bounded: one call's transaction holds its rows' locks and sends an event and webhooks for each.
+BULK_CANCEL_MAX = 1_000
+
+
+async def cancel_pending(resources: Resources, principal: Principal, query: ListQuery) -> BulkCancelResult:
+    """Cancel the pending generations of a list filter, at most BULK_CANCEL_MAX of them (one
+    transaction, one event and the webhooks of each)."""
+    where = _list_filter(principal, query)
+    async with status_changes(resources, resources.engine.begin()) as changes:
+        rows = await repository.cancel_pending_matching(changes.db, where, BULK_CANCEL_MAX)
+        if rows:
+            await changes.status_changed(*(_change_of(row) for row in rows))
+    log.info(
+        "pending generations cancelled",
+        count=len(rows),
+        project_id=str(where.project_id) if where.project_id else None,
+        provider=where.provider,
+    )
+    return BulkCancelResult(cancelled=len(rows), more=len(rows) >= BULK_CANCEL_MAX)
 
 
 def _change_of(row: Any) -> StatusChange:
