@@ -22,6 +22,8 @@ run: install
 
 ## The whole test suite: unit, integration on real services, end-to-end with real processes.
 test: install
+	@# The dashboard's browser tests drive Debian's Chromium (never skipped: install it when missing).
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install

@@ -43,8 +43,12 @@ from api.security.guards import (
     StreamSlot,
     project_id_of,
     require_api_key,
+    still_authenticated,
 )
 from api.security.ratelimit import Budget
+from api.webhooks import service as webhooks
+from api.webhooks.controller import StatusQuery as DeliveryStatusQuery
+from api.webhooks.schemas import WebhookDeliveryListEnvelope
 
 AnyRequest = Request[Any, Any, Any]
 _encode_event = msgspec.json.Encoder().encode
@@ -291,6 +295,30 @@ class GenerationController(Controller):
         return ServerSentEvent(messages())
 
     @get(
+        "/{id:str}/deliveries",
+        summary="A generation's webhook deliveries (every endpoint and its own webhookUrl), newest first",
+        description="For its project's keys, like GET /api/v1/webhooks/deliveries?generationId=, and for "
+        "admin keys (the dashboard's detail page).",
+        responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
+    )
+    async def generation_deliveries(
+        self,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        id: GenerationIdPath,
+        status: DeliveryStatusQuery = None,
+        limit: PageLimit = LIST_DEFAULT_LIMIT,
+        offset: PageOffset = 0,
+        cursor: PageCursor = None,
+    ) -> WebhookDeliveryListEnvelope:
+        record = await service.get_generation(resources, principal, id)  # 404: not the key's
+        query = webhooks.parse_delivery_query(status=status, limit=limit, offset=offset, cursor=cursor)
+        records, pagination = await webhooks.list_deliveries(
+            resources, uuid.UUID(record.project_id), query, generation_id=id
+        )
+        return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
+
+    @get(
         "/events",
         summary="Follow every status change of the key's scope as Server-Sent Events",
         description="`event: status` with `{id, projectId, status, updatedAt}` at every status change "
@@ -323,6 +351,8 @@ class GenerationController(Controller):
                             async with asyncio.timeout(EVENTS_HEARTBEAT_SECONDS):
                                 event = await stream.queue.get()
                         except TimeoutError:
+                            if not await still_authenticated(request):
+                                return  # revoked or signed out: the client's reconnect meets a 401
                             await slot.renew()
                             yield ServerSentEventMessage(data=None, comment="keep-alive")
                             continue

@@ -29,10 +29,19 @@ from api.security.auth import (
     authenticate,
     authenticate_digest,
     client_address,
+    load_key_record,
     principal_of,
 )
 from api.security.ratelimit import Budget, RateLimitResult, Receipt
-from api.security.sessions import check_csrf, close_session, session_of
+from api.security.sessions import (
+    SESSION_STATE_KEY,
+    DashboardSession,
+    check_csrf,
+    close_session,
+    load_session,
+    session_of,
+)
+from shared.apikeys import digest_key
 from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams, Unauthorized
 from shared.logging import get_logger
 
@@ -76,6 +85,20 @@ async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], budget: 
     state[RATE_LIMIT_STATE_KEY] = rate
     state[PRINCIPAL_STATE_KEY] = principal
     return rate
+
+
+async def still_authenticated(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """For a long stream, now and then: whether what authenticated it still stands (its key is not
+    revoked, its dashboard session not ended), read without spending a budget unit."""
+    resources = resources_of(connection)
+    session: DashboardSession | None = connection.scope["state"].get(SESSION_STATE_KEY)
+    if session is not None:
+        if await load_session(resources.redis, session.id) is None:
+            return False
+        digest = session.digest
+    else:
+        digest = digest_key(connection.headers.get("x-api-key") or "")
+    return await load_key_record(resources.reader, digest) is not None
 
 
 def refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:

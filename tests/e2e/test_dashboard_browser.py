@@ -209,7 +209,8 @@ def test_every_page_fits_360_px_without_horizontal_scroll(browser: Browser, plat
 def test_the_webhooks_page_shows_endpoints_and_their_failures(page: Page, platform: Platform) -> None:
     key = platform.new_project_key("dash-hooks")
     with platform.client(key) as c:
-        r = c.post("/api/v1/webhooks", json={"url": "https://example.com/dashboard-hook", "description": "ops"})
+        hook = {"url": "https://example.com/dashboard-hook", "description": "ops"}
+        r = c.post("/api/v1/webhooks", json=hook)
         assert r.status_code == 201, r.text
     sign_in(page, key)
     page.get_by_role("link", name="Webhooks").click()

@@ -659,11 +659,8 @@ function detailView(root, id) {
   }
 
   async function deliveries() {
-    if (state.session.kind === "admin") {
-      return h("p", { class: "hint" }, "Webhook deliveries are listed for the project's own keys.");
-    }
     try {
-      const list = (await api("GET", `/api/v1/webhooks/deliveries?generationId=${id}&limit=50`)).data;
+      const list = (await api("GET", `/api/v1/generations/${id}/deliveries?limit=50`)).data;
       if (!list.length) return h("p", {}, "No webhook deliveries.");
       return deliveriesTable(list, refresh);
     } catch (error) {
@@ -795,7 +792,7 @@ function deliveriesTable(list, after) {
             h(
               "td",
               {},
-              h("button", { type: "button", disabled: d.status === "pending", onclick: () => redeliver(d) }, "Redeliver"),
+              h("button", { type: "button", disabled: d.status === "pending" || state.session.kind === "admin", onclick: () => redeliver(d) }, "Redeliver"),
             ),
           ),
         ),

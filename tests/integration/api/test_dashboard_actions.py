@@ -102,3 +102,44 @@ async def test_a_project_key_cannot_follow_another_project(live_api, tenant, oth
     )
     assert r.status_code == 403
     assert (await live_api.http.get(f"{LIST}/{uuid.uuid4()}", headers=tenant.headers)).status_code == 404
+
+
+async def test_a_generations_deliveries_are_listed_for_its_project_and_admins(
+    live_api, tenant, other_tenant, engine, admin_headers
+):
+    r = await live_api.http.post(
+        "/api/v1/webhooks", json={"url": "https://example.com/hook"}, headers=tenant.headers
+    )
+    assert r.status_code == 201, r.text
+    generation_id = await insert_generation(engine, tenant.project_id)
+    r = await live_api.http.post(f"{LIST}/{generation_id}/cancel", headers=tenant.headers)
+    assert r.status_code == 200
+    for headers in (tenant.headers, admin_headers):
+        r = await live_api.http.get(f"{LIST}/{generation_id}/deliveries", headers=headers)
+        assert r.status_code == 200, r.text
+        [delivery] = r.json()["data"]
+        assert (
+            delivery["generationId"] == str(generation_id) and delivery["url"] == "https://example.com/hook"
+        )
+    r = await live_api.http.get(f"{LIST}/{generation_id}/deliveries", headers=other_tenant.headers)
+    assert r.status_code == 404
+
+
+async def test_the_scope_stream_ends_once_its_key_is_revoked(live_api, tenant, admin_headers, monkeypatch):
+    from api.generations import controller
+
+    monkeypatch.setattr(controller, "EVENTS_HEARTBEAT_SECONDS", 0.2)
+    async with live_api.http.stream("GET", f"{LIST}/events", headers=tenant.headers) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("event: resync")
+        r = await live_api.http.delete(f"/api/v1/admin/keys/{tenant.key_id}", headers=admin_headers)
+        assert r.status_code == 200
+
+        async def drain() -> None:
+            async for _ in lines:
+                pass
+
+        await asyncio.wait_for(drain(), 5)  # the server ended the stream
+    r = await live_api.http.get(f"{LIST}/events", headers=tenant.headers)
+    assert r.status_code == 401
