@@ -462,7 +462,12 @@ class GenerationController(Controller):
             ),
         ] = None,
         provider: Annotated[
-            str | None, QueryParameter(description="Only this provider's generations", max_length=64)
+            str | None,
+            QueryParameter(
+                description="Only this provider's generations. Like `q`, each page reads at most 5,000 rows "
+                "of the other filters.",
+                max_length=64,
+            ),
         ] = None,
         q: Annotated[
             str | None,

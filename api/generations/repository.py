@@ -232,11 +232,15 @@ class ListFilter(NamedTuple):
     project_id: uuid.UUID | None  # None: an admin key's list of every project
     statuses: tuple[str, ...]  # empty: any status
     include_deleted: bool
-    provider: str | None = None
     created_after: datetime | None = None  # created_at >= it
     created_before: datetime | None = None  # created_at < it
-    # Text in the prompt (case-insensitive). Only `search_rows` rows are read per page: see list_generations.
-    prompt_contains: str | None = None
+    # Filters no index serves (see list_generations): a page reads a bounded number of rows for them.
+    provider: str | None = None
+    prompt_contains: str | None = None  # text in the prompt, case-insensitive
+
+    @property
+    def bounded(self) -> bool:
+        return self.provider is not None or self.prompt_contains is not None
 
 
 class ListShape(NamedTuple):
@@ -245,13 +249,15 @@ class ListShape(NamedTuple):
     scoped: bool  # project_id = :project_id
     statuses: tuple[str, ...]  # status IN (...), sorted; empty: any status
     include_deleted: bool
-    provider: bool = False  # provider = :provider
     created_after: bool = False
     created_before: bool = False
+    provider: bool = False  # provider = :provider
+    prompt: bool = False  # prompt ILIKE :prompt_pattern
     keyset: bool = False  # (created_at, id) < (:after_created_at, :after_id)
     limit: int = 0
     offset: bool = False  # OFFSET :offset
-    search_rows: int = 0  # > 0: prompt ILIKE :prompt_pattern among that many rows of the other filters
+    # > 0: provider and prompt are matched among the next `scan_rows` rows of the other filters only.
+    scan_rows: int = 0
 
 
 def _shape(where: ListFilter) -> ListShape:
@@ -261,9 +267,10 @@ def _shape(where: ListFilter) -> ListShape:
         where.project_id is not None,
         tuple(sorted(set(where.statuses))),
         where.include_deleted,
-        provider=where.provider is not None,
         created_after=where.created_after is not None,
         created_before=where.created_before is not None,
+        provider=where.provider is not None,
+        prompt=where.prompt_contains is not None,
     )
 
 
@@ -281,7 +288,8 @@ def _filter_params(where: ListFilter) -> dict[str, Any]:
     }
 
 
-def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
+def _indexed_filter(shape: ListShape) -> list[ColumnElement[bool]]:
+    """The conditions the list indexes serve: (project_id[, status], created_at DESC, id DESC)."""
     g = generations.c
     conditions: list[ColumnElement[bool]] = []
     if shape.scoped:
@@ -290,13 +298,26 @@ def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
         conditions.append(g.status.in_([literal_column(f"'{status}'") for status in shape.statuses]))
     if not shape.include_deleted:
         conditions.append(g.deleted_at.is_(None))
-    if shape.provider:
-        conditions.append(g.provider == bindparam("provider", type_=g.provider.type))
     if shape.created_after:
         conditions.append(g.created_at >= bindparam("created_after", type_=g.created_at.type))
     if shape.created_before:
         conditions.append(g.created_at < bindparam("created_before", type_=g.created_at.type))
     return conditions
+
+
+def _row_filter(shape: ListShape, rows: Any) -> list[ColumnElement[bool]]:
+    """The conditions checked row by row, on `rows` (the table, or the rows a bounded page read)."""
+    conditions: list[ColumnElement[bool]] = []
+    if shape.provider:
+        conditions.append(rows.c.provider == bindparam("provider", type_=generations.c.provider.type))
+    if shape.prompt:
+        pattern = bindparam("prompt_pattern", type_=generations.c.prompt.type)
+        conditions.append(rows.c.prompt.ilike(pattern, escape="\\"))
+    return conditions
+
+
+def _list_filter(shape: ListShape) -> list[ColumnElement[bool]]:
+    return _indexed_filter(shape) + _row_filter(shape, generations)
 
 
 def _keyset_condition() -> ColumnElement[bool]:
@@ -308,38 +329,39 @@ def _keyset_condition() -> ColumnElement[bool]:
     return tuple_(g.created_at, g.id) < after
 
 
-def _searched_rows(shape: ListShape) -> Select[Any]:
-    """The rows a prompt search reads: the next `search_rows` of the other filters, newest first."""
+def _scanned_rows(shape: ListShape, *columns: Any) -> Select[Any]:
+    """What a bounded page reads: the next `scan_rows` rows of the indexed filter, newest first."""
     g = generations.c
-    conditions = _list_filter(shape)
+    conditions = _indexed_filter(shape)
     if shape.keyset:
         conditions.append(_keyset_condition())
     return (
-        select(g.id, g.created_at, g.prompt)
+        select(*columns)
         .where(*conditions)
         .order_by(g.created_at.desc(), g.id.desc())
-        .limit(literal_column(str(int(shape.search_rows))))
+        .limit(literal_column(str(int(shape.scan_rows))))
     )
 
 
 @functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
 def _list_page(shape: ListShape) -> CompiledQuery:
-    g = generations.c
-    if shape.search_rows:
-        searched = _searched_rows(shape).subquery("searched")
-        matching = select(searched.c.id).where(
-            searched.c.prompt.ilike(bindparam("prompt_pattern", type_=g.prompt.type), escape="\\")
-        )
-        conditions: list[ColumnElement[bool]] = [g.id.in_(matching)]
+    if shape.scan_rows:
+        # The scanned rows come in index order and the page keeps that order: PostgreSQL stops reading
+        # as soon as the page is full, and never reads more than `scan_rows`.
+        scanned = _scanned_rows(shape, *_GENERATION_COLUMNS).subquery("scanned")
+        rows: Any = scanned
+        source: Any = scanned.outerjoin(images, images.c.id == scanned.c.output_image_id)
+        conditions = _row_filter(shape, scanned)
     else:
+        rows, source = generations, _WITH_IMAGE
         conditions = _list_filter(shape)
         if shape.keyset:
             conditions.append(_keyset_condition())
     stmt = (
-        select(*_GENERATION_COLUMNS, *_IMAGE_COLUMNS)
-        .select_from(_WITH_IMAGE)
+        select(*(rows.c[column.name] for column in _GENERATION_COLUMNS), *_IMAGE_COLUMNS)
+        .select_from(source)
         .where(*conditions)
-        .order_by(g.created_at.desc(), g.id.desc())
+        .order_by(rows.c.created_at.desc(), rows.c.id.desc())
         .limit(literal_column(str(int(shape.limit))))
     )
     if shape.offset:
@@ -348,12 +370,13 @@ def _list_page(shape: ListShape) -> CompiledQuery:
 
 
 @functools.lru_cache(maxsize=_LIST_STATEMENTS_KEPT)
-def _search_end(shape: ListShape) -> CompiledQuery:
-    """The oldest row a prompt search read, and how many it read."""
-    searched = _searched_rows(shape).subquery("searched")
+def _scan_end(shape: ListShape) -> CompiledQuery:
+    """The oldest row a bounded page read, and how many it read."""
+    g = generations.c
+    scanned = _scanned_rows(shape, g.id, g.created_at).subquery("scanned")
     return CompiledQuery(
-        select(searched.c.created_at, searched.c.id, func.count().over().label("read"))
-        .order_by(searched.c.created_at, searched.c.id)
+        select(scanned.c.created_at, scanned.c.id, func.count().over().label("read"))
+        .order_by(scanned.c.created_at, scanned.c.id)
         .limit(literal_column("1"))
     )
 
@@ -380,18 +403,19 @@ async def list_generations(
     limit: int,
     offset: int,
     after: tuple[datetime, uuid.UUID] | None,
-    search_rows: int = 0,
+    scan_rows: int = 0,
 ) -> list[asyncpg.Record]:
     """Newest first; `after` is the keyset position (created_at, id) of the previous page's last row.
 
-    With `where.prompt_contains` the page holds the matches among the next `search_rows` rows of the
-    other filters only (PostgreSQL cannot index a substring without pg_trgm, which the embedded server
-    lacks): a rare text costs a bounded read per page, never a walk of the whole table."""
+    A filter no index serves (`where.bounded`: provider, text in the prompt) is matched among the next
+    `scan_rows` rows of the other filters only (a substring needs pg_trgm to be indexed, which the
+    embedded PostgreSQL lacks; a provider index would cost every create): a rare match costs a
+    bounded read per page, never a walk of the whole project. `scan_end` says where it stopped."""
     shape = _shape(where)._replace(
         keyset=after is not None,
         limit=limit,
         offset=offset > 0,
-        search_rows=search_rows if where.prompt_contains is not None else 0,
+        scan_rows=scan_rows if where.bounded else 0,
     )
     params: dict[str, Any] = {**_filter_params(where), "offset": offset}
     if after is not None:
@@ -399,19 +423,19 @@ async def list_generations(
     return await _list_page(shape).fetch(conn, **params)
 
 
-async def search_end(
+async def scan_end(
     conn: AsyncConnection,
     where: ListFilter,
     *,
     after: tuple[datetime, uuid.UUID] | None,
-    search_rows: int,
+    scan_rows: int,
 ) -> tuple[tuple[datetime, uuid.UUID] | None, int]:
-    """Where a prompt search's page stopped reading: its oldest row read (None: none) and how many."""
-    shape = _shape(where)._replace(keyset=after is not None, search_rows=search_rows)
+    """Where a bounded page stopped reading: its oldest row read (None: none) and how many it read."""
+    shape = _shape(where)._replace(keyset=after is not None, scan_rows=scan_rows)
     params = _filter_params(where)
     if after is not None:
         params["after_created_at"], params["after_id"] = after
-    row = await _search_end(shape).fetchrow(conn, **params)
+    row = await _scan_end(shape).fetchrow(conn, **params)
     if row is None:
         return None, 0
     return (row["created_at"], row["id"]), int(row["read"])
@@ -555,9 +579,7 @@ async def cancel_pending_matching(conn: AsyncConnection, where: ListFilter, cap:
     first (rows another transaction holds are skipped); the cancelled rows' (id, project_id, status,
     updated_at)."""
     g = generations.c
-    conditions = _list_filter(_shape(where))
-    if where.prompt_contains is not None:
-        conditions.append(g.prompt.ilike(bindparam("prompt_pattern", type_=g.prompt.type), escape="\\"))
+    conditions = _list_filter(_shape(where))  # pending rows are few: no bound needed
     doomed = (
         select(g.id)
         .where(*conditions, g.status == GenerationStatus.PENDING.value)

@@ -497,9 +497,9 @@ class ListQuery:
 
 PROVIDER_MAX_LENGTH = 64
 SEARCH_MAX_LENGTH = 200
-# Rows a prompt search reads per page (see repository.list_generations): about 10 ms of PostgreSQL
-# time at 1M rows (README, "The dashboard").
-SEARCH_ROWS_PER_PAGE = 5_000
+# Rows a page filtered by provider or prompt text reads at most (repository.list_generations): a few
+# ms of PostgreSQL time (README, "The dashboard").
+SCAN_ROWS_PER_PAGE = 5_000
 
 
 def _utc(value: datetime | None, field: str) -> datetime | None:
@@ -526,8 +526,9 @@ def parse_list_query(
     position = read_cursor(cursor) if cursor else None
     provider = check_text(provider, "provider", max_length=PROVIDER_MAX_LENGTH) or None
     prompt_contains = check_text(q, "q", max_length=SEARCH_MAX_LENGTH) or None
-    if prompt_contains is not None and offset:
-        raise ValidationFailed.field("offset", "a prompt search pages with the cursor only")
+    if (prompt_contains is not None or provider is not None) and offset:
+        field = "q" if prompt_contains is not None else "provider"
+        raise ValidationFailed.field("offset", f"a list filtered by {field} pages with the cursor only")
     after, before = _utc(created_after, "createdAfter"), _utc(created_before, "createdBefore")
     if after is not None and before is not None and after >= before:
         raise ValidationFailed.field("createdBefore", "must be later than createdAfter")
@@ -561,10 +562,10 @@ def _list_filter(principal: Principal, query: ListQuery) -> repository.ListFilte
         list_scope(principal, query.project_id),
         query.statuses,
         query.include_deleted,
-        query.provider,
-        query.created_after,
-        query.created_before,
-        query.prompt_contains,
+        created_after=query.created_after,
+        created_before=query.created_before,
+        provider=query.provider,
+        prompt_contains=query.prompt_contains,
     )
 
 
@@ -633,19 +634,19 @@ async def list_generations(
             limit=query.limit + 1,  # one more than asked tells whether there is a next page
             offset=query.offset,
             after=query.after,
-            search_rows=SEARCH_ROWS_PER_PAGE,
+            scan_rows=SCAN_ROWS_PER_PAGE,
         )
         has_more = len(rows) > query.limit
         rows = rows[: query.limit]
         next_after = (rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
-        if where.prompt_contains is not None:
+        if where.bounded:
             if not has_more:  # the page is short: more may match past the rows it read
-                oldest, read = await repository.search_end(
-                    conn, where, after=query.after, search_rows=SEARCH_ROWS_PER_PAGE
+                oldest, read = await repository.scan_end(
+                    conn, where, after=query.after, scan_rows=SCAN_ROWS_PER_PAGE
                 )
-                if read >= SEARCH_ROWS_PER_PAGE:
+                if read >= SCAN_ROWS_PER_PAGE:
                     has_more, next_after = True, oldest
-            # Counting matches would read every row: the total is what was found so far.
+            # Counting the matches would read every row: the total is what was found so far.
             total = PageTotal(len(rows) + has_more, is_estimate=has_more)
         else:
             total = await _list_total(conn, where, query, len(rows), has_more)

@@ -82,7 +82,7 @@ async def test_the_cursor_pages_through_a_filtered_list(client, tenant, engine):
 
 
 async def test_a_prompt_search_reads_a_bounded_number_of_rows_per_page(client, tenant, engine, monkeypatch):
-    monkeypatch.setattr(service, "SEARCH_ROWS_PER_PAGE", 3)
+    monkeypatch.setattr(service, "SCAN_ROWS_PER_PAGE", 3)
     match_old = str(await insert_generation(engine, tenant.project_id, prompt="needle", created_at=T0))
     for i in range(4):  # newer rows without the text: more than a page reads
         await insert_generation(
@@ -141,3 +141,22 @@ async def test_the_list_page_cache_keeps_filtered_pages_apart(client, tenant, en
     assert [g["prompt"] for g in a.json()["data"]] == ["one"]
     assert [g["prompt"] for g in b.json()["data"]] == ["two"]
     assert [g["prompt"] for g in c.json()["data"]] == ["two"]
+
+
+async def test_a_provider_filter_reads_a_bounded_number_of_rows_per_page(client, tenant, engine, monkeypatch):
+    monkeypatch.setattr(service, "SCAN_ROWS_PER_PAGE", 2)
+    rare = str(await insert_generation(engine, tenant.project_id, provider="gemini", created_at=T0))
+    for i in range(3):
+        await insert_generation(engine, tenant.project_id, created_at=T0 + timedelta(seconds=1 + i))
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"provider": "gemini", **({"cursor": cursor} if cursor else {})}
+        r = await client.get(LIST, params=params, headers=tenant.headers)
+        seen += ids(r)
+        pages += 1
+        cursor = r.json()["pagination"]["nextCursor"]
+        if not cursor:
+            break
+    # Two rows read per page: the second reaches the oldest row; a page that read all it may is never
+    # sure it was the last, so a third (empty) one ends the listing.
+    assert seen == [rare] and pages == 3
