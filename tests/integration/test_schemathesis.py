@@ -48,6 +48,9 @@ CHECKS = [
     response_headers_conformance,
 ]
 REQUEST_TIMEOUT_SECONDS = 30
+# An event stream that stays open (the scope's status changes) is read this long, then judged on what
+# arrived by then.
+OPEN_STREAM_READ_SECONDS = 2
 # What HTTP itself allows in a header (RFC 9110 token names; visible characters, space and tab in values).
 # Anything else is refused by uvicorn's parser before the app sees it (a text/plain 400), and no real
 # client can send it: such cases fuzz the HTTP server, not our document.
@@ -133,8 +136,14 @@ def _describe(exc: BaseException) -> str:
     return re.sub(r"\n\s*Schema:.*?(?=\n\S|\Z)", "", text, flags=re.DOTALL)[:1500]
 
 
+def streams(operation: Any) -> bool:
+    responses = operation.definition.raw.get("responses", {}).values()
+    return any("text/event-stream" in (response.get("content") or {}) for response in responses)
+
+
 def exercise(operation: Any, mode: GenerationMode, target: Target, findings: Findings) -> None:
     key = target.key_for(operation.path)
+    timeout = OPEN_STREAM_READ_SECONDS if streams(operation) else REQUEST_TIMEOUT_SECONDS
 
     @hypothesis.settings(
         max_examples=EXAMPLES[mode],
@@ -159,7 +168,7 @@ def exercise(operation: Any, mode: GenerationMode, target: Target, findings: Fin
         findings.calls += 1
         headers = {"X-API-Key": key}
         try:
-            response = case.call(headers=headers, timeout=REQUEST_TIMEOUT_SECONDS)
+            response = case.call(headers=headers, timeout=timeout)
         except Exception as exc:  # a dropped connection or a timeout is a finding too
             findings.add(operation.label, f"[{mode}] request failed: {exc!r}")
             return
