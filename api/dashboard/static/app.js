@@ -7,6 +7,7 @@ const UNFINISHED = new Set(["pending", "processing"]);
 const PAGE_SIZE = 25;
 // Status events arrive in bursts (a worker finishing many jobs): re-read at most this often.
 const REFRESH_AFTER_MS = 800;
+const STALE_RETRY_MS = 2000;
 
 const state = { session: null, events: null, view: null };
 
@@ -228,6 +229,7 @@ function overviewView(root) {
   const body = h("div", { "aria-busy": "true" });
   root.append(h("h1", {}, "Overview"), body);
 
+  let newestChange = ""; // updatedAt of the newest status event seen (ISO 8601, comparable as text)
   async function refresh() {
     let stats;
     try {
@@ -236,6 +238,9 @@ function overviewView(root) {
       failed(error, root);
       return;
     }
+    if (!root.isConnected) return;
+    // The stats are cached for a few seconds: figures older than a change seen are asked for again.
+    if (stats.generatedAt < newestChange) setTimeout(refresh, STALE_RETRY_MS);
     body.replaceChildren(
       countsSection(stats.counts),
       throughputSection(stats.throughput),
@@ -246,7 +251,14 @@ function overviewView(root) {
     );
     body.setAttribute("aria-busy", "false");
   }
-  return { refresh, onStatus: debounce(refresh, REFRESH_AFTER_MS) };
+  const refreshSoon = debounce(refresh, REFRESH_AFTER_MS);
+  return {
+    refresh,
+    onStatus(event) {
+      if (event.updatedAt && event.updatedAt > newestChange) newestChange = event.updatedAt;
+      refreshSoon();
+    },
+  };
 }
 
 function countsSection(counts) {
