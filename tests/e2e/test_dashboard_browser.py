@@ -259,3 +259,74 @@ def test_the_webhooks_page_shows_endpoints_and_their_failures(page: Page, platfo
     row.get_by_role("button", name="Failures").click()
     expect(page.get_by_role("heading", name=re.compile("Failed deliveries to"))).to_be_visible()
     shot(page, "webhooks")
+
+
+def counts_on_page(page: Page) -> dict[str, int]:
+    table = page.get_by_role("table", name="Generations by status")
+    return {
+        status: int(
+            table.get_by_role("row", name=re.compile(rf"^{status}\b")).get_by_role("cell").inner_text()
+        )
+        for status in STATUSES
+    }
+
+
+def stats_counts(client: httpx.Client) -> dict[str, int]:
+    r = client.get("/api/v1/stats")
+    assert r.status_code == 200, r.text
+    counts: dict[str, int] = r.json()["data"]["counts"]
+    return {status: counts[status] for status in STATUSES}
+
+
+def test_overview_counts_match_the_api_and_follow_changes_live(page: Page, platform: Platform) -> None:
+    key = platform.new_project_key("dash-overview")
+    with platform.client(key) as c:
+        for prompt in ("a kiln by the sea", "a kiln in the snow"):
+            poll_until_terminal(c, create(c, prompt)["id"])
+        poll_until_terminal(c, create(c, "a cracked kiln", parameters={"failPermanently": True})["id"])
+        sign_in(page, key)
+        expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+        expected = {"pending": 0, "processing": 0, "success": 2, "failed": 1, "cancelled": 0}
+        page.wait_for_function(
+            "() => document.querySelectorAll('table tbody tr').length > 0"
+        )  # the first figures arrived
+        assert counts_on_page(page) == expected == stats_counts(c)
+        expect(
+            page.get_by_role("img", name=re.compile(r"Last hour: 3 created, 2 succeeded, 1 failed"))
+        ).to_be_visible()
+        shot(page, "overview-project")
+
+        # A job failing elsewhere moves the count on the open page (the event stream, no reload).
+        poll_until_terminal(c, create(c, "another cracked kiln", parameters={"failPermanently": True})["id"])
+        failed_row = page.get_by_role("table", name="Generations by status").get_by_role(
+            "row", name=re.compile("^failed")
+        )
+        expect(failed_row).to_contain_text("2", timeout=20_000)
+        assert counts_on_page(page) == {**expected, "failed": 2} == stats_counts(c)
+
+
+def test_pause_and_resume_a_queue(page: Page, platform: Platform) -> None:
+    admin_key = str(platform.cli_json("keys", "create", "--admin")["key"])
+    key = platform.new_project_key("dash-pause")
+    sign_in(page, admin_key)
+    queues = page.get_by_role("table", name="Queues")
+    row = queues.get_by_role("row").filter(has_text="placeholder")
+    try:
+        row.get_by_role("button", name="Pause").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_contain_text("Pause a queue?")
+        dialog.get_by_role("button", name="Confirm").click()
+        expect(row).to_contain_text("paused")
+        expect(row.get_by_role("button", name="Resume")).to_be_visible()
+        with platform.client(key) as c:
+            held = create(c, "held while paused")
+            page.wait_for_timeout(3_000)  # workers take nothing from a paused queue
+            assert c.get(f"/api/v1/generations/{held['id']}").json()["data"]["status"] == "pending"
+            shot(page, "overview")
+            row.get_by_role("button", name="Resume").click()
+            page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+            expect(row).to_contain_text("running")
+            assert poll_until_terminal(c, held["id"])["status"] == "success"
+    finally:
+        with platform.client(admin_key) as admin:
+            admin.post("/api/v1/admin/queues/placeholder/resume")  # whatever happened above

@@ -241,11 +241,20 @@ function overviewView(root) {
     if (!root.isConnected) return;
     // The stats are cached for a few seconds: figures older than a change seen are asked for again.
     if (stats.generatedAt < newestChange) setTimeout(refresh, STALE_RETRY_MS);
+    render(stats);
+  }
+
+  function render(stats) {
     body.replaceChildren(
       countsSection(stats.counts),
       throughputSection(stats.throughput),
       processingSection(stats.processingTime, stats.providers),
-      queuesSection(stats.queues, isAdmin, refresh),
+      queuesSection(stats.queues, isAdmin, (changed) => {
+        // The pause route answers the queue as it now is; the cached stats catch up later.
+        for (const queue of stats.queues) if (queue.queue === changed.queue) Object.assign(queue, changed);
+        render(stats);
+        setTimeout(refresh, STALE_RETRY_MS * 3);
+      }),
       workersSection(stats.workers),
       errorsSection(stats.errors),
     );
@@ -360,7 +369,7 @@ function processingSection(overall, providers) {
   );
 }
 
-function queuesSection(queues, isAdmin, refresh) {
+function queuesSection(queues, isAdmin, changed) {
   async function toggle(queue) {
     const provider = queue.providers[0];
     const action = queue.paused ? "resume" : "pause";
@@ -370,9 +379,9 @@ function queuesSection(queues, isAdmin, refresh) {
       : `Pause queue ${queue.queue}: its jobs stay pending and workers claim none until it is resumed.${shared}`;
     if (!(await confirmed(`${queue.paused ? "Resume" : "Pause"} a queue?`, text))) return;
     try {
-      await api("POST", `/api/v1/admin/queues/${encodeURIComponent(provider)}/${action}`);
-      notice(`Queue ${queue.queue} ${queue.paused ? "resumed" : "paused"}.`);
-      await refresh();
+      const answer = await api("POST", `/api/v1/admin/queues/${encodeURIComponent(provider)}/${action}`);
+      notice(`Queue ${queue.queue} ${answer.data.paused ? "paused" : "resumed"}.`);
+      changed({ queue: answer.data.queue, paused: answer.data.paused, pausedAt: answer.data.pausedAt });
     } catch (error) {
       failed(error);
     }
