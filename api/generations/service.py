@@ -689,6 +689,7 @@ async def delete_generation(resources: Resources, principal: Principal, generati
         await repository.delete_generation(conn, generation_id)
         if doomed:
             await repository.delete_images(conn, [image.id for image in doomed])
+    log.info("generation deleted", generation_id=str(generation_id))
     # Objects go after the commit: a failed delete leaves orphans, never rows pointing at nothing.
     try:
         if len(doomed) == len(owned):

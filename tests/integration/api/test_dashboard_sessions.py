@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
 
 from api.security.sessions import SESSION_COOKIE
-from tests.integration.api.conftest import api_client
+from tests.integration.api.conftest import api_client, insert_generation
 
 SESSION = "/dashboard/session"
 LIST = "/api/v1/generations"
@@ -132,3 +133,37 @@ async def test_the_page_carries_no_key_and_forbids_framing(browser, tenant):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert tenant.key not in r.text
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+async def test_actions_are_logged_with_the_key_that_made_them(
+    live_api, tenant, engine, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    http = live_api.http  # shared by the session's tests: its cookie goes at the end
+    try:
+        await act_and_check_logs(http, tenant, engine, caplog)
+    finally:
+        http.cookies.clear()
+
+
+async def act_and_check_logs(http, tenant, engine, caplog) -> None:
+    r = await http.post(SESSION, data={"apiKey": tenant.key}, headers=JSON)
+    assert r.status_code == 200, r.text
+    csrf = {"X-CSRF-Token": r.json()["data"]["csrfToken"]}
+    first = await insert_generation(engine, tenant.project_id)
+    await insert_generation(engine, tenant.project_id)  # left pending for the bulk cancel
+    assert (await http.post(f"{LIST}/{first}/cancel", headers=csrf)).status_code == 200
+    assert (await http.post(f"{LIST}/{first}/regenerate", headers=csrf)).status_code == 200
+    assert (await http.delete(f"{LIST}/{first}", headers=csrf)).status_code == 200
+    assert (await http.post(f"{LIST}/cancel", json={}, headers=tenant.headers)).status_code == 200
+    logged = {
+        record.msg["event"]: record.msg
+        for record in caplog.records
+        if isinstance(record.msg, dict) and "event" in record.msg
+    }
+    for event in ("generation cancelled", "generation regenerated", "generation deleted"):
+        assert logged[event]["key_id"] == str(tenant.key_id), event
+        assert logged[event]["key_name"] == "test", event  # the session's key, by name too
+    # X-API-Key requests name their key by id.
+    assert logged["pending generations cancelled"]["key_id"] == str(tenant.key_id)
+    assert logged["pending generations cancelled"]["count"] == 1
