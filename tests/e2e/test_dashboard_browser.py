@@ -330,3 +330,41 @@ def test_pause_and_resume_a_queue(page: Page, platform: Platform) -> None:
     finally:
         with platform.client(admin_key) as admin:
             admin.post("/api/v1/admin/queues/placeholder/resume")  # whatever happened above
+
+
+def tab_to(page: Page, text: str) -> None:
+    """Moves the keyboard focus forward until it is on the control showing `text`."""
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement && document.activeElement.textContent.trim()") == text:
+            return
+    raise AssertionError(f"the keyboard never reached {text!r}")
+
+
+def test_the_dashboard_works_from_the_keyboard(page: Page, platform: Platform) -> None:
+    key = platform.new_project_key("dash-keyboard")
+    with platform.client(key) as c:
+        bad = create(c, "a kiln reached by keyboard", parameters={"failPermanently": True})
+        poll_until_terminal(c, bad["id"])
+    page.goto("/dashboard")
+    expect(page.get_by_label("API key")).to_be_focused()  # the page starts on the field
+    page.keyboard.type(key)
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    tab_to(page, "Generations")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Generations")).to_be_visible()
+    tab_to(page, "failed")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("button", name="failed", exact=True)).to_have_attribute("aria-pressed", "true")
+    tab_to(page, bad["id"])
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_contain_text(bad["id"])
+    tab_to(page, "Regenerate")
+    page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")  # backs out: nothing happens
+    expect(dialog).to_be_hidden()
+    with platform.client(key) as c:
+        assert c.get(f"/api/v1/generations/{bad['id']}").json()["data"]["version"] == 1
