@@ -227,18 +227,37 @@ function route() {
 function overviewView(root) {
   const isAdmin = state.session.kind === "admin";
   const body = h("div", { "aria-busy": "true" });
-  root.append(h("h1", {}, "Overview"), body);
+  let projectId = ""; // admin keys: one project's figures, or every project's
+  const projectSelect = h(
+    "select",
+    {
+      name: "projectId",
+      onchange: () => {
+        projectId = projectSelect.value;
+        refresh();
+      },
+    },
+    h("option", { value: "" }, "Every project"),
+  );
+  root.append(h("h1", {}, "Overview"), isAdmin && h("p", { class: "filters" }, h("label", {}, "Project", projectSelect)), body);
+  if (isAdmin) {
+    api("GET", "/api/v1/admin/projects")
+      .then((answer) => projectSelect.append(...answer.data.map((p) => h("option", { value: p.id }, `${p.name} (${p.slug})`))))
+      .catch((error) => failed(error, root));
+  }
 
   let newestChange = ""; // updatedAt of the newest status event seen (ISO 8601, comparable as text)
+  let asks = 0;
   async function refresh() {
+    const asked = ++asks;
     let stats;
     try {
-      stats = (await api("GET", "/api/v1/stats")).data;
+      stats = (await api("GET", `/api/v1/stats${projectId ? `?projectId=${projectId}` : ""}`)).data;
     } catch (error) {
       failed(error, root);
       return;
     }
-    if (!root.isConnected) return;
+    if (!root.isConnected || asked !== asks) return; // left, or a newer answer is on its way
     // The stats are cached for a few seconds: figures older than a change seen are asked for again.
     if (stats.generatedAt < newestChange) setTimeout(refresh, STALE_RETRY_MS);
     render(stats);
