@@ -25,6 +25,7 @@ from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
 from api.resources import resources_lifespan
 from api.security.guards import DEPENDENCIES
+from api.stats.controller import StatsController
 from api.webhooks.controller import WebhookController
 from shared.logging import configure_logging
 from shared.process import freeze_long_lived_objects
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ProviderController,
             HealthController,
             WebhookController,
+            StatsController,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

@@ -24,7 +24,7 @@ from shared.image_store import attempt_prefix
 from shared.logging import get_logger
 from shared.models import GenerationStatus
 from shared.providers import PROVIDER_NAMES
-from shared.queueing import enqueue_generation, queue_for_provider
+from shared.queueing import enqueue_generation, generation_queues, queue_depths, queue_for_provider
 from shared.settings import Settings
 from shared.status_changes import status_changes
 from shared.storage import ObjectStorage
@@ -204,12 +204,8 @@ async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:
     a queue whose length is unknown (Redis does not answer) counts as busy."""
     settings = deps.settings
     queue_of = {provider: queue_for_provider(settings, provider) for provider in PROVIDER_NAMES}
-    queues = list(dict.fromkeys([settings.worker.queue, *queue_of.values()]))
     try:
-        async with deps.broker_redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(queue)
-            lengths = dict(zip(queues, await pipe.execute(), strict=True))
+        lengths = await queue_depths(deps.broker_redis, generation_queues(settings))
     except Exception as exc:
         log.warning("broker queue lengths unknown", error=str(exc))
         lengths = {}
