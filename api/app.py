@@ -23,6 +23,7 @@ from api.images.controller import ImageController, PublicImageController
 from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
+from api.queues.controller import QueueController
 from api.resources import resources_lifespan
 from api.security.guards import DEPENDENCIES
 from api.stats.controller import StatsController
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HealthController,
             WebhookController,
             StatsController,
+            QueueController,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

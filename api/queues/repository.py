@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import RowMapping, delete, select
+from sqlalchemy import RowMapping, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.models import metadata
+from shared.models import GenerationStatus, metadata
 
 queue_pauses = metadata.tables["queue_pauses"]
+generations = metadata.tables["generations"]
+PENDING = GenerationStatus.PENDING.value
 
 
 async def list_pauses(conn: AsyncConnection) -> Sequence[RowMapping]:
@@ -41,3 +43,10 @@ async def resume(conn: AsyncConnection, queue: str) -> bool:
     q = queue_pauses.c
     deleted = await conn.execute(delete(queue_pauses).where(q.queue == queue).returning(q.queue))
     return deleted.first() is not None
+
+
+async def count_pending_by_provider(conn: AsyncConnection) -> dict[str, int]:
+    """Pending generations per provider (the partial index of unfinished rows)."""
+    g = generations.c
+    stmt = select(g.provider, func.count()).where(g.status == PENDING).group_by(g.provider)
+    return {provider: count for provider, count in (await conn.execute(stmt)).all()}

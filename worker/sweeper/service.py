@@ -23,11 +23,13 @@ from shared.events import StatusChange
 from shared.image_store import attempt_prefix
 from shared.logging import get_logger
 from shared.models import GenerationStatus
+from shared.pauses import announce_paused_queues, queue_routing
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import enqueue_generation, generation_queues, queue_depths, queue_for_provider
 from shared.settings import Settings
 from shared.status_changes import status_changes
 from shared.storage import ObjectStorage
+from worker.queues.repository import paused_queues
 from worker.sweeper import repository
 from worker.sweeper.repository import EmptyQueues, SweptGeneration
 
@@ -108,9 +110,11 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
             stale_enqueue_seconds=STALE_ENQUEUE_SECONDS,
             limit=batch_size,
             empty_queues=empty_queues,
+            routing=queue_routing(settings),
         )
 
     unsent += await _enqueue(deps, lost_messages)
+    await _announce_paused_queues(deps)
     report = SweepReport(
         deadline_failed=len(expired),
         leases_requeued=len(taken_back),
@@ -215,6 +219,14 @@ async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:
         routed=tuple(queue_of),
         others=settings.worker.queue in empty,
     )
+
+
+async def _announce_paused_queues(deps: SweeperDependencies) -> None:
+    """Tell the workers again which queues are paused: one that missed a pause or a resume (it was
+    starting, or the broker was away) follows within a sweep."""
+    async with deps.engine.connect() as conn:
+        paused = await paused_queues(conn)
+    await announce_paused_queues(deps.producer, paused)
 
 
 async def _enqueue(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -> int:
