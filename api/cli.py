@@ -523,7 +523,8 @@ def _print_status(stats: Any) -> None:
     )
 
     queues = Table(title="Queues")
-    for column in ("queue", "providers", "depth", "pending", "paused", "oldest pending (position)"):
+    queues.add_column("queue", no_wrap=True)
+    for column in ("providers", "depth", "pending", "paused", "oldest pending (position)"):
         queues.add_column(column)
     for queue in stats.queues:
         oldest = queue.oldest_pending
@@ -538,7 +539,7 @@ def _print_status(stats: Any) -> None:
     console.print(queues)
 
     workers = Table(title="Workers" if stats.workers.reachable else "Workers (the broker did not answer)")
-    workers.add_column("worker")
+    workers.add_column("worker", no_wrap=True)
     workers.add_column("running")
     for worker in stats.workers.items:
         running = [f"{t.task} {t.generation_id or t.task_id}" for t in worker.active]
