@@ -9,7 +9,7 @@ import functools
 from collections.abc import Iterable
 
 from celery import Celery
-from sqlalchemy import ColumnElement, case, exists, literal, select
+from sqlalchemy import ColumnElement, Text, case, exists, literal_column, select
 
 from shared.logging import get_logger
 from shared.models import metadata
@@ -32,9 +32,18 @@ ANNOUNCE_TIMEOUT_SECONDS = 3.0
 QueueRouting = tuple[str, tuple[tuple[str, str], ...]]
 
 
+# Settings objects by id (kept, so an id is never reused while here) and their routing: every claim
+# asks for it, and working it out splits the shared-queue setting for each provider.
+_routings: dict[int, tuple[Settings, QueueRouting]] = {}
+_ROUTINGS_KEPT = 16
+
+
 def queue_routing(settings: Settings) -> QueueRouting:
     """(the default queue, (provider, queue) of each provider with a queue of its own): how a row's
     provider names its queue, in a hashable form."""
+    kept = _routings.get(id(settings))
+    if kept is not None and kept[0] is settings:
+        return kept[1]
     from shared.providers import PROVIDER_NAMES
 
     default = settings.worker.queue
@@ -43,6 +52,9 @@ def queue_routing(settings: Settings) -> QueueRouting:
         for provider in PROVIDER_NAMES
         if (queue := queue_for_provider(settings, provider)) != default
     )
+    if len(_routings) >= _ROUTINGS_KEPT:
+        _routings.clear()
+    _routings[id(settings)] = (settings, (default, routed))
     return default, routed
 
 
@@ -52,8 +64,17 @@ def queue_paused(routing: QueueRouting) -> ColumnElement[bool]:
     routing: statements that embed it are built once too."""
     default, routed = routing
     g = generations.c
-    queue = case(dict(routed), value=g.provider, else_=literal(default)) if routed else literal(default)
-    return exists(select(literal(1)).where(queue_pauses.c.queue == queue))
+    # Constants in the SQL text, not bound parameters: the claim binds nothing more per job.
+    queue: ColumnElement[str] = _text_constant(default)
+    if routed:
+        whens = [(g.provider == _text_constant(provider), _text_constant(q)) for provider, q in routed]
+        queue = case(*whens, else_=queue)
+    return exists(select(literal_column("1")).where(queue_pauses.c.queue == queue))
+
+
+def _text_constant(value: str) -> ColumnElement[str]:
+    quoted = value.replace("'", "''")
+    return literal_column(f"'{quoted}'", type_=Text())
 
 
 async def announce_paused_queues(app: Celery, paused: Iterable[str]) -> bool:
