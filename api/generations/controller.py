@@ -326,7 +326,7 @@ class GenerationController(Controller):
         "when changes may have been missed (re-read what is shown). A comment every 15 s keeps it "
         "open. Generations created pending announce no event: their count moves with the next change.",
         media_type="text/event-stream",
-        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def scope_events(
         self,
@@ -374,7 +374,7 @@ class GenerationController(Controller):
         description="The filter is the list's (projectId for admin keys, provider, q, createdAfter, "
         "createdBefore); only pending generations are cancelled, oldest first. `more` says whether "
         "pending ones of the filter remain past this call's bound: call again.",
-        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 404, 413, *AUTHENTICATED_ERRORS),
     )
     async def cancel_pending(
         self, data: JSONBody[BulkCancelRequest], resources: InjectedResources, principal: InjectedPrincipal
@@ -438,7 +438,7 @@ class GenerationController(Controller):
     @get(
         "/",
         summary="List generations, newest first",
-        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
     async def list_generations(
         self,

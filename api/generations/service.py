@@ -57,10 +57,10 @@ from api.parsing import check_text, decode_body
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import (
-    Forbidden,
     GenerationNotFound,
     InvalidState,
     KilnError,
+    NotFound,
     RateLimitExceeded,
     ValidationFailed,
 )
@@ -549,11 +549,11 @@ def parse_list_query(
 
 def list_scope(principal: Principal, project_id: uuid.UUID | None) -> uuid.UUID | None:
     """The project a list reads (None: every project). An admin key may name one; a project key reads
-    its own, and naming another is refused."""
+    its own, and another project is not found (as its generations are)."""
     if principal.is_admin:
         return project_id
     if project_id is not None and project_id != principal.project_id:
-        raise Forbidden("A project key lists its own project's generations only")
+        raise NotFound("Project not found; a project key lists its own project's generations only")
     return principal.project_id
 
 

@@ -109,7 +109,7 @@ async def test_admins_name_a_project_and_project_keys_only_their_own(
         await client.get(LIST, params={"projectId": str(tenant.project_id)}, headers=tenant.headers)
     ) == [mine]
     r = await client.get(LIST, params={"projectId": str(other_tenant.project_id)}, headers=tenant.headers)
-    assert r.status_code == 403
+    assert r.status_code == 404
 
 
 @pytest.mark.parametrize(
