@@ -55,6 +55,15 @@ def _admin_settings() -> Settings:
     return with_running_embedded_servers(_settings())
 
 
+def _exec_counting(settings: Settings, argv: list[str]) -> None:
+    """Exec a server that counts into the platform's metrics directory (shared.metrics): the API's
+    /metrics adds up what every process on this host counted."""
+    from shared.metrics import use_metrics_dir
+
+    use_metrics_dir(settings)
+    _exec(argv)
+
+
 def _exec(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -72,7 +81,8 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn)."""
     s = _settings()
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -94,7 +104,7 @@ def api(
             s.server.forwarded_allow_ips,
             "--timeout-graceful-shutdown",
             "10",
-        ]
+        ],
     )
 
 
@@ -119,7 +129,8 @@ def worker(
         from shared.queueing import worker_queues
 
         queues = ",".join(worker_queues(s))
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -135,7 +146,7 @@ def worker(
             s.log_level,
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
 
 
@@ -148,7 +159,8 @@ def beat() -> None:
     schedule.parent.mkdir(parents=True, exist_ok=True)
     # Celery beat embedded (-B) in a small worker that reads only the maintenance queue: workers busy
     # with slow jobs read no message at all, and the sweeper must still run every few seconds.
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -169,7 +181,7 @@ def beat() -> None:
             s.log_level,
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
 
 

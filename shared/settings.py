@@ -366,6 +366,16 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class MetricsSettings(BaseModel):
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        min_length=16,
+        description="Bearer token that lets a Prometheus on another host scrape `GET /metrics` "
+        "(`Authorization: Bearer <token>`); empty: only loopback clients may.",
+    )
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
@@ -416,6 +426,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     network: NetworkSettings = NetworkSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    metrics: MetricsSettings = MetricsSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

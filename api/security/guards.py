@@ -32,6 +32,7 @@ from api.security.auth import (
 from api.security.ratelimit import Budget, RateLimitResult, Receipt
 from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams
 from shared.logging import get_logger
+from shared.metrics import count_rate_limit_rejection
 
 log = get_logger(__name__)
 
@@ -65,6 +66,7 @@ async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], budget: 
 
 def refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
     if not rate.admitted:
+        count_rate_limit_rejection(budget.value)
         raise RateLimitExceeded(
             f"Rate limit of {rate.limit} {budget.value} requests per hour exceeded; "
             f"retry in {rate.reset_seconds} s",
@@ -190,6 +192,7 @@ class GenerationSpend:
 
 
 SLOT_CLOSE_SECONDS = 5.0
+STREAMS_BUDGET = "streams"  # its name among the budgets in kiln_rate_limit_rejections_total
 
 
 class StreamSlot:
@@ -212,6 +215,7 @@ class StreamSlot:
         if self._cap <= 0:
             return
         if not await self._limiter.open_stream(self._key_id, self._token, self._cap):
+            count_rate_limit_rejection(STREAMS_BUDGET)
             raise TooManyStreams(
                 f"This API key already has {self._cap} event streams or long polls open; "
                 "close one or retry later",

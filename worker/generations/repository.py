@@ -47,6 +47,9 @@ class ClaimedGeneration:
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
     # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
     outbound_allow_hosts: tuple[str, ...] = ()
+    # Seconds from its enqueue (its creation, or its last re-enqueue) to this claim, by the database's
+    # clock: the pickup time of a fresh claim.
+    waited_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class NewImage:
 class GenerationState:
     status: str
     past_deadline: bool
+    provider: str
 
 
 _STATUS_CHANGE_COLUMNS = (
@@ -94,6 +98,9 @@ _CLAIMED_COLUMNS = (
     .where(projects.c.id == generations.c.project_id)
     .scalar_subquery()
     .label("outbound_allow_hosts"),
+    func.extract(
+        "epoch", func.now() - func.coalesce(generations.c.enqueued_at, generations.c.created_at)
+    ).label("waited_seconds"),
 )  # fmt: skip
 
 
@@ -116,6 +123,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         updated_at=row.updated_at,
         connection_id=row.connection_id,
         outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
+        waited_seconds=float(row.waited_seconds),
     )
 
 
@@ -192,12 +200,14 @@ async def get_state(conn: AsyncConnection, generation_id: uuid.UUID) -> Generati
     g = generations.c
     row = (
         await conn.execute(
-            select(g.status, (g.deadline_at <= func.now()).label("past_deadline")).where(
+            select(g.status, (g.deadline_at <= func.now()).label("past_deadline"), g.provider).where(
                 g.id == generation_id
             )
         )
     ).one_or_none()
-    return None if row is None else GenerationState(status=row.status, past_deadline=row.past_deadline)
+    if row is None:
+        return None
+    return GenerationState(status=row.status, past_deadline=row.past_deadline, provider=row.provider)
 
 
 async def fail_pending_past_deadline(
