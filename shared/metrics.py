@@ -1,13 +1,15 @@
 """Kiln's Prometheus metrics: the one home of their names, labels and buckets. The API and the worker
 count into them; `GET /metrics` (api.metrics) serves them.
 
-Several API processes and Celery's prefork children each count into files of their own under
-PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when prometheus_client is
-imported); a scrape adds every process's files up. The `kiln` launchers set it (`use_metrics_dir`),
-and `kiln dev` empties it when the platform starts. Only counters and histograms live in those files:
-they are summed, and a dead process's counts must stay in the totals. The gauges (queue depth,
-in flight, workers alive) are read when scraped, so no gauge needs a multiprocess mode and there are
-no live-gauge files for `mark_process_dead` to remove.
+Several API processes and Celery's prefork children each count into files of their own (named by
+pid) under PROMETHEUS_MULTIPROC_DIR: prometheus_client's multiprocess mode, chosen when
+prometheus_client is imported. The `kiln` launchers set it (`use_metrics_dir`) to a directory per host
+name under KILN_METRICS_DIR, so containers that share that directory as a volume (each with its own pid
+numbers) never write each other's files; a scrape adds up every file of every host directory.
+`kiln dev` empties them when the platform starts. Only counters and histograms live in those files:
+they are summed, and a dead process's counts must stay in the totals. The gauges (queue depth, in
+flight, workers alive) are read when scraped, so no gauge needs a multiprocess mode and there are no
+live-gauge files for `mark_process_dead` to remove.
 
 Labels stay bounded: routes are templates (`route_label`), providers are adapter names
 (`provider_label`), error codes are the codes the code base raises, outcomes are fixed words. The hot
@@ -18,12 +20,15 @@ paths (every request, every job) count through children bound once per label set
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import REGISTRY
+from prometheus_client.registry import REGISTRY, Collector
 
 from shared.settings import Settings
 
@@ -199,31 +204,41 @@ def count_rate_limit_rejection(budget: str) -> None:
 # --- processes and scrapes -----------------------------------------------------------------------
 
 
-def metrics_dir(settings: Settings) -> Path:
-    """Where the processes of one platform on this host keep their counts."""
-    return settings.embedded.data_dir.resolve() / "metrics"
+def metrics_root(settings: Settings) -> Path:
+    """Where every process of the platform (on this host, or sharing it as a volume) counts."""
+    return (settings.metrics.dir or settings.embedded.data_dir / "metrics").resolve()
 
 
 def use_metrics_dir(settings: Settings, *, empty: bool = False) -> Path:
-    """Point the processes this one starts or execs at the platform's metrics directory, unless
-    PROMETHEUS_MULTIPROC_DIR already names one (`kiln dev`'s, or the operator's). `empty`: the platform
-    starts, so the counts of its previous run go (only the counts' files: the directory may be the
-    operator's)."""
-    given = os.environ.get(MULTIPROC_DIR_ENV)
-    path = Path(given) if given else metrics_dir(settings)
-    path.mkdir(parents=True, exist_ok=True)
+    """Point the processes this one starts or execs at this host's directory under the metrics root.
+    `empty`: the platform starts, so the counts of its previous run go (only the counts' files: the
+    root may be a directory of the operator's)."""
+    root = metrics_root(settings)
     if empty:
-        for counts in path.glob("*.db"):
+        for counts in root.glob("*/*.db"):
             counts.unlink(missing_ok=True)
+    path = root / socket.gethostname()
+    path.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_DIR_ENV] = str(path)
     return path
 
 
+class _EveryHost(Collector):
+    """prometheus_client's multiprocess collector over the files of every host directory of the root."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def collect(self) -> Iterable[Metric]:
+        return MultiProcessCollector.merge([str(path) for path in self._root.glob("*/*.db")])
+
+
 def counted_metrics() -> bytes:
     """The counters and histograms in the text format: every process's files added up in multiprocess
-    mode, else this process's registry (a single process, the tests). Blocking (reads the files)."""
+    mode (this process's directory is one host directory of the root), else this process's registry (a
+    single process, the tests). Blocking (reads the files)."""
     if not _COUNTING_DIR:
         return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, _COUNTING_DIR)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_EveryHost(Path(_COUNTING_DIR).parent))
     return generate_latest(registry)

@@ -367,6 +367,11 @@ class WebhookSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
+    dir: Path | None = Field(
+        default=None,
+        description="Where every API and worker process counts its metrics (a directory per host name): "
+        "share it between the containers of one host. Empty: `<KILN_EMBEDDED_DATA_DIR>/metrics`.",
+    )
     token: str | None = Field(
         default=None,
         repr=False,

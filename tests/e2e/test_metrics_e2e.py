@@ -94,5 +94,5 @@ def test_totals_add_up_across_api_processes_and_worker_children(platform_of_proc
     assert ("kiln_queue_depth", frozenset({("queue", "kiln.generations")})) in samples
 
     # The counts came from several processes: 2 API processes and 2 worker children wrote files.
-    counting = {path.stem.split("_")[-1] for path in (p.workdir / "var" / "metrics").glob("counter_*.db")}
+    counting = {path.stem.split("_")[-1] for path in (p.workdir / "var" / "metrics").glob("*/counter_*.db")}
     assert len(counting) >= 4, counting

@@ -3,7 +3,10 @@ run, the gauges are read at scrape time, and only loopback clients or the token 
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +16,10 @@ from tests.integration.api.inprocess_worker import run_next_job, worker_deps
 from worker.generations.service import PipelineOutcome
 
 CREATE = "/api/v1/generations"
+DASHBOARD = Path(__file__).parents[3] / "infra" / "grafana" / "kiln.json"
+METRIC_NAME = re.compile(r"\bkiln_[a-z_]+\b")
+# The names a family's samples carry in the text format.
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 TOKEN = "metrics-token-0123456789"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -165,3 +172,27 @@ async def test_without_a_token_configured_only_loopback_may_scrape(client, live_
     assert r.status_code == 401
     r = await live_api.http.get("/metrics", headers={"Authorization": "Bearer anything-at-all-here"})
     assert r.status_code == 401  # a wrong token is wrong from anywhere
+
+
+async def test_the_grafana_dashboard_shows_every_metric_and_asks_for_no_other(live_api):
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    asked = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    r = await live_api.http.get("/metrics")
+    families = [f for f in text_string_to_metric_families(r.text) if f.name.startswith("kiln_")]
+    exposed = {
+        family.name + suffix: family.name for family in families for suffix in SAMPLE_SUFFIXES[family.type]
+    }
+
+    assert asked <= exposed.keys(), f"the dashboard asks for what /metrics lacks: {asked - exposed.keys()}"
+    shown = {exposed[name] for name in asked}
+    assert shown == {family.name for family in families}, "a metric without a panel"
+    # Any Prometheus: the data source is the dashboard's variable, in every panel and query.
+    assert [v["name"] for v in dashboard["templating"]["list"] if v["type"] == "datasource"] == ["datasource"]
+    sources = [panel["datasource"] for panel in panels] + [
+        t["datasource"] for p in panels for t in p["targets"]
+    ]
+    assert all(source == {"type": "prometheus", "uid": "${datasource}"} for source in sources)
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

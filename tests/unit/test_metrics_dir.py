@@ -1,0 +1,51 @@
+"""Where processes count: a directory per host name under the metrics root, emptied when a platform
+starts (only the counts: the root may hold other things)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from shared.metrics import MULTIPROC_DIR_ENV, metrics_root, use_metrics_dir
+from shared.settings import Settings
+
+
+def settings_with_root(root: Path) -> Settings:
+    settings = Settings()
+    return settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"dir": root})})
+
+
+def test_the_root_follows_the_data_dir_unless_set(tmp_path: Path) -> None:
+    settings = Settings()
+    in_data_dir = settings.model_copy(
+        update={"embedded": settings.embedded.model_copy(update={"data_dir": tmp_path / "var"})}
+    )
+    assert metrics_root(in_data_dir) == tmp_path / "var" / "metrics"
+    assert metrics_root(settings_with_root(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
+
+
+def test_a_process_counts_in_its_hosts_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, "/somewhere/else")  # restored after the test
+    path = use_metrics_dir(settings_with_root(tmp_path))
+    assert path == tmp_path / socket.gethostname() and path.is_dir()
+    assert os.environ[MULTIPROC_DIR_ENV] == str(path)
+
+
+def test_a_starting_platform_empties_the_counts_of_every_host_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, "")
+    for host in ("api-container", socket.gethostname()):
+        (tmp_path / host).mkdir()
+        (tmp_path / host / "counter_12.db").write_bytes(b"counts")
+    (tmp_path / "README").write_text("the operator's")
+    settings = settings_with_root(tmp_path)
+
+    use_metrics_dir(settings)  # a process joining a running platform keeps its counts
+    assert len(list(tmp_path.glob("*/*.db"))) == 2
+    use_metrics_dir(settings, empty=True)
+    assert list(tmp_path.glob("*/*.db")) == []
+    assert (tmp_path / "README").read_text() == "the operator's"
