@@ -106,6 +106,8 @@ _GET_ANY = (
 # The hot path: primary-key lookup, project-scoped (admin keys use the unscoped one). Finished records
 # are answered from the per-process cache; this serves the polls of unfinished ones: 100 µs of API CPU
 # per call on the driver against 167 µs through SQLAlchemy (2,000 calls in-process, 1M rows, 19:58 UTC).
+# No bench row polls unfinished jobs (the poll row reads a finished one); batch submitters poll
+# thousands of pending jobs, which is where this saving goes.
 _GET_IN_PROJECT = CompiledQuery(_GET_ANY.where(generations.c.project_id == bindparam("project_id")))
 _GET_IN_ANY_PROJECT = CompiledQuery(_GET_ANY)
 
@@ -173,8 +175,9 @@ def _insert_statement(capped: bool) -> Any:
 
 
 # Compiled, the create's INSERT costs 181 µs of API CPU per call against 207 µs through SQLAlchemy
-# (1,000 inserts in-process, JSON encoding included, 19:58 UTC): ~2% of a create, kept while create is
-# short of its target.
+# (1,000 inserts in-process, JSON encoding included). In `make bench` (BENCH_ONLY=create, 10 s, pairs
+# run alternately, 21:32 UTC 2026-12-04): 1,188 and 1,049 µs of API CPU per create with it, 1,230 and
+# 1,204 µs through SQLAlchemy on an autocommit connection: kept.
 # The same statements twice: compiled for the single create committed on its own (the hot path), and
 # as Core statements for inserts inside a transaction (idempotent creates, batches), which must go
 # through SQLAlchemy so that they run inside the transaction it opened.
