@@ -376,8 +376,8 @@ class MetricsSettings(BaseModel):
         default=None,
         repr=False,
         min_length=16,
-        description="Bearer token that lets a Prometheus on another host scrape `GET /metrics` "
-        "(`Authorization: Bearer <token>`); empty: only loopback clients may.",
+        description="Bearer token (16 characters or more) that lets a Prometheus on another host scrape "
+        "`GET /metrics` (`Authorization: Bearer <token>`); empty: only loopback clients may.",
     )
 
 
