@@ -8,17 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.embedded import free_port
 from tests import services
 from tests.e2e.conftest import redis_db
 from tests.e2e.harness import TERMINAL, Platform, base_env, wait_until
+from tests.scrape import Samples, samples_of, value
 
 pytestmark = pytest.mark.e2e
 
 JOBS = 24
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
@@ -41,15 +40,7 @@ def platform_of_processes(postgres_admin_url: str, redis_url: str, tmp_path: Pat
 def scrape(p: Platform) -> Samples:
     r = httpx.get(f"{p.base_url}/metrics", timeout=10)
     assert r.status_code == 200, r.text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(r.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return samples_of(r.text)
 
 
 def test_totals_add_up_across_api_processes_and_worker_children(platform_of_processes: Platform) -> None:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.api.conftest import api_client, with_limits
 from tests.integration.api.inprocess_worker import run_next_job, worker_deps
+from tests.scrape import Samples, moved, samples_of, value
 from worker.generations.service import PipelineOutcome
 
 CREATE = "/api/v1/generations"
@@ -21,15 +22,6 @@ METRIC_NAME = re.compile(r"\bkiln_[a-z_]+\b")
 # The names a family's samples carry in the text format.
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 TOKEN = "metrics-token-0123456789"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples_of(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def scrape(http: Any, **headers: str) -> Samples:
@@ -37,14 +29,6 @@ async def scrape(http: Any, **headers: str) -> Samples:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
     return samples_of(r.text)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
 
 
 async def test_requests_are_counted_by_route_template_never_by_path(live_api, tenant):
