@@ -78,6 +78,19 @@ async def test_a_job_moves_the_generation_and_provider_metrics(
     assert moved(before, after, "kiln_provider_requests_total", provider=provider, outcome="success") == 1
 
 
+async def test_each_created_item_of_a_batch_and_an_idempotent_create_counts_once(live_api, tenant):
+    http = live_api.http
+    before = await scrape(http)
+    items = [{"prompt": "one"}, {"prompt": "   "}, {"prompt": "two"}]  # the blank one is refused
+    batch = await http.post(f"{CREATE}/batch", json={"items": items}, headers=tenant.headers)
+    assert batch.json()["summary"]["succeeded"] == 2
+    once = {**tenant.headers, "Idempotency-Key": "count-me-once"}
+    replies = [await http.post(CREATE, json={"prompt": "three"}, headers=once) for _ in range(2)]
+    assert replies[1].headers["idempotent-replayed"] == "true"
+    after = await scrape(http)
+    assert moved(before, after, "kiln_generations_created_total", provider="placeholder") == 3
+
+
 async def test_failures_and_retries_are_counted_by_code_and_outcome(
     live_api, tenant, api_settings, engine, redis_client, storage
 ):
