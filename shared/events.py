@@ -28,6 +28,9 @@ class StatusChange:
     project_id: uuid.UUID
     status: str
     updated_at: datetime
+    # False: the statement that made the change found nothing subscribed to it (no endpoint of the project
+    # and no webhookUrl, `shared.webhooks.announced`), so no delivery is looked up. True: look them up.
+    announced: bool = True
 
 
 def generation_channel(generation_id: uuid.UUID | str) -> str:

@@ -35,7 +35,7 @@ import httpx
 import msgspec
 from celery import Celery
 from kombu import Producer
-from sqlalchemy import func, insert, literal, select, tuple_
+from sqlalchemy import ColumnElement, exists, func, insert, literal, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -245,6 +245,18 @@ def _subscribed_endpoints(status: str) -> Any:
     return matching.label("endpoints")
 
 
+def announced(status: str) -> ColumnElement[bool]:
+    """Whether a change of a generation to `status` has anyone to tell: its own webhookUrl, or an enabled
+    endpoint of its project subscribed to it. For the RETURNING of the statement that makes the change
+    (`StatusChange.announced`): the worker's changes then skip the delivery lookup when it is false, which
+    it is on most rows."""
+    e, g = webhook_endpoints.c, generations.c
+    subscribed = exists().where(
+        e.project_id == g.project_id, e.enabled.is_(True), e.events.contains([status])
+    )
+    return or_(g.webhook_url.is_not(None), subscribed).label("announced")
+
+
 async def insert_status_deliveries(
     db: AsyncConnection, changes: Sequence[StatusChange], settings: Settings
 ) -> list[uuid.UUID]:
@@ -257,7 +269,7 @@ async def insert_status_deliveries(
     """
     by_status: dict[str, list[StatusChange]] = {}
     for change in changes:
-        if change.status in WEBHOOK_EVENTS:
+        if change.announced and change.status in WEBHOOK_EVENTS:
             by_status.setdefault(change.status, []).append(change)
     if not by_status:
         return []

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import StatusChange
 from shared.models import GenerationStatus, metadata
+from shared.webhooks import announced
 
 generations = metadata.tables["generations"]
 images = metadata.tables["images"]
@@ -47,6 +48,8 @@ class ClaimedGeneration:
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
     # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
     outbound_allow_hosts: tuple[str, ...] = ()
+    # Whether `processing` has a webhook to deliver (`shared.webhooks.announced`), read with the claim.
+    announces_processing: bool = True
     # Seconds from its enqueue (its creation, or its last re-enqueue) to this claim, by the database's
     # clock: the pickup time of a fresh claim.
     waited_seconds: float = 0.0
@@ -75,18 +78,22 @@ class GenerationState:
     provider: str
 
 
-_STATUS_CHANGE_COLUMNS = (
-    generations.c.id,
-    generations.c.project_id,
-    generations.c.status,
-    generations.c.updated_at,
-)
+def _status_change_columns(status: GenerationStatus) -> tuple[Any, ...]:
+    """What the statement that moves a row to `status` returns for its StatusChange."""
+    g = generations.c
+    return (g.id, g.project_id, g.status, g.updated_at, announced(status.value))
 
 
 def _status_change(row: Any) -> StatusChange | None:
     if row is None:
         return None
-    return StatusChange(id=row.id, project_id=row.project_id, status=row.status, updated_at=row.updated_at)
+    return StatusChange(
+        id=row.id,
+        project_id=row.project_id,
+        status=row.status,
+        updated_at=row.updated_at,
+        announced=row.announced,
+    )
 
 
 _CLAIMED_COLUMNS = (
@@ -98,6 +105,7 @@ _CLAIMED_COLUMNS = (
     .where(projects.c.id == generations.c.project_id)
     .scalar_subquery()
     .label("outbound_allow_hosts"),
+    announced(GenerationStatus.PROCESSING.value),
     func.extract(
         "epoch", func.now() - func.coalesce(generations.c.enqueued_at, generations.c.created_at)
     ).label("waited_seconds"),
@@ -123,6 +131,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         updated_at=row.updated_at,
         connection_id=row.connection_id,
         outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
+        announces_processing=row.announced,
         waited_seconds=float(row.waited_seconds),
     )
 
@@ -153,13 +162,26 @@ _CLAIM = (
     )
     .returning(*_CLAIMED_COLUMNS)
 )
-_INSERT_IMAGE = insert(images).values(source="generated")
+# The image row and the success are one statement (one round trip): the INSERT runs even when the
+# UPDATE matches no row, so the caller rolls back when it returns nothing.
+_IMAGE_COLUMNS = (
+    "id", "project_id", "generation_id", "storage_key", "thumb_sm_key", "thumb_lg_key", "mime_type", "width",
+    "height", "file_size", "public_token", "meta",
+)  # fmt: skip
+_NEW_IMAGE = (
+    insert(images)
+    .values(
+        source="generated", **{c: bindparam(f"image_{c}", type_=images.c[c].type) for c in _IMAGE_COLUMNS}
+    )
+    .returning(images.c.id)
+    .cte("new_image")
+)
 _MARK_SUCCEEDED = (
     update(generations)
     .where(_owned_by(bindparam("owner_id"), bindparam("owner_attempt"), bindparam("owner_version")))
     .values(
         status=GenerationStatus.SUCCESS.value,
-        output_image_id=bindparam("image_id"),
+        output_image_id=select(_NEW_IMAGE.c.id).scalar_subquery(),
         processing_time_ms=bindparam("took_ms"),
         seed=bindparam("result_seed"),
         error_code=None,
@@ -168,7 +190,7 @@ _MARK_SUCCEEDED = (
         lease_until=None,
         updated_at=func.now(),
     )
-    .returning(*_STATUS_CHANGE_COLUMNS)
+    .returning(*_status_change_columns(GenerationStatus.SUCCESS))
 )
 
 
@@ -225,7 +247,7 @@ async def fail_pending_past_deadline(
             lease_until=None,
             updated_at=func.now(),
         )
-        .returning(*_STATUS_CHANGE_COLUMNS)
+        .returning(*_status_change_columns(GenerationStatus.FAILED))
     )
     return _status_change((await conn.execute(stmt)).one_or_none())
 
@@ -290,43 +312,25 @@ async def expire_lease(conn: AsyncConnection, generation_id: uuid.UUID, attempt:
     await conn.execute(stmt)
 
 
-async def insert_image(conn: AsyncConnection, image: NewImage) -> None:
-    await conn.execute(
-        _INSERT_IMAGE,
-        {
-            "id": image.id,
-            "project_id": image.project_id,
-            "generation_id": image.generation_id,
-            "storage_key": image.storage_key,
-            "thumb_sm_key": image.thumb_sm_key,
-            "thumb_lg_key": image.thumb_lg_key,
-            "mime_type": image.mime_type,
-            "width": image.width,
-            "height": image.height,
-            "file_size": image.file_size,
-            "public_token": image.public_token,
-            "meta": image.meta,
-        },
-    )
-
-
 async def mark_succeeded(
     conn: AsyncConnection,
     generation_id: uuid.UUID,
     attempt: int,
     version: int,
     *,
-    output_image_id: uuid.UUID,
+    image: NewImage,
     processing_time_ms: int,
     seed: int | None,
 ) -> StatusChange | None:
+    """Insert `image` and make it the output of the attempt's success. None when this attempt no longer
+    owns the row: the image row is inserted all the same, so the caller must roll back."""
     params = {
         "owner_id": generation_id,
         "owner_attempt": attempt,
         "owner_version": version,
-        "image_id": output_image_id,
         "took_ms": processing_time_ms,
         "result_seed": seed,
+        **{f"image_{c}": getattr(image, c) for c in _IMAGE_COLUMNS},
     }
     return _status_change((await conn.execute(_MARK_SUCCEEDED, params)).one_or_none())
 
@@ -351,6 +355,6 @@ async def mark_failed(
             lease_until=None,
             updated_at=func.now(),
         )
-        .returning(*_STATUS_CHANGE_COLUMNS)
+        .returning(*_status_change_columns(GenerationStatus.FAILED))
     )
     return _status_change((await conn.execute(stmt)).one_or_none())

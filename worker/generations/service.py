@@ -627,13 +627,12 @@ class GenerationPipeline:
         try:
             async with status_changes(self.deps, self.deps.engine.begin()) as changes:
                 conn = changes.db
-                await repository.insert_image(conn, image)
                 change = await repository.mark_succeeded(
                     conn,
                     claim.id,
                     claim.attempt,
                     claim.version,
-                    output_image_id=image.id,
+                    image=image,
                     processing_time_ms=produced.processing_time_ms,
                     seed=result.seed if result.seed is not None else claim.seed,
                 )
@@ -704,7 +703,13 @@ class GenerationPipeline:
 
 
 def _processing(claim: ClaimedGeneration) -> StatusChange:
-    return StatusChange(claim.id, claim.project_id, GenerationStatus.PROCESSING.value, claim.updated_at)
+    return StatusChange(
+        claim.id,
+        claim.project_id,
+        GenerationStatus.PROCESSING.value,
+        claim.updated_at,
+        claim.announces_processing,
+    )
 
 
 def _ms_since(started: float) -> int:

@@ -76,6 +76,32 @@ async def test_the_pipeline_announces_processing_and_success_to_subscribed_endpo
     assert receiver.received("/failures") == []
 
 
+async def test_the_pipeline_announces_only_what_an_endpoint_of_the_project_is_subscribed_to(
+    client, tenant, other_tenant, engine, redis_client, receiver, api_settings, producer
+):
+    # The pipeline asks the statement that changes the row whether anyone is subscribed (no webhookUrl
+    # here, so only the project's endpoints count): per status, per project, enabled ones only.
+    await create_endpoint(client, tenant, receiver.at("/success"), events=["success"])
+    off = await create_endpoint(client, tenant, receiver.at("/off"))
+    patched = await client.patch(
+        f"/api/v1/webhooks/{off['id']}", json={"enabled": False}, headers=tenant.headers
+    )
+    assert patched.status_code == 200, patched.text
+    storage = create_storage(api_settings)
+    deps = pipeline_deps(api_settings, engine, redis_client, storage, ScriptedProvider(), producer)  # type: ignore[arg-type]
+    ours = await insert_generation(engine, tenant.project_id, provider="scripted")
+    theirs = await insert_generation(engine, other_tenant.project_id, provider="scripted")
+
+    for gid in (ours, theirs):
+        assert await run_generation(gid, deps) == PipelineOutcome.SUCCEEDED
+
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(select(webhook_deliveries.c.generation_id, webhook_deliveries.c.event))
+        ).all()
+    assert [tuple(row) for row in rows] == [(ours, "generation.success")]
+
+
 async def test_the_sweeper_announces_the_rows_it_fails(
     client, tenant, engine, redis_client, receiver, webhook_deps, producer, tmp_path: Path
 ):
