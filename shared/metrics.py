@@ -25,7 +25,13 @@ from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
@@ -35,6 +41,8 @@ from shared.settings import Settings
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # What prometheus_client saw when it was imported (just above): the mode this process counts in.
 _COUNTING_DIR = os.environ.get(MULTIPROC_DIR_ENV)
+# The multiprocess mode has no `_created` series; a single process (tests, a bare uvicorn) shows none either.
+disable_created_metrics()
 # Requests that matched no route (404/405 from the router): one label, whatever the path was.
 UNMATCHED_ROUTE = "unmatched"
 OTHER = "other"

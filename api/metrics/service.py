@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Iterable
 
 import anyio
 import redis.asyncio as aioredis
+from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -24,7 +25,9 @@ from shared.settings import Settings
 
 log = get_logger(__name__)
 
-GAUGE_TIMEOUT_SECONDS = 2.0
+# Celery workers answer a ping within this long, or are not counted as alive.
+WORKERS_REPLY_SECONDS = 1.0
+GAUGE_TIMEOUT_SECONDS = WORKERS_REPLY_SECONDS + 1.0
 
 
 def admit_scraper(settings: Settings, authorization: str | None, address: str | None) -> None:
@@ -77,6 +80,7 @@ async def _read_gauges(resources: Resources) -> list[Metric]:
     readers: dict[str, Awaitable[Metric | None]] = {
         "kiln_queue_depth": _queue_depth(resources),
         "kiln_generations_in_flight": _in_flight(resources),
+        "kiln_workers_alive": _workers_alive(resources),
     }
     results = await asyncio.gather(
         *(asyncio.wait_for(reader, GAUGE_TIMEOUT_SECONDS) for reader in readers.values()),
@@ -126,3 +130,12 @@ async def _in_flight(resources: Resources) -> Metric:
     for status, count in counts.items():
         family.add_metric([status], count)
     return family
+
+
+def _ping_workers(producer: Celery) -> int:
+    return len(producer.control.ping(timeout=WORKERS_REPLY_SECONDS))
+
+
+async def _workers_alive(resources: Resources) -> Metric:
+    alive = await asyncio.to_thread(_ping_workers, resources.producer)
+    return GaugeMetricFamily("kiln_workers_alive", "Celery workers that answered a ping.", value=alive)

@@ -83,6 +83,7 @@ def test_totals_add_up_across_api_processes_and_worker_children(platform_of_proc
     assert value(samples, "kiln_generations_in_flight", status="pending") == 0
     assert value(samples, "kiln_generations_in_flight", status="processing") == 0
     assert ("kiln_queue_depth", frozenset({("queue", "kiln.generations")})) in samples
+    assert value(samples, "kiln_workers_alive") == 1  # one `kiln worker`, whatever its concurrency
 
     # The counts came from several processes: 2 API processes and 2 worker children wrote files.
     counting = {path.stem.split("_")[-1] for path in (p.workdir / "var" / "metrics").glob("*/counter_*.db")}

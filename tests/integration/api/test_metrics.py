@@ -133,6 +133,8 @@ async def test_gauges_are_read_at_scrape_time(live_api, tenant):
     assert value(samples, "kiln_generations_in_flight", status="processing") == 0
     assert value(samples, "kiln_queue_depth", queue="kiln.generations") == 2
     assert ("kiln_queue_depth", frozenset({("queue", "kiln.webhooks")})) in samples
+    assert ("kiln_workers_alive", frozenset()) in samples  # this test runs jobs in-process: no Celery worker
+    assert value(samples, "kiln_workers_alive") == 0
 
 
 async def test_rate_limit_rejections_are_counted_by_budget(api_settings, engine, tenant, live_api):
