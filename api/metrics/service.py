@@ -77,22 +77,28 @@ async def scrape(resources: Resources) -> bytes:
 
 
 async def _read_gauges(resources: Resources) -> list[Metric]:
-    readers: dict[str, Awaitable[Metric | None]] = {
-        "kiln_queue_depth": _queue_depth(resources),
-        "kiln_generations_in_flight": _in_flight(resources),
-        "kiln_workers_alive": _workers_alive(resources),
+    readers: dict[str, Awaitable[list[Metric]]] = {
+        "broker": _broker_gauges(resources),
+        "database": _in_flight(resources),
     }
     results = await asyncio.gather(
         *(asyncio.wait_for(reader, GAUGE_TIMEOUT_SECONDS) for reader in readers.values()),
         return_exceptions=True,
     )
     families: list[Metric] = []
-    for name, result in zip(readers, results, strict=True):
+    for source, result in zip(readers, results, strict=True):
         if isinstance(result, BaseException):
-            log.warning("metrics gauge not read", gauge=name, error=repr(result))
-        elif result is not None:
-            families.append(result)
+            log.warning("metrics gauges not read", source=source, error=repr(result))
+        else:
+            families += result
     return families
+
+
+async def _broker_gauges(resources: Resources) -> list[Metric]:
+    """Queue depth, then the workers: a broker whose Redis does not answer LLEN is not pinged (a ping
+    holds a thread for seconds while kombu tries to connect)."""
+    depth = await _queue_depth(resources)
+    return [*([depth] if depth else []), await _workers_alive(resources)]
 
 
 def _broker_redis(resources: Resources) -> aioredis.Redis | None:
@@ -121,7 +127,7 @@ async def _queue_depth(resources: Resources) -> Metric | None:
     return family
 
 
-async def _in_flight(resources: Resources) -> Metric:
+async def _in_flight(resources: Resources) -> list[Metric]:
     async with resources.reader.connect() as conn:
         counts = await repository.count_in_flight(conn)
     family = GaugeMetricFamily(
@@ -129,7 +135,7 @@ async def _in_flight(resources: Resources) -> Metric:
     )
     for status, count in counts.items():
         family.add_metric([status], count)
-    return family
+    return [family]
 
 
 def _ping_workers(producer: Celery) -> int:

@@ -195,3 +195,18 @@ async def test_the_grafana_dashboard_shows_every_metric_and_asks_for_no_other(li
     assert all(source == {"type": "prometheus", "uid": "${datasource}"} for source in sources)
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+async def test_a_dead_broker_leaves_its_gauges_out_and_the_rest_is_served(api_settings):
+    dead = api_settings.model_copy(
+        update={
+            "redis": api_settings.redis.model_copy(update={"url": "redis://127.0.0.1:1/0"}),
+            "metrics": api_settings.metrics.model_copy(update={"token": TOKEN}),
+        }
+    )
+    async with api_client(dead) as client:
+        r = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200
+    names = {family.name for family in text_string_to_metric_families(r.text)}
+    assert {"kiln_generations_in_flight", "kiln_http_requests"} <= names
+    assert not names & {"kiln_queue_depth", "kiln_workers_alive"}
