@@ -24,8 +24,10 @@ from api.metrics.controller import MetricsController
 from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
+from api.queues.controller import QueueController
 from api.resources import resources_lifespan
 from api.security.guards import DEPENDENCIES
+from api.stats.controller import StatsController
 from api.webhooks.controller import WebhookController
 from shared.logging import configure_logging
 from shared.process import freeze_long_lived_objects
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ProviderController,
             HealthController,
             WebhookController,
+            StatsController,
+            QueueController,
             MetricsController,
         ],
         dependencies=DEPENDENCIES,

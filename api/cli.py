@@ -27,7 +27,9 @@ app = typer.Typer(
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 secrets_app = typer.Typer(help="Manage secrets at rest (KILN_SECRET_KEY rotation).", no_args_is_help=True)
+queues_app = typer.Typer(help="Pause, resume and list the provider queues.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
+app.add_typer(queues_app, name="queues")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
 
@@ -405,6 +407,158 @@ def secrets_reencrypt() -> None:
 
 
 # --- client ---------------------------------------------------------------------------------
+
+
+# --- operating: queues and status (the services of /api/v1/admin/queues and /api/v1/stats) -----
+
+
+def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(sources)` with connections of its own to the database, the broker's Redis and the
+    broker (api.queues.service.QueueSources)."""
+    import redis.asyncio as aioredis
+
+    from api.queues.service import QueueSources
+    from shared.db import create_engine
+    from shared.errors import KilnError
+    from shared.queueing import create_producer
+
+    settings = _admin_settings()
+
+    async def main() -> T:
+        engine = create_engine(settings, pool_size=1)
+        broker_redis = aioredis.Redis.from_url(
+            settings.broker_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        producer = create_producer(settings)
+        try:
+            return await work(QueueSources(settings, engine, broker_redis, producer))
+        finally:
+            await asyncio.to_thread(producer.close)
+            await broker_redis.aclose()
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except KilnError as exc:  # bad input (an unknown provider): one line, no traceback
+        raise _fail(exc.message) from exc
+
+
+def _cli_actor() -> str:
+    import getpass
+    import socket
+
+    return f"cli {getpass.getuser()}@{socket.gethostname()}"
+
+
+def _queue_line(record: Any) -> str:
+    state = f"paused since {record.paused_at} by {record.paused_by}" if record.paused else "running"
+    depth = "?" if record.depth is None else record.depth
+    providers = ", ".join(record.providers)
+    return f"{record.queue} [{providers}]: {state}; {record.pending} pending, {depth} on the broker"
+
+
+@queues_app.command("pause")
+def queues_pause(provider: str) -> None:
+    """Pause PROVIDER's queue: its jobs stay pending, in line, until `kiln queues resume`."""
+    from api.queues.service import pause
+
+    record, message = _run_with_sources(lambda sources: pause(sources, provider, _cli_actor()))
+    typer.echo(message)
+    typer.echo(_queue_line(record))
+
+
+@queues_app.command("resume")
+def queues_resume(provider: str) -> None:
+    """Resume PROVIDER's queue: its jobs run again in their order."""
+    from api.queues.service import resume
+
+    record, message = _run_with_sources(lambda sources: resume(sources, provider, _cli_actor()))
+    typer.echo(message)
+    typer.echo(_queue_line(record))
+
+
+@queues_app.command("list")
+def queues_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Each generation queue: its providers, pending jobs, messages on the broker, paused or not."""
+    import msgspec
+
+    from api.queues.service import list_queues
+
+    records = _run_with_sources(list_queues)
+    _echo(msgspec.to_builtins(records), as_json, "\n".join(_queue_line(r) for r in records))
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The overview of every project: generations by status, the queues, the workers (what
+    GET /api/v1/stats answers an admin key)."""
+    import msgspec
+
+    from api.stats.repository import Scope
+    from api.stats.service import StatsSources, compute_stats
+
+    async def overview(sources: Any) -> Any:
+        reader = sources.engine.execution_options(isolation_level="AUTOCOMMIT")
+        stats_sources = StatsSources(sources.settings, reader, sources.broker_redis, sources.producer)
+        return await compute_stats(stats_sources, Scope(), with_task_ids=True)
+
+    stats = _run_with_sources(overview)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(stats)))
+        return
+    _print_status(stats)
+
+
+def _print_status(stats: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = Table(title="Generations by status")
+    statuses = ("pending", "processing", "success", "failed", "cancelled", "total")
+    counts.add_column("provider")
+    for name in statuses:
+        counts.add_column(name, justify="right")
+    for provider in stats.providers:
+        counts.add_row(provider.provider, *(str(getattr(provider.counts, name)) for name in statuses))
+    counts.add_row("all", *(str(getattr(stats.counts, name)) for name in statuses), style="bold")
+    console.print(counts)
+
+    time = stats.processing_time
+    created, succeeded, failed = (
+        sum(getattr(m, f) for m in stats.throughput) for f in ("created", "succeeded", "failed")
+    )
+    console.print(
+        f"Last hour: {created} created, {succeeded} succeeded, {failed} failed; "
+        f"processing p50 {time.p50_ms} ms, p95 {time.p95_ms} ms"
+        + (f"; errors: {', '.join(f'{e.code} {e.count}' for e in stats.errors)}" if stats.errors else "")
+    )
+
+    queues = Table(title="Queues")
+    queues.add_column("queue", no_wrap=True)
+    for column in ("providers", "depth", "pending", "paused", "oldest pending (position)"):
+        queues.add_column(column)
+    for queue in stats.queues:
+        oldest = queue.oldest_pending
+        queues.add_row(
+            queue.queue,
+            ", ".join(queue.providers),
+            "?" if queue.depth is None else str(queue.depth),
+            str(queue.pending),
+            f"since {queue.paused_at}" if queue.paused else "no",
+            f"{oldest.id} ({oldest.queue_position})" if oldest else "",
+        )
+    console.print(queues)
+
+    workers = Table(title="Workers" if stats.workers.reachable else "Workers (the broker did not answer)")
+    workers.add_column("worker", no_wrap=True)
+    workers.add_column("running")
+    for worker in stats.workers.items:
+        running = [f"{t.task} {t.generation_id or t.task_id}" for t in worker.active]
+        workers.add_row(worker.name, "\n".join(running) or "idle")
+    console.print(workers)
+    if stats.workers.reachable and not stats.workers.items:
+        console.print("no worker answered")
 
 
 @app.command()

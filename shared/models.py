@@ -144,6 +144,13 @@ class Generation(SQLModel, table=True):
             "created_at",
             postgresql_where=text("status IN ('pending', 'processing')"),
         ),
+        # Stats of the last hour (finished per minute, processing times, error codes) read only the
+        # rows finished in it.
+        Index(
+            "ix_generations_completed",
+            text("completed_at DESC"),
+            postgresql_where=text("completed_at IS NOT NULL"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
@@ -288,6 +295,17 @@ class BrokerEpoch(SQLModel, table=True):
     # Shared by concurrent (and, after a crash, later) sweeps, so each row is re-sent once.
     lost_at: datetime | None = _ts()
     recorded_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class QueuePause(SQLModel, table=True):
+    """A paused generation queue: workers claim none of its jobs until it is resumed. In the database,
+    so a pause outlives restarts of the API, the workers and the broker."""
+
+    __tablename__ = "queue_pauses"
+
+    queue: str = Field(primary_key=True, sa_type=Text)
+    paused_at: datetime = _ts(nullable=False, default_now=True)
+    paused_by: str = Field(sa_type=Text)  # who paused it, as the logs name them
 
 
 metadata = SQLModel.metadata

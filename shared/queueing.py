@@ -13,9 +13,10 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Producer
 from kombu.utils.uuid import uuid as kombu_uuid
@@ -52,6 +53,27 @@ def generation_queues(settings: Settings) -> list[str]:
         if queue not in queues:
             queues.append(queue)
     return queues
+
+
+def providers_by_queue(settings: Settings) -> dict[str, list[str]]:
+    """Each generation queue (in `generation_queues` order) with the providers whose jobs go to it; the
+    default queue also takes names no adapter has."""
+    from shared.providers import PROVIDER_NAMES
+
+    by_queue: dict[str, list[str]] = {queue: [] for queue in generation_queues(settings)}
+    for provider in PROVIDER_NAMES:
+        by_queue[queue_for_provider(settings, provider)].append(provider)
+    return by_queue
+
+
+async def queue_depths(broker_redis: aioredis.Redis, queues: Sequence[str]) -> dict[str, int]:
+    """How many messages wait in each queue on the broker (LLEN of Celery's Redis list, one pipeline
+    round trip). Messages a worker already holds (prefetched, or waiting for their countdown) are not
+    in the list. Raises what the Redis client raises when the broker does not answer."""
+    async with broker_redis.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(queue)
+        return dict(zip(queues, await pipe.execute(), strict=True))
 
 
 def webhook_queue(settings: Settings) -> str:

@@ -263,6 +263,17 @@ class WorkerSettings(BaseModel):
     )
 
 
+class StatsSettings(BaseModel):
+    fresh_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "How long an API process reuses the stats it computed for a scope (`GET /api/v1/stats`);"
+            " callers of one scope meanwhile share a single computation."
+        ),
+    )
+
+
 class NetworkSettings(BaseModel):
     allow_link_local: bool = Field(
         default=False, description="Let outbound requests reach link-local and cloud-metadata addresses."
@@ -429,6 +440,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = GenerationSettings()
     providers: ProviderSettings = ProviderSettings()
     worker: WorkerSettings = WorkerSettings()
+    stats: StatsSettings = StatsSettings()
     network: NetworkSettings = NetworkSettings()
     webhooks: WebhookSettings = WebhookSettings()
     metrics: MetricsSettings = MetricsSettings()

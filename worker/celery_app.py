@@ -39,6 +39,7 @@ from shared.db import create_engine
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.outbound import outbound_client
+from shared.pauses import queue_routing
 from shared.process import freeze_long_lived_objects
 from shared.queueing import (
     DISPATCH_WEBHOOKS_TASK,
@@ -105,6 +106,7 @@ app = Celery(
         "worker.webhooks.tasks",
         "worker.reconciler.tasks",
         "worker.housekeeping.tasks",
+        "worker.queues.service",  # no task: what a worker consumes while queues are paused
     ],
 )
 # Read lazily: importing this module needs no environment, only starting a worker or beat does.
@@ -224,7 +226,7 @@ async def warm_up(runtime: WorkerRuntime) -> None:
     try:
         async with asyncio.timeout(WARM_UP_TIMEOUT_SECONDS):
             async with runtime.engine.begin() as conn:
-                await generation_queries.claim(conn, uuid.UUID(int=0), 1.0)
+                await generation_queries.claim(conn, uuid.UUID(int=0), 1.0, queue_routing(runtime.settings))
             await runtime.redis.ping()
             if runtime.broker_redis is not runtime.redis:
                 await runtime.broker_redis.ping()

@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -44,22 +45,38 @@ def _providers_on_queue_of(settings: Settings, provider: str) -> list[str]:
 async def add_queue_positions(
     resources: Resources, conn: Any, rows: Sequence[Any], records: list[GenerationRecord]
 ) -> None:
-    """queuePosition of each pending record: 1 + the pending generations queued before it on its queue
-    (across projects: that is the line it waits in), one statement per queue."""
-    settings = resources.settings
-    by_queue: dict[str, list[tuple[Any, GenerationRecord]]] = {}
+    """queuePosition of each pending record (see `queue_positions`)."""
+    waiting = [
+        (row["id"], row["created_at"], row["provider"])
+        for row, record in zip(rows, records, strict=True)
+        if record.status == PENDING
+    ]
+    positions = await queue_positions(resources.settings, conn, waiting)
     for row, record in zip(rows, records, strict=True):
         if record.status == PENDING:
-            by_queue.setdefault(queue_for_provider(settings, row["provider"]), []).append((row, record))
+            record.queue_position = positions[row["id"]]
+
+
+async def queue_positions(
+    settings: Settings, conn: Any, pending: Sequence[tuple[uuid.UUID, datetime, str]]
+) -> dict[uuid.UUID, int]:
+    """The place in line of each pending (id, created_at, provider): 1 + the pending generations queued
+    before it on its queue (across projects: that is the line it waits in; a paused queue keeps its
+    line), one statement per queue."""
+    by_queue: dict[str, list[tuple[uuid.UUID, datetime, str]]] = {}
+    for item in pending:
+        by_queue.setdefault(queue_for_provider(settings, item[2]), []).append(item)
+    positions: dict[uuid.UUID, int] = {}
     for group in by_queue.values():
         ahead = await repository.count_pending_ahead(
             conn,
-            [(row["id"], row["created_at"]) for row, _ in group],
-            _providers_on_queue_of(settings, group[0][0]["provider"]),
+            [(generation_id, created_at) for generation_id, created_at, _ in group],
+            _providers_on_queue_of(settings, group[0][2]),
             QUEUE_POSITION_CAP,
         )
-        for row, record in group:
-            record.queue_position = min(ahead.get(row["id"], 0), QUEUE_POSITION_CAP) + 1
+        for generation_id, _, _ in group:
+            positions[generation_id] = min(ahead.get(generation_id, 0), QUEUE_POSITION_CAP) + 1
+    return positions
 
 
 async def read_row(resources: Resources, project_id: uuid.UUID | None, generation_id: uuid.UUID) -> Any:

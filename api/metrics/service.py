@@ -9,25 +9,27 @@ import secrets
 from collections.abc import Awaitable, Iterable
 
 import anyio
-import redis.asyncio as aioredis
-from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from api.metrics import repository
 from api.resources import Resources
+from api.stats.service import (
+    QUEUE_DEPTH_TIMEOUT_SECONDS,
+    WORKERS_GIVE_UP_SECONDS,
+    inspect_workers,
+    sources_of,
+)
 from shared.errors import Forbidden, Unauthorized
 from shared.logging import get_logger
 from shared.metrics import counted_metrics
-from shared.queueing import worker_queues
+from shared.queueing import queue_depths, worker_queues
 from shared.settings import Settings
 
 log = get_logger(__name__)
 
-# Celery workers answer a ping within this long, or are not counted as alive.
-WORKERS_REPLY_SECONDS = 1.0
-GAUGE_TIMEOUT_SECONDS = WORKERS_REPLY_SECONDS + 1.0
+GAUGE_TIMEOUT_SECONDS = QUEUE_DEPTH_TIMEOUT_SECONDS + WORKERS_GIVE_UP_SECONDS
 
 
 def admit_scraper(settings: Settings, authorization: str | None, address: str | None) -> None:
@@ -95,36 +97,24 @@ async def _read_gauges(resources: Resources) -> list[Metric]:
 
 
 async def _broker_gauges(resources: Resources) -> list[Metric]:
-    """Queue depth, then the workers: a broker whose Redis does not answer LLEN is not pinged (a ping
-    holds a thread for seconds while kombu tries to connect)."""
-    depth = await _queue_depth(resources)
-    return [*([depth] if depth else []), await _workers_alive(resources)]
-
-
-def _broker_redis(resources: Resources) -> aioredis.Redis | None:
-    """The broker's Redis (None: a broker that is not Redis, whose queues have no LLEN)."""
-    if resources.settings.broker_url == resources.settings.redis_url:
-        return resources.redis
-    return resources.broker_redis
-
-
-async def _queue_depth(resources: Resources) -> Metric | None:
-    broker = _broker_redis(resources)
-    if broker is None:
-        return None
+    """Queue depth, then the workers: a broker whose Redis does not answer LLEN is not asked for its
+    workers (a broadcast holds a thread for seconds while kombu tries to connect)."""
     queues = worker_queues(resources.settings)
-    async with broker.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            pipe.llen(queue)
-        depths = await pipe.execute()
-    family = GaugeMetricFamily(
+    depths = await queue_depths(sources_of(resources).broker_redis, queues)
+    depth = GaugeMetricFamily(
         "kiln_queue_depth",
         "Messages waiting on the broker, by queue (not those a worker holds).",
         labels=["queue"],
     )
-    for queue, depth in zip(queues, depths, strict=True):
-        family.add_metric([queue], depth)
-    return family
+    for queue, waiting in depths.items():
+        depth.add_metric([queue], waiting)
+    workers = await inspect_workers(resources.producer)
+    if not workers.reachable:
+        return [depth]
+    return [
+        depth,
+        GaugeMetricFamily("kiln_workers_alive", "Celery workers that answered.", value=workers.alive),
+    ]
 
 
 async def _in_flight(resources: Resources) -> list[Metric]:
@@ -136,12 +126,3 @@ async def _in_flight(resources: Resources) -> list[Metric]:
     for status, count in counts.items():
         family.add_metric([status], count)
     return [family]
-
-
-def _ping_workers(producer: Celery) -> int:
-    return len(producer.control.ping(timeout=WORKERS_REPLY_SECONDS))
-
-
-async def _workers_alive(resources: Resources) -> Metric:
-    alive = await asyncio.to_thread(_ping_workers, resources.producer)
-    return GaugeMetricFamily("kiln_workers_alive", "Celery workers that answered a ping.", value=alive)

@@ -7,16 +7,30 @@ a cancelled job or a row taken back by the sweeper all make the write match noth
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Interval, and_, bindparam, case, func, insert, null, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import StatusChange
 from shared.models import GenerationStatus, metadata
+from shared.pauses import QueueRouting, queue_paused
 from shared.webhooks import announced
 
 generations = metadata.tables["generations"]
@@ -75,7 +89,9 @@ class NewImage:
 class GenerationState:
     status: str
     past_deadline: bool
+    paused: bool  # its queue is paused
     provider: str
+    deadline_at: datetime
 
 
 def _status_change_columns(status: GenerationStatus) -> tuple[Any, ...]:
@@ -150,18 +166,30 @@ def _owned_by(generation_id: Any, attempt: Any, version: Any) -> ColumnElement[b
 # one and computing its cache key cost ~0.25 ms of CPU per statement per job. Their guards are the
 # same as the one-off statements' below.
 _g = generations.c
-_CLAIM = (
-    update(generations)
-    .where(_g.id == bindparam("claim_id"), _g.status == PENDING, _g.deadline_at > func.now())
-    .values(
-        status=GenerationStatus.PROCESSING.value,
-        attempts=_g.attempts + 1,
-        lease_until=func.now() + bindparam("lease", type_=Interval()),
-        started_at=func.coalesce(_g.started_at, func.now()),
-        updated_at=func.now(),
+
+
+@functools.lru_cache(maxsize=8)
+def _claim_statement(routing: QueueRouting) -> Update:
+    """The claim, refusing a job whose queue is paused in the same statement."""
+    return (
+        update(generations)
+        .where(
+            _g.id == bindparam("claim_id"),
+            _g.status == PENDING,
+            _g.deadline_at > func.now(),
+            ~queue_paused(routing),
+        )
+        .values(
+            status=GenerationStatus.PROCESSING.value,
+            attempts=_g.attempts + 1,
+            lease_until=func.now() + bindparam("lease", type_=Interval()),
+            started_at=func.coalesce(_g.started_at, func.now()),
+            updated_at=func.now(),
+        )
+        .returning(*_CLAIMED_COLUMNS)
     )
-    .returning(*_CLAIMED_COLUMNS)
-)
+
+
 # The image row and the success are one statement (one round trip): the INSERT runs even when the
 # UPDATE matches no row, so the caller rolls back when it returns nothing.
 _IMAGE_COLUMNS = (
@@ -195,11 +223,12 @@ _MARK_SUCCEEDED = (
 
 
 async def claim(
-    conn: AsyncConnection, generation_id: uuid.UUID, lease_seconds: float
+    conn: AsyncConnection, generation_id: uuid.UUID, lease_seconds: float, routing: QueueRouting
 ) -> ClaimedGeneration | None:
-    """pending → processing in one statement; None when not pending, past its deadline, or absent."""
+    """pending → processing in one statement; None when not pending, past its deadline, on a paused
+    queue (`routing`: `shared.pauses.queue_routing`), or absent."""
     params = {"claim_id": generation_id, "lease": timedelta(seconds=lease_seconds)}
-    return _claimed((await conn.execute(_CLAIM, params)).one_or_none())
+    return _claimed((await conn.execute(_claim_statement(routing), params)).one_or_none())
 
 
 async def resume(
@@ -218,18 +247,27 @@ async def resume(
     return _claimed((await conn.execute(stmt)).one_or_none())
 
 
-async def get_state(conn: AsyncConnection, generation_id: uuid.UUID) -> GenerationState | None:
+async def get_state(
+    conn: AsyncConnection, generation_id: uuid.UUID, routing: QueueRouting
+) -> GenerationState | None:
     g = generations.c
-    row = (
-        await conn.execute(
-            select(g.status, (g.deadline_at <= func.now()).label("past_deadline"), g.provider).where(
-                g.id == generation_id
-            )
-        )
-    ).one_or_none()
+    stmt = select(
+        g.status,
+        (g.deadline_at <= func.now()).label("past_deadline"),
+        queue_paused(routing).label("paused"),
+        g.provider,
+        g.deadline_at,
+    ).where(g.id == generation_id)
+    row = (await conn.execute(stmt)).one_or_none()
     if row is None:
         return None
-    return GenerationState(status=row.status, past_deadline=row.past_deadline, provider=row.provider)
+    return GenerationState(
+        status=row.status,
+        past_deadline=row.past_deadline,
+        paused=row.paused,
+        provider=row.provider,
+        deadline_at=row.deadline_at,
+    )
 
 
 async def fail_pending_past_deadline(

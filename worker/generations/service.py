@@ -57,13 +57,14 @@ from shared.metrics import (
 from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
+from shared.pauses import queue_routing
 from shared.providers import ImageProvider, ProviderConnection, ProviderRequest, ProviderResult
 from shared.providers.vendor_http import URL_FORBIDDEN, redact
 from shared.settings import Settings
 from shared.status_changes import publish_changes, status_changes
 from shared.storage import ObjectStorage
 from worker.generations import repository
-from worker.generations.repository import ClaimedGeneration, NewImage
+from worker.generations.repository import ClaimedGeneration, GenerationState, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
 
 log = get_logger(__name__)
@@ -75,6 +76,9 @@ T = TypeVar("T")
 STATUS_WATCH_DELAY_SECONDS = 0.5
 STATUS_WATCH_SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 STATUS_WATCH_POLL_SECONDS = 1.0
+# A job met on a paused queue is sent back to it with this countdown: workers told of the pause no
+# longer read that queue, so it waits there; one that missed it checks again this much later.
+PAUSED_RECHECK_SECONDS = 5.0
 
 # Resolves a generation's `provider` name and its connection (URL, decrypted key, settings) to an
 # adapter. The worker passes `get_provider` bound to its process-wide HTTP client; tests pass their own
@@ -95,6 +99,7 @@ class PipelineOutcome(StrEnum):
     SKIPPED = "skipped"  # not claimable: someone else owns it, or it is already finished
     ABANDONED = "abandoned"  # this attempt lost the row (cancelled / taken back) before it could finish
     DEFERRED = "deferred"  # its connection was at its concurrency limit: handed back, sent again shortly
+    PAUSED = "paused"  # its queue is paused: left pending, its message sent again for later
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,7 @@ class GenerationPipeline:
                     self._resumed = True
                     log.info("resuming an interrupted attempt", attempt=claim.attempt)
             if claim is None:
-                claim = await repository.claim(conn, generation_id, lease)
+                claim = await repository.claim(conn, generation_id, lease, queue_routing(self.deps.settings))
             if claim is not None and self._sure_to_run(claim):
                 await changes.status_changed(_processing(claim))
                 self._announced = True
@@ -252,10 +257,11 @@ class GenerationPipeline:
         )
 
     async def _end_unclaimable(self, generation_id: uuid.UUID) -> PipelineOutcome:
-        """Nothing to do unless the row is a pending one whose deadline passed: that one ends here."""
+        """Nothing to do unless the row is a pending one whose deadline passed (it ends here) or whose
+        queue is paused (it stays pending, its message goes back to the queue)."""
         async with status_changes(self.deps, self.deps.engine.begin()) as changes:
             conn = changes.db
-            state = await repository.get_state(conn, generation_id)
+            state = await repository.get_state(conn, generation_id, queue_routing(self.deps.settings))
             change = None
             if state is not None and state.status == GenerationStatus.PENDING.value and state.past_deadline:
                 change = await repository.fail_pending_past_deadline(
@@ -263,12 +269,27 @@ class GenerationPipeline:
                 )
                 if change is not None:
                     await changes.status_changed(change)
-        if state is None or change is None:
-            log.info("generation not claimable; nothing to do", status=state.status if state else None)
-            return PipelineOutcome.SKIPPED
-        count_finished(state.provider, GenerationStatus.FAILED.value, "DEADLINE_EXCEEDED")
-        log.info("generation failed", error_code="DEADLINE_EXCEEDED")
-        return PipelineOutcome.FAILED
+        if state is not None and change is not None:
+            count_finished(state.provider, GenerationStatus.FAILED.value, "DEADLINE_EXCEEDED")
+            log.info("generation failed", error_code="DEADLINE_EXCEEDED")
+            return PipelineOutcome.FAILED
+        if state is not None and state.status == GenerationStatus.PENDING.value and state.paused:
+            return await self._leave_paused(generation_id, state)
+        log.info("generation not claimable; nothing to do", status=state.status if state else None)
+        return PipelineOutcome.SKIPPED
+
+    async def _leave_paused(self, generation_id: uuid.UUID, state: GenerationState) -> PipelineOutcome:
+        """No attempt was counted (the claim changed nothing). Without a requeue (or when it fails) the
+        job waits for the sweeper, which re-sends it once its queue is resumed."""
+        log.info("queue paused; job left pending", retry_in=PAUSED_RECHECK_SECONDS)
+        if self.deps.requeue is not None:
+            try:
+                await self.deps.requeue(
+                    generation_id, state.provider, PAUSED_RECHECK_SECONDS, state.deadline_at
+                )
+            except Exception as exc:
+                log.warning("could not re-enqueue a paused job; the sweeper will", error=str(exc))
+        return PipelineOutcome.PAUSED
 
     # --- the work, under a renewed lease ------------------------------------------------------
 

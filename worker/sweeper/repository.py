@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.models import GenerationStatus, metadata
+from shared.pauses import QueueRouting, queue_paused
 
 generations = metadata.tables["generations"]
 broker_epoch = metadata.tables["broker_epoch"]
@@ -155,6 +156,7 @@ async def mark_lost_pending_for_enqueue(
     stale_enqueue_seconds: float,
     limit: int,
     empty_queues: EmptyQueues | None = None,
+    routing: QueueRouting | None = None,
 ) -> list[SweptGeneration]:
     """Pending rows whose message never reached, or no longer is in, the broker → enqueued_at = now().
 
@@ -163,6 +165,8 @@ async def mark_lost_pending_for_enqueue(
     queue is empty: a Redis restart without persistence lost the messages), or, for the providers
     whose queue `empty_queues` says is empty, after `requeue_after_seconds`.
     Setting enqueued_at in the same statement is what stops a concurrent sweep from sending them too.
+    Rows of a paused queue (`routing` given) are left alone: their messages wait in the queue, or are
+    met again by a worker after their countdown; once the queue is resumed these rules apply again.
     """
     g = generations.c
     never_enqueued = and_(
@@ -178,11 +182,11 @@ async def mark_lost_pending_for_enqueue(
             queue_empty, g.enqueued_at < func.now() - timedelta(seconds=requeue_after_seconds)
         )
         enqueue_stale = or_(enqueue_stale, enqueue_lost)
+    conditions = [g.status == PENDING, g.deadline_at > func.now(), or_(never_enqueued, enqueue_stale)]
+    if routing is not None:
+        conditions.append(~queue_paused(routing))
     due = (
-        select(g.id, g.status.label("previous_status"))
-        .where(g.status == PENDING, g.deadline_at > func.now(), or_(never_enqueued, enqueue_stale))
-        .order_by(g.created_at)
-        .limit(limit)
+        select(g.id, g.status.label("previous_status")).where(*conditions).order_by(g.created_at).limit(limit)
     )
     return await _change(conn, due, {"enqueued_at": func.now()})
 

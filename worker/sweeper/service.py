@@ -24,11 +24,13 @@ from shared.image_store import attempt_prefix
 from shared.logging import get_logger
 from shared.metrics import count_finished
 from shared.models import GenerationStatus
+from shared.pauses import announce_paused_queues, queue_routing
 from shared.providers import PROVIDER_NAMES
-from shared.queueing import enqueue_generation, queue_for_provider
+from shared.queueing import enqueue_generation, generation_queues, queue_depths, queue_for_provider
 from shared.settings import Settings
 from shared.status_changes import status_changes
 from shared.storage import ObjectStorage
+from worker.queues.repository import paused_queues
 from worker.sweeper import repository
 from worker.sweeper.repository import EmptyQueues, SweptGeneration
 
@@ -111,9 +113,11 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
             stale_enqueue_seconds=STALE_ENQUEUE_SECONDS,
             limit=batch_size,
             empty_queues=empty_queues,
+            routing=queue_routing(settings),
         )
 
     unsent += await _enqueue(deps, lost_messages)
+    await _announce_paused_queues(deps)
     report = SweepReport(
         deadline_failed=len(expired),
         leases_requeued=len(taken_back),
@@ -212,12 +216,8 @@ async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:
     a queue whose length is unknown (Redis does not answer) counts as busy."""
     settings = deps.settings
     queue_of = {provider: queue_for_provider(settings, provider) for provider in PROVIDER_NAMES}
-    queues = list(dict.fromkeys([settings.worker.queue, *queue_of.values()]))
     try:
-        async with deps.broker_redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(queue)
-            lengths = dict(zip(queues, await pipe.execute(), strict=True))
+        lengths = await queue_depths(deps.broker_redis, generation_queues(settings))
     except Exception as exc:
         log.warning("broker queue lengths unknown", error=str(exc))
         lengths = {}
@@ -227,6 +227,14 @@ async def _empty_queues(deps: SweeperDependencies) -> EmptyQueues:
         routed=tuple(queue_of),
         others=settings.worker.queue in empty,
     )
+
+
+async def _announce_paused_queues(deps: SweeperDependencies) -> None:
+    """Tell the workers again which queues are paused: one that missed a pause or a resume (it was
+    starting, or the broker was away) follows within a sweep."""
+    async with deps.engine.connect() as conn:
+        paused = await paused_queues(conn)
+    await announce_paused_queues(deps.producer, paused)
 
 
 async def _enqueue(deps: SweeperDependencies, rows: Sequence[SweptGeneration]) -> int:

@@ -1,0 +1,159 @@
+"""Pause and resume a provider's queue, and list the queues (the admin routes and `kiln queues` call
+these). A pause is a row in `queue_pauses`: the worker's claim refuses the jobs of a paused queue in
+the claim's own statement, so they stay `pending` with their place in line, through restarts of the
+API, the workers and the broker. Workers are also told (a broadcast) to stop reading the queue, so its
+messages wait on the broker instead of going round a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from celery import Celery
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from api.admin import repository as admin_repository
+from api.queues import repository
+from api.queues.schemas import QueueRecord
+from shared.errors import NotFound
+from shared.logging import get_logger
+from shared.pauses import announce_paused_queues
+from shared.providers import PROVIDER_NAMES
+from shared.queueing import providers_by_queue, queue_depths, queue_for_provider
+from shared.records import format_time
+from shared.settings import Settings
+
+log = get_logger(__name__)
+
+QUEUE_DEPTH_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class QueueSources:
+    """The API's resources, or the CLI's own connections."""
+
+    settings: Settings
+    engine: AsyncEngine
+    broker_redis: aioredis.Redis
+    producer: Celery
+
+
+def queue_of(settings: Settings, provider: str) -> str:
+    """The queue of a known provider; NotFound naming it otherwise."""
+    if provider not in PROVIDER_NAMES:
+        raise NotFound(f"Unknown provider {provider!r}; known: {', '.join(PROVIDER_NAMES)}")
+    return queue_for_provider(settings, provider)
+
+
+# Who acts: an API key (by id) or a name given as is (the CLI's "cli user@host").
+Actor = uuid.UUID | str
+
+
+async def _name(conn: AsyncConnection, actor: Actor) -> str:
+    """Who acts, as the pause record and the logs name them: a key by its kind, prefix, name and id."""
+    if isinstance(actor, str):
+        return actor
+    key = await admin_repository.get_api_key(conn, actor)
+    if key is None:  # revoked and deleted while the request ran
+        return f"key {actor}"
+    name = f" ({key.name})" if key.name else ""
+    return f"{key.kind} key {key.prefix}…{name} id {key.id}"
+
+
+async def _depths(broker_redis: aioredis.Redis, queues: list[str]) -> dict[str, int] | None:
+    try:
+        async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_SECONDS):
+            return await queue_depths(broker_redis, queues)
+    except Exception as exc:  # the broker is down: depths unknown, the rest answers
+        log.warning("broker queue lengths unknown", error=repr(exc))
+        return None
+
+
+async def pause(sources: QueueSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
+    """Pause `provider`'s queue (every provider on it). Returns the queue and a sentence for the caller."""
+    settings = sources.settings
+    queue = queue_of(settings, provider)
+    async with sources.engine.begin() as conn:
+        who = await _name(conn, actor)
+        pause_row, made = await repository.pause(conn, queue, who)
+        paused = {row["queue"] for row in await repository.list_pauses(conn)}
+        pending = await repository.count_pending_by_provider(conn)
+    providers = providers_by_queue(settings)[queue]
+    log.info("queue paused" if made else "queue already paused", queue=queue, providers=providers, by=who)
+    await announce_paused_queues(sources.producer, paused)
+    depth = (await _depths(sources.broker_redis, [queue]) or {}).get(queue)
+    record = _record(settings, queue, providers, depth, pending, pause_row)
+    return record, _said(settings, queue, provider, providers, "paused" if made else "was already paused")
+
+
+async def resume(sources: QueueSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
+    """Lift the pause of `provider`'s queue: its jobs run again in their order."""
+    settings = sources.settings
+    queue = queue_of(settings, provider)
+    async with sources.engine.begin() as conn:
+        who = await _name(conn, actor)
+        lifted = await repository.resume(conn, queue)
+        paused = {row["queue"] for row in await repository.list_pauses(conn)}
+        pending = await repository.count_pending_by_provider(conn)
+    providers = providers_by_queue(settings)[queue]
+    log.info("queue resumed" if lifted else "queue was not paused", queue=queue, providers=providers, by=who)
+    await announce_paused_queues(sources.producer, paused)
+    depth = (await _depths(sources.broker_redis, [queue]) or {}).get(queue)
+    record = _record(settings, queue, providers, depth, pending, None)
+    return record, _said(settings, queue, provider, providers, "resumed" if lifted else "was not paused")
+
+
+async def list_queues(sources: QueueSources) -> list[QueueRecord]:
+    settings = sources.settings
+    by_queue = providers_by_queue(settings)
+    async with sources.engine.connect() as conn:
+        pauses = {row["queue"]: row for row in await repository.list_pauses(conn)}
+        pending = await repository.count_pending_by_provider(conn)
+    depths = await _depths(sources.broker_redis, list(by_queue))
+    return [
+        _record(
+            settings,
+            queue,
+            providers,
+            None if depths is None else depths.get(queue),
+            pending,
+            pauses.get(queue),
+        )
+        for queue, providers in by_queue.items()
+    ]
+
+
+def _record(
+    settings: Settings,
+    queue: str,
+    providers: list[str],
+    depth: int | None,
+    pending: dict[str, int],
+    pause_row: Any | None,
+) -> QueueRecord:
+    paused_at: datetime | None = pause_row["paused_at"] if pause_row is not None else None
+    return QueueRecord(
+        queue=queue,
+        providers=providers,
+        shared=queue == settings.worker.queue,
+        depth=depth,
+        pending=sum(pending.get(p, 0) for p in providers),
+        paused=pause_row is not None,
+        paused_at=format_time(paused_at),
+        paused_by=pause_row["paused_by"] if pause_row is not None else None,
+    )
+
+
+def _said(settings: Settings, queue: str, provider: str, providers: list[str], what: str) -> str:
+    if queue != settings.worker.queue:
+        return f"Queue {queue} of {provider} {what}"
+    others = [p for p in providers if p != provider]
+    sharing = f" with {', '.join(others)}" if others else ""
+    return (
+        f"Queue {queue} {what}: {provider} is on the shared queue (KILN_PROVIDERS_SHARED_QUEUE){sharing}; "
+        "every provider on it is held and released together"
+    )

@@ -1,0 +1,1 @@
+"""The operator's overview: counts, throughput, processing times, queues, errors, workers."""

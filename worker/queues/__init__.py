@@ -1,0 +1,1 @@
+"""Paused queues in the worker: a worker consumes none of its queues that are paused."""
