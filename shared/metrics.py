@@ -11,10 +11,10 @@ they are summed, and a dead process's counts must stay in the totals. The gauges
 flight, workers alive) are read when scraped, so no gauge needs a multiprocess mode and there are no
 live-gauge files for `mark_process_dead` to remove.
 
-Labels stay bounded: routes are templates (`route_label`), providers are adapter names
-(`provider_label`), error codes are the codes the code base raises, outcomes are fixed words. The hot
-paths (every request, every job) count through children bound once per label set, never through a
-`.labels()` lookup per call.
+Labels stay bounded: routes are Litestar's route templates (or UNMATCHED_ROUTE), providers are adapter
+names (`provider_label`), methods the usual seven (`method_label`), error codes the codes the code
+base raises, outcomes fixed words. The hot paths (every request, every job) count through children
+bound once per label set, never through a `.labels()` lookup per call.
 """
 
 from __future__ import annotations
