@@ -41,6 +41,7 @@ async def test_requests_are_counted_by_route_template_never_by_path(live_api, te
     missing = await http.get(f"{CREATE}/{uuid.uuid4()}", headers=tenant.headers)
     assert missing.status_code == 404
     assert (await http.get(f"/no/such/route/{generation_id}")).status_code == 404
+    assert (await http.request("PROPFIND", "/nowhere")).status_code == 404
     after = await scrape(http)
 
     one = "/api/v1/generations/{id}"
@@ -49,6 +50,7 @@ async def test_requests_are_counted_by_route_template_never_by_path(live_api, te
     assert moved(before, after, requests, route=one, method="GET", status="200") == 2
     assert moved(before, after, requests, route=one, method="GET", status="404") == 1
     assert moved(before, after, requests, route="unmatched", method="GET", status="404") == 1
+    assert moved(before, after, requests, route="unmatched", method="other", status="404") == 1
     # The first scrape's own request, counted once it had been answered.
     assert moved(before, after, requests, route="/metrics", method="GET", status="200") == 1
     duration = "kiln_http_request_duration_seconds_count"

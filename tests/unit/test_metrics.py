@@ -1,5 +1,5 @@
-"""Where processes count: a directory per host name under the metrics root, emptied when a platform
-starts (only the counts: the root may hold other things)."""
+"""Where processes count (a directory per host name under the metrics root, emptied when a platform
+starts: only the counts, the root may hold other things), and labels that stay bounded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.metrics import MULTIPROC_DIR_ENV, metrics_root, use_metrics_dir
+from shared.metrics import MULTIPROC_DIR_ENV, method_label, metrics_root, provider_label, use_metrics_dir
 from shared.settings import Settings
 
 
@@ -49,3 +49,10 @@ def test_a_starting_platform_empties_the_counts_of_every_host_and_nothing_else(
     use_metrics_dir(settings, empty=True)
     assert list(tmp_path.glob("*/*.db")) == []
     assert (tmp_path / "README").read_text() == "the operator's"
+
+
+def test_labels_from_rows_and_clients_stay_bounded() -> None:
+    assert provider_label("openai") == "openai"
+    assert provider_label("a-vendor-no-adapter-has") == "other"
+    assert method_label("PATCH") == "PATCH"
+    assert method_label("PROPFIND") == "other"
