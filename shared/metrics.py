@@ -231,22 +231,27 @@ def use_metrics_dir(settings: Settings, *, empty: bool = False) -> Path:
     return path
 
 
-class _EveryHost(Collector):
-    """prometheus_client's multiprocess collector over the files of every host directory of the root."""
+class _CountFiles(Collector):
+    """prometheus_client's multiprocess collector over the files a glob finds."""
 
-    def __init__(self, root: Path) -> None:
-        self._root = root
+    def __init__(self, directory: Path, pattern: str) -> None:
+        self._directory = directory
+        self._pattern = pattern
 
     def collect(self) -> Iterable[Metric]:
-        return MultiProcessCollector.merge([str(path) for path in self._root.glob("*/*.db")])
+        return MultiProcessCollector.merge([str(path) for path in self._directory.glob(self._pattern)])
 
 
-def counted_metrics() -> bytes:
-    """The counters and histograms in the text format: every process's files added up in multiprocess
-    mode (this process's directory is one host directory of the root), else this process's registry (a
-    single process, the tests). Blocking (reads the files)."""
+def counted_metrics(settings: Settings) -> bytes:
+    """The counters and histograms in the text format: in multiprocess mode every process's files, of
+    every host directory when this process counts in one (a `kiln` launcher's), else of its own
+    directory only (PROMETHEUS_MULTIPROC_DIR set by hand: its siblings are none of ours); in a single
+    process (the tests, a bare uvicorn), its registry. Blocking (reads the files)."""
     if not _COUNTING_DIR:
         return generate_latest(REGISTRY)
+    counting = Path(_COUNTING_DIR).resolve()
+    root = metrics_root(settings)
+    files = _CountFiles(root, "*/*.db") if counting.parent == root else _CountFiles(counting, "*.db")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_EveryHost(Path(_COUNTING_DIR).parent))
+    registry.register(files)
     return generate_latest(registry)

@@ -72,7 +72,7 @@ class _ReadGauges(Collector):
 async def scrape(resources: Resources) -> bytes:
     """The text exposition: every process's counts, then the gauges. A gauge whose source does not
     answer is left out (and logged): the counts are worth serving without it."""
-    counted = await anyio.to_thread.run_sync(counted_metrics)
+    counted = await anyio.to_thread.run_sync(counted_metrics, resources.settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ReadGauges(await _read_gauges(resources)))
     return counted + generate_latest(registry)

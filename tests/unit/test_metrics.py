@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from shared.metrics import MULTIPROC_DIR_ENV, method_label, metrics_root, provider_label, use_metrics_dir
 from shared.settings import Settings
+from tests.scrape import samples_of, value
 
 
 def settings_with_root(root: Path) -> Settings:
@@ -56,3 +59,37 @@ def test_labels_from_rows_and_clients_stay_bounded() -> None:
     assert provider_label("a-vendor-no-adapter-has") == "other"
     assert method_label("PATCH") == "PATCH"
     assert method_label("PROPFIND") == "other"
+
+
+COUNT = "import sys; from shared.metrics import count_created; count_created('placeholder', int(sys.argv[1]))"
+READ = (
+    "import sys; from shared.metrics import counted_metrics; from shared.settings import Settings; "
+    "sys.stdout.write(counted_metrics(Settings()).decode())"
+)
+
+
+def in_process(code: str, counting_dir: Path, root: Path, *args: str) -> str:
+    """Run `code` in a fresh interpreter (the multiprocess mode is chosen at import) counting in
+    `counting_dir`, with KILN_METRICS_DIR `root`."""
+    env = {**os.environ, MULTIPROC_DIR_ENV: str(counting_dir), "KILN_METRICS_DIR": str(root)}
+    counting_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def test_a_scrape_adds_up_every_host_directory_of_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "metrics"
+    in_process(COUNT, root / "api-container", root, "2")
+    in_process(COUNT, root / "worker-container", root, "3")
+    text = in_process(READ, root / "api-container", root)
+    assert value(samples_of(text), "kiln_generations_created_total", provider="placeholder") == 5
+
+
+def test_a_directory_set_by_hand_is_read_alone(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    in_process(COUNT, mine, tmp_path / "kiln-root", "2")
+    in_process(COUNT, theirs, tmp_path / "kiln-root", "7")  # another program's, beside it: not ours
+    text = in_process(READ, mine, tmp_path / "kiln-root")
+    assert value(samples_of(text), "kiln_generations_created_total", provider="placeholder") == 2

@@ -390,7 +390,7 @@ async def test_delivery_outcomes_are_counted(client, tenant, engine, redis_clien
     await create_endpoint(client, tenant, receiver.at("/counted"))
     gid = await insert_generation(engine, tenant.project_id, status="failed", error_code="PROVIDER_ERROR")
     receiver.script = [500]
-    before = samples_of(counted_metrics().decode())
+    before = samples_of(counted_metrics(webhook_deps.settings).decode())
 
     [delivery_id] = await announce(webhook_deps, tenant.project_id, gid, "failed")
     assert await run_queued(redis_client, webhook_deps) == [(delivery_id, DeliveryOutcome.RETRY_SCHEDULED)]
@@ -398,6 +398,6 @@ async def test_delivery_outcomes_are_counted(client, tenant, engine, redis_clien
     await _wait_until_dispatched(webhook_deps)
     assert await run_queued(redis_client, webhook_deps) == [(delivery_id, DeliveryOutcome.DELIVERED)]
 
-    after = samples_of(counted_metrics().decode())
+    after = samples_of(counted_metrics(webhook_deps.settings).decode())
     for outcome in ("retry_scheduled", "skipped", "delivered"):
         assert moved(before, after, "kiln_webhook_deliveries_total", outcome=outcome) == 1
