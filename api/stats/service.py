@@ -46,6 +46,7 @@ from shared.records import format_time
 
 log = get_logger(__name__)
 
+PENDING = GenerationStatus.PENDING.value
 WINDOW_MINUTES = 60
 TOP_ERRORS = 10
 # Celery's broadcast waits this long for the workers' answers (it cannot know how many will answer).
@@ -143,8 +144,11 @@ async def _read_figures(sources: OperatorSources, scope: Scope, queues: dict[str
         finished = await repository.finished_per_minute(conn, scope, since)
         times = await repository.processing_time_percentiles(conn, scope, since)
         errors = await repository.error_counts(conn, scope, since)
+        pending = {row[0] for row in counts if row[1] == PENDING and row[2]}
         oldest_rows = {}
         for queue, providers in queues.items():
+            if pending.isdisjoint(providers):
+                continue  # nothing to find: the search would walk every pending row of other queues
             row = await repository.oldest_pending(conn, scope, providers)
             if row is not None:
                 oldest_rows[queue] = row
