@@ -17,6 +17,7 @@ from shared.providers import (
 )
 from shared.providers.placeholder import (
     PlaceholderProvider,
+    _encode_png,
     render,
     render_with_thumbnails,
     seed_for_prompt,
@@ -269,3 +270,19 @@ def test_parameters_must_be_an_object_and_provider_known():
     assert info.value.details == [{"field": "parameters", "message": "must be an object"}]
     with pytest.raises(ValueError, match="unknown provider"):
         validate_parameters("nope", {})
+
+
+@pytest.mark.parametrize(
+    ("size", "colors"),
+    [((1024, 1024), 11), ((333, 517), 11), ((1, 1), 1), ((65, 64), 16), ((129, 3), 17), ((300, 200), 256)],
+)
+def test_the_png_writer_keeps_every_pixel_and_colour(size, colors):
+    # Written by hand, not by Pillow (for speed): Pillow must read back exactly the picture, at 4 bits per
+    # pixel (up to 16 colours, odd widths padded per row) and at 8.
+    img = Image.new("P", size)
+    img.putpalette([channel for i in range(colors) for channel in (i, 255 - i, (7 * i) % 256)])
+    img.putdata([(x * 31 + y * 17) % colors for y in range(size[1]) for x in range(size[0])])
+    back = decode(_encode_png(img))
+    assert back.format == "PNG" and back.mode == "P" and back.size == size
+    assert back.convert("RGB").tobytes() == img.convert("RGB").tobytes()
+    assert back.getpalette() == img.getpalette()
