@@ -414,10 +414,10 @@ def secrets_reencrypt() -> None:
 
 def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(sources)` with connections of its own to the database, the broker's Redis and the
-    broker (api.queues.service.QueueSources)."""
+    broker (api.queues.service.OperatorSources)."""
     import redis.asyncio as aioredis
 
-    from api.queues.service import QueueSources
+    from api.queues.service import OperatorSources
     from shared.db import create_engine
     from shared.errors import KilnError
     from shared.queueing import create_producer
@@ -431,7 +431,7 @@ def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
         )
         producer = create_producer(settings)
         try:
-            return await work(QueueSources(settings, engine, broker_redis, producer))
+            return await work(OperatorSources(settings, engine, broker_redis, producer))
         finally:
             await asyncio.to_thread(producer.close)
             await broker_redis.aclose()
@@ -495,14 +495,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     import msgspec
 
     from api.stats.repository import Scope
-    from api.stats.service import StatsSources, compute_stats
+    from api.stats.service import compute_stats
 
-    async def overview(sources: Any) -> Any:
-        reader = sources.engine.execution_options(isolation_level="AUTOCOMMIT")
-        stats_sources = StatsSources(sources.settings, reader, sources.broker_redis, sources.producer)
-        return await compute_stats(stats_sources, Scope(), with_task_ids=True)
-
-    stats = _run_with_sources(overview)
+    stats = _run_with_sources(lambda sources: compute_stats(sources, Scope(), with_task_ids=True))
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(stats)))
         return
