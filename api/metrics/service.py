@@ -14,17 +14,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from api.metrics import repository
+from api.queues.service import QUEUE_DEPTH_TIMEOUT_SECONDS, depths_or_none, operator_sources
 from api.resources import Resources
-from api.stats.service import (
-    QUEUE_DEPTH_TIMEOUT_SECONDS,
-    WORKERS_GIVE_UP_SECONDS,
-    inspect_workers,
-    sources_of,
-)
+from api.stats.service import WORKERS_GIVE_UP_SECONDS, inspect_workers
 from shared.errors import Forbidden, Unauthorized
 from shared.logging import get_logger
 from shared.metrics import counted_metrics
-from shared.queueing import queue_depths, worker_queues
+from shared.queueing import worker_queues
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -99,8 +95,10 @@ async def _read_gauges(resources: Resources) -> list[Metric]:
 async def _broker_gauges(resources: Resources) -> list[Metric]:
     """Queue depth, then the workers: a broker whose Redis does not answer LLEN is not asked for its
     workers (a broadcast holds a thread for seconds while kombu tries to connect)."""
-    queues = worker_queues(resources.settings)
-    depths = await queue_depths(sources_of(resources).broker_redis, queues)
+    sources = operator_sources(resources)
+    depths = await depths_or_none(sources.broker_redis, worker_queues(resources.settings))
+    if depths is None:
+        return []
     depth = GaugeMetricFamily(
         "kiln_queue_depth",
         "Messages waiting on the broker, by queue (not those a worker holds).",
@@ -108,7 +106,7 @@ async def _broker_gauges(resources: Resources) -> list[Metric]:
     )
     for queue, waiting in depths.items():
         depth.add_metric([queue], waiting)
-    workers = await inspect_workers(resources.producer)
+    workers = await inspect_workers(sources.producer)
     if not workers.reachable:
         return [depth]
     return [
