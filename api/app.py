@@ -21,6 +21,7 @@ from api.generations.controller import GenerationController
 from api.generations.schemas import BatchCreateRequest
 from api.health.controller import HealthController
 from api.images.controller import ImageController, PublicImageController
+from api.metrics.controller import MetricsController
 from api.middleware import RequestContextMiddleware
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             dashboard_assets,
             StatsController,
             QueueController,
+            MetricsController,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

@@ -57,6 +57,15 @@ def _admin_settings() -> Settings:
     return with_running_embedded_servers(_settings())
 
 
+def _exec_counting(settings: Settings, argv: list[str]) -> None:
+    """Exec a server that counts into the platform's metrics directory (shared.metrics): the API's
+    /metrics adds up what every process on this host counted."""
+    from shared.metrics import use_metrics_dir
+
+    use_metrics_dir(settings)
+    _exec(argv)
+
+
 def _exec(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -74,7 +83,8 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn)."""
     s = _settings()
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -96,7 +106,7 @@ def api(
             s.server.forwarded_allow_ips,
             "--timeout-graceful-shutdown",
             "10",
-        ]
+        ],
     )
 
 
@@ -121,7 +131,8 @@ def worker(
         from shared.queueing import worker_queues
 
         queues = ",".join(worker_queues(s))
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -137,7 +148,7 @@ def worker(
             s.log_level,
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
 
 
@@ -150,7 +161,8 @@ def beat() -> None:
     schedule.parent.mkdir(parents=True, exist_ok=True)
     # Celery beat embedded (-B) in a small worker that reads only the maintenance queue: workers busy
     # with slow jobs read no message at all, and the sweeper must still run every few seconds.
-    _exec(
+    _exec_counting(
+        s,
         [
             sys.executable,
             "-m",
@@ -171,7 +183,7 @@ def beat() -> None:
             s.log_level,
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
 
 
@@ -402,10 +414,10 @@ def secrets_reencrypt() -> None:
 
 def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(sources)` with connections of its own to the database, the broker's Redis and the
-    broker (api.queues.service.QueueSources)."""
+    broker (api.queues.service.OperatorSources)."""
     import redis.asyncio as aioredis
 
-    from api.queues.service import QueueSources
+    from api.queues.service import OperatorSources
     from shared.db import create_engine
     from shared.errors import KilnError
     from shared.queueing import create_producer
@@ -419,7 +431,7 @@ def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
         )
         producer = create_producer(settings)
         try:
-            return await work(QueueSources(settings, engine, broker_redis, producer))
+            return await work(OperatorSources(settings, engine, broker_redis, producer))
         finally:
             await asyncio.to_thread(producer.close)
             await broker_redis.aclose()
@@ -483,14 +495,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     import msgspec
 
     from api.stats.repository import Scope
-    from api.stats.service import StatsSources, compute_stats
+    from api.stats.service import compute_stats
 
-    async def overview(sources: Any) -> Any:
-        reader = sources.engine.execution_options(isolation_level="AUTOCOMMIT")
-        stats_sources = StatsSources(sources.settings, reader, sources.broker_redis, sources.producer)
-        return await compute_stats(stats_sources, Scope(), with_task_ids=True)
-
-    stats = _run_with_sources(overview)
+    stats = _run_with_sources(lambda sources: compute_stats(sources, Scope(), with_task_ids=True))
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(stats)))
         return

@@ -141,8 +141,10 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float 
 def run_dev(
     settings: Settings, host: str | None = None, port: int | None = None, *, verbose: bool = False
 ) -> int:
+    from shared.metrics import use_metrics_dir
     from shared.migrations import migrate
 
+    use_metrics_dir(settings, empty=True)  # the children count afresh into it (`kiln api` etc. keep it)
     data_dir = settings.embedded.data_dir.resolve()
     servers: list[_Stoppable] = []
     children: dict[str, subprocess.Popen[bytes]] = {}

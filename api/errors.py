@@ -22,6 +22,7 @@ from api.middleware import CLIENT_GONE_STATE_KEY, REQUEST_ID_STATE_KEY, incoming
 from shared.db import is_connection_error
 from shared.errors import KilnError
 from shared.logging import get_logger
+from shared.metrics import count_unmatched_request
 
 log = get_logger(__name__)
 
@@ -133,8 +134,11 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     else:
         log.error("unhandled error", method=request.method, path=request.url.path, exc_info=exc)
         response = error_response(500, "INTERNAL_ERROR", "Internal error")
-    # Requests that never reached a route (404/405) skipped the middleware that echoes the id.
+    # Requests that never reached a route (404/405) skipped the middleware that echoes the id and
+    # counts the request.
     state = request.scope.get("state") or {}
-    if REQUEST_ID_STATE_KEY not in state and (request_id := incoming_request_id(request.scope)):
-        response.headers["X-Request-ID"] = request_id
+    if REQUEST_ID_STATE_KEY not in state:
+        count_unmatched_request(request.method, response.status_code or 500)
+        if request_id := incoming_request_id(request.scope):
+            response.headers["X-Request-ID"] = request_id
     return response

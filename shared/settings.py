@@ -387,6 +387,21 @@ class DashboardSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    dir: Path | None = Field(
+        default=None,
+        description="Where every API and worker process counts its metrics (a directory per host name): "
+        "share it between the containers of one host. Empty: `<KILN_EMBEDDED_DATA_DIR>/metrics`.",
+    )
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        min_length=16,
+        description="Bearer token (16 characters or more) that lets a Prometheus on another host scrape "
+        "`GET /metrics` (`Authorization: Bearer <token>`); empty: only loopback clients may.",
+    )
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
@@ -439,6 +454,7 @@ class Settings(BaseSettings):
     network: NetworkSettings = NetworkSettings()
     webhooks: WebhookSettings = WebhookSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

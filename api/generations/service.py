@@ -67,6 +67,7 @@ from shared.errors import (
 from shared.events import StatusChange
 from shared.image_store import generation_prefix
 from shared.logging import get_logger
+from shared.metrics import count_created, count_finished
 from shared.models import GenerationStatus, utcnow
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.status_changes import status_changes
@@ -152,6 +153,7 @@ async def create_generation(
         row = await repository.insert_generation(conn, values, cap)
     if row is None:
         raise over_cap(cap)
+    count_created(row["provider"])
     await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
 
@@ -214,6 +216,7 @@ async def create_generation_once(
     record, repeated = await run_once_per_key(resources, project_id, key, insert)
     if repeated is not None:
         return repeated
+    count_created(record.provider)
     await _enqueue(resources, [_enqueued(record)])
     return record
 
@@ -291,6 +294,8 @@ async def create_batch(
         if repeated is not None:
             return repeated
     created = [_enqueued(r.data) for r in envelope.data if r.data is not None]
+    for _, provider, _ in created:
+        count_created(provider)
     await _enqueue(resources, created)
     return envelope
 
@@ -420,6 +425,7 @@ async def cancel_generation(
                 " cancelled"
             )
         await changes.status_changed(_change_of(row))
+    count_finished(row["provider"], GenerationStatus.CANCELLED.value)
     log.info("generation cancelled", generation_id=str(generation_id))
     return generation_record(row, resources.urls, with_image=False)
 

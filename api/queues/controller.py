@@ -10,19 +10,9 @@ from litestar.params import PathParameter
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.queues import service
 from api.queues.schemas import QueueEnvelope, QueueListEnvelope
-from api.resources import Resources
 from api.security.guards import InjectedPrincipal, InjectedResources, require_admin, require_api_key
 
 ProviderPath = Annotated[str, PathParameter(description="A provider's name: its queue is paused or resumed")]
-
-
-def sources_of(resources: Resources) -> service.QueueSources:
-    return service.QueueSources(
-        settings=resources.settings,
-        engine=resources.engine,
-        broker_redis=resources.broker_redis or resources.redis,
-        producer=resources.producer,
-    )
 
 
 class QueueController(Controller):
@@ -37,7 +27,7 @@ class QueueController(Controller):
         responses=error_responses(403, *AUTHENTICATED_ERRORS),
     )
     async def list_queues(self, resources: InjectedResources) -> QueueListEnvelope:
-        return QueueListEnvelope(data=await service.list_queues(sources_of(resources)))
+        return QueueListEnvelope(data=await service.list_queues(service.operator_sources(resources)))
 
     @post(
         "/{provider:str}/pause",
@@ -48,7 +38,8 @@ class QueueController(Controller):
     async def pause_queue(
         self, resources: InjectedResources, principal: InjectedPrincipal, provider: ProviderPath
     ) -> QueueEnvelope:
-        record, message = await service.pause(sources_of(resources), provider, principal.key_id)
+        sources = service.operator_sources(resources)
+        record, message = await service.pause(sources, provider, principal.key_id)
         return QueueEnvelope(data=record, message=message)
 
     @post(
@@ -60,5 +51,7 @@ class QueueController(Controller):
     async def resume_queue(
         self, resources: InjectedResources, principal: InjectedPrincipal, provider: ProviderPath
     ) -> QueueEnvelope:
-        record, message = await service.resume(sources_of(resources), provider, principal.key_id)
+        record, message = await service.resume(
+            service.operator_sources(resources), provider, principal.key_id
+        )
         return QueueEnvelope(data=record, message=message)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from api.admin import repository as admin_repository
 from api.queues import repository
 from api.queues.schemas import QueueRecord
+from api.resources import Resources
 from shared.errors import NotFound
 from shared.logging import get_logger
 from shared.pauses import announce_paused_queues
@@ -33,13 +34,23 @@ QUEUE_DEPTH_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
-class QueueSources:
-    """The API's resources, or the CLI's own connections."""
+class OperatorSources:
+    """What the queue controls and the stats read and tell: the database, the broker's Redis (queue
+    depths) and the broker (the workers). The API's resources, or the CLI's own connections."""
 
     settings: Settings
     engine: AsyncEngine
     broker_redis: aioredis.Redis
     producer: Celery
+
+
+def operator_sources(resources: Resources) -> OperatorSources:
+    return OperatorSources(
+        settings=resources.settings,
+        engine=resources.engine,
+        broker_redis=resources.broker_redis or resources.redis,
+        producer=resources.producer,
+    )
 
 
 def queue_of(settings: Settings, provider: str) -> str:
@@ -64,7 +75,8 @@ async def _name(conn: AsyncConnection, actor: Actor) -> str:
     return f"{key.kind} key {key.prefix}…{name} id {key.id}"
 
 
-async def _depths(broker_redis: aioredis.Redis, queues: list[str]) -> dict[str, int] | None:
+async def depths_or_none(broker_redis: aioredis.Redis, queues: list[str]) -> dict[str, int] | None:
+    """`queue_depths`, or None when the broker does not answer soon (the rest of an answer stands)."""
     try:
         async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_SECONDS):
             return await queue_depths(broker_redis, queues)
@@ -73,7 +85,7 @@ async def _depths(broker_redis: aioredis.Redis, queues: list[str]) -> dict[str, 
         return None
 
 
-async def pause(sources: QueueSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
+async def pause(sources: OperatorSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
     """Pause `provider`'s queue (every provider on it). Returns the queue and a sentence for the caller."""
     settings = sources.settings
     queue = queue_of(settings, provider)
@@ -85,12 +97,12 @@ async def pause(sources: QueueSources, provider: str, actor: Actor) -> tuple[Que
     providers = providers_by_queue(settings)[queue]
     log.info("queue paused" if made else "queue already paused", queue=queue, providers=providers, by=who)
     await announce_paused_queues(sources.producer, paused)
-    depth = (await _depths(sources.broker_redis, [queue]) or {}).get(queue)
+    depth = (await depths_or_none(sources.broker_redis, [queue]) or {}).get(queue)
     record = _record(settings, queue, providers, depth, pending, pause_row)
     return record, _said(settings, queue, provider, providers, "paused" if made else "was already paused")
 
 
-async def resume(sources: QueueSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
+async def resume(sources: OperatorSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
     """Lift the pause of `provider`'s queue: its jobs run again in their order."""
     settings = sources.settings
     queue = queue_of(settings, provider)
@@ -102,18 +114,18 @@ async def resume(sources: QueueSources, provider: str, actor: Actor) -> tuple[Qu
     providers = providers_by_queue(settings)[queue]
     log.info("queue resumed" if lifted else "queue was not paused", queue=queue, providers=providers, by=who)
     await announce_paused_queues(sources.producer, paused)
-    depth = (await _depths(sources.broker_redis, [queue]) or {}).get(queue)
+    depth = (await depths_or_none(sources.broker_redis, [queue]) or {}).get(queue)
     record = _record(settings, queue, providers, depth, pending, None)
     return record, _said(settings, queue, provider, providers, "resumed" if lifted else "was not paused")
 
 
-async def list_queues(sources: QueueSources) -> list[QueueRecord]:
+async def list_queues(sources: OperatorSources) -> list[QueueRecord]:
     settings = sources.settings
     by_queue = providers_by_queue(settings)
     async with sources.engine.connect() as conn:
         pauses = {row["queue"]: row for row in await repository.list_pauses(conn)}
         pending = await repository.count_pending_by_provider(conn)
-    depths = await _depths(sources.broker_redis, list(by_queue))
+    depths = await depths_or_none(sources.broker_redis, list(by_queue))
     return [
         _record(
             settings,

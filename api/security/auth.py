@@ -30,6 +30,7 @@ from api.security.ratelimit import (
 from shared.apikeys import digest_key, looks_like_key
 from shared.errors import ServiceUnavailable, TooManyFailedAuthentications, Unauthorized
 from shared.logging import get_logger
+from shared.metrics import count_rate_limit_rejection
 from shared.models import ApiKeyKind
 from shared.settings import Settings
 
@@ -42,6 +43,7 @@ TOMBSTONE_TTL_SECONDS = 2 * KEY_CACHE_TTL_SECONDS
 # Where the guard leaves its findings in the ASGI scope state (read by handlers and the middleware).
 PRINCIPAL_STATE_KEY = "kiln_principal"
 RATE_LIMIT_STATE_KEY = "kiln_rate_limit"
+AUTH_FAILURES_BUDGET = "auth_failures"  # its name among the budgets in kiln_rate_limit_rejections_total
 
 
 class CachedKey(msgspec.Struct, frozen=True):
@@ -117,6 +119,7 @@ async def _refuse_if_throttled(resources: Resources, address: str | None) -> Non
         return
     wait = await resources.limiter.auth_failures_wait(address, limit)
     if wait:
+        count_rate_limit_rejection(AUTH_FAILURES_BUDGET)
         raise TooManyFailedAuthentications(
             f"More than {limit} requests with unknown API keys from this address in a minute; "
             f"retry in {wait} s",

@@ -44,6 +44,7 @@ from api.security.sessions import (
 from shared.apikeys import digest_key
 from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams, Unauthorized
 from shared.logging import get_logger
+from shared.metrics import count_rate_limit_rejection
 
 log = get_logger(__name__)
 
@@ -103,6 +104,7 @@ async def still_authenticated(connection: ASGIConnection[Any, Any, Any, Any]) ->
 
 def refuse_unless_admitted(rate: RateLimitResult, budget: Budget) -> None:
     if not rate.admitted:
+        count_rate_limit_rejection(budget.value)
         raise RateLimitExceeded(
             f"Rate limit of {rate.limit} {budget.value} requests per hour exceeded; "
             f"retry in {rate.reset_seconds} s",
@@ -228,6 +230,7 @@ class GenerationSpend:
 
 
 SLOT_CLOSE_SECONDS = 5.0
+STREAMS_BUDGET = "streams"  # its name among the budgets in kiln_rate_limit_rejections_total
 
 
 class StreamSlot:
@@ -250,6 +253,7 @@ class StreamSlot:
         if self._cap <= 0:
             return
         if not await self._limiter.open_stream(self._key_id, self._token, self._cap):
+            count_rate_limit_rejection(STREAMS_BUDGET)
             raise TooManyStreams(
                 f"This API key already has {self._cap} event streams or long polls open; "
                 "close one or retry later",

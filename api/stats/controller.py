@@ -10,6 +10,7 @@ from litestar.connection import ASGIConnection
 from litestar.params import QueryParameter
 
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.queues.service import operator_sources
 from api.resources import Resources
 from api.security.guards import InjectedPrincipal, InjectedResources, require_api_key
 from api.stats import service
@@ -28,7 +29,7 @@ def stats_of(connection: ASGIConnection[Any, Any, Any, Any], resources: Resource
     state = connection.app.state
     stats: service.Stats | None = state.get("stats")
     if stats is None:
-        stats = state["stats"] = service.Stats(service.sources_of(resources))
+        stats = state["stats"] = service.Stats(operator_sources(resources))
     return stats
 
 

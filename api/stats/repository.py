@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, literal_column, select
+from sqlalchemy import ColumnElement, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.models import GenerationStatus, metadata
@@ -47,20 +47,20 @@ async def window_start(conn: AsyncConnection, minutes: int) -> datetime:
     return (await conn.execute(select(start))).scalar_one()
 
 
-async def count_by_provider_and_status(conn: AsyncConnection, scope: Scope) -> Sequence[Row[Any]]:
+async def count_by_provider_and_status(conn: AsyncConnection, scope: Scope) -> Sequence[Any]:
     """(provider, status, count) of every generation in scope."""
     stmt = select(g.provider, g.status, func.count()).where(*_in_scope(scope)).group_by(g.provider, g.status)
     return (await conn.execute(stmt)).all()
 
 
-async def created_per_minute(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Row[Any]]:
+async def created_per_minute(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Any]:
     """(minute, created) since `since`."""
     minute = func.date_trunc("minute", g.created_at).label("minute")
     stmt = select(minute, func.count()).where(g.created_at >= since, *_in_scope(scope)).group_by(minute)
     return (await conn.execute(stmt)).all()
 
 
-async def finished_per_minute(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Row[Any]]:
+async def finished_per_minute(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Any]:
     """(minute, succeeded, failed) by completion time since `since`."""
     minute = func.date_trunc("minute", g.completed_at).label("minute")
     stmt = (
@@ -75,9 +75,7 @@ async def finished_per_minute(conn: AsyncConnection, scope: Scope, since: dateti
     return (await conn.execute(stmt)).all()
 
 
-async def processing_time_percentiles(
-    conn: AsyncConnection, scope: Scope, since: datetime
-) -> Sequence[Row[Any]]:
+async def processing_time_percentiles(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Any]:
     """(provider, samples, p50 ms, p95 ms) of the successes since `since`, from the first claim
     (started_at) to the finish (completed_at): the time a job spent with the workers, retries
     included. One row per provider, then the overall one (provider None)."""
@@ -100,7 +98,7 @@ async def processing_time_percentiles(
     return (await conn.execute(stmt)).all()
 
 
-async def error_counts(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Row[Any]]:
+async def error_counts(conn: AsyncConnection, scope: Scope, since: datetime) -> Sequence[Any]:
     """(provider, error code, count) of the failures since `since`."""
     code = func.coalesce(g.error_code, literal_column("'UNKNOWN'")).label("code")
     stmt = (

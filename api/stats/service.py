@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import redis.asyncio as aioredis
 from celery import Celery
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin import service as admin_service
 from api.generations.waiting import queue_positions
 from api.queues import repository as queues_repository
-from api.resources import Resources
+from api.queues.service import OperatorSources, depths_or_none
 from api.stats import repository
 from api.stats.cache import SingleFlight
 from api.stats.repository import Scope
@@ -43,38 +41,18 @@ from shared.errors import NotFound, ValidationFailed
 from shared.logging import get_logger
 from shared.models import GenerationStatus
 from shared.providers import PROVIDER_NAMES
-from shared.queueing import GENERATE_TASK, providers_by_queue, queue_depths, queue_for_provider
+from shared.queueing import GENERATE_TASK, providers_by_queue, queue_for_provider
 from shared.records import format_time
-from shared.settings import Settings
 
 log = get_logger(__name__)
 
+PENDING = GenerationStatus.PENDING.value
 WINDOW_MINUTES = 60
 TOP_ERRORS = 10
 # Celery's broadcast waits this long for the workers' answers (it cannot know how many will answer).
 WORKERS_REPLY_SECONDS = 1.0
 # A broker that accepts the connection but never answers: give up on the workers after this long.
 WORKERS_GIVE_UP_SECONDS = 3.0
-QUEUE_DEPTH_TIMEOUT_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class StatsSources:
-    """Where the figures come from: the API's resources, or the CLI's own connections."""
-
-    settings: Settings
-    reader: AsyncEngine
-    broker_redis: aioredis.Redis
-    producer: Celery
-
-
-def sources_of(resources: Resources) -> StatsSources:
-    return StatsSources(
-        settings=resources.settings,
-        reader=resources.reader,
-        broker_redis=resources.broker_redis or resources.redis,
-        producer=resources.producer,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +65,7 @@ class Stats:
     """One per API process: the cached figures by scope, and the workers' last answer (one for all
     scopes: the broadcast costs a second of waiting)."""
 
-    def __init__(self, sources: StatsSources) -> None:
+    def __init__(self, sources: OperatorSources) -> None:
         self.sources = sources
         fresh = sources.settings.stats.fresh_seconds
         self._by_scope: SingleFlight[StatsKey, StatsRecord] = SingleFlight(fresh)
@@ -102,7 +80,7 @@ class Stats:
 
 
 async def scope_for(
-    sources: StatsSources,
+    sources: OperatorSources,
     *,
     is_admin: bool,
     own_project_id: uuid.UUID | None,
@@ -121,13 +99,13 @@ async def scope_for(
             raise NotFound("Project not found; a project key sees its own project's stats only")
         return Scope(own_project_id, provider)
     if project_id is not None:
-        async with sources.reader.connect() as conn:
+        async with sources.engine.connect() as conn:
             await admin_service.get_project(conn, project_id)  # NotFound names it
     return Scope(project_id, provider)
 
 
 async def compute_stats(
-    sources: StatsSources, scope: Scope, with_task_ids: bool, cache: Stats | None = None
+    sources: OperatorSources, scope: Scope, with_task_ids: bool, cache: Stats | None = None
 ) -> StatsRecord:
     """Every figure of `scope`, read now (the database, the broker's queues and the workers at once)."""
     settings = sources.settings
@@ -136,7 +114,7 @@ async def compute_stats(
         own_queue = queue_for_provider(settings, scope.provider)
         queues = {own_queue: queues[own_queue]}
     workers = asyncio.ensure_future(cache.workers() if cache else inspect_workers(sources.producer))
-    depths = asyncio.ensure_future(_queue_depths(sources.broker_redis, list(queues)))
+    depths = asyncio.ensure_future(depths_or_none(sources.broker_redis, list(queues)))
     try:
         figures = await _read_figures(sources, scope, queues)
     finally:
@@ -158,16 +136,19 @@ class _Figures:
     pauses: dict[str, Any]
 
 
-async def _read_figures(sources: StatsSources, scope: Scope, queues: dict[str, list[str]]) -> _Figures:
-    async with sources.reader.connect() as conn:
+async def _read_figures(sources: OperatorSources, scope: Scope, queues: dict[str, list[str]]) -> _Figures:
+    async with sources.engine.connect() as conn:
         since = await repository.window_start(conn, WINDOW_MINUTES)
         counts = await repository.count_by_provider_and_status(conn, scope)
         created = await repository.created_per_minute(conn, scope, since)
         finished = await repository.finished_per_minute(conn, scope, since)
         times = await repository.processing_time_percentiles(conn, scope, since)
         errors = await repository.error_counts(conn, scope, since)
+        pending = {row[0] for row in counts if row[1] == PENDING and row[2]}
         oldest_rows = {}
         for queue, providers in queues.items():
+            if pending.isdisjoint(providers):
+                continue  # nothing to find: the search would walk every pending row of other queues
             row = await repository.oldest_pending(conn, scope, providers)
             if row is not None:
                 oldest_rows[queue] = row
@@ -184,15 +165,6 @@ async def _read_figures(sources: StatsSources, scope: Scope, queues: dict[str, l
         oldest={queue: (row[0], row[1], positions[row[0]]) for queue, row in oldest_rows.items()},
         pauses=pauses,
     )
-
-
-async def _queue_depths(broker_redis: aioredis.Redis, queues: list[str]) -> dict[str, int] | None:
-    try:
-        async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_SECONDS):
-            return await queue_depths(broker_redis, queues)
-    except Exception as exc:  # the broker is down: the depths are unknown, the rest still answers
-        log.warning("broker queue lengths unknown", error=repr(exc))
-        return None
 
 
 async def inspect_workers(producer: Celery) -> WorkersStats:

@@ -64,6 +64,9 @@ class ClaimedGeneration:
     outbound_allow_hosts: tuple[str, ...] = ()
     # Whether `processing` has a webhook to deliver (`shared.webhooks.announced`), read with the claim.
     announces_processing: bool = True
+    # Seconds from its enqueue (its creation, or its last re-enqueue) to this claim, by the database's
+    # clock: the pickup time of a fresh claim.
+    waited_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,9 @@ _CLAIMED_COLUMNS = (
     .scalar_subquery()
     .label("outbound_allow_hosts"),
     announced(GenerationStatus.PROCESSING.value),
+    func.extract(
+        "epoch", func.now() - func.coalesce(generations.c.enqueued_at, generations.c.created_at)
+    ).label("waited_seconds"),
 )  # fmt: skip
 
 
@@ -142,6 +148,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         connection_id=row.connection_id,
         outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
         announces_processing=row.announced,
+        waited_seconds=float(row.waited_seconds),
     )
 
 

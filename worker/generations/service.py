@@ -47,6 +47,13 @@ from shared.events import StatusChange, generation_channel
 from shared.image_store import StoredImage, attempt_prefix, discard_objects, store_image
 from shared.imaging import InvalidImage
 from shared.logging import get_logger
+from shared.metrics import (
+    count_finished,
+    count_provider_request,
+    count_provider_retry,
+    observe_pickup,
+    observe_processing,
+)
 from shared.models import GenerationStatus, new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
@@ -179,6 +186,8 @@ class GenerationPipeline:
         self.phase_ms["claim"] = _ms_since(started)
         if claim is None:
             return await self._end_unclaimable(generation_id)
+        if not self._resumed:
+            observe_pickup(claim.waited_seconds)
         with structlog.contextvars.bound_contextvars(attempt=claim.attempt, version=claim.version):
             try:
                 # The lease is renewed from the claim on: the connection lookup and slot wait count too.
@@ -260,7 +269,8 @@ class GenerationPipeline:
                 )
                 if change is not None:
                     await changes.status_changed(change)
-        if change is not None:
+        if state is not None and change is not None:
+            count_finished(state.provider, GenerationStatus.FAILED.value, "DEADLINE_EXCEEDED")
             log.info("generation failed", error_code="DEADLINE_EXCEEDED")
             return PipelineOutcome.FAILED
         if state is not None and state.status == GenerationStatus.PENDING.value and state.paused:
@@ -494,7 +504,7 @@ class GenerationPipeline:
             reraise=True,
         )
         try:
-            return await retrying(self._call_provider_once, provider, request, claim.deadline_at)
+            return await retrying(self._counted_call, claim.provider, provider, request, claim.deadline_at)
         except ProviderCallTimedOut as exc:
             raise GenerationFailure("PROVIDER_TIMEOUT", exc.message) from exc
         except ProviderRetryable as exc:
@@ -503,6 +513,27 @@ class GenerationPipeline:
             raise GenerationFailure(exc.code, exc.message) from exc
         finally:
             await self._release_slot()  # storing the image needs no provider slot
+
+    async def _counted_call(
+        self, name: str, provider: ImageProvider, request: ProviderRequest, deadline_at: datetime
+    ) -> ProviderResult:
+        """One provider call, counted by outcome (a cancelled one is not counted: the row was lost)."""
+        try:
+            result = await self._call_provider_once(provider, request, deadline_at)
+        except ProviderCallTimedOut:
+            count_provider_request(name, "timeout")
+            raise
+        except ProviderRetryable:
+            count_provider_request(name, "retryable")
+            raise
+        except ProviderPermanent:
+            count_provider_request(name, "permanent")
+            raise
+        except Exception:
+            count_provider_request(name, "error")
+            raise
+        count_provider_request(name, "success")
+        return result
 
     async def _call_provider_once(
         self, provider: ImageProvider, request: ProviderRequest, deadline_at: datetime
@@ -564,6 +595,7 @@ class GenerationPipeline:
 
     def _record_retry(self, claim: ClaimedGeneration) -> Callable[[RetryCallState], Awaitable[None]]:
         async def record(state: RetryCallState) -> None:
+            count_provider_retry(claim.provider)
             error = state.outcome.exception() if state.outcome else None
             log.info(
                 "provider call failed; retrying",
@@ -635,6 +667,8 @@ class GenerationPipeline:
         # Any other error (e.g. the connection dropped around COMMIT) leaves the objects: the commit may
         # have landed. If it did not, the sweeper takes the lease back and deletes this attempt's prefix.
         self.phase_ms["finalize"] = _ms_since(finalizing)
+        count_finished(claim.provider, GenerationStatus.SUCCESS.value)
+        observe_processing(claim.provider, produced.processing_time_ms / 1000)
         log.info(
             "generation succeeded",
             image_id=str(image.id),
@@ -655,6 +689,7 @@ class GenerationPipeline:
         if change is None:
             log.info("failure not recorded: this attempt no longer owns the row", error_code=code)
             return PipelineOutcome.ABANDONED
+        count_finished(claim.provider, GenerationStatus.FAILED.value, code)
         log.info("generation failed", error_code=code, error_message=message)
         return PipelineOutcome.FAILED
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.events import StatusChange
 from shared.image_store import attempt_prefix
 from shared.logging import get_logger
+from shared.metrics import count_finished
 from shared.models import GenerationStatus
 from shared.pauses import announce_paused_queues, queue_routing
 from shared.providers import PROVIDER_NAMES
@@ -89,6 +90,7 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
             changes.db, batch_size, "the generation did not finish before its deadline"
         )
         await changes.status_changed(*_changes_of(expired))
+    _count_failed(expired, "DEADLINE_EXCEEDED")
     await _delete_cut_off_attempts(deps, expired)
 
     async with status_changes(deps, deps.engine.begin()) as changes:
@@ -96,6 +98,7 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
         lost = await repository.fail_lost_leases(conn, settings.generation.max_attempts, batch_size)
         taken_back = await repository.requeue_lost_leases(conn, settings.generation.max_attempts, batch_size)
         await changes.status_changed(*_changes_of([*lost, *taken_back]))
+    _count_failed(lost, "WORKER_LOST")
     await _delete_cut_off_attempts(deps, [*lost, *taken_back])
 
     unsent += await _enqueue(deps, taken_back)
@@ -128,6 +131,11 @@ async def sweep(deps: SweeperDependencies, batch_size: int = SWEEP_BATCH_SIZE) -
     else:
         log.debug("sweep done: nothing to do")
     return report
+
+
+def _count_failed(rows: Sequence[SweptGeneration], error_code: str) -> None:
+    for row in rows:
+        count_finished(row.provider, GenerationStatus.FAILED.value, error_code)
 
 
 def _changes_of(rows: Sequence[SweptGeneration]) -> list[StatusChange]:

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared.connections import project_outbound_policy
 from shared.crypto import SecretUnreadable, decrypt_secret
 from shared.logging import get_logger
+from shared.metrics import count_webhook_delivery
 from shared.netguard import OutboundPolicy, OutboundUrlRefused
 from shared.outbound import outbound_policy
 from shared.settings import Settings
@@ -95,7 +96,9 @@ async def deliver_webhook(
     delivery_id: uuid.UUID, expected_attempts: int | None, deps: WebhookDependencies
 ) -> DeliveryOutcome:
     with structlog.contextvars.bound_contextvars(delivery_id=str(delivery_id)):
-        return await WebhookDelivery(deps).run(delivery_id, expected_attempts)
+        outcome = await WebhookDelivery(deps).run(delivery_id, expected_attempts)
+    count_webhook_delivery(outcome.value)
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,11 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.queues.service import OperatorSources
 from api.stats import repository as stats_repository
 from api.stats.cache import SingleFlight
 from api.stats.repository import Scope
-from api.stats.service import Stats, StatsSources, compute_stats
+from api.stats.service import Stats, compute_stats
 from shared.queueing import create_producer
 from shared.settings import Settings
 from tests.factories import insert_generation
@@ -410,8 +411,8 @@ async def test_a_broker_that_does_not_answer_gives_no_workers_and_no_depths_neve
         }
     )
     broker = aioredis.Redis.from_url(dead, socket_connect_timeout=0.5)
-    sources = StatsSources(
-        settings=broker_down, reader=engine, broker_redis=broker, producer=create_producer(broker_down)
+    sources = OperatorSources(
+        settings=broker_down, engine=engine, broker_redis=broker, producer=create_producer(broker_down)
     )
     try:
         stats = await compute_stats(

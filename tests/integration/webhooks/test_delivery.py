@@ -8,6 +8,7 @@ import uuid
 
 from sqlalchemy import update
 
+from shared.metrics import counted_metrics
 from shared.netguard import OutboundPolicy
 from shared.queueing import webhook_queue
 from shared.webhooks import generation_webhook_secret, verify
@@ -25,6 +26,7 @@ from tests.integration.webhooks.conftest import (
     run_queued,
     webhook_tuned,
 )
+from tests.scrape import moved, samples_of
 from worker.webhooks.service import (
     DeliveryOutcome,
     WebhookDependencies,
@@ -382,3 +384,20 @@ async def _wait_until_dispatched(deps: WebhookDependencies, timeout: float = 5.0
     while await dispatch_due_webhooks(deps) == 0:
         assert asyncio.get_running_loop().time() < deadline, "nothing became due"
         await asyncio.sleep(0.02)
+
+
+async def test_delivery_outcomes_are_counted(client, tenant, engine, redis_client, receiver, webhook_deps):
+    await create_endpoint(client, tenant, receiver.at("/counted"))
+    gid = await insert_generation(engine, tenant.project_id, status="failed", error_code="PROVIDER_ERROR")
+    receiver.script = [500]
+    before = samples_of(counted_metrics(webhook_deps.settings).decode())
+
+    [delivery_id] = await announce(webhook_deps, tenant.project_id, gid, "failed")
+    assert await run_queued(redis_client, webhook_deps) == [(delivery_id, DeliveryOutcome.RETRY_SCHEDULED)]
+    assert await deliver_webhook(delivery_id, 0, webhook_deps) == DeliveryOutcome.SKIPPED
+    await _wait_until_dispatched(webhook_deps)
+    assert await run_queued(redis_client, webhook_deps) == [(delivery_id, DeliveryOutcome.DELIVERED)]
+
+    after = samples_of(counted_metrics(webhook_deps.settings).decode())
+    for outcome in ("retry_scheduled", "skipped", "delivered"):
+        assert moved(before, after, "kiln_webhook_deliveries_total", outcome=outcome) == 1
