@@ -87,36 +87,42 @@ async def depths_or_none(broker_redis: aioredis.Redis, queues: list[str]) -> dic
 
 async def pause(sources: OperatorSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
     """Pause `provider`'s queue (every provider on it). Returns the queue and a sentence for the caller."""
-    settings = sources.settings
-    queue = queue_of(settings, provider)
-    async with sources.engine.begin() as conn:
-        who = await _name(conn, actor)
-        pause_row, made = await repository.pause(conn, queue, who)
-        paused = {row["queue"] for row in await repository.list_pauses(conn)}
-        pending = await repository.count_pending_by_provider(conn)
-    providers = providers_by_queue(settings)[queue]
-    log.info("queue paused" if made else "queue already paused", queue=queue, providers=providers, by=who)
-    await announce_paused_queues(sources.producer, paused)
-    depth = (await depths_or_none(sources.broker_redis, [queue]) or {}).get(queue)
-    record = _record(settings, queue, providers, depth, pending, pause_row)
-    return record, _said(settings, queue, provider, providers, "paused" if made else "was already paused")
+    return await _set_paused(sources, provider, actor, paused=True)
 
 
 async def resume(sources: OperatorSources, provider: str, actor: Actor) -> tuple[QueueRecord, str]:
     """Lift the pause of `provider`'s queue: its jobs run again in their order."""
+    return await _set_paused(sources, provider, actor, paused=False)
+
+
+async def _set_paused(
+    sources: OperatorSources, provider: str, actor: Actor, *, paused: bool
+) -> tuple[QueueRecord, str]:
     settings = sources.settings
     queue = queue_of(settings, provider)
     async with sources.engine.begin() as conn:
         who = await _name(conn, actor)
-        lifted = await repository.resume(conn, queue)
-        paused = {row["queue"] for row in await repository.list_pauses(conn)}
+        if paused:
+            pause_row, changed = await repository.pause(conn, queue, who)
+        else:
+            pause_row, changed = None, await repository.resume(conn, queue)
+        paused_queues = {row["queue"] for row in await repository.list_pauses(conn)}
         pending = await repository.count_pending_by_provider(conn)
     providers = providers_by_queue(settings)[queue]
-    log.info("queue resumed" if lifted else "queue was not paused", queue=queue, providers=providers, by=who)
-    await announce_paused_queues(sources.producer, paused)
+    event = (
+        ("queue paused" if changed else "queue already paused")
+        if paused
+        else ("queue resumed" if changed else "queue was not paused")
+    )
+    log.info(event, queue=queue, providers=providers, by=who)
+    await announce_paused_queues(sources.producer, paused_queues)
     depth = (await depths_or_none(sources.broker_redis, [queue]) or {}).get(queue)
-    record = _record(settings, queue, providers, depth, pending, None)
-    return record, _said(settings, queue, provider, providers, "resumed" if lifted else "was not paused")
+    record = _record(settings, queue, providers, depth, pending, pause_row)
+    if paused:
+        said = "paused" if changed else "was already paused"
+    else:
+        said = "resumed" if changed else "was not paused"
+    return record, _said(settings, queue, provider, providers, said)
 
 
 async def list_queues(sources: OperatorSources) -> list[QueueRecord]:
