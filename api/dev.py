@@ -210,6 +210,8 @@ def run_dev(
             "\n"
             f"  Kiln is running at {base_url}\n"
             f"  Demo API key:      {key}\n"
+            f"  Dashboard:         {base_url}/dashboard (sign in with the demo key)\n"
+            f"  Metrics:           {base_url}/metrics (Prometheus; open from this machine)\n"
             f"  OpenAPI docs:      {base_url}/schema/swagger\n\n"
             f"  curl -s -X POST {base_url}/api/v1/generations -H 'X-API-Key: {key}' \\\n"
             "       -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'\n\n"
