@@ -577,7 +577,7 @@ async def cancel_generation(
 async def cancel_pending_matching(conn: AsyncConnection, where: ListFilter, cap: int) -> Sequence[RowMapping]:
     """pending → cancelled for at most `cap` pending generations of the list filter `where`, oldest
     first (rows another transaction holds are skipped); the cancelled rows' (id, project_id, status,
-    updated_at)."""
+    updated_at, provider)."""
     g = generations.c
     conditions = _list_filter(_shape(where))  # pending rows are few: no bound needed
     doomed = (
@@ -597,7 +597,7 @@ async def cancel_pending_matching(conn: AsyncConnection, where: ListFilter, cap:
             completed_at=func.now(),
             updated_at=func.now(),
         )
-        .returning(g.id, g.project_id, g.status, g.updated_at)
+        .returning(g.id, g.project_id, g.status, g.updated_at, g.provider)
     )
     return (await conn.execute(stmt)).mappings().all()
 

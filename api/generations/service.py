@@ -442,6 +442,8 @@ async def cancel_pending(resources: Resources, principal: Principal, query: List
         rows = await repository.cancel_pending_matching(changes.db, where, BULK_CANCEL_MAX)
         if rows:
             await changes.status_changed(*(_change_of(row) for row in rows))
+    for row in rows:
+        count_finished(row["provider"], GenerationStatus.CANCELLED.value)
     log.info(
         "pending generations cancelled",
         count=len(rows),

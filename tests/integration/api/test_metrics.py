@@ -93,7 +93,7 @@ async def test_each_created_item_of_a_batch_and_an_idempotent_create_counts_once
     assert moved(before, after, "kiln_generations_created_total", provider="placeholder") == 3
 
 
-async def test_failures_and_retries_are_counted_by_code_and_outcome(
+async def test_failures_retries_and_cancels_are_counted_by_code_and_outcome(
     live_api, tenant, api_settings, engine, redis_client, storage
 ):
     http = live_api.http
@@ -112,13 +112,17 @@ async def test_failures_and_retries_are_counted_by_code_and_outcome(
     created = await http.post(CREATE, json={"prompt": "never run"}, headers=tenant.headers)
     cancel = await http.post(f"{CREATE}/{created.json()['data']['id']}/cancel", headers=tenant.headers)
     assert cancel.status_code == 200, cancel.text
+    for _ in range(2):  # and two more by one bulk cancel
+        await http.post(CREATE, json={"prompt": "never run either"}, headers=tenant.headers)
+    bulk = await http.post(f"{CREATE}/cancel", json={"q": "never run either"}, headers=tenant.headers)
+    assert bulk.status_code == 200 and bulk.json()["data"]["cancelled"] == 2, bulk.text
     after = await scrape(http)
 
     p = "placeholder"
     finished = "kiln_generations_finished_total"
     assert moved(before, after, finished, provider=p, status="failed", error_code="PROVIDER_UNAVAILABLE") == 1
     assert moved(before, after, finished, provider=p, status="failed", error_code="PROVIDER_ERROR") == 1
-    assert moved(before, after, finished, provider=p, status="cancelled", error_code="") == 1
+    assert moved(before, after, finished, provider=p, status="cancelled", error_code="") == 3
     requests = "kiln_provider_requests_total"
     assert moved(before, after, requests, provider=p, outcome="retryable") == 3  # the try and 2 retries
     assert moved(before, after, requests, provider=p, outcome="permanent") == 1
