@@ -134,7 +134,7 @@ class FaultPlatform:
 
         try:
             wait_until(all_terminal, timeout, f"{len(ids)} generations to end", interval=0.2)
-        except AssertionError as exc:
+        except TimeoutError as exc:  # wait_until's: say where each job is and what the processes said
             raise AssertionError(f"{exc}; statuses: {self.statuses(ids)}\n{self.logs_tail()}") from None
 
     def logs_tail(self, chars: int = 2500) -> str:
