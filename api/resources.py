@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 from celery import Celery
 from litestar import Litestar
@@ -19,6 +20,7 @@ from api.security.ratelimit import RateLimiter
 from shared.db import create_engine
 from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
+from shared.outbound import outbound_client
 from shared.queueing import close_publisher, create_producer
 from shared.records import ImageUrls
 from shared.settings import Settings
@@ -47,6 +49,8 @@ class Resources:
     urls: ImageUrls
     # Kept exact by the status hub (api.events.hub.status_hub_lifespan), which follows their events.
     default_connections: DefaultConnections
+    # Calls the API itself makes out (the LLM of prompt enhancement and conversation detection).
+    outbound: httpx.AsyncClient
 
 
 def resources_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Resources:
@@ -94,10 +98,12 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         storage=storage,
         urls=ImageUrls(settings.server.base_url, storage.direct_url),
         default_connections=DefaultConnections(),
+        outbound=outbound_client(settings, settings.enhancer.timeout_seconds),
     )
     try:
         yield
     finally:
+        await app.state.resources.outbound.aclose()
         close_storage = getattr(storage, "close", None)  # not part of the ObjectStorage protocol
         if close_storage is not None:
             await close_storage()

@@ -36,7 +36,10 @@ class ValidationFailed(KilnError):
 class Unauthorized(KilnError):
     status_code = 401
     code = "UNAUTHORIZED"
-    default_message = "Missing, unknown or revoked API key (send it in the X-API-Key header)"
+    default_message = (
+        "Missing, unknown or revoked API key (send it in the X-API-Key header, or as an Authorization "
+        "Bearer token)"
+    )
 
 
 class Forbidden(KilnError):

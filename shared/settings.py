@@ -402,6 +402,30 @@ class MetricsSettings(BaseModel):
     )
 
 
+class EnhancerSettings(BaseModel):
+    engine: Literal["builtin", "llm"] = Field(
+        default="builtin",
+        description="Prompt enhancement engine: `builtin` (offline templates) or `llm` (an OpenAI-compatible "
+        "chat-completions endpoint, falling back to `builtin` on any failure).",
+    )
+    llm_url: str | None = Field(
+        default=None,
+        description="Base URL of the chat-completions endpoint, up to its `/v1` (OpenAI, Ollama, vLLM, "
+        "llama.cpp server, LM Studio): `<url>/chat/completions` is called. Also used by conversation "
+        "detection.",
+    )
+    llm_model: str | None = Field(default=None, description="Model name sent to the LLM endpoint.")
+    llm_api_key: str | None = Field(
+        default=None, repr=False, description="Bearer key for the LLM endpoint (empty: none sent)."
+    )
+    timeout_seconds: float = Field(
+        default=4,
+        gt=0,
+        le=120,
+        description="How long one LLM call may take before Kiln falls back to the built-in engine.",
+    )
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
@@ -455,6 +479,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()
     dashboard: DashboardSettings = DashboardSettings()
     metrics: MetricsSettings = MetricsSettings()
+    enhancer: EnhancerSettings = EnhancerSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -51,7 +52,14 @@ from api.generations.schemas import (
     GenerationRecord,
     generation_record,
 )
-from api.generations.waiting import TERMINAL, add_queue_positions, read_row, record_of, submit_and_wait
+from api.generations.waiting import (
+    TERMINAL,
+    add_queue_positions,
+    read_row,
+    record_of,
+    submit_and_wait,
+    wait_until_terminal,
+)
 from api.pagination import PageTotal, encode_cursor, parse_statuses, read_cursor
 from api.parsing import check_text, decode_body
 from api.resources import Resources
@@ -68,7 +76,7 @@ from shared.events import StatusChange
 from shared.image_store import generation_prefix
 from shared.logging import get_logger
 from shared.metrics import count_created, count_finished
-from shared.models import GenerationStatus, utcnow
+from shared.models import GenerationStatus, new_id, utcnow
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.status_changes import status_changes
 from shared.webhooks import URL_MAX_LENGTH
@@ -219,6 +227,58 @@ async def create_generation_once(
     count_created(record.provider)
     await _enqueue(resources, [_enqueued(record)])
     return record
+
+
+async def create_group_and_wait(
+    resources: Resources,
+    hub: StatusHub,
+    project_id: uuid.UUID,
+    in_flight_override: int | None,
+    requests: Sequence[ValidGeneration],
+    budget: GenerationBudget,
+    wait_seconds: float,
+) -> list[GenerationRecord]:
+    """Generations created together, all or none (one transaction; each spends one unit of the
+    generation budget and counts against the in-flight cap), then held until every one is terminal or
+    `wait_seconds` pass. The records, in the order of `requests`, as they are at the end of the wait.
+    For the compatible APIs (OpenAI's `n`, Automatic1111's `batch_size`), whose clients expect images in
+    the answer; a refusal (rate limit, cap) raises and creates nothing. The route's guard spends the read
+    budget, as the batch route's does: every generation's unit is charged here."""
+    ids = [new_id() for _ in requests]
+    prepared = await asyncio.gather(
+        *(
+            prepare_generation(resources, project_id, request, gid)
+            for request, gid in zip(requests, ids, strict=True)
+        )
+    )
+    cap = in_flight_cap(resources.settings, in_flight_override)
+    async with AsyncExitStack() as stack:
+        # Subscribed before the rows exist, so no status change is missed.
+        watches = [await stack.enter_async_context(hub.watch(gid)) for gid in ids]
+        async with resources.engine.begin() as conn:
+            await repository.set_lock_timeout(conn, IDEMPOTENCY_LOCK_TIMEOUT_MS)
+            rows = []
+            for values in prepared:
+                await budget.charge()
+                row = await repository.insert_generation_in_transaction(conn, values, cap)
+                if row is None:
+                    raise over_cap(cap)
+                rows.append(row)
+        budget.keep()
+        for row in rows:
+            count_created(row["provider"])
+        await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"]) for row in rows])
+        waited = await asyncio.gather(
+            *(
+                wait_until_terminal(resources, watch, project_id, gid, wait_seconds)
+                for watch, gid in zip(watches, ids, strict=True)
+            )
+        )
+    # A generation deleted during the wait answers as it was created.
+    return [
+        record or generation_record(row, resources.urls, with_image=False)
+        for record, row in zip(waited, rows, strict=True)
+    ]
 
 
 def _error_body(exc: KilnError) -> ErrorBody:

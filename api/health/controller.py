@@ -9,7 +9,7 @@ from litestar import Controller, Request, Response, get
 from litestar.openapi import ResponseSpec
 
 from api.health import service
-from api.security.auth import client_address
+from api.security.auth import client_address, presented_key
 from api.security.guards import InjectedResources
 
 
@@ -40,9 +40,7 @@ class HealthController(Controller):
     async def ready(
         self, request: Request[Any, Any, Any], resources: InjectedResources
     ) -> Response[ReadyStatus]:
-        detailed = await service.is_admin_caller(
-            resources, request.headers.get("x-api-key"), client_address(request)
-        )
+        detailed = await service.is_admin_caller(resources, presented_key(request), client_address(request))
         checks = await service.readiness(resources, detailed=detailed)
         if all(result == "ok" for result in checks.values()):
             return Response(ReadyStatus(status="ok", checks=checks))

@@ -1,4 +1,5 @@
-"""Who is calling (X-API-Key → key record) and whether the key's budget admits the request.
+"""Who is calling (X-API-Key, or the key as an Authorization Bearer token or Basic password → key
+record) and whether the key's budget admits the request.
 
 Key records are cached in Redis for a minute so that an authenticated request costs one Redis round
 trip (the rate-limit script reads the cached record). A revoke overwrites the cache entry with a
@@ -8,6 +9,8 @@ bring the revoked key back: it answers 401 at once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +160,27 @@ async def load_key_record(reader: AsyncEngine, digest: str) -> CachedKey | None:
 async def invalidate_cached_key(redis: aioredis.Redis, digest: str) -> None:
     """Make a revoked key answer 401 at once on every API process (the CLI calls this too)."""
     await redis.set(key_cache_key(digest), KEY_CACHE_TOMBSTONE, ex=TOMBSTONE_TTL_SECONDS)
+
+
+def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The API key the request carries: `X-API-Key`, else `Authorization: Bearer <key>` (what OpenAI
+    clients send), else the password of `Authorization: Basic` (what Automatic1111 clients send, any
+    user name). None when it carries none (a dashboard session may then authenticate it)."""
+    headers = connection.headers
+    key = headers.get("x-api-key")
+    if key is not None:
+        return key
+    scheme, _, credentials = (headers.get("authorization") or "").strip().partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if scheme == "bearer" and credentials:
+        return credentials
+    if scheme == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""  # presented but unreadable: a wrong key (401), not a missing one
+        return decoded.partition(":")[2]
+    return None
 
 
 def client_address(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

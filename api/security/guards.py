@@ -30,6 +30,7 @@ from api.security.auth import (
     authenticate_digest,
     client_address,
     load_key_record,
+    presented_key,
     principal_of,
 )
 from api.security.ratelimit import Budget, RateLimitResult, Receipt
@@ -66,7 +67,7 @@ async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], budget: 
     scope state (the response's rate-limit headers describe this budget). Without X-API-Key, a dashboard
     session cookie authenticates as the key it was opened with (api.security.sessions)."""
     resources = resources_of(connection)
-    raw_key = connection.headers.get("x-api-key")
+    raw_key = presented_key(connection)
     address = client_address(connection)
     session = None
     if raw_key is None:
@@ -98,7 +99,7 @@ async def still_authenticated(connection: ASGIConnection[Any, Any, Any, Any]) ->
             return False
         digest = session.digest
     else:
-        digest = digest_key(connection.headers.get("x-api-key") or "")
+        digest = digest_key(presented_key(connection) or "")
     return await load_key_record(resources.reader, digest) is not None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import secrets
 import uuid
@@ -66,9 +67,21 @@ def assert_rate_headers(response, limit: int) -> tuple[int, int]:
         {"X-API-Key": ""},
         {"X-API-Key": "not-a-kiln-key"},
         {"X-API-Key": "kiln_" + "A" * 40},  # well-formed, unknown
-        {"Authorization": "Bearer kiln_" + "A" * 40},  # wrong header
+        {"Authorization": "Bearer kiln_" + "A" * 40},  # well-formed, unknown, as a bearer token
+        {"Authorization": "Basic " + base64.b64encode(b"user:kiln_" + b"A" * 40).decode()},
+        {"Authorization": "Basic !!not-base64!!"},
+        {"Authorization": "Token kiln_" + "A" * 40},  # a scheme Kiln does not read
     ],
-    ids=["missing", "empty", "malformed", "unknown", "wrong-header"],
+    ids=[
+        "missing",
+        "empty",
+        "malformed",
+        "unknown",
+        "unknown-bearer",
+        "unknown-basic",
+        "bad-basic",
+        "scheme",
+    ],
 )
 @pytest.mark.parametrize(
     ("method", "path"),
@@ -91,6 +104,24 @@ async def test_requests_without_a_valid_key_answer_401(client, tenant, engine, h
     }
     assert "x-ratelimit-limit" not in r.headers  # nothing was spent
     assert await generation_rows(engine) == 0
+
+
+@pytest.mark.parametrize(
+    "as_header",
+    [
+        lambda key: {"Authorization": f"Bearer {key}"},  # OpenAI clients
+        lambda key: {
+            "Authorization": "Basic " + base64.b64encode(f"any-user:{key}".encode()).decode()
+        },  # A1111
+        lambda key: {"Authorization": "Bearer kiln_" + "A" * 40, "X-API-Key": key},  # X-API-Key wins
+    ],
+    ids=["bearer", "basic", "x-api-key-first"],
+)
+async def test_the_key_may_come_as_a_bearer_token_or_basic_password(client, tenant, as_header):
+    r = await client.post(CREATE, json={"prompt": "a lighthouse"}, headers=as_header(tenant.key))
+    assert r.status_code == 201, r.text
+    listed = await client.get(CREATE, headers=as_header(tenant.key))
+    assert [g["id"] for g in listed.json()["data"]] == [r.json()["data"]["id"]]
 
 
 async def test_a_key_revoked_through_the_service_answers_401_at_once(client, tenant, engine, redis_client):
