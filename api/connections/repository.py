@@ -93,6 +93,25 @@ async def list_connections(
     return (await conn.execute(stmt)).all()
 
 
+async def list_model_sources(conn: AsyncConnection, project_id: uuid.UUID, *, limit: int) -> Sequence[Any]:
+    """What the compatible APIs list as models: each connection's id, name, provider and model, the
+    default first, then newest first."""
+    stmt = (
+        select(
+            connections.c.id,
+            connections.c.name,
+            connections.c.provider,
+            connections.c.model,
+            connections.c.is_default,
+            connections.c.created_at,
+        )
+        .where(connections.c.project_id == project_id)
+        .order_by(connections.c.is_default.desc(), connections.c.created_at.desc(), connections.c.id.desc())
+        .limit(limit)
+    )
+    return (await conn.execute(stmt)).all()
+
+
 async def count_connections(conn: AsyncConnection, project_id: uuid.UUID) -> int:
     stmt = select(func.count()).select_from(connections).where(connections.c.project_id == project_id)
     return int((await conn.execute(stmt)).scalar_one())

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -497,6 +498,62 @@ async def test_connection(
             ok=False, error_code="PROVIDER_ERROR", error_message="the provider adapter failed unexpectedly"
         )
     return ConnectionTestResult(ok=True)
+
+
+# --- models by name (the compatible APIs) ------------------------------------------------------------
+
+# A project with more connections than this lists (and resolves by name) the first ones only.
+MODEL_SOURCES_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class UsableModel:
+    """A name the compatible APIs accept as `model` (OpenAI's `GET /v1/models`, Automatic1111's
+    `sd-models`) and what it runs on."""
+
+    id: str  # what a client sends as `model`
+    provider: str
+    connection_id: uuid.UUID | None  # None: the server's default provider
+    model: str | None  # the provider model (None: the connection's own, else the provider's default)
+    created_at: datetime | None
+
+
+async def usable_models(resources: Resources, project_id: uuid.UUID) -> list[UsableModel]:
+    """What a create without a connection runs on first (the project's default connection, else the
+    server's default provider), then each of the project's connections by name, then each model of a
+    provider that publishes a fixed list, on the first of those targets that speaks it. A name listed
+    twice keeps its first entry."""
+    async with resources.reader.connect() as conn:
+        rows = await repository.list_model_sources(conn, project_id, limit=MODEL_SOURCES_LIMIT)
+    targets = [UsableModel(row.name, row.provider, row.id, row.model, row.created_at) for row in rows]
+    if not any(row.is_default for row in rows):
+        provider = resources.settings.providers.default
+        model = resources.settings.providers.model or CAPABILITIES[provider].default_model
+        targets.insert(0, UsableModel(model or provider, provider, None, model, None))
+    found: dict[str, UsableModel] = {}
+    for target in targets:
+        found.setdefault(target.id, target)
+    for target in targets:
+        for info in CAPABILITIES[target.provider].static_models:
+            found.setdefault(info.id, replace(target, id=info.id, model=info.id))
+    return list(found.values())
+
+
+async def target_of_model(
+    resources: Resources, project_id: uuid.UUID, name: str
+) -> tuple[uuid.UUID | None, str | None]:
+    """(connectionId, model) that a compatible API's `model` names: a listed name (`usable_models`),
+    else, when the default target's provider lists its models live (ComfyUI checkpoints, Automatic1111),
+    that model on the default target (the provider refuses it if it has no such model). 400 naming
+    `model` otherwise."""
+    models = await usable_models(resources, project_id)
+    for entry in models:
+        if entry.id == name:
+            return entry.connection_id, entry.model
+    default = models[0]  # the default target always leads the list
+    if CAPABILITIES[default.provider].model_list_style != "static":
+        return default.connection_id, name
+    raise ValidationFailed.field("model", f"unknown model {name!r}; the models list names the usable ones")
 
 
 # --- generation target ------------------------------------------------------------------------------
