@@ -67,11 +67,17 @@ _ERROR_DESCRIPTIONS = {
 AUTHENTICATED_ERRORS = (401, 429, 503)
 
 
-def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """Document error statuses with the error envelope (instead of Litestar's own error shape)."""
-    return {
+def error_responses(*statuses: int, conflict: str | None = None) -> dict[int, ResponseSpec]:
+    """Document error statuses with the error envelope (instead of Litestar's own error shape), plus a
+    409 INVALID_STATE saying when (`conflict`) for a route that can refuse by state."""
+    responses = {
         status: ResponseSpec(
             data_container=ErrorEnvelope, description=_ERROR_DESCRIPTIONS[status], generate_examples=False
         )
         for status in sorted(set(statuses))
     }
+    if conflict:
+        responses[409] = ResponseSpec(
+            data_container=ErrorEnvelope, description=f"INVALID_STATE: {conflict}", generate_examples=False
+        )
+    return responses

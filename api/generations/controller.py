@@ -47,8 +47,9 @@ from api.security.guards import (
 )
 from api.security.ratelimit import Budget
 from api.webhooks import service as webhooks
+from api.webhooks.controller import REDELIVER_CONFLICT
 from api.webhooks.controller import StatusQuery as DeliveryStatusQuery
-from api.webhooks.schemas import WebhookDeliveryListEnvelope
+from api.webhooks.schemas import WebhookDeliveryEnvelope, WebhookDeliveryListEnvelope
 
 AnyRequest = Request[Any, Any, Any]
 _encode_event = msgspec.json.Encoder().encode
@@ -317,6 +318,27 @@ class GenerationController(Controller):
             resources, uuid.UUID(record.project_id), query, generation_id=id
         )
         return WebhookDeliveryListEnvelope(data=records, pagination=pagination)
+
+    @post(
+        "/{id:str}/deliveries/{delivery_id:str}/redeliver",
+        status_code=202,
+        summary="Send one of the generation's delivered or failed deliveries again now",
+        description="For its project's keys, like POST /api/v1/webhooks/deliveries/{deliveryId}/redeliver, "
+        "and for admin keys (the dashboard's detail page).",
+        responses=error_responses(400, 404, *AUTHENTICATED_ERRORS, conflict=REDELIVER_CONFLICT),
+    )
+    async def redeliver_generation_delivery(
+        self,
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+        id: GenerationIdPath,
+        delivery_id: Annotated[uuid.UUID, PathParameter(description="The delivery's id")],
+    ) -> WebhookDeliveryEnvelope:
+        record = await service.get_generation(resources, principal, id)  # 404: not the key's
+        redelivered = await webhooks.redeliver(
+            resources, uuid.UUID(record.project_id), delivery_id, generation_id=id
+        )
+        return WebhookDeliveryEnvelope(data=redelivered)
 
     @get(
         "/events",

@@ -12,15 +12,17 @@ import secrets
 import uuid
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import QueryParameter
 from structlog.contextvars import bind_contextvars
 
+from api.admin.repository import find_project
 from api.resources import Resources, resources_of
 from api.security.auth import (
     PRINCIPAL_STATE_KEY,
@@ -43,7 +45,14 @@ from api.security.sessions import (
     session_of,
 )
 from shared.apikeys import digest_key
-from shared.errors import Forbidden, RateLimitExceeded, TooManyStreams, Unauthorized
+from shared.errors import (
+    Forbidden,
+    NotFound,
+    RateLimitExceeded,
+    TooManyStreams,
+    Unauthorized,
+    ValidationFailed,
+)
 from shared.logging import get_logger
 from shared.metrics import count_rate_limit_rejection
 
@@ -162,6 +171,33 @@ DEPENDENCIES = {
 }
 # Only on the layers that act for a project: the admin routes name a `project_id` path parameter.
 PROJECT_ID_DEPENDENCY = {"project_id": Provide(provide_project_id, sync_to_thread=False)}
+
+
+async def provide_named_project_id(
+    resources: Resources,
+    principal: Principal,
+    named: Annotated[
+        uuid.UUID | None,
+        QueryParameter(name="projectId", description="Admin keys: the project to act for (required)"),
+    ] = None,
+) -> uuid.UUID:
+    """A project key acts for its own project (naming another is 404, as its things are); an admin key
+    for the project it names in `projectId` (the dashboard's operators manage every project's)."""
+    if not principal.is_admin:
+        assert principal.project_id is not None
+        if named is not None and named != principal.project_id:
+            raise NotFound("Project not found; a project key acts for its own project only")
+        return principal.project_id
+    if named is None:
+        raise ValidationFailed.field("projectId", "an admin key names the project to act for")
+    async with resources.reader.connect() as conn:
+        if await find_project(conn, named) is None:
+            raise NotFound("Project not found")
+    return named
+
+
+# For controllers that admins may use too, on a project they name (`?projectId=`).
+NAMED_PROJECT_ID_DEPENDENCY = {"project_id": Provide(provide_named_project_id)}
 
 
 class GenerationSpend:

@@ -1,4 +1,5 @@
-"""HTTP routes of /api/v1/webhooks (project keys only): parse, authorize, call the service, serialize."""
+"""HTTP routes of /api/v1/webhooks (a project key: its project; an admin key: the project `projectId`
+names): parse, authorize, call the service, serialize."""
 
 from __future__ import annotations
 
@@ -6,19 +7,17 @@ import uuid
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from api.envelope import ErrorEnvelope, MessageEnvelope
+from api.envelope import MessageEnvelope
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.pagination import LIST_DEFAULT_LIMIT, PageCursor, PageLimit, PageOffset
 from api.parsing import JsonBody
 from api.security.guards import (
-    PROJECT_ID_DEPENDENCY,
+    NAMED_PROJECT_ID_DEPENDENCY,
     InjectedResources,
     ProjectId,
     require_api_key,
-    require_project_key,
 )
 from api.webhooks import service
 from api.webhooks.schemas import (
@@ -34,17 +33,7 @@ from api.webhooks.schemas import (
 
 AnyRequest = Request[Any, Any, Any]
 
-_REDELIVER_CONFLICT = "the delivery is still pending, or its endpoint is disabled"
-
-
-def _responses(*statuses: int, conflict: str | None = None) -> dict[int, ResponseSpec]:
-    """The shared error responses, plus a documented 409 where a route can refuse by state."""
-    responses = error_responses(*statuses)
-    if conflict:
-        responses[409] = ResponseSpec(
-            data_container=ErrorEnvelope, description=f"INVALID_STATE: {conflict}", generate_examples=False
-        )
-    return responses
+REDELIVER_CONFLICT = "the delivery is still pending, or its endpoint is disabled"
 
 
 WebhookIdPath = Annotated[uuid.UUID, PathParameter(description="The webhook endpoint's id")]
@@ -56,9 +45,10 @@ StatusQuery = Annotated[
 
 class WebhookController(Controller):
     path = "/api/v1/webhooks"
-    guards = [require_api_key, require_project_key]
-    opt = {"project_action": "manage webhooks"}
-    dependencies = PROJECT_ID_DEPENDENCY
+    guards = [require_api_key]
+    # A project key manages its project's webhooks; an admin key (the dashboard's operators) any
+    # project's, named by `?projectId=`.
+    dependencies = NAMED_PROJECT_ID_DEPENDENCY
     security = API_KEY_SECURITY
     tags = ["webhooks"]
 
@@ -68,7 +58,7 @@ class WebhookController(Controller):
         dto=JsonBody,
         return_dto=None,
         summary="Create a webhook endpoint (its signing secret is in this response only)",
-        responses=_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
+        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
     )
     async def create_webhook(
         self, data: JSONBody[CreateWebhookRequest], resources: InjectedResources, project_id: ProjectId
@@ -139,7 +129,7 @@ class WebhookController(Controller):
         "/deliveries/{delivery_id:str}/redeliver",
         status_code=202,
         summary="Send a delivered or failed delivery again now (any endpoint, or a generation's webhookUrl)",
-        responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=REDELIVER_CONFLICT),
     )
     async def redeliver_any(
         self, resources: InjectedResources, project_id: ProjectId, delivery_id: DeliveryIdPath
@@ -210,7 +200,7 @@ class WebhookController(Controller):
         "/{id:str}/deliveries/{delivery_id:str}/redeliver",
         status_code=202,
         summary="Send a delivered or failed delivery again now (a fresh retry schedule)",
-        responses=_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=_REDELIVER_CONFLICT),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS, conflict=REDELIVER_CONFLICT),
     )
     async def redeliver(
         self,

@@ -166,12 +166,18 @@ async def count_deliveries(
 
 
 async def get_delivery(
-    conn: AsyncConnection, project_id: uuid.UUID, delivery_id: uuid.UUID, endpoint_id: uuid.UUID | None
+    conn: AsyncConnection,
+    project_id: uuid.UUID,
+    delivery_id: uuid.UUID,
+    endpoint_id: uuid.UUID | None,
+    generation_id: uuid.UUID | None = None,
 ) -> RowMapping | None:
     d = webhook_deliveries.c
     stmt = select(webhook_deliveries).where(d.id == delivery_id, d.project_id == project_id)
     if endpoint_id is not None:
         stmt = stmt.where(d.endpoint_id == endpoint_id)
+    if generation_id is not None:
+        stmt = stmt.where(d.generation_id == generation_id)
     return (await conn.execute(stmt)).mappings().one_or_none()
 
 

@@ -261,13 +261,14 @@ async def redeliver(
     delivery_id: uuid.UUID,
     *,
     endpoint_id: uuid.UUID | None = None,
+    generation_id: uuid.UUID | None = None,
 ) -> WebhookDeliveryRecord:
     """A delivered or failed delivery → pending with a fresh retry schedule, first attempt now (same
     `webhook-id`, so a receiver that already processed it can tell). 409 while it is still pending
-    or while its endpoint is disabled."""
+    or while its endpoint is disabled. 404 unless it is `endpoint_id`'s / `generation_id`'s, if given."""
     settings = resources.settings
     async with resources.engine.begin() as conn:
-        current = await repository.get_delivery(conn, project_id, delivery_id, endpoint_id)
+        current = await repository.get_delivery(conn, project_id, delivery_id, endpoint_id, generation_id)
         if current is None:
             raise DeliveryNotFound()
         if current["endpoint_id"] is not None:

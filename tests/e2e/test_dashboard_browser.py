@@ -5,6 +5,7 @@ Screenshots of each page go to var/screenshots/."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.e2e.harness import Platform, poll_until_terminal
+from tests.fakes.server import serve
 
 pytestmark = pytest.mark.e2e
 
@@ -259,6 +261,58 @@ def test_the_webhooks_page_shows_endpoints_and_their_failures(page: Page, platfo
     row.get_by_role("button", name="Failures").click()
     expect(page.get_by_role("heading", name=re.compile("Failed deliveries to"))).to_be_visible()
     shot(page, "webhooks")
+
+
+class Receiver:
+    """A webhook receiver that answers 204 and counts what it got."""
+
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        self.hits.append(dict(scope["headers"]).get(b"webhook-id", b"").decode())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_an_admin_picks_a_project_and_redelivers_from_its_webhooks(page: Page, platform: Platform) -> None:
+    admin_key = str(platform.cli_json("keys", "create", "--admin")["key"])
+    key = platform.new_project_key("dash-redeliver")
+    receiver = Receiver()
+    with serve(receiver) as url, platform.client(key) as c:
+        r = c.post("/api/v1/webhooks", json={"url": f"{url}/hook", "events": ["success"]})
+        assert r.status_code == 201, r.text
+        poll_until_terminal(c, create(c, "a delivered kiln")["id"])
+        wait_until(lambda: len(receiver.hits) == 1, "the first delivery")
+
+        sign_in(page, admin_key)
+        page.get_by_role("link", name="Webhooks").click()
+        with platform.client(admin_key) as admin:
+            projects = admin.get("/api/v1/admin/projects").json()["data"]
+        project_id = next(p["id"] for p in projects if p["slug"] == "dash-redeliver")
+        page.get_by_label("Project").select_option(value=project_id)
+        row = page.get_by_role("table", name="Webhook endpoints").get_by_role("row").filter(has_text=url)
+        row.get_by_role("button", name="Deliveries").click()
+        delivery = (
+            page.get_by_role("table", name="Webhook deliveries")
+            .get_by_role("row")
+            .filter(has_text="delivered")
+        )
+        delivery.get_by_role("button", name="Redeliver").click()
+        page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        expect(page.get_by_role("status")).to_contain_text("Delivery queued again")
+        wait_until(lambda: len(receiver.hits) == 2, "the redelivery")
+        assert receiver.hits[0] == receiver.hits[1]  # the same delivery (webhook-id), sent again
+
+
+def wait_until(condition: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def counts_on_page(page: Page) -> dict[str, int]:

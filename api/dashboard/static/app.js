@@ -795,11 +795,16 @@ function detailView(root, id) {
 
 // --- webhooks -------------------------------------------------------------------------------------
 
-function deliveriesTable(list, after) {
+// `scoped(path)` adds what names the project to a /api/v1/webhooks path (an admin's ?projectId=).
+function deliveriesTable(list, after, scoped = (path) => path) {
   async function redeliver(d) {
     if (!(await confirmed("Redeliver?", `Send the ${d.event} delivery to ${d.url} again now.`))) return;
     try {
-      await api("POST", `/api/v1/webhooks/deliveries/${d.id}/redeliver`);
+      // Through its generation when it has one: that route serves admin sessions as well.
+      const path = d.generationId
+        ? `/api/v1/generations/${d.generationId}/deliveries/${d.id}/redeliver`
+        : scoped(`/api/v1/webhooks/deliveries/${d.id}/redeliver`);
+      await api("POST", path);
       notice("Delivery queued again.");
       await after();
     } catch (error) {
@@ -832,7 +837,7 @@ function deliveriesTable(list, after) {
             h(
               "td",
               {},
-              h("button", { type: "button", disabled: d.status === "pending" || state.session.kind === "admin", onclick: () => redeliver(d) }, "Redeliver"),
+              h("button", { type: "button", disabled: d.status === "pending", onclick: () => redeliver(d) }, "Redeliver"),
             ),
           ),
         ),
@@ -842,12 +847,31 @@ function deliveriesTable(list, after) {
 }
 
 function webhooksView(root) {
+  // An admin session manages the webhooks of the project it picks (the routes take ?projectId=).
+  const isAdmin = state.session.kind === "admin";
+  let projectId = "";
+  const scoped = (path) => (isAdmin ? `${path}${path.includes("?") ? "&" : "?"}projectId=${encodeURIComponent(projectId)}` : path);
   const body = h("div", {});
-  root.append(h("h1", {}, "Webhooks"), body);
+  const projectSelect = h(
+    "select",
+    {
+      onchange: () => {
+        projectId = projectSelect.value;
+        refresh();
+      },
+    },
+    h("option", { value: "" }, "Choose a project"),
+  );
+  root.append(h("h1", {}, "Webhooks"), isAdmin && h("p", { class: "filters" }, h("label", {}, "Project", projectSelect)), body);
+  if (isAdmin) {
+    api("GET", "/api/v1/admin/projects")
+      .then((answer) => projectSelect.append(...answer.data.map((p) => h("option", { value: p.id }, `${p.name} (${p.slug})`))))
+      .catch((error) => failed(error, root));
+  }
 
   async function endpointHealth(endpoint) {
     if (!endpoint.enabled) return ["disabled", endpoint.disabledReason || "disabled"];
-    const failedPage = await api("GET", `/api/v1/webhooks/${endpoint.id}/deliveries?status=failed&limit=1`);
+    const failedPage = await api("GET", scoped(`/api/v1/webhooks/${endpoint.id}/deliveries?status=failed&limit=1`));
     const count = failedPage.pagination.total;
     return count ? ["failing", `${count} failed deliveries`] : ["healthy", "healthy"];
   }
@@ -855,10 +879,10 @@ function webhooksView(root) {
   async function showDeliveries(endpoint, onlyFailed, into) {
     try {
       const status = onlyFailed ? "&status=failed" : "";
-      const list = (await api("GET", `/api/v1/webhooks/${endpoint.id}/deliveries?limit=50${status}`)).data;
+      const list = (await api("GET", scoped(`/api/v1/webhooks/${endpoint.id}/deliveries?limit=50${status}`))).data;
       into.replaceChildren(
         h("h2", {}, `${onlyFailed ? "Failed deliveries" : "Deliveries"} to ${endpoint.url}`),
-        list.length ? deliveriesTable(list, () => showDeliveries(endpoint, onlyFailed, into)) : h("p", {}, "None."),
+        list.length ? deliveriesTable(list, () => showDeliveries(endpoint, onlyFailed, into), scoped) : h("p", {}, "None."),
       );
       into.focus();
     } catch (error) {
@@ -867,13 +891,13 @@ function webhooksView(root) {
   }
 
   async function refresh() {
-    if (state.session.kind === "admin") {
-      body.replaceChildren(h("p", {}, "Webhook endpoints belong to a project: sign in with one of its keys to see them."));
+    if (isAdmin && !projectId) {
+      body.replaceChildren(h("p", {}, "Webhook endpoints belong to a project: choose one to see its endpoints and deliveries."));
       return;
     }
     let endpoints;
     try {
-      endpoints = (await api("GET", "/api/v1/webhooks?limit=100")).data;
+      endpoints = (await api("GET", scoped("/api/v1/webhooks?limit=100"))).data;
     } catch (error) {
       failed(error, root);
       return;

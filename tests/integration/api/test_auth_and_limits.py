@@ -434,7 +434,6 @@ async def test_a_key_may_hold_only_so_many_streams_and_long_polls(api_settings, 
     [
         ("POST", "/api/v1/generations", "create generations"),
         ("GET", "/api/v1/connections", "manage connections"),
-        ("GET", "/api/v1/webhooks/secret", "manage webhooks"),
         ("POST", "/api/v1/images/upload", "upload images"),
     ],
 )

@@ -105,17 +105,74 @@ async def test_malformed_bodies_answer_400(client, tenant, body):
     assert r.json()["error"]["code"] == "VALIDATION_ERROR"
 
 
-async def test_admin_keys_get_403(client, admin_headers):
+async def test_admin_keys_name_the_project_they_act_for(client, admin_headers, tenant, other_tenant):
     for method, path in (
         ("GET", WEBHOOKS),
         ("POST", WEBHOOKS),
         ("GET", f"{WEBHOOKS}/secret"),
-        ("GET", f"{WEBHOOKS}/{uuid.uuid4()}"),
         ("GET", f"{WEBHOOKS}/{uuid.uuid4()}/deliveries"),
     ):
         r = await client.request(method, path, headers=admin_headers, json={"url": "https://a.example.com"})
-        assert r.status_code == 403, (method, path, r.text)
-        assert r.json()["error"]["code"] == "FORBIDDEN"
+        assert r.status_code == 400, (method, path, r.text)
+        assert r.json()["error"]["details"][0]["field"] == "projectId"
+        unknown = await client.request(
+            method,
+            f"{path}?projectId={uuid.uuid4()}",
+            headers=admin_headers,
+            json={"url": "https://a.example.com"},
+        )
+        assert unknown.status_code == 404, (method, path, unknown.text)
+    # Named, the admin key manages that project's endpoints, and only that project's.
+    r = await client.post(
+        f"{WEBHOOKS}?projectId={tenant.project_id}",
+        json={"url": "https://a.example.com/hook"},
+        headers=admin_headers,
+    )
+    assert r.status_code == 201, r.text
+    listed = await client.get(WEBHOOKS, headers=tenant.headers)
+    assert [e["id"] for e in listed.json()["data"]] == [r.json()["data"]["id"]]
+    theirs = await client.get(f"{WEBHOOKS}?projectId={other_tenant.project_id}", headers=admin_headers)
+    assert theirs.status_code == 200 and theirs.json()["data"] == []
+    mine = await client.get(
+        f"{WEBHOOKS}/{r.json()['data']['id']}?projectId={tenant.project_id}", headers=admin_headers
+    )
+    assert mine.status_code == 200
+    elsewhere = await client.get(
+        f"{WEBHOOKS}/{r.json()['data']['id']}?projectId={other_tenant.project_id}", headers=admin_headers
+    )
+    assert elsewhere.status_code == 404
+
+
+async def test_a_project_key_naming_another_project_gets_404(client, tenant, other_tenant):
+    r = await client.get(f"{WEBHOOKS}?projectId={other_tenant.project_id}", headers=tenant.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+    assert (
+        await client.get(f"{WEBHOOKS}?projectId={tenant.project_id}", headers=tenant.headers)
+    ).status_code == 200
+
+
+async def test_a_generations_delivery_is_redelivered_by_its_project_or_an_admin(
+    client, tenant, other_tenant, admin_headers, engine, redis_client, api_settings
+):
+    endpoint = await create_endpoint(client, tenant, "https://a.example.com/hook")
+    gid = await insert_generation(engine, tenant.project_id, status="success")
+    other_gid = await insert_generation(engine, tenant.project_id, status="success")
+    first = await _insert_delivery(engine, tenant.project_id, uuid.UUID(endpoint["id"]), gid, status="failed")
+    second = await _insert_delivery(engine, tenant.project_id, None, gid, status="delivered")
+    route = "/api/v1/generations/{}/deliveries/{}/redeliver"
+
+    # The dashboard's operators: an admin key reaches any project's generation.
+    r = await client.post(route.format(gid, first), headers=admin_headers)
+    assert r.status_code == 202, r.text
+    assert (r.json()["data"]["id"], r.json()["data"]["status"]) == (str(first), "pending")
+    r = await client.post(route.format(gid, second), headers=tenant.headers)
+    assert r.status_code == 202, r.text
+    assert sorted(await queued_deliveries(redis_client, api_settings)) == sorted([(first, 0), (second, 0)])
+    again = await client.post(route.format(gid, first), headers=admin_headers)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "INVALID_STATE"
+    # Not through another generation, nor from another project.
+    assert (await client.post(route.format(other_gid, first), headers=admin_headers)).status_code == 404
+    assert (await client.post(route.format(gid, first), headers=other_tenant.headers)).status_code == 404
 
 
 async def test_no_key_gets_401(client, clean_state):
