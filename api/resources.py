@@ -16,6 +16,7 @@ from litestar.connection import ASGIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.connections.cache import DefaultConnections
+from api.events.created import CreatedNotices
 from api.security.ratelimit import RateLimiter
 from shared.db import create_engine
 from shared.imaging import apply_pixel_budget
@@ -49,6 +50,8 @@ class Resources:
     urls: ImageUrls
     # Kept exact by the status hub (api.events.hub.status_hub_lifespan), which follows their events.
     default_connections: DefaultConnections
+    # Creates announced to the dashboards, batched (api.events.created).
+    created: CreatedNotices
     # Calls the API itself makes out (the LLM of prompt enhancement and conversation detection).
     outbound: httpx.AsyncClient
 
@@ -98,11 +101,13 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         storage=storage,
         urls=ImageUrls(settings.server.base_url, storage.direct_url),
         default_connections=DefaultConnections(),
+        created=CreatedNotices(redis),
         outbound=outbound_client(settings, settings.enhancer.timeout_seconds),
     )
     try:
         yield
     finally:
+        await app.state.resources.created.close()
         await app.state.resources.outbound.aclose()
         close_storage = getattr(storage, "close", None)  # not part of the ObjectStorage protocol
         if close_storage is not None:

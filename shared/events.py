@@ -37,6 +37,11 @@ def generation_channel(generation_id: uuid.UUID | str) -> str:
     return f"kiln:generation:{generation_id}"
 
 
+def created_channel(project_id: uuid.UUID | str) -> str:
+    """Where the API announces, batched, how many generations a project created (api.events.created)."""
+    return f"kiln:created:{project_id}"
+
+
 def connections_channel(project_id: uuid.UUID | str) -> str:
     """Where the API announces that a project's connections changed (api.connections.cache)."""
     return f"kiln:connections:{project_id}"
@@ -52,8 +57,32 @@ class StatusEvent(msgspec.Struct, frozen=True):
     updatedAt: str | None
 
 
+class CreatedEvent(msgspec.Struct, frozen=True):
+    """The message on a project's created channel: `count` generations created (pending) since the
+    last message of this API process, the newest at `createdAt`."""
+
+    projectId: str
+    count: int
+    createdAt: str
+
+
 _encode_event = msgspec.json.Encoder().encode
 _decode_event = msgspec.json.Decoder(StatusEvent).decode
+_decode_created = msgspec.json.Decoder(CreatedEvent).decode
+
+
+def created_event(project_id: uuid.UUID | str, count: int, created_at: datetime) -> bytes:
+    return _encode_event(CreatedEvent(str(project_id), count, format_time(created_at) or ""))
+
+
+def read_created_event(data: object) -> CreatedEvent | None:
+    """The event in a created-channel message; None for anything else."""
+    if not isinstance(data, bytes | str):
+        return None
+    try:
+        return _decode_created(data)
+    except msgspec.DecodeError:  # ValidationError is one too
+        return None
 
 
 def status_event(

@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 
 from api.events.feed import StatusFeed
 from api.generations.cache import FinishedRecords, ListPages
-from shared.events import connections_channel, generation_channel, read_status_event
+from shared.events import connections_channel, created_channel, generation_channel, read_status_event
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,6 +50,7 @@ _RECONNECT_FIRST_DELAY_SECONDS = 0.2
 _RECONNECT_MAX_DELAY_SECONDS = 5.0
 EVERY_GENERATION = generation_channel("*")
 EVERY_PROJECTS_CONNECTIONS = connections_channel("*")
+EVERY_PROJECTS_CREATED = created_channel("*")
 
 
 class ChangeListener(Protocol):
@@ -374,6 +375,7 @@ async def status_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     feed = StatusFeed()  # the dashboard's event streams
     app.state.status_feed = feed
     hub.follow(EVERY_GENERATION, feed)
+    hub.follow(EVERY_PROJECTS_CREATED, feed.created)
     try:
         yield
     finally:

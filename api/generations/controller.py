@@ -50,6 +50,7 @@ from api.webhooks import service as webhooks
 from api.webhooks.controller import REDELIVER_CONFLICT
 from api.webhooks.controller import StatusQuery as DeliveryStatusQuery
 from api.webhooks.schemas import WebhookDeliveryEnvelope, WebhookDeliveryListEnvelope
+from shared.events import CreatedEvent
 
 AnyRequest = Request[Any, Any, Any]
 _encode_event = msgspec.json.Encoder().encode
@@ -344,9 +345,10 @@ class GenerationController(Controller):
         "/events",
         summary="Follow every status change of the key's scope as Server-Sent Events",
         description="`event: status` with `{id, projectId, status, updatedAt}` at every status change "
-        "of the project's generations (an admin key: every project's, or `projectId`'s); `event: resync` "
-        "when changes may have been missed (re-read what is shown). A comment every 15 s keeps it "
-        "open. Generations created pending announce no event: their count moves with the next change.",
+        "of the project's generations (an admin key: every project's, or `projectId`'s); `event: created` "
+        "with `{projectId, count, createdAt}` for generations created (pending), batched: at most one "
+        "per project every half second per API process; `event: resync` when changes may have been "
+        "missed (re-read what is shown). A comment every 15 s keeps it open.",
         media_type="text/event-stream",
         responses=error_responses(400, 404, *AUTHENTICATED_ERRORS),
     )
@@ -381,7 +383,8 @@ class GenerationController(Controller):
                         if event is RESYNC:
                             yield ServerSentEventMessage(event="resync", data="")
                         else:
-                            yield ServerSentEventMessage(event="status", data=_encode_event(event).decode())
+                            kind = "created" if isinstance(event, CreatedEvent) else "status"
+                            yield ServerSentEventMessage(event=kind, data=_encode_event(event).decode())
             finally:
                 await slot.close()
 

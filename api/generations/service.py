@@ -107,6 +107,19 @@ class GenerationBudget(Protocol):
         """The units spent so far paid for accepted work: nothing is given back from here on."""
 
 
+async def _created(
+    resources: Resources, project_id: uuid.UUID, rows: Sequence[tuple[uuid.UUID, str, datetime]]
+) -> None:
+    """What follows the commit of new (id, provider, deadline_at) rows: counted, announced to the
+    dashboards (batched, api.events.created), enqueued."""
+    if not rows:
+        return
+    for _, provider, _ in rows:
+        count_created(provider)
+    resources.created.note(project_id, len(rows), utcnow())
+    await _enqueue(resources, rows)
+
+
 async def _enqueue(resources: Resources, rows: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
     """Send `kiln.generate` for committed (id, provider, deadline_at) rows; a failed send is left to
     the sweeper."""
@@ -161,8 +174,7 @@ async def create_generation(
         row = await repository.insert_generation(conn, values, cap)
     if row is None:
         raise over_cap(cap)
-    count_created(row["provider"])
-    await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"])])
+    await _created(resources, project_id, [(row["id"], row["provider"], row["deadline_at"])])
     return generation_record(row, resources.urls, with_image=False)
 
 
@@ -224,8 +236,7 @@ async def create_generation_once(
     record, repeated = await run_once_per_key(resources, project_id, key, insert)
     if repeated is not None:
         return repeated
-    count_created(record.provider)
-    await _enqueue(resources, [_enqueued(record)])
+    await _created(resources, project_id, [_enqueued(record)])
     return record
 
 
@@ -265,9 +276,9 @@ async def create_group_and_wait(
                     raise over_cap(cap)
                 rows.append(row)
         budget.keep()
-        for row in rows:
-            count_created(row["provider"])
-        await _enqueue(resources, [(row["id"], row["provider"], row["deadline_at"]) for row in rows])
+        await _created(
+            resources, project_id, [(row["id"], row["provider"], row["deadline_at"]) for row in rows]
+        )
         waited = await asyncio.gather(
             *(
                 wait_until_terminal(resources, watch, project_id, gid, wait_seconds)
@@ -353,10 +364,7 @@ async def create_batch(
         envelope, repeated = await run_once_per_key(resources, project_id, key, insert)
         if repeated is not None:
             return repeated
-    created = [_enqueued(r.data) for r in envelope.data if r.data is not None]
-    for _, provider, _ in created:
-        count_created(provider)
-    await _enqueue(resources, created)
+    await _created(resources, project_id, [_enqueued(r.data) for r in envelope.data if r.data is not None])
     return envelope
 
 

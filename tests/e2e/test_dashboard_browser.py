@@ -358,6 +358,20 @@ def test_overview_counts_match_the_api_and_follow_changes_live(page: Page, platf
         expect(failed_row).to_contain_text("2", timeout=20_000)
         assert counts_on_page(page) == {**expected, "failed": 2} == stats_counts(c)
 
+        # A create moves the pending count too: it announces no status change, but a created event.
+        admin_key = str(platform.cli_json("keys", "create", "--admin")["key"])
+        with platform.client(admin_key) as admin:
+            assert admin.post("/api/v1/admin/queues/placeholder/pause").status_code == 200
+            try:
+                held = create(c, "a kiln that waits")
+                pending_row = page.get_by_role("table", name="Generations by status").get_by_role(
+                    "row", name=re.compile("^pending")
+                )
+                expect(pending_row).to_contain_text("1", timeout=20_000)
+                assert c.get(f"/api/v1/generations/{held['id']}").json()["data"]["status"] == "pending"
+            finally:
+                admin.post("/api/v1/admin/queues/placeholder/resume")
+
 
 def test_pause_and_resume_a_queue(page: Page, platform: Platform) -> None:
     admin_key = str(platform.cli_json("keys", "create", "--admin")["key"])

@@ -185,6 +185,10 @@ function openEvents() {
     const event = JSON.parse(message.data);
     if (state.view && state.view.onStatus) state.view.onStatus(event);
   });
+  events.addEventListener("created", (message) => {
+    const event = JSON.parse(message.data);
+    if (state.view && state.view.onCreated) state.view.onCreated(event);
+  });
   events.addEventListener("resync", () => {
     if (state.view && state.view.refresh) state.view.refresh();
   });
@@ -284,6 +288,10 @@ function overviewView(root) {
     refresh,
     onStatus(event) {
       if (event.updatedAt && event.updatedAt > newestChange) newestChange = event.updatedAt;
+      refreshSoon();
+    },
+    onCreated(event) {
+      if (event.createdAt > newestChange) newestChange = event.createdAt;
       refreshSoon();
     },
   };
@@ -661,6 +669,10 @@ function generationsView(root, params) {
       } else if (cursors.length <= 2 && (!filter.status || filter.status === event.status)) {
         reloadFirst(); // a generation this first page should show
       }
+    },
+    onCreated(event) {
+      const shown = (!filter.status || filter.status === "pending") && (!filter.projectId || filter.projectId === event.projectId);
+      if (cursors.length <= 2 && shown) reloadFirst(); // new pending generations lead the first page
     },
   };
 }

@@ -96,6 +96,41 @@ async def test_the_scope_stream_carries_its_projects_status_changes_only(
     assert event["projectId"] == str(tenant.project_id)
 
 
+async def test_creates_reach_the_scope_stream_batched_per_project(live_api, tenant, other_tenant):
+    while not live_api.app.state.status_feed.live:
+        await asyncio.sleep(0.01)
+
+    async def created_events(response) -> list[dict]:
+        """The created events until they count the three creates (another project's never come)."""
+        found: list[dict] = []
+        name = None
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and name == "created":
+                found.append(json.loads(line.split(":", 1)[1]))
+                if sum(e["count"] for e in found) >= 3:
+                    return found
+        return found
+
+    async with live_api.http.stream("GET", f"{LIST}/events", headers=tenant.headers) as response:
+        reading = asyncio.create_task(created_events(response))
+        await asyncio.sleep(0.3)
+        theirs = await live_api.http.post(LIST, json={"prompt": "not mine"}, headers=other_tenant.headers)
+        assert theirs.status_code == 201
+        one = await live_api.http.post(LIST, json={"prompt": "a kiln"}, headers=tenant.headers)
+        two = await live_api.http.post(
+            f"{LIST}/batch", json={"items": [{"prompt": "a"}, {"prompt": "b"}]}, headers=tenant.headers
+        )
+        assert one.status_code == 201 and two.status_code == 200
+        events = await asyncio.wait_for(reading, 10)
+    assert {e["projectId"] for e in events} == {str(tenant.project_id)}
+    assert sum(e["count"] for e in events) == 3
+    # Batched: a message per half second per process, not one per create (two if a flush fell between).
+    assert len(events) <= 2
+    assert events[-1]["createdAt"] >= one.json()["data"]["createdAt"]
+
+
 async def test_a_project_key_cannot_follow_another_project(live_api, tenant, other_tenant):
     r = await live_api.http.get(
         f"{LIST}/events", params={"projectId": str(other_tenant.project_id)}, headers=tenant.headers
