@@ -23,6 +23,7 @@ from api.health.controller import HealthController
 from api.images.controller import ImageController, PublicImageController
 from api.metrics.controller import MetricsController
 from api.middleware import RequestContextMiddleware
+from api.openai_compat.controller import OpenAIController, SeedImagesController
 from api.openapi import API_KEY_SCHEME
 from api.providers.controller import ProviderController
 from api.queues.controller import QueueController
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             StatsController,
             QueueController,
             MetricsController,
+            OpenAIController,
+            SeedImagesController,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

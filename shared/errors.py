@@ -98,6 +98,29 @@ class ConcurrencyLimitExceeded(KilnError):
     default_message = "Too many generations in flight for this project"
 
 
+class GenerationFailed(KilnError):
+    """A generation a compatible route (OpenAI, Automatic1111) waited on ended failed or cancelled: its
+    client expects an image in the answer."""
+
+    status_code = 502
+    code = "GENERATION_FAILED"
+
+
+class ContentPolicyViolation(GenerationFailed):
+    """The provider refused the prompt or the image (safety system)."""
+
+    status_code = 400
+    code = "CONTENT_POLICY_VIOLATION"
+
+
+class GenerationTimedOut(KilnError):
+    """A compatible route's generations were not finished within KILN_COMPAT_WAIT_SECONDS; they go on
+    and can be polled on the native API."""
+
+    status_code = 504
+    code = "GENERATION_TIMEOUT"
+
+
 class ServiceUnavailable(KilnError):
     status_code = 503
     code = "SERVICE_UNAVAILABLE"

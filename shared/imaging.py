@@ -270,3 +270,17 @@ def inspect_and_thumbnail(
             timings_ms["verify"] = round((verified - started) * 1000)
             timings_ms["thumbnails"] = round((time.perf_counter() - verified) * 1000)
         return info, thumbnails
+
+
+def convert_image(data: bytes, fmt: str, *, max_pixels: int) -> bytes:
+    """The image re-encoded as `fmt` (PNG, JPEG or WEBP), upright, same size: for clients that ask for
+    a format the provider did not answer in. JPEG drops transparency (onto white)."""
+    with _decode(data, 1 << 16, max_pixels) as img:
+        out = io.BytesIO()
+        if fmt == "JPEG" and img.mode == "RGBA":
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img, mask=img.getchannel("A"))
+            flat.save(out, "JPEG", quality=90)
+        else:
+            img.save(out, fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+        return out.getvalue()

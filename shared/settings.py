@@ -426,6 +426,16 @@ class EnhancerSettings(BaseModel):
     )
 
 
+class CompatSettings(BaseModel):
+    wait_seconds: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="How long the OpenAI- and Automatic1111-compatible routes wait for their generations "
+        "before answering (their clients expect images in the answer).",
+    )
+
+
 class EmbeddedSettings(BaseModel):
     data_dir: Path = Field(default=Path("var"), description="Where embedded PostgreSQL/Redis keep data.")
     # Both outside Linux's ephemeral range (32768-60999): an outbound connection never takes them.
@@ -480,6 +490,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     metrics: MetricsSettings = MetricsSettings()
     enhancer: EnhancerSettings = EnhancerSettings()
+    compat: CompatSettings = CompatSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

@@ -539,20 +539,20 @@ async def usable_models(resources: Resources, project_id: uuid.UUID) -> list[Usa
     return list(found.values())
 
 
-async def target_of_model(
-    resources: Resources, project_id: uuid.UUID, name: str
-) -> tuple[uuid.UUID | None, str | None]:
-    """(connectionId, model) that a compatible API's `model` names: a listed name (`usable_models`),
-    else, when the default target's provider lists its models live (ComfyUI checkpoints, Automatic1111),
-    that model on the default target (the provider refuses it if it has no such model). 400 naming
-    `model` otherwise."""
+async def target_of_model(resources: Resources, project_id: uuid.UUID, name: str | None) -> UsableModel:
+    """What a compatible API's `model` names: a listed name (`usable_models`); None, the default
+    target; else, when the default target's provider lists its models live (ComfyUI checkpoints,
+    Automatic1111), that model on the default target (the provider refuses it if it has no such model).
+    400 naming `model` otherwise."""
     models = await usable_models(resources, project_id)
+    default = models[0]  # the default target always leads the list
+    if name is None:
+        return default
     for entry in models:
         if entry.id == name:
-            return entry.connection_id, entry.model
-    default = models[0]  # the default target always leads the list
+            return entry
     if CAPABILITIES[default.provider].model_list_style != "static":
-        return default.connection_id, name
+        return replace(default, id=name, model=name)
     raise ValidationFailed.field("model", f"unknown model {name!r}; the models list names the usable ones")
 
 

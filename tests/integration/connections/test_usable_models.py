@@ -32,7 +32,8 @@ async def test_without_connections_the_server_default_is_the_one_target(client, 
     models = await usable_models(resources, tenant.project_id)
     assert models[0].provider == default and models[0].connection_id is None
     assert {m.provider for m in models} == {default}
-    assert await target_of_model(resources, tenant.project_id, models[0].id) == (None, models[0].model)
+    assert await target_of_model(resources, tenant.project_id, models[0].id) == models[0]
+    assert await target_of_model(resources, tenant.project_id, None) == models[0]
 
 
 async def test_connections_by_name_then_their_providers_fixed_models(client, tenant: Tenant, resources):
@@ -47,11 +48,10 @@ async def test_connections_by_name_then_their_providers_fixed_models(client, ten
     # Automatic1111 lists its checkpoints live, so only OpenAI's fixed list follows the names.
     assert ids == ["cloud", "GPU box", *OPENAI_MODELS]
     cloud_id, gpu_id = uuid.UUID(cloud["id"]), uuid.UUID(gpu["id"])
-    assert await target_of_model(resources, tenant.project_id, "GPU box") == (gpu_id, None)
-    assert await target_of_model(resources, tenant.project_id, OPENAI_MODELS[-1]) == (
-        cloud_id,
-        OPENAI_MODELS[-1],
-    )
+    by_name = await target_of_model(resources, tenant.project_id, "GPU box")
+    assert (by_name.connection_id, by_name.provider, by_name.model) == (gpu_id, "automatic1111", None)
+    fixed = await target_of_model(resources, tenant.project_id, OPENAI_MODELS[-1])
+    assert (fixed.connection_id, fixed.provider, fixed.model) == (cloud_id, "openai", OPENAI_MODELS[-1])
     with pytest.raises(ValidationFailed) as refused:
         await target_of_model(resources, tenant.project_id, "sdxl.safetensors")  # the default lists fixed
     assert refused.value.details[0]["field"] == "model"
@@ -73,10 +73,8 @@ async def test_a_live_listing_default_takes_unknown_names_as_its_model(client, t
         apiUrl="http://127.0.0.1:7860",
         isDefault=True,
     )
-    assert await target_of_model(resources, tenant.project_id, "sdxl.safetensors") == (
-        uuid.UUID(gpu["id"]),
-        "sdxl.safetensors",
-    )
+    live = await target_of_model(resources, tenant.project_id, "sdxl.safetensors")
+    assert (live.connection_id, live.model) == (uuid.UUID(gpu["id"]), "sdxl.safetensors")
 
 
 async def test_another_projects_connections_are_not_listed(client, tenant: Tenant, engine, resources):

@@ -1,0 +1,105 @@
+"""OpenAI-compatible routes: `/v1/images/generations` and `/v1/models` (the `openai` package pointed at
+`<kiln>/v1` works unchanged), and seed 001's `/api/images/generations`. The key is the Bearer token;
+every error, the guard's included, answers in OpenAI's shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.params import JSONBody
+
+from api.events.hub import status_hub_of
+from api.openai_compat import service
+from api.openai_compat.schemas import (
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelList,
+    SeedImage,
+    SeedImageRequest,
+)
+from api.openapi import API_KEY_SECURITY
+from api.parsing import JsonBody
+from api.security.guards import GenerationSpend, InjectedPrincipal, InjectedResources, require_api_key
+
+AnyRequest = Request[Any, Any, Any]
+_DESCRIPTION = (
+    "Creates `n` generations (all or none; each spends one unit of the generation budget), waits for "
+    "them up to KILN_COMPAT_WAIT_SECONDS and answers their images. Errors are OpenAI's "
+    '`{"error": {"message", "type", "param", "code"}}`; a failed or unfinished generation answers 502 / '
+    "504 with `x-should-retry: false`."
+)
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    guards = [require_api_key]  # the read budget; each image is charged as a generation
+    security = API_KEY_SECURITY
+    tags = ["openai-compatible"]
+    exception_handlers = {Exception: service.openai_error}
+
+    @post(
+        "/images/generations",
+        status_code=200,
+        dto=JsonBody,
+        return_dto=None,
+        summary="Create images (OpenAI Images API)",
+        description=_DESCRIPTION,
+    )
+    async def create_images(
+        self,
+        request: AnyRequest,
+        data: JSONBody[ImageGenerationRequest],
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+    ) -> ImagesResponse:
+        async with GenerationSpend(request) as spend:  # units of a refused request are given back
+            records = await service.generate(resources, status_hub_of(request), principal, data, spend)
+        return await service.images_response(
+            resources, principal, records, data.response_format, data.output_format
+        )
+
+    @get("/models", summary="The models this key can use (OpenAI Models API)")
+    async def list_models(self, resources: InjectedResources, principal: InjectedPrincipal) -> ModelList:
+        return await service.list_models(resources, principal)
+
+
+class SeedImagesController(Controller):
+    """Seed 001's image route: the same flow, answering `[{"url"}]`."""
+
+    path = "/api/images"
+    guards = [require_api_key]
+    security = API_KEY_SECURITY
+    tags = ["openai-compatible"]
+    exception_handlers = {Exception: service.openai_error}
+
+    @post(
+        "/generations",
+        status_code=200,
+        dto=JsonBody,
+        return_dto=None,
+        summary="Create images (seed 001's shape: [{url}])",
+        description=_DESCRIPTION,
+    )
+    async def create_images(
+        self,
+        request: AnyRequest,
+        data: JSONBody[SeedImageRequest],
+        resources: InjectedResources,
+        principal: InjectedPrincipal,
+    ) -> list[SeedImage]:
+        openai_request = ImageGenerationRequest(
+            prompt=data.prompt, model=data.model, n=data.n, size=data.size
+        )
+        async with GenerationSpend(request) as spend:
+            records = await service.generate(
+                resources,
+                status_hub_of(request),
+                principal,
+                openai_request,
+                spend,
+                negative_prompt=data.negative_prompt,
+                steps=data.steps,
+            )
+        answer = await service.images_response(resources, principal, records, "url", None)
+        return [SeedImage(url=image.url or "") for image in answer.data]

@@ -1,0 +1,232 @@
+"""OpenAI's Images API on Kiln: a request becomes `n` generations created together (all or none, one
+generation-budget unit each), waited for, and answered with their images; errors in OpenAI's shape.
+
+What maps to what:
+- `model`: a connection by name or a model of the project's providers (`target_of_model`); none, the
+  project's default target.
+- `size`: "<w>x<h>" -> the nearest Kiln aspect ratio (the provider renders its own size for it).
+- `quality`, `style`, `background`, `output_format`, `output_compression`, `moderation`: passed as the
+  target provider's parameters where its schema has them, else dropped (a placeholder or ComfyUI has no
+  "style"). `output_format` also converts a `b64_json` answer whose stored image is another format.
+- The prompt is used as sent (no enhancement): `revised_prompt` is the prompt the provider got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+
+from api.connections.service import target_of_model, usable_models
+from api.errors import handle_exception
+from api.events.hub import StatusHub
+from api.generations.rules import validate_create
+from api.generations.schemas import CreateGenerationRequest, GenerationRecord
+from api.generations.service import GenerationBudget, create_group_and_wait
+from api.images.service import find_own, read_content
+from api.openai_compat.schemas import (
+    Image,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelEntry,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorBody,
+)
+from api.resources import Resources
+from api.security.auth import Principal
+from api.security.guards import project_id_of
+from shared.errors import ContentPolicyViolation, GenerationFailed, GenerationTimedOut, ValidationFailed
+from shared.imaging import convert_image
+from shared.models import new_id, utcnow
+from shared.providers import CAPABILITIES
+from shared.providers.vendor_http import CONTENT_BLOCKED
+from shared.sizes import ASPECT_RATIOS, parse_aspect_ratio
+
+# OpenAI's request fields that are provider parameters, by the name Kiln's provider schemas use.
+_PARAMETERS = {
+    "quality": "quality",
+    "style": "style",
+    "background": "background",
+    "output_format": "outputFormat",
+    "output_compression": "outputCompression",
+    "moderation": "moderation",
+    "steps": "steps",  # seed 001's route
+}
+# Kiln's field names in an error -> the OpenAI request's (`param`).
+_PARAM_NAMES = {"aspectRatio": "size", "connectionId": "model", "negativePrompt": "negative_prompt"}
+_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+_SIZE_BOUNDS = (64, 4096)
+
+
+def aspect_ratio_of(size: str | None) -> str:
+    """The Kiln aspect ratio nearest to an OpenAI `size` ("1536x1024" -> "3:2"); "auto"/none: 1:1."""
+    if size is None or size == "auto":
+        return "1:1"
+    width, _, height = size.partition("x")
+    w, h = int(width), int(height)
+    if not all(_SIZE_BOUNDS[0] <= side <= _SIZE_BOUNDS[1] for side in (w, h)):
+        raise ValidationFailed.field(
+            "size", f"each side must be {_SIZE_BOUNDS[0]} to {_SIZE_BOUNDS[1]} pixels"
+        )
+    wanted = math.log(w / h)
+    return min(ASPECT_RATIOS, key=lambda ratio: abs(math.log(parse_aspect_ratio(ratio)) - wanted))
+
+
+async def generate(
+    resources: Resources,
+    hub: StatusHub,
+    principal: Principal,
+    request: ImageGenerationRequest,
+    budget: GenerationBudget,
+    *,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+) -> list[GenerationRecord]:
+    """The request's `n` generations, finished and successful (else GenerationFailed /
+    ContentPolicyViolation / GenerationTimedOut naming them)."""
+    project_id = project_id_of(principal, "create generations")
+    target = await target_of_model(resources, project_id, request.model)
+    schema = CAPABILITIES[target.provider].parameters
+    given = {**msgspec.structs.asdict(request), "steps": steps}
+    parameters = {
+        kiln: given[field]
+        for field, kiln in _PARAMETERS.items()
+        if given.get(field) is not None and kiln in schema
+    }
+    meta: dict[str, Any] = {"openai": {"group": str(new_id())}}
+    if request.user:
+        meta["openai"]["user"] = request.user
+    body = CreateGenerationRequest(
+        prompt=request.prompt,
+        aspect_ratio=aspect_ratio_of(request.size),
+        auto_enhance=False,
+        meta=meta,
+        negative_prompt=negative_prompt,
+        model=target.model,
+        connection_id=str(target.connection_id) if target.connection_id else None,
+        parameters=parameters or None,
+    )
+    valid = validate_create(body, resources.settings)
+    records = await create_group_and_wait(
+        resources,
+        hub,
+        project_id,
+        principal.max_in_flight,
+        [valid] * request.n,
+        budget,
+        resources.settings.compat.wait_seconds,
+    )
+    raise_unless_succeeded(records, resources.settings.compat.wait_seconds)
+    return records
+
+
+def raise_unless_succeeded(records: Sequence[GenerationRecord], waited_seconds: float) -> None:
+    """The client expects images: a failed or cancelled generation, or one still running after the
+    wait, is an error naming the generations (they stay readable on the native API)."""
+    ids = ", ".join(r.id for r in records)
+    for record in records:
+        if record.status in ("failed", "cancelled"):
+            reason = f"{record.error_code}: {record.error_message}" if record.error_code else record.status
+            error = ContentPolicyViolation if record.error_code == CONTENT_BLOCKED else GenerationFailed
+            raise error(f"Generation {record.id} {record.status} ({reason}); generations: {ids}")
+    unfinished = [r.id for r in records if r.status != "success"]
+    if unfinished:
+        raise GenerationTimedOut(
+            f"Not finished within {waited_seconds:g} s; they go on: poll GET /api/v1/generations/<id> "
+            f"for {', '.join(unfinished)}"
+        )
+
+
+async def images_response(
+    resources: Resources,
+    principal: Principal,
+    records: Sequence[GenerationRecord],
+    response_format: str | None,
+    output_format: str | None,
+) -> ImagesResponse:
+    """`{created, data}`: each image's public URL, or its bytes in base64 (converted to
+    `output_format` when stored in another)."""
+
+    async def one(record: GenerationRecord) -> Image:
+        image = record.output_image
+        assert image is not None  # successful records carry their image
+        if response_format != "b64_json":
+            return Image(url=image.public_url, revised_prompt=record.prompt)
+        row = await find_own(resources, principal, uuid.UUID(image.id))
+        data = (await read_content(resources, row, None)).body
+        if output_format is not None and _FORMATS[output_format][1] != image.mime_type:
+            max_pixels = resources.settings.images.max_pixels
+            data = await asyncio.to_thread(
+                convert_image, data, _FORMATS[output_format][0], max_pixels=max_pixels
+            )
+        return Image(b64_json=base64.b64encode(data).decode(), revised_prompt=record.prompt)
+
+    data = await asyncio.gather(*(one(record) for record in records))
+    return ImagesResponse(created=int(utcnow().timestamp()), data=list(data))
+
+
+async def list_models(resources: Resources, principal: Principal) -> ModelList:
+    """Every name `model` accepts for the key's project (an admin key: the server's default only)."""
+    if principal.project_id is None:
+        provider = resources.settings.providers.default
+        return ModelList(data=[ModelEntry(id=provider, created=0, owned_by=provider)])
+    models = await usable_models(resources, principal.project_id)
+    return ModelList(
+        data=[
+            ModelEntry(
+                id=m.id,
+                created=int(m.created_at.timestamp()) if m.created_at else 0,
+                owned_by=m.provider,
+            )
+            for m in models
+        ]
+    )
+
+
+# --- errors in OpenAI's shape ---------------------------------------------------------------------
+
+
+def _kind_of(status: int) -> str:
+    if status == 429:
+        return "rate_limit_exceeded"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Kiln's exception handler, its answer reshaped as OpenAI's `{"error": {message, type, param,
+    code}}` (status and headers kept). OpenAI's clients retry 5xx answers by default; a failed or
+    timed-out generation must not be created again, so those say `x-should-retry: false`."""
+    response = handle_exception(request, exc)
+    status = response.status_code or 500
+    envelope = msgspec.json.decode(response.content)
+    error = envelope["error"]
+    details = error.get("details") or []
+    param = details[0]["field"] if details else None
+    code = error["code"].lower()
+    if code == "unauthorized":
+        code = "invalid_api_key"
+    body = OpenAIError(
+        OpenAIErrorBody(
+            message=error["message"],
+            type=_kind_of(status),
+            param=_PARAM_NAMES.get(param, param) if param else None,
+            code=code,
+        )
+    )
+    headers = dict(response.headers)
+    headers.pop("content-length", None)
+    if isinstance(exc, GenerationFailed | GenerationTimedOut):
+        headers["x-should-retry"] = "false"
+    return Response(
+        msgspec.json.encode(body),
+        status_code=response.status_code,
+        headers=headers,
+        media_type="application/json",
+    )
