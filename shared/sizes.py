@@ -24,6 +24,12 @@ def parse_aspect_ratio(aspect_ratio: str) -> float:
     return int(w) / int(h)
 
 
+def nearest_aspect_ratio(width: int, height: int) -> str:
+    """The one of ASPECT_RATIOS closest to width:height (by log ratio: 2:1 is as far from 1:1 as 1:2)."""
+    wanted = math.log(width / height)
+    return min(ASPECT_RATIOS, key=lambda ratio: abs(math.log(parse_aspect_ratio(ratio)) - wanted))
+
+
 def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0, multiple: int = 64) -> tuple[int, int]:
     """(width, height), both multiples of `multiple`, area at most `megapixels` MP, ratio close to asked.
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +46,7 @@ from shared.imaging import convert_image
 from shared.models import new_id, utcnow
 from shared.providers import CAPABILITIES
 from shared.providers.vendor_http import CONTENT_BLOCKED
-from shared.sizes import ASPECT_RATIOS, parse_aspect_ratio
+from shared.sizes import nearest_aspect_ratio
 
 # OpenAI's request fields that are provider parameters, by the name Kiln's provider schemas use.
 _PARAMETERS = {
@@ -75,8 +74,7 @@ def aspect_ratio_of(size: str | None) -> str:
         raise ValidationFailed.field(
             "size", f"each side must be {_SIZE_BOUNDS[0]} to {_SIZE_BOUNDS[1]} pixels"
         )
-    wanted = math.log(w / h)
-    return min(ASPECT_RATIOS, key=lambda ratio: abs(math.log(parse_aspect_ratio(ratio)) - wanted))
+    return nearest_aspect_ratio(w, h)
 
 
 async def generate(

@@ -2,7 +2,13 @@ import math
 
 import pytest
 
-from shared.sizes import ASPECT_RATIOS, EXT_ASPECT_RATIOS, SEED_ASPECT_RATIOS, size_for_aspect_ratio
+from shared.sizes import (
+    ASPECT_RATIOS,
+    EXT_ASPECT_RATIOS,
+    SEED_ASPECT_RATIOS,
+    nearest_aspect_ratio,
+    size_for_aspect_ratio,
+)
 
 
 def test_ratio_lists_are_the_contracts():
@@ -69,3 +75,19 @@ def test_unknown_ratio_is_refused(bad):
 def test_bad_budget_is_refused(megapixels, multiple):
     with pytest.raises(ValueError):
         size_for_aspect_ratio("1:1", megapixels, multiple)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        (1024, 1024, "1:1"),
+        (1536, 1024, "3:2"),
+        (1024, 1536, "2:3"),
+        (1792, 1024, "16:9"),
+        (512, 768, "2:3"),
+        (2048, 512, "21:9"),
+        (1000, 800, "5:4"),
+    ],
+)
+def test_the_nearest_aspect_ratio_of_a_size(width: int, height: int, expected: str) -> None:
+    assert nearest_aspect_ratio(width, height) == expected
