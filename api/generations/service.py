@@ -65,7 +65,10 @@ from api.parsing import check_text, decode_body
 from api.resources import Resources
 from api.security.auth import Principal
 from shared.errors import (
+    ContentPolicyViolation,
+    GenerationFailed,
     GenerationNotFound,
+    GenerationTimedOut,
     InvalidState,
     KilnError,
     NotFound,
@@ -77,6 +80,7 @@ from shared.image_store import generation_prefix
 from shared.logging import get_logger
 from shared.metrics import count_created, count_finished
 from shared.models import GenerationStatus, new_id, utcnow
+from shared.providers.vendor_http import CONTENT_BLOCKED
 from shared.queueing import enqueue_generation, queue_for_provider
 from shared.status_changes import status_changes
 from shared.webhooks import URL_MAX_LENGTH
@@ -290,6 +294,23 @@ async def create_group_and_wait(
         record or generation_record(row, resources.urls, with_image=False)
         for record, row in zip(waited, rows, strict=True)
     ]
+
+
+def require_success(records: Sequence[GenerationRecord], waited_seconds: float) -> None:
+    """The client expects images: a failed or cancelled generation, or one still running after the
+    wait, is an error naming the generations (they stay readable on the native API)."""
+    ids = ", ".join(r.id for r in records)
+    for record in records:
+        if record.status in ("failed", "cancelled"):
+            reason = f"{record.error_code}: {record.error_message}" if record.error_code else record.status
+            error = ContentPolicyViolation if record.error_code == CONTENT_BLOCKED else GenerationFailed
+            raise error(f"Generation {record.id} {record.status} ({reason}); generations: {ids}")
+    unfinished = [r.id for r in records if r.status != "success"]
+    if unfinished:
+        raise GenerationTimedOut(
+            f"Not finished within {waited_seconds:g} s; they go on: poll GET /api/v1/generations/<id> "
+            f"for {', '.join(unfinished)}"
+        )
 
 
 def _error_body(exc: KilnError) -> ErrorBody:

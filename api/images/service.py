@@ -36,6 +36,7 @@ from shared.image_store import (
 from shared.imaging import InvalidImage
 from shared.logging import get_logger
 from shared.models import new_id, utcnow
+from shared.records import GenerationRecord
 from shared.status_changes import status_changes
 from shared.storage import ObjectMissing
 
@@ -85,6 +86,13 @@ async def read_content(resources: Resources, row: Any, size: str | None) -> Imag
     except (ObjectMissing, InvalidImage):  # deleted meanwhile, or over a pixel budget lowered since
         raise ImageNotFound() from None
     return ImageContent(body, THUMBNAIL_MIME_TYPE, etag_of(row.id, size))
+
+
+async def output_bytes(resources: Resources, principal: Principal, record: GenerationRecord) -> bytes:
+    """The original bytes of a successful generation's image (for answers that carry them inline)."""
+    assert record.output_image is not None  # successful records carry their image
+    row = await find_own(resources, principal, uuid.UUID(record.output_image.id))
+    return (await read_content(resources, row, None)).body
 
 
 async def find_public(resources: Resources, token: str) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +26,8 @@ from api.errors import handle_exception
 from api.events.hub import StatusHub
 from api.generations.rules import validate_create
 from api.generations.schemas import CreateGenerationRequest, GenerationRecord
-from api.generations.service import GenerationBudget, create_group_and_wait
-from api.images.service import find_own, read_content
+from api.generations.service import GenerationBudget, create_group_and_wait, require_success
+from api.images.service import output_bytes
 from api.openai_compat.schemas import (
     Image,
     ImageGenerationRequest,
@@ -41,11 +40,10 @@ from api.openai_compat.schemas import (
 from api.resources import Resources
 from api.security.auth import Principal
 from api.security.guards import project_id_of
-from shared.errors import ContentPolicyViolation, GenerationFailed, GenerationTimedOut, ValidationFailed
+from shared.errors import GenerationFailed, GenerationTimedOut, ValidationFailed
 from shared.imaging import convert_image
 from shared.models import new_id, utcnow
 from shared.providers import CAPABILITIES
-from shared.providers.vendor_http import CONTENT_BLOCKED
 from shared.sizes import nearest_aspect_ratio
 
 # OpenAI's request fields that are provider parameters, by the name Kiln's provider schemas use.
@@ -121,25 +119,8 @@ async def generate(
         budget,
         resources.settings.compat.wait_seconds,
     )
-    raise_unless_succeeded(records, resources.settings.compat.wait_seconds)
+    require_success(records, resources.settings.compat.wait_seconds)
     return records
-
-
-def raise_unless_succeeded(records: Sequence[GenerationRecord], waited_seconds: float) -> None:
-    """The client expects images: a failed or cancelled generation, or one still running after the
-    wait, is an error naming the generations (they stay readable on the native API)."""
-    ids = ", ".join(r.id for r in records)
-    for record in records:
-        if record.status in ("failed", "cancelled"):
-            reason = f"{record.error_code}: {record.error_message}" if record.error_code else record.status
-            error = ContentPolicyViolation if record.error_code == CONTENT_BLOCKED else GenerationFailed
-            raise error(f"Generation {record.id} {record.status} ({reason}); generations: {ids}")
-    unfinished = [r.id for r in records if r.status != "success"]
-    if unfinished:
-        raise GenerationTimedOut(
-            f"Not finished within {waited_seconds:g} s; they go on: poll GET /api/v1/generations/<id> "
-            f"for {', '.join(unfinished)}"
-        )
 
 
 async def images_response(
@@ -157,8 +138,7 @@ async def images_response(
         assert image is not None  # successful records carry their image
         if response_format != "b64_json":
             return Image(url=image.public_url, revised_prompt=record.prompt)
-        row = await find_own(resources, principal, uuid.UUID(image.id))
-        data = (await read_content(resources, row, None)).body
+        data = await output_bytes(resources, principal, record)
         if output_format is not None and _FORMATS[output_format][1] != image.mime_type:
             max_pixels = resources.settings.images.max_pixels
             data = await asyncio.to_thread(
