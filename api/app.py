@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api.admin.controller import AdminController
+from api.automatic1111_compat.controller import Automatic1111Controller
 from api.connections.controller import ConnectionController
 from api.dashboard.controller import DashboardController, dashboard_assets
 from api.errors import handle_exception
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             MetricsController,
             OpenAIController,
             SeedImagesController,
+            Automatic1111Controller,
         ],
         dependencies=DEPENDENCIES,
         lifespan=[resources_lifespan, status_hub_lifespan],

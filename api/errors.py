@@ -9,6 +9,7 @@ never carries a stack trace.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -142,3 +143,18 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         if request_id := incoming_request_id(request.scope):
             response.headers["X-Request-ID"] = request_id
     return response
+
+
+# (status, the envelope's error object) -> (status, body, headers to add), for `foreign_error`.
+ErrorShape = Callable[[int, dict[str, Any]], tuple[int, Any, dict[str, str]]]
+
+
+def foreign_error(request: Request[Any, Any, Any], exc: Exception, shape: ErrorShape) -> Response[bytes]:
+    """`handle_exception`'s answer, its body reshaped for routes that speak another API's errors (the
+    OpenAI- and Automatic1111-compatible ones): the same classification, status and headers."""
+    response = handle_exception(request, exc)
+    status, body, extra = shape(response.status_code or 500, msgspec.json.decode(response.content)["error"])
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"} | extra
+    return Response(
+        content=msgspec.json.encode(body), status_code=status, headers=headers, media_type="application/json"
+    )

@@ -22,7 +22,7 @@ import msgspec
 from litestar import Request, Response
 
 from api.connections.service import target_of_model, usable_models
-from api.errors import handle_exception
+from api.errors import foreign_error
 from api.events.hub import StatusHub
 from api.generations.rules import validate_create
 from api.generations.schemas import CreateGenerationRequest, GenerationRecord
@@ -177,19 +177,10 @@ def _kind_of(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """Kiln's exception handler, its answer reshaped as OpenAI's `{"error": {message, type, param,
-    code}}` (status and headers kept). OpenAI's clients retry 5xx answers by default; a failed or
-    timed-out generation must not be created again, so those say `x-should-retry: false`."""
-    response = handle_exception(request, exc)
-    status = response.status_code or 500
-    envelope = msgspec.json.decode(response.content)
-    error = envelope["error"]
+def _openai_shape(status: int, error: dict[str, Any]) -> tuple[int, OpenAIError, dict[str, str]]:
     details = error.get("details") or []
     param = details[0]["field"] if details else None
-    code = error["code"].lower()
-    if code == "unauthorized":
-        code = "invalid_api_key"
+    code = "invalid_api_key" if error["code"] == "UNAUTHORIZED" else error["code"].lower()
     body = OpenAIError(
         OpenAIErrorBody(
             message=error["message"],
@@ -198,13 +189,12 @@ def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[An
             code=code,
         )
     )
-    headers = dict(response.headers)
-    headers.pop("content-length", None)
-    if isinstance(exc, GenerationFailed | GenerationTimedOut):
-        headers["x-should-retry"] = "false"
-    return Response(
-        msgspec.json.encode(body),
-        status_code=response.status_code,
-        headers=headers,
-        media_type="application/json",
-    )
+    # OpenAI's clients retry 5xx answers by default: a failed or unfinished generation must not be
+    # created again.
+    no_retry = error["code"] in (GenerationFailed.code, GenerationTimedOut.code)
+    return status, body, {"x-should-retry": "false"} if no_retry else {}
+
+
+def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Every error in OpenAI's `{"error": {message, type, param, code}}` shape."""
+    return foreign_error(request, exc, _openai_shape)
