@@ -11,7 +11,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from api import cli
+import api.cli.commands as cli
 from shared.settings import Settings
 from tests.factories import insert_generation
 from tests.integration.api.conftest import Tenant, api_client, make_admin_key

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from api import cli
+import api.cli.commands as cli
 from shared.outbound import outbound_client
 from shared.settings import Settings
 from tests.fakes.openai import FakeOpenAI

@@ -7,7 +7,7 @@ from unittest import mock
 
 from typer.testing import CliRunner
 
-from api import cli
+import api.cli.commands as cli
 from shared.providers import PROVIDER_NAMES
 from shared.queueing import generation_queues, queue_for_provider
 

@@ -55,9 +55,13 @@ async def test_rotating_the_generation_webhook_secret_signs_later_deliveries_wit
         verify(old, request.headers, request.body)
 
 
-async def test_rotating_needs_a_project_key(client, admin_headers):
+async def test_an_admin_key_rotates_only_the_project_it_names(client, admin_headers, tenant):
     r = await client.post(f"{SECRET_ROUTE}/rotate", headers=admin_headers)
-    assert r.status_code == 403, r.text
+    assert r.status_code == 400 and r.json()["error"]["details"][0]["field"] == "projectId", r.text
+    before = (await client.get(SECRET_ROUTE, headers=tenant.headers)).json()["data"]["secret"]
+    r = await client.post(f"{SECRET_ROUTE}/rotate?projectId={tenant.project_id}", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    assert (await client.get(SECRET_ROUTE, headers=tenant.headers)).json()["data"]["secret"] != before
 
 
 async def stored(engine, table, row_id: str) -> str:

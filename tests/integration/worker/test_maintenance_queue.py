@@ -120,7 +120,7 @@ async def test_a_sweep_runs_on_time_while_every_worker_process_is_busy_with_a_ba
 def test_kiln_worker_consumes_the_webhook_and_maintenance_queues_and_beat_consumes_maintenance(
     settings: Settings,
 ):
-    from api import cli
+    import api.cli.commands as cli
 
     runner = CliRunner()
     with mock.patch.object(cli, "_exec") as exec_, mock.patch.object(cli, "_settings", return_value=settings):

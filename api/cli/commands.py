@@ -11,14 +11,15 @@ import json
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from api.cli.batch import batch_app
+from api.cli.client import fail
+from api.cli.generations import generate, generations_app
 from shared.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -32,21 +33,19 @@ app.add_typer(projects_app, name="projects")
 app.add_typer(queues_app, name="queues")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(generations_app, name="generations")
+app.add_typer(batch_app, name="batch")
+app.command()(generate)
 
 T = TypeVar("T")
 DEMO_PROJECT_SLUG = "demo"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(1)
 
 
 def _settings() -> Settings:
     try:
         return get_settings()
     except Exception as exc:  # pydantic's message names the bad KILN_* variable
-        raise _fail(f"bad configuration: {exc}") from exc
+        raise fail(f"bad configuration: {exc}") from exc
 
 
 def _admin_settings() -> Settings:
@@ -216,7 +215,7 @@ def _run_db(work: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except KilnError as exc:  # bad input: one line that says what is wrong, no traceback
-        raise _fail(exc.message) from exc
+        raise fail(exc.message) from exc
 
 
 async def _project_by_ref(conn: Any, ref: str) -> Any:
@@ -228,7 +227,7 @@ async def _project_by_ref(conn: Any, ref: str) -> Any:
         by = ref  # a slug
     project = await find_project(conn, by)
     if project is None:
-        raise _fail(f"no project {ref!r}: see `kiln projects list`")
+        raise fail(f"no project {ref!r}: see `kiln projects list`")
     return project
 
 
@@ -302,7 +301,7 @@ def keys_create(
     from shared.models import ApiKeyKind
 
     if admin == (project is not None):
-        raise _fail("give either --project <id|slug> or --admin")
+        raise fail("give either --project <id|slug> or --admin")
 
     async def work(conn: Any) -> tuple[Any, str]:
         project_id = (await _project_by_ref(conn, project)).id if project else None
@@ -352,11 +351,11 @@ def keys_revoke(key_id: str) -> None:
     try:
         kid = uuid.UUID(key_id)
     except ValueError as exc:
-        raise _fail(f"{key_id!r} is not a key id (see `kiln keys list`)") from exc
+        raise fail(f"{key_id!r} is not a key id (see `kiln keys list`)") from exc
     try:
         key = _run_db(lambda s: revoke_api_key(s, kid))
     except NotFound as exc:
-        raise _fail(f"no key {key_id}") from exc
+        raise fail(f"no key {key_id}") from exc
 
     async def invalidate() -> None:
         client = aioredis.Redis.from_url(_admin_settings().redis_url)
@@ -440,7 +439,7 @@ def _run_with_sources(work: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except KilnError as exc:  # bad input (an unknown provider): one line, no traceback
-        raise _fail(exc.message) from exc
+        raise fail(exc.message) from exc
 
 
 def _cli_actor() -> str:
@@ -554,111 +553,6 @@ def _print_status(stats: Any) -> None:
     console.print(workers)
     if stats.workers.reachable and not stats.workers.items:
         console.print("no worker answered")
-
-
-@app.command()
-def generate(
-    prompt: str,
-    aspect_ratio: Annotated[str, typer.Option("--aspect-ratio", "-a")] = "1:1",
-    template: Annotated[str, typer.Option(help="Enhancement template.")] = "general",
-    enhance: Annotated[bool, typer.Option("--enhance/--no-enhance", help="Prompt enhancement.")] = True,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the result and save it.")] = True,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to save the image.")] = None,
-    parameters: Annotated[str | None, typer.Option(help="Provider parameters as JSON.")] = None,
-    url: Annotated[str | None, typer.Option(envvar="KILN_API_URL", help="API base URL.")] = None,
-    key: Annotated[str | None, typer.Option(envvar="KILN_API_KEY", help="Project API key.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 600,
-) -> None:
-    """Create a generation; with --wait, show progress until it finishes and save the image."""
-    import httpx
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    base = (url or _settings().server.base_url).rstrip("/")
-    if not key:
-        raise _fail("no API key: pass --key or set KILN_API_KEY (`kiln dev` prints a demo key)")
-    body: dict[str, Any] = {
-        "prompt": prompt,
-        "aspectRatio": aspect_ratio,
-        "autoEnhance": enhance,
-        "enhancementOptions": {"template": template},
-    }
-    if parameters:
-        try:
-            body["parameters"] = json.loads(parameters)
-        except json.JSONDecodeError as exc:
-            raise _fail(f"--parameters is not JSON: {exc}") from exc
-    with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=30) as http:
-        try:
-            created = http.post("/api/v1/generations", json=body)
-        except httpx.HTTPError as exc:
-            raise _fail(f"cannot reach {base}: {exc} (is `kiln dev` or `kiln api` running?)") from exc
-        if created.status_code != 201:
-            raise _fail(_describe_error(created))
-        record = created.json()["data"]
-        console.print(f"generation [bold]{record['id']}[/] {record['status']}: {record['prompt'][:100]}")
-        if not wait:
-            typer.echo(json.dumps(record))
-            return
-        record = _poll_with_progress(http, record, timeout, console)
-        if record["status"] != "success":
-            raise _fail(
-                f"generation {record['status']}: {record.get('errorCode')}: {record.get('errorMessage')}"
-            )
-        image = record["outputImage"]
-        content = http.get(image["storageUrl"])
-        if content.status_code != 200:
-            content = http.get(image["publicUrl"])
-        ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(image["mimeType"], "img")
-        target = output or Path(f"kiln-{record['id']}.{ext}")
-        target.write_bytes(content.content)
-        console.print(
-            f"saved {target} ({image['width']}x{image['height']}, {image['fileSize']} bytes) "
-            f"in {record.get('processingTimeMs')} ms"
-        )
-        typer.echo(str(target))
-
-
-def _describe_error(response: Any) -> str:
-    try:
-        err = response.json()["error"]
-        details = "; ".join(f"{d['field']}: {d['message']}" for d in err.get("details") or [])
-        return f"{response.status_code} {err['code']}: {err['message']}" + (
-            f" ({details})" if details else ""
-        )
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code}: {response.text[:200]}"
-
-
-def _poll_with_progress(http: Any, record: dict[str, Any], timeout: float, console: Any) -> dict[str, Any]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    deadline = time.monotonic() + timeout
-    delay = 0.2
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(record["status"])
-        while record["status"] in ("pending", "processing"):
-            if time.monotonic() > deadline:
-                where = f"/api/v1/generations/{record['id']}"
-                raise _fail(f"still {record['status']} after {timeout:.0f}s; poll GET {where}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
-            response = http.get(f"/api/v1/generations/{record['id']}")
-            if response.status_code == 429:
-                time.sleep(float(response.headers.get("Retry-After", "5")))
-                continue
-            if response.status_code != 200:
-                raise _fail(_describe_error(response))
-            record = response.json()["data"]
-            retries = f", {record['retryCount']} retries" if record.get("retryCount") else ""
-            progress.update(task, description=f"{record['status']}{retries}")
-    return record
 
 
 # --- the embedded platform ------------------------------------------------------------------
