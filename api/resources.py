@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 from celery import Celery
 from litestar import Litestar
@@ -19,9 +18,9 @@ from api.connections.cache import DefaultConnections
 from api.events.created import CreatedNotices
 from api.security.ratelimit import RateLimiter
 from shared.db import create_engine
+from shared.enhancer_llm import LlmEnhancer, llm_enhancer
 from shared.imaging import apply_pixel_budget
 from shared.logging import get_logger
-from shared.outbound import outbound_client
 from shared.queueing import close_publisher, create_producer
 from shared.records import ImageUrls
 from shared.settings import Settings
@@ -52,8 +51,8 @@ class Resources:
     default_connections: DefaultConnections
     # Creates announced to the dashboards, batched (api.events.created).
     created: CreatedNotices
-    # Calls the API itself makes out (the LLM of prompt enhancement and conversation detection).
-    outbound: httpx.AsyncClient
+    # The LLM prompt engine (KILN_ENHANCER_ENGINE=llm), None for the built-in one.
+    enhancer: LlmEnhancer | None
 
 
 def resources_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Resources:
@@ -102,13 +101,14 @@ async def resources_lifespan(app: Litestar) -> AsyncIterator[None]:
         urls=ImageUrls(settings.server.base_url, storage.direct_url),
         default_connections=DefaultConnections(),
         created=CreatedNotices(redis),
-        outbound=outbound_client(settings, settings.enhancer.timeout_seconds),
+        enhancer=llm_enhancer(settings, redis),
     )
     try:
         yield
     finally:
         await app.state.resources.created.close()
-        await app.state.resources.outbound.aclose()
+        if app.state.resources.enhancer is not None:
+            await app.state.resources.enhancer.aclose()
         close_storage = getattr(storage, "close", None)  # not part of the ObjectStorage protocol
         if close_storage is not None:
             await close_storage()

@@ -1,13 +1,20 @@
 """Prompt enhancement. The built-in engine is deterministic and offline: it frames the user's words
 with a template's medium and appends the template's style, lighting and composition terms.
 
-`enhance()` is the one entry point; an LLM engine will sit behind it and fall back to this one.
+`enhance()` is the one entry point: with an LLM engine (shared.enhancer_llm) it asks that first and
+falls back to this one on any failure, saying why.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared.llm import LlmFailed
+
+if TYPE_CHECKING:
+    from shared.enhancer_llm import LlmEnhancer
 
 MAX_PROMPT_CHARS = 4000
 BUILTIN_ENGINE = "builtin"
@@ -116,7 +123,8 @@ TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
 @dataclass(frozen=True)
 class Enhancement:
     prompt: str
-    engine: str  # which engine produced `prompt`: BUILTIN_ENGINE, later also the LLM's
+    engine: str  # which engine produced `prompt`: BUILTIN_ENGINE or the LLM's (`llm:<model>`)
+    fallback: str | None = None  # why the LLM's answer was not used (then `engine` is the built-in)
 
 
 def _normalize(prompt: str) -> str:
@@ -180,7 +188,16 @@ def enhance_builtin(prompt: str, template: str = DEFAULT_TEMPLATE) -> str:
     return head
 
 
-async def enhance(prompt: str, template: str = DEFAULT_TEMPLATE) -> Enhancement:
-    """Enhance with the best engine available. For now the built-in one; never raises for engine
-    trouble (only ValueError for an unknown template)."""
-    return Enhancement(prompt=enhance_builtin(prompt, template), engine=BUILTIN_ENGINE)
+async def enhance(
+    prompt: str, template: str = DEFAULT_TEMPLATE, llm: LlmEnhancer | None = None
+) -> Enhancement:
+    """Enhance with `llm` when given, else (or when it fails: timeout, error, an answer that is not a
+    usable prompt) with the built-in engine. Never raises for engine trouble (only ValueError for an
+    unknown template): a create never fails because of its enhancement."""
+    builtin = enhance_builtin(prompt, template)  # also checks the template
+    if llm is None:
+        return Enhancement(prompt=builtin, engine=BUILTIN_ENGINE)
+    try:
+        return Enhancement(prompt=await llm.enhance(prompt, template), engine=llm.engine_name)
+    except LlmFailed as exc:
+        return Enhancement(prompt=builtin, engine=BUILTIN_ENGINE, fallback=f"{llm.engine_name}: {exc.reason}")

@@ -161,6 +161,7 @@ class Generation(SQLModel, table=True):
     auto_enhance: bool = True
     enhancement_template: str | None = Field(default=None, sa_type=Text)
     enhancement_engine: str | None = Field(default=None, sa_type=Text)
+    enhancement_fallback: str | None = Field(default=None, sa_type=Text)  # why not the LLM's
     aspect_ratio: str = Field(default="1:1", sa_type=Text)
     status: str = Field(default=GenerationStatus.PENDING.value, sa_type=Text)
     provider: str = Field(sa_type=Text)

@@ -115,7 +115,8 @@ class GenerationRecord(msgspec.Struct, rename="camel"):
     # (ext)
     negative_prompt: str | None
     enhancement_template: str | None
-    enhancement_engine: str | None
+    enhancement_engine: str | None  # null while a worker-mode enhancement is due
+    enhancement_fallback: str | None  # why the LLM's enhancement was not used (then engine is builtin)
     provider: str
     model: str | None
     connection_id: str | None
@@ -175,6 +176,7 @@ def generation_record(
         row["negative_prompt"],
         row["enhancement_template"],
         row["enhancement_engine"],
+        row["enhancement_fallback"],
         row["provider"],
         row["model"],
         _str_or_none(row["connection_id"]),

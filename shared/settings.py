@@ -424,6 +424,20 @@ class EnhancerSettings(BaseModel):
         le=120,
         description="How long one LLM call may take before Kiln falls back to the built-in engine.",
     )
+    mode: Literal["sync", "worker"] = Field(
+        default="sync",
+        description="`sync`: the create's 201 carries the enhanced prompt. `worker`: the 201 returns at once "
+        "with the original prompt and the worker enhances before the provider call (the record's `prompt` "
+        "updates then): for batch submitters who prefer throughput.",
+    )
+
+    @model_validator(mode="after")
+    def _llm_needs_an_endpoint(self) -> EnhancerSettings:
+        if self.engine == "llm" and not (self.llm_url and self.llm_model):
+            raise ValueError(
+                "KILN_ENHANCER_ENGINE=llm needs KILN_ENHANCER_LLM_URL and KILN_ENHANCER_LLM_MODEL"
+            )
+        return self
 
 
 class CompatSettings(BaseModel):

@@ -36,6 +36,7 @@ from PIL import Image
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import create_engine
+from shared.enhancer_llm import LlmEnhancer, llm_enhancer
 from shared.imaging import apply_pixel_budget
 from shared.logging import configure_logging, get_logger
 from shared.outbound import outbound_client
@@ -124,6 +125,7 @@ class WorkerRuntime:
     broker_redis: aioredis.Redis
     http: httpx.AsyncClient
     storage: ObjectStorage
+    enhancer: LlmEnhancer | None  # KILN_ENHANCER_MODE=worker with the LLM engine
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a task's coroutine to completion on the process loop."""
@@ -171,6 +173,7 @@ def get_runtime() -> WorkerRuntime:
         broker_redis=broker_redis,
         http=outbound_client(settings, settings.generation.provider_timeout_seconds),
         storage=storage,
+        enhancer=llm_enhancer(settings, redis),
     )
     if isinstance(storage, S3Storage):
         try:
@@ -193,6 +196,8 @@ def close_runtime() -> None:
         if runtime.broker_redis is not runtime.redis:
             closers.append(runtime.broker_redis.aclose())
         closers.append(runtime.http.aclose())
+        if runtime.enhancer is not None:
+            closers.append(runtime.enhancer.aclose())
         close_storage = getattr(
             runtime.storage, "close", None
         )  # both backends have one; the protocol doesn't

@@ -133,10 +133,11 @@ async def prepare_generation(
     target = await resolve_generation_target(
         resources, project_id, request.connection_id, request.model, request.parameters
     )
-    prompt, engine = request.prompt, None
-    if request.auto_enhance:
-        enhancement = await enhance(request.prompt, request.template)
-        prompt, engine = enhancement.prompt, enhancement.engine
+    prompt, engine, fallback = request.prompt, None, None
+    # In worker mode the row keeps the original prompt and no engine: the worker enhances it first.
+    if request.auto_enhance and settings.enhancer.mode == "sync":
+        enhancement = await enhance(request.prompt, request.template, resources.enhancer)
+        prompt, engine, fallback = enhancement.prompt, enhancement.engine, enhancement.fallback
     now = utcnow()
     deadline_seconds = request.deadline_seconds or settings.generation.deadline_seconds
     return {
@@ -148,6 +149,7 @@ async def prepare_generation(
         "auto_enhance": request.auto_enhance,
         "enhancement_template": request.template if request.auto_enhance else None,
         "enhancement_engine": engine,
+        "enhancement_fallback": fallback,
         "aspect_ratio": request.aspect_ratio,
         "status": GenerationStatus.PENDING.value,
         "provider": target.provider,

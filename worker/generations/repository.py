@@ -60,6 +60,8 @@ class ClaimedGeneration:
     deadline_at: datetime
     updated_at: datetime
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
+    # The enhancement template when the worker enhances the prompt before the provider call.
+    enhance_with: str | None = None
     # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
     outbound_allow_hosts: tuple[str, ...] = ()
     # Whether `processing` has a webhook to deliver (`shared.webhooks.announced`), read with the claim.
@@ -117,6 +119,14 @@ _CLAIMED_COLUMNS = (
     generations.c.aspect_ratio, generations.c.provider, generations.c.model, generations.c.parameters,
     generations.c.seed, generations.c.attempts, generations.c.version, generations.c.deadline_at,
     generations.c.updated_at, generations.c.connection_id,
+    # The template to enhance with first, when the API left that to the worker (KILN_ENHANCER_MODE=worker).
+    case(
+        (
+            and_(generations.c.auto_enhance, generations.c.enhancement_engine.is_(None)),
+            generations.c.enhancement_template,
+        ),
+        else_=None,
+    ).label("enhance_with"),
     select(projects.c.outbound_allow_hosts)
     .where(projects.c.id == generations.c.project_id)
     .scalar_subquery()
@@ -146,6 +156,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         deadline_at=row.deadline_at,
         updated_at=row.updated_at,
         connection_id=row.connection_id,
+        enhance_with=row.enhance_with,
         outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
         announces_processing=row.announced,
         waited_seconds=float(row.waited_seconds),
@@ -229,6 +240,21 @@ async def claim(
     queue (`routing`: `shared.pauses.queue_routing`), or absent."""
     params = {"claim_id": generation_id, "lease": timedelta(seconds=lease_seconds)}
     return _claimed((await conn.execute(_claim_statement(routing), params)).one_or_none())
+
+
+async def set_enhanced_prompt(
+    conn: AsyncConnection, claim: ClaimedGeneration, prompt: str, engine: str, fallback: str | None
+) -> bool:
+    """The worker's enhancement, written while the attempt still owns the row (False: it moved on)."""
+    stmt = (
+        update(generations)
+        .where(_owned_by(claim.id, claim.attempt, claim.version))
+        .values(
+            prompt=prompt, enhancement_engine=engine, enhancement_fallback=fallback, updated_at=func.now()
+        )
+        .returning(generations.c.id)
+    )
+    return (await conn.execute(stmt)).one_or_none() is not None
 
 
 async def resume(

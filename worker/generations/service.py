@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -42,6 +42,8 @@ from shared.connections import (
 )
 from shared.crypto import SecretUnreadable
 from shared.db import is_connection_error
+from shared.enhancer import enhance
+from shared.enhancer_llm import LlmEnhancer
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.events import StatusChange, generation_channel
 from shared.image_store import StoredImage, attempt_prefix, discard_objects, store_image
@@ -113,6 +115,7 @@ class PipelineDependencies:
     # Sends the webhook delivery tasks after a status change (the worker's Celery app). None: the
     # dispatcher sends them once they are due.
     producer: Celery | None = None
+    enhancer: LlmEnhancer | None = None  # the LLM engine for worker-mode enhancement; None: built-in
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,8 @@ class GenerationPipeline:
             return await self._fail(claim, "WORKER_LOST", f"the job was interrupted {interrupted} times")
         await self._announce_processing(claim)
         log.info("generation claimed", provider=claim.provider, model=claim.model)
+        if claim.enhance_with is not None:
+            claim = await self._enhance(claim, claim.enhance_with)
 
         prefix = attempt_prefix(claim.project_id, claim.id, claim.version, claim.attempt)
         if self._resumed:  # what the interrupted run stored is unreferenced: start this attempt afresh
@@ -225,6 +230,16 @@ class GenerationPipeline:
                 await self._expire_lease(claim)
             raise
         return await self._finalize(claim, produced, prefix)
+
+    async def _enhance(self, claim: ClaimedGeneration, template: str) -> ClaimedGeneration:
+        """KILN_ENHANCER_MODE=worker: the API kept the original prompt; enhance it before the provider
+        call and record it (a create never fails for its enhancement: the built-in engine is the floor)."""
+        enhancement = await enhance(claim.prompt, template, self.deps.enhancer)
+        async with self.deps.engine.begin() as conn:
+            await repository.set_enhanced_prompt(
+                conn, claim, enhancement.prompt, enhancement.engine, enhancement.fallback
+            )
+        return replace(claim, prompt=enhancement.prompt)
 
     # --- claim --------------------------------------------------------------------------------
 

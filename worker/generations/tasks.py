@@ -48,6 +48,7 @@ def pipeline_dependencies(runtime: WorkerRuntime) -> PipelineDependencies:
         provider_for=provider_for,
         requeue=requeue,
         producer=app,  # inside the worker, the worker's own app sends the webhook tasks
+        enhancer=runtime.enhancer,
     )
 
 
