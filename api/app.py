@@ -15,6 +15,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from api.admin.controller import AdminController
 from api.automatic1111_compat.controller import Automatic1111Controller
 from api.connections.controller import ConnectionController
+from api.conversations.controller import ConversationController
 from api.dashboard.controller import DashboardController, dashboard_assets
 from api.errors import handle_exception
 from api.events.hub import status_hub_lifespan
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     configure_logging(settings)
     app = Litestar(
         route_handlers=[
+            ConversationController,
             GenerationController,
             ImageController,
             PublicImageController,

@@ -70,7 +70,8 @@ def _every_bad_field(body: bytes, type_: type[Any]) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     fields = msgspec.structs.fields(type_)
     known = {field.encode_name for field in fields}
-    errors.extend((name, f"Object contains unknown field `{name}`") for name in value if name not in known)
+    if type_.__struct_config__.forbid_unknown_fields:
+        errors.extend((name, f"Object contains unknown field `{name}`") for name in value if name not in known)
     for field in fields:
         if field.encode_name not in value:
             if field.required:
@@ -80,7 +81,11 @@ def _every_bad_field(body: bytes, type_: type[Any]) -> list[tuple[str, str]]:
             msgspec.convert(value[field.encode_name], field.type, strict=True)
         except msgspec.ValidationError as exc:
             path, message = _field_of(str(exc))
-            errors.append((field.encode_name if path == "body" else f"{field.encode_name}.{path}", message))
+            if path == "body":
+                path = field.encode_name
+            else:  # `items[3].prompt`, `meta.x`
+                path = f"{field.encode_name}{'' if path.startswith('[') else '.'}{path}"
+            errors.append((path, message))
     return errors
 
 

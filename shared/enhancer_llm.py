@@ -128,6 +128,12 @@ class LlmEnhancer:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def ask(self, messages: list[dict[str, str]]) -> str:
+        """One JSON-answer chat call to the same endpoint (conversation detection uses it)."""
+        return await chat(
+            self._http, self.endpoint, messages, json_answer=True, max_tokens=400, temperature=0
+        )
+
     def _cache_key(self, prompt: str, template: str) -> str:
         identity = f"llm\n{self.endpoint.base_url}\n{self.endpoint.model}\n{template}\n{prompt}"
         return "kiln:enhanced:" + hashlib.sha256(identity.encode()).hexdigest()
