@@ -9,16 +9,20 @@ through `JsonBody`.
 from __future__ import annotations
 
 import re
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+from litestar import Request
+from litestar.datastructures import UploadFile
 from litestar.dto import AbstractDTO, DTOFieldDefinition
+from litestar.exceptions import HTTPException
 from litestar.openapi.spec import Reference, Schema
 from litestar.typing import FieldDefinition
 
 from api.openapi import body_schema
-from shared.errors import ValidationFailed
+from shared.errors import KilnError, PayloadTooLarge, ValidationFailed
 from shared.jsonlimits import JSON_DEPTH_LIMIT, format_path, too_deep_path, too_deep_path_in_text
 
 T = TypeVar("T")
@@ -71,7 +75,9 @@ def _every_bad_field(body: bytes, type_: type[Any]) -> list[tuple[str, str]]:
     fields = msgspec.structs.fields(type_)
     known = {field.encode_name for field in fields}
     if type_.__struct_config__.forbid_unknown_fields:
-        errors.extend((name, f"Object contains unknown field `{name}`") for name in value if name not in known)
+        errors.extend(
+            (name, f"Object contains unknown field `{name}`") for name in value if name not in known
+        )
     for field in fields:
         if field.encode_name not in value:
             if field.required:
@@ -181,3 +187,74 @@ def check_json_object(value: dict[str, Any], field: str, *, max_bytes: int) -> d
     if b"\\u0000" in encoded:
         raise ValidationFailed.field(field, "must not contain NUL characters")
     return value
+
+
+# --- multipart/form-data -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartForm:
+    texts: dict[str, str]
+    files: dict[str, bytes]
+
+
+async def read_multipart(
+    request: Request[Any, Any, Any],
+    *,
+    files: Sequence[str],
+    texts: Sequence[str],
+    max_body_bytes: int,
+    max_file_bytes: int,
+    too_large: Callable[[], KilnError],
+) -> MultipartForm:
+    """A multipart/form-data body, checked: only the named parts, each at most once, files as file
+    parts of at most `max_file_bytes`, texts as UTF-8 text. Every failure is a 400 naming the part, or
+    `too_large()` (a 413) for a body past `max_body_bytes` (refused before reading when announced)."""
+    content_type, _ = request.content_type
+    if content_type != "multipart/form-data":
+        raise ValidationFailed.field(files[0], f"send multipart/form-data with a `{files[0]}` file part")
+    announced = request.headers.get("content-length")
+    if announced and announced.isdigit() and int(announced) > max_body_bytes:
+        raise too_large()
+    try:
+        await request.body()  # the whole body, under the route's limit (also on the bytes received)
+        form = await request.form()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise too_large() from None
+        raise ValidationFailed.field("body", f"malformed multipart/form-data: {exc.detail}") from None
+    except (UnicodeDecodeError, LookupError):  # a text part in a charset we cannot decode
+        raise ValidationFailed.field("body", "text fields must be UTF-8") from None
+    opened = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    known = (*files, *texts)
+    try:
+        if unknown := sorted({name for name in form if name not in known}):
+            raise ValidationFailed.field(unknown[0], f"unknown field; send only {', '.join(known)}")
+        found = MultipartForm({}, {})
+        for name in known:
+            values = form.getall(name, [])
+            if len(values) > 1:
+                raise ValidationFailed.field(name, "given more than once")
+            if not values:
+                continue
+            value = values[0]
+            if name in files:
+                if not isinstance(value, UploadFile):
+                    raise ValidationFailed.field(
+                        name, "must be a file part (with a filename), not a text field"
+                    )
+                data = await value.read(max_file_bytes + 1)
+                if len(data) > max_file_bytes:
+                    raise PayloadTooLarge(
+                        f"{name}: larger than {max_file_bytes} bytes",
+                        details=[{"field": name, "message": f"must be at most {max_file_bytes} bytes"}],
+                    )
+                found.files[name] = data
+            elif isinstance(value, UploadFile):
+                raise ValidationFailed.field(name, "must be text")
+            else:
+                found.texts[name] = value
+    finally:
+        for file in opened:
+            await file.close()
+    return found

@@ -184,6 +184,10 @@ class Generation(SQLModel, table=True):
     completed_at: datetime | None = _ts()
     cancelled_at: datetime | None = _ts()
     webhook_url: str | None = Field(default=None, sa_type=Text)
+    # `edit`: the provider edits `source_image_id` (where `mask_image_id` is transparent, if given).
+    kind: str = Field(default="generate", sa_type=Text, sa_column_kwargs={"server_default": "generate"})
+    source_image_id: uuid.UUID | None = Field(default=None, foreign_key="images.id", ondelete="SET NULL")
+    mask_image_id: uuid.UUID | None = Field(default=None, foreign_key="images.id", ondelete="SET NULL")
     # Set when the output image was soft-deleted through the images API (hidden unless includeDeleted).
     deleted_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False, default_now=True)

@@ -130,6 +130,9 @@ class GenerationRecord(msgspec.Struct, rename="camel"):
     cancelled_at: str | None
     version: int
     webhook_url: str | None
+    kind: str  # generate | edit
+    source_image_id: str | None  # edits: the image edited, and the mask (transparent: where to edit)
+    mask_image_id: str | None
     # Pending records only: 1 + the pending generations queued before it on the same queue.
     queue_position: int | None = None
 
@@ -190,4 +193,7 @@ def generation_record(
         format_time(row["cancelled_at"]),
         row["version"],
         row["webhook_url"],
+        row["kind"],
+        _str_or_none(row["source_image_id"]),
+        _str_or_none(row["mask_image_id"]),
     )

@@ -80,6 +80,9 @@ _GENERATION_COLUMNS = [
         "updated_at",
         "version",
         "webhook_url",
+        "kind",
+        "source_image_id",
+        "mask_image_id",
     )
 ]
 _IMAGE_COLUMNS = [
@@ -146,6 +149,9 @@ INSERT_COLUMNS = (
     "deadline_at",
     "enqueued_at",
     "webhook_url",
+    "kind",
+    "source_image_id",
+    "mask_image_id",
 )
 
 

@@ -17,6 +17,7 @@ from api.generations.schemas import (
     PROMPT_MAX_LENGTH,
     CreateGenerationRequest,
 )
+from api.images.repository import get_image
 from api.parsing import check_json_object, check_text
 from api.resources import Resources
 from shared.enhancer import DEFAULT_TEMPLATE, enhance
@@ -25,6 +26,7 @@ from shared.errors import (
     ValidationFailed,
 )
 from shared.models import GenerationStatus, new_id, utcnow
+from shared.providers import CAPABILITIES
 from shared.settings import Settings
 from shared.webhooks import URL_MAX_LENGTH, validate_webhook_url
 
@@ -45,6 +47,8 @@ class ValidGeneration:
     connection_id: uuid.UUID | None
     webhook_url: str | None = None
     deadline_seconds: int | None = None
+    source_image_id: uuid.UUID | None = None  # an edit of this image
+    mask_image_id: uuid.UUID | None = None
 
 
 def check_webhook_url(value: str, settings: Settings, field: str = "webhookUrl") -> str:
@@ -91,12 +95,23 @@ def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidG
             lambda: check_json_object(body.parameters or {}, "parameters", max_bytes=JSON_FIELD_MAX_BYTES),
         )
         parameters = checked or {}
-    connection_id = None
-    if body.connection_id is not None:
+
+    def uuid_of(value: str | None, field: str) -> uuid.UUID | None:
+        if value is None:
+            return None
         try:
-            connection_id = uuid.UUID(body.connection_id)
+            return uuid.UUID(value)
         except ValueError:
-            errors.append({"field": "connectionId", "message": "must be a UUID"})
+            errors.append({"field": field, "message": "must be a UUID"})
+            return None
+
+    connection_id = uuid_of(body.connection_id, "connectionId")
+    source_image_id = uuid_of(body.source_image_id, "sourceImageId")
+    mask_image_id = uuid_of(body.mask_image_id, "maskImageId")
+    if body.mask_image_id is not None and body.source_image_id is None:
+        errors.append(
+            {"field": "maskImageId", "message": "needs sourceImageId (a mask marks what to edit in it)"}
+        )
     webhook_url = None
     if body.webhook_url is not None:
         webhook_url = check("webhookUrl", lambda: check_webhook_url(body.webhook_url or "", settings))
@@ -119,7 +134,28 @@ def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidG
         connection_id=connection_id,
         webhook_url=webhook_url,
         deadline_seconds=deadline_seconds,
+        source_image_id=source_image_id,
+        mask_image_id=mask_image_id,
     )
+
+
+async def _check_edit(
+    resources: Resources, project_id: uuid.UUID, request: ValidGeneration, provider: str
+) -> None:
+    """An edit names images of its project (not deleted) and runs on a provider that can edit: 400 at
+    create, never a failed job later."""
+    if not CAPABILITIES[provider].edits:
+        editing = ", ".join(name for name, caps in CAPABILITIES.items() if caps.edits)
+        raise ValidationFailed.field(
+            "sourceImageId", f"the {provider} provider cannot edit images (these can: {editing})"
+        )
+    async with resources.reader.connect() as conn:
+        for field, image_id in (
+            ("sourceImageId", request.source_image_id),
+            ("maskImageId", request.mask_image_id),
+        ):
+            if image_id is not None and await get_image(conn, image_id, project_id) is None:
+                raise ValidationFailed.field(field, "no such image in this project")
 
 
 async def prepare_generation(
@@ -133,6 +169,8 @@ async def prepare_generation(
     target = await resolve_generation_target(
         resources, project_id, request.connection_id, request.model, request.parameters
     )
+    if request.source_image_id is not None:
+        await _check_edit(resources, project_id, request, target.provider)
     prompt, engine, fallback = request.prompt, None, None
     # In worker mode the row keeps the original prompt and no engine: the worker enhances it first.
     if request.auto_enhance and settings.enhancer.mode == "sync":
@@ -164,6 +202,9 @@ async def prepare_generation(
         "deadline_at": now + timedelta(seconds=deadline_seconds),
         "enqueued_at": now,
         "webhook_url": request.webhook_url,
+        "kind": "edit" if request.source_image_id else "generate",
+        "source_image_id": request.source_image_id,
+        "mask_image_id": request.mask_image_id,
     }
 
 

@@ -60,6 +60,22 @@ class CreateGenerationRequest(msgspec.Struct, forbid_unknown_fields=True, rename
         | None
     ) = None
     deadline_seconds: DeadlineSeconds | None = None
+    source_image_id: (
+        Annotated[
+            str,
+            Meta(description="Edit this image of the project (an upload or an output) instead of generating"),
+        ]
+        | None
+    ) = None
+    mask_image_id: (
+        Annotated[
+            str,
+            Meta(
+                description="With sourceImageId: a same-size PNG whose transparent pixels mark what to edit"
+            ),
+        ]
+        | None
+    ) = None
 
 
 # The upper bound is a setting (checked by the service, which knows the settings).

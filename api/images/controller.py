@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.datastructures import UploadFile
-from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.params import FromPath, PathParameter, QueryParameter
@@ -17,13 +15,13 @@ from api.envelope import ErrorEnvelope, MessageEnvelope
 from api.images import service
 from api.images.schemas import (
     ALIAS_PATTERN,
-    UPLOAD_FIELDS,
     UPLOAD_MAX_BODY_BYTES,
     UPLOAD_MAX_FILE_BYTES,
     UPLOAD_META_MAX_BYTES,
     ImageEnvelope,
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
+from api.parsing import read_multipart
 from api.security.guards import (
     PROJECT_ID_DEPENDENCY,
     InjectedPrincipal,
@@ -105,44 +103,19 @@ def _upload_too_large() -> PayloadTooLarge:
 
 async def _read_upload(request: AnyRequest) -> service.ValidUpload:
     """The multipart form as a checked upload; every failure is a 400 (or 413) naming the field."""
-    content_type, _ = request.content_type
-    if content_type != "multipart/form-data":
-        raise ValidationFailed.field("file", "send the image as multipart/form-data with a `file` part")
-    announced = request.headers.get("content-length")
-    if announced and announced.isdigit() and int(announced) > UPLOAD_MAX_BODY_BYTES:
-        raise _upload_too_large()  # before reading a byte of it
-    try:
-        await request.body()  # reads the whole body under this route's limit (also on the bytes received)
-        form = await request.form()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise _upload_too_large() from None
-        raise ValidationFailed.field("body", f"malformed multipart/form-data: {exc.detail}") from None
-    except (UnicodeDecodeError, LookupError):  # a text part in a charset we cannot decode
-        raise ValidationFailed.field("body", "form fields other than `file` must be UTF-8 text") from None
-    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-    try:
-        if unknown := sorted({name for name in form if name not in UPLOAD_FIELDS}):
-            raise ValidationFailed.field(unknown[0], f"unknown field; send only {', '.join(UPLOAD_FIELDS)}")
-        for name in UPLOAD_FIELDS:
-            if len(form.getall(name, [])) > 1:
-                raise ValidationFailed.field(name, "given more than once")
-        upload = form.get("file")
-        if upload is None:
-            raise ValidationFailed.field("file", "required: a PNG, JPEG or WebP image as a file part")
-        if not isinstance(upload, UploadFile):
-            raise ValidationFailed.field("file", "must be a file part (with a filename), not a text field")
-        alias, meta = form.get("alias"), form.get("meta")
-        if isinstance(alias, UploadFile) or isinstance(meta, UploadFile):
-            raise ValidationFailed.field("alias" if isinstance(alias, UploadFile) else "meta", "must be text")
-        checked_alias = service.parse_alias(alias)
-        checked_meta = service.parse_upload_meta(meta)
-        data = await upload.read(UPLOAD_MAX_FILE_BYTES + 1)
-        service.check_upload_size(len(data))
-    finally:
-        for file in files:
-            await file.close()
-    return service.ValidUpload(data=data, alias=checked_alias, meta=checked_meta)
+    form = await read_multipart(
+        request,
+        files=("file",),
+        texts=("alias", "meta"),
+        max_body_bytes=UPLOAD_MAX_BODY_BYTES,
+        max_file_bytes=UPLOAD_MAX_FILE_BYTES,
+        too_large=_upload_too_large,
+    )
+    data = form.files.get("file")
+    if data is None:
+        raise ValidationFailed.field("file", "required: a PNG, JPEG or WebP image as a file part")
+    alias = service.parse_alias(form.texts.get("alias"))
+    return service.ValidUpload(data=data, alias=alias, meta=service.parse_upload_meta(form.texts.get("meta")))
 
 
 class PublicImageController(Controller):

@@ -15,7 +15,6 @@ from api.images.schemas import (
     ALIAS_PATTERN,
     RESERVED_ALIASES,
     SIZES,
-    UPLOAD_MAX_FILE_BYTES,
     UPLOAD_META_MAX_BYTES,
     ImageRecord,
     image_record,
@@ -23,7 +22,7 @@ from api.images.schemas import (
 from api.parsing import check_json_object
 from api.resources import Resources
 from api.security.auth import Principal
-from shared.errors import ImageNotFound, KilnError, PayloadTooLarge, ValidationFailed
+from shared.errors import ImageNotFound, KilnError, ValidationFailed
 from shared.events import StatusChange
 from shared.image_store import (
     THUMBNAIL_MIME_TYPE,
@@ -181,14 +180,6 @@ def parse_upload_meta(value: str | None) -> dict[str, Any]:
     if not isinstance(decoded, dict):
         raise ValidationFailed.field("meta", "must be a JSON object")
     return check_json_object(decoded, "meta", max_bytes=UPLOAD_META_MAX_BYTES)
-
-
-def check_upload_size(size: int) -> None:
-    if size > UPLOAD_MAX_FILE_BYTES:
-        raise PayloadTooLarge(
-            f"file: the image is {size} bytes; at most {UPLOAD_MAX_FILE_BYTES} bytes are accepted",
-            details=[{"field": "file", "message": f"must be at most {UPLOAD_MAX_FILE_BYTES} bytes"}],
-        )
 
 
 async def upload_image(resources: Resources, project_id: uuid.UUID, upload: ValidUpload) -> ImageRecord:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 
 from api.events.hub import status_hub_of
+from api.images.schemas import UPLOAD_MAX_BODY_BYTES, UPLOAD_MAX_FILE_BYTES
 from api.openai_compat import service
 from api.openai_compat.schemas import (
     ImageGenerationRequest,
@@ -19,10 +21,14 @@ from api.openai_compat.schemas import (
     SeedImageRequest,
 )
 from api.openapi import API_KEY_SECURITY
-from api.parsing import JsonBody
+from api.parsing import JsonBody, read_multipart
 from api.security.guards import GenerationSpend, InjectedPrincipal, InjectedResources, require_api_key
+from shared.errors import PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
+# The image and its mask, each an upload's size at most.
+EDIT_MAX_BODY_BYTES = 2 * UPLOAD_MAX_BODY_BYTES
+EDIT_TEXT_FIELDS = tuple(field.encode_name for field in msgspec.structs.fields(ImageGenerationRequest))
 _DESCRIPTION = (
     "Creates `n` generations (all or none; each spends one unit of the generation budget), waits for "
     "them up to KILN_COMPAT_WAIT_SECONDS and answers their images. Errors are OpenAI's "
@@ -57,6 +63,39 @@ class OpenAIController(Controller):
             records = await service.generate(resources, status_hub_of(request), principal, data, spend)
         return await service.images_response(
             resources, principal, records, data.response_format, data.output_format
+        )
+
+    @post(
+        "/images/edits",
+        status_code=200,
+        request_max_body_size=EDIT_MAX_BODY_BYTES,
+        summary="Edit an image (OpenAI Images API, multipart)",
+        description="multipart/form-data: `image` (PNG, JPEG or WebP; also `image[]`), optional `mask` (a "
+        "PNG of the same size whose transparent pixels mark what to edit), `prompt` and the generation "
+        "fields. The image is stored as an upload; each of the `n` generations edits it. " + _DESCRIPTION,
+    )
+    async def edit_images(
+        self, request: AnyRequest, resources: InjectedResources, principal: InjectedPrincipal
+    ) -> ImagesResponse:
+        form = await read_multipart(
+            request,
+            files=("image", "image[]", "mask"),
+            texts=EDIT_TEXT_FIELDS,
+            max_body_bytes=EDIT_MAX_BODY_BYTES,
+            max_file_bytes=UPLOAD_MAX_FILE_BYTES,
+            too_large=lambda: PayloadTooLarge(f"Body larger than {EDIT_MAX_BODY_BYTES} bytes"),
+        )
+        image = form.files.get("image") or form.files.get("image[]")
+        if image is None:
+            raise ValidationFailed.field("image", "required: the image to edit, as a file part")
+        edit_request = service.edit_request(form.texts)
+        inputs = await service.store_edit_inputs(resources, principal, image, form.files.get("mask"))
+        async with GenerationSpend(request) as spend:
+            records = await service.generate(
+                resources, status_hub_of(request), principal, edit_request, spend, edit=inputs
+            )
+        return await service.images_response(
+            resources, principal, records, edit_request.response_format, edit_request.output_format
         )
 
     @get("/models", summary="The models this key can use (OpenAI Models API)")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -27,7 +29,8 @@ from api.events.hub import StatusHub
 from api.generations.rules import validate_create
 from api.generations.schemas import CreateGenerationRequest, GenerationRecord
 from api.generations.service import GenerationBudget, create_group_and_wait, require_success
-from api.images.service import output_bytes
+from api.images.schemas import ImageRecord
+from api.images.service import ValidUpload, output_bytes, upload_image
 from api.openai_compat.schemas import (
     Image,
     ImageGenerationRequest,
@@ -37,6 +40,7 @@ from api.openai_compat.schemas import (
     OpenAIError,
     OpenAIErrorBody,
 )
+from api.parsing import decode_body
 from api.resources import Resources
 from api.security.auth import Principal
 from api.security.guards import project_id_of
@@ -84,9 +88,10 @@ async def generate(
     *,
     negative_prompt: str | None = None,
     steps: int | None = None,
+    edit: EditInputs | None = None,
 ) -> list[GenerationRecord]:
-    """The request's `n` generations, finished and successful (else GenerationFailed /
-    ContentPolicyViolation / GenerationTimedOut naming them)."""
+    """The request's `n` generations (edits of `edit`'s image when given), finished and successful
+    (else GenerationFailed / ContentPolicyViolation / GenerationTimedOut naming them)."""
     project_id = project_id_of(principal, "create generations")
     target = await target_of_model(resources, project_id, request.model)
     schema = CAPABILITIES[target.provider].parameters
@@ -99,15 +104,20 @@ async def generate(
     meta: dict[str, Any] = {"openai": {"group": str(new_id())}}
     if request.user:
         meta["openai"]["user"] = request.user
+    aspect_ratio = aspect_ratio_of(request.size)
+    if edit is not None and request.size in (None, "auto"):
+        aspect_ratio = nearest_aspect_ratio(*edit.size)  # an edit keeps its image's shape
     body = CreateGenerationRequest(
         prompt=request.prompt,
-        aspect_ratio=aspect_ratio_of(request.size),
+        aspect_ratio=aspect_ratio,
         auto_enhance=False,
         meta=meta,
         negative_prompt=negative_prompt,
         model=target.model,
         connection_id=str(target.connection_id) if target.connection_id else None,
         parameters=parameters or None,
+        source_image_id=str(edit.image_id) if edit else None,
+        mask_image_id=str(edit.mask_id) if edit and edit.mask_id else None,
     )
     valid = validate_create(body, resources.settings)
     records = await create_group_and_wait(
@@ -121,6 +131,57 @@ async def generate(
     )
     require_success(records, resources.settings.compat.wait_seconds)
     return records
+
+
+def edit_request(texts: dict[str, str]) -> ImageGenerationRequest:
+    """The edit form's text fields as the generations request (numbers given as text, as forms send)."""
+    fields: dict[str, Any] = dict(texts)
+    for name in ("n", "output_compression"):
+        if name in fields:
+            try:
+                fields[name] = int(fields[name])
+            except ValueError:
+                raise ValidationFailed.field(name, "must be an integer") from None
+    if "prompt" not in fields:
+        raise ValidationFailed.field("prompt", "required")
+    return decode_body(msgspec.json.encode(fields), ImageGenerationRequest)
+
+
+@dataclass(frozen=True, slots=True)
+class EditInputs:
+    image_id: uuid.UUID
+    size: tuple[int, int]  # the image's width and height
+    mask_id: uuid.UUID | None
+
+
+async def store_edit_inputs(
+    resources: Resources, principal: Principal, image: bytes, mask: bytes | None
+) -> EditInputs:
+    """The uploaded image (and mask) stored as the project's uploads, checked like any upload (400
+    naming `image` or `mask`), for the edit generations to read."""
+    project_id = project_id_of(principal, "create generations")
+    stored: dict[str, ImageRecord] = {}
+    for field, data in (("image", image), ("mask", mask)):
+        if data is None:
+            continue
+        try:
+            stored[field] = await upload_image(
+                resources, project_id, ValidUpload(data, None, {"openai": "edit"})
+            )
+        except ValidationFailed as exc:
+            raise ValidationFailed.field(field, exc.message.removeprefix("file: ")) from None
+    source = stored["image"]
+    mask_record = stored.get("mask")
+    if mask_record is not None and (
+        mask_record.mime_type != "image/png"
+        or (mask_record.width, mask_record.height) != (source.width, source.height)
+    ):
+        raise ValidationFailed.field("mask", "must be a PNG of the same size as the image")
+    return EditInputs(
+        uuid.UUID(source.id),
+        (source.width, source.height),
+        uuid.UUID(mask_record.id) if mask_record else None,
+    )
 
 
 async def images_response(

@@ -56,6 +56,7 @@ class CapabilitiesRecord(msgspec.Struct, rename="camel"):
     static_models: list[ModelRecord]
     default_url: str | None
     default_model: str | None
+    edits: bool  # generations with sourceImageId (and maskImageId) run on it
 
 
 class ProviderRecord(msgspec.Struct):
@@ -111,6 +112,7 @@ def provider_records() -> list[ProviderRecord]:
                     static_models=[ModelRecord(id=m.id, label=m.label) for m in caps.static_models],
                     default_url=caps.default_url,
                     default_model=caps.default_model,
+                    edits=caps.edits,
                 ),
             )
         )

@@ -74,6 +74,7 @@ PLACEHOLDER_CAPABILITIES = ProviderCapabilities(
     static_models=(),
     default_url=None,
     default_model=None,
+    edits=True,
 )
 
 

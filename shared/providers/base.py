@@ -26,6 +26,9 @@ class ProviderRequest:
     seed: int | None
     model: str | None
     parameters: dict[str, Any]
+    # An edit: the image to change and, optionally, a same-size PNG whose transparent pixels mark where.
+    source_image: bytes | None = None
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ class ProviderCapabilities:
     override_rules: OverrideRules = field(default_factory=OverrideRules)
     # How this vendor's credentials go in `apiKey`: told to whoever puts them in a connection's settings.
     api_key_hint: str | None = None
+    edits: bool = False  # takes a source image (and a mask): generations with sourceImageId
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from shared.providers.vendor_http import (
     clean,
     decode_base64_image,
     describe_response,
+    image_mime,
     looks_like_safety_block,
     parse_retry_after,
     require_image,
@@ -141,6 +142,7 @@ CAPABILITIES = ProviderCapabilities(
     default_url="https://api.openai.com/v1",
     default_model="gpt-image-1",
     override_rules=OVERRIDE_RULES,
+    edits=True,  # POST /images/edits (gpt-image, dall-e-2)
 )
 
 # Model families with fixed size sets; the first entry wins ties (square).
@@ -263,14 +265,17 @@ class OpenAIProvider:
         body = self.build_body(request.prompt, model, family, f"{width}x{height}", params)
         body = with_override(body, request.parameters, self.capabilities.override_rules, self.connection)
 
-        response = await self.http.request(
-            "POST",
-            self.api_url("images/generations"),
-            json=body,
-            headers=self.headers(),
-            params=self.query(),
-            image=True,  # b64_json answers carry the image
-        )
+        if request.source_image is not None:
+            response = await self._edit(request, body)
+        else:
+            response = await self.http.request(
+                "POST",
+                self.api_url("images/generations"),
+                json=body,
+                headers=self.headers(),
+                params=self.query(),
+                image=True,  # b64_json answers carry the image
+            )
         if not response.is_success:
             raise self.error_for(response)
         payload = self.http.json_object(response)
@@ -299,6 +304,26 @@ class OpenAIProvider:
             mime_type=mime,
             revised_prompt=revised if isinstance(revised, str) and revised else None,
             raw_meta=meta,
+        )
+
+    async def _edit(self, request: ProviderRequest, body: dict[str, Any]) -> httpx.Response:
+        """`POST /images/edits`, multipart: the image, the mask (its transparent pixels: where to edit)
+        and the generation body's fields as form fields (gpt-image and dall-e-2 take edits)."""
+        assert request.source_image is not None
+        files = {
+            "image": ("image.png", request.source_image, image_mime(request.source_image) or "image/png")
+        }
+        if request.mask is not None:
+            files["mask"] = ("mask.png", request.mask, "image/png")
+        form = {key: str(value) for key, value in body.items() if value is not None}
+        return await self.http.request(
+            "POST",
+            self.api_url("images/edits"),
+            data=form,
+            files=files,
+            headers=self.headers(),
+            params=self.query(),
+            image=True,
         )
 
     async def list_models(self) -> list[ModelInfo]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import colorsys
 import hashlib
+import io
 import random
 import struct
 import zlib
 from functools import lru_cache
 
 import httpx
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from shared.errors import ProviderPermanent, ProviderRetryable
 from shared.imaging import THUMBNAIL_SIZES, THUMBNAILS_MADE_AT_STORE, flat_picture_webp, thumbnail_size
@@ -158,6 +159,27 @@ def render_with_thumbnails(prompt: str, seed: int, width: int, height: int) -> t
         small = picture if size == picture.size else _picture(prompt, seed, width, height, size)
         thumbnails[name] = flat_picture_webp(small)
     return _encode_png(picture), thumbnails
+
+
+def render_edit(prompt: str, seed: int, source: bytes, mask: bytes | None) -> bytes:
+    """An edit that really derives from its source: the prompt's picture painted over the source where
+    the mask is transparent, or, without a mask, blended half-way over all of it. Same size as the
+    source; ValueError for a mask of another size."""
+    with Image.open(io.BytesIO(source)) as opened:
+        base = ImageOps.exif_transpose(opened).convert("RGB")
+    picture = _picture(prompt, seed, base.width, base.height, base.size).convert("RGB")
+    if mask is None:
+        edited = Image.blend(base, picture, 0.5)
+    else:
+        with Image.open(io.BytesIO(mask)) as opened_mask:
+            if opened_mask.size != base.size:
+                width, height = opened_mask.size
+                raise ValueError(f"the mask is {width}x{height}, the image {base.width}x{base.height}")
+            alpha = opened_mask.convert("RGBA").getchannel("A")
+        edited = Image.composite(picture, base, alpha.point(lambda a: 255 if a < 128 else 0))
+    out = io.BytesIO()
+    edited.save(out, "PNG")
+    return out.getvalue()
 
 
 def _picture(prompt: str, seed: int, width: int, height: int, canvas: tuple[int, int]) -> Image.Image:
@@ -305,6 +327,19 @@ class PlaceholderProvider:
         if not (1 <= width <= _MAX_SIDE and 1 <= height <= _MAX_SIDE):
             raise ProviderPermanent("INVALID_PARAMETERS", f"size {width}x{height} is outside 1..{_MAX_SIDE}")
         seed = request.seed if request.seed is not None else seed_for_prompt(request.prompt)
+        if request.source_image is not None:
+            try:
+                edited = await asyncio.to_thread(
+                    render_edit, request.prompt, seed, request.source_image, request.mask
+                )
+            except (ValueError, OSError, MemoryError, Image.DecompressionBombError) as exc:
+                raise ProviderPermanent("INVALID_INPUT_IMAGE", f"placeholder could not edit: {exc}") from exc
+            return ProviderResult(
+                images=[edited],
+                mime_type="image/png",
+                seed=seed,
+                raw_meta={"provider": self.name, "seed": seed},
+            )
         try:
             png, thumbnails = await asyncio.to_thread(
                 render_with_thumbnails, request.prompt, seed, width, height

@@ -26,9 +26,14 @@ Built on the scripted-vendor framework in tests/fakes/server.py, like the Gemini
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import time
+from email.parser import BytesParser
+from email.policy import default
 from typing import Any
+
+from PIL import Image
 
 from tests.fakes.server import (
     Hang,
@@ -83,12 +88,15 @@ class FakeOpenAI(ScriptedVendor):
         self.image_models = image_models
         self.strict = strict
         self.files: dict[str, bytes] = {}
+        self.edits: list[dict[str, Any]] = []
         self.script("generate", *generate_steps)
 
     def route_of(self, request: Recorded) -> str | None:
         path, method = request.path.rstrip("/"), request.method
         if method == "POST" and path.endswith("/images/generations"):
             return "generate"
+        if method == "POST" and path.endswith("/images/edits"):
+            return "edit"
         if method == "GET" and path.endswith("/images/models"):
             return "image_models"
         if method == "GET" and path.endswith("/models"):
@@ -175,12 +183,47 @@ class FakeOpenAI(ScriptedVendor):
                 if data
                 else json_reply(404, {"error": "gone"})
             )
+        if route == "edit":
+            return self._edit(current, request)
         return self._generate(current, request)
 
-    def _generate(self, current: Step, request: Recorded) -> Reply:
+    def _edit(self, current: Step, request: Recorded) -> Reply:
+        """`POST /images/edits`, multipart as OpenAI takes it: `image` (and `mask`, a PNG of the image's
+        size), the other fields as form fields; gpt-image and dall-e-2 only. Its parts are kept in
+        `self.edits`."""
+        form, files = multipart_parts(request)
+        self.edits.append({"form": form, "files": files})
+        model = form.get("model", "dall-e-2")
+        if "image" not in files:
+            return openai_error(
+                400, "Missing required parameter: 'image'.", "invalid_request_error", "missing"
+            )
+        if _family(model) not in ("gpt-image", "dall-e-2"):
+            return openai_error(
+                400,
+                f"Invalid value: '{model}'. Value must be 'dall-e-2' or a gpt-image model.",
+                "invalid_request_error",
+                "invalid_value",
+            )
+        if "mask" in files:
+            with (
+                Image.open(io.BytesIO(files["image"])) as image,
+                Image.open(io.BytesIO(files["mask"])) as mask,
+            ):
+                if mask.format != "PNG" or mask.size != image.size:
+                    return openai_error(
+                        400,
+                        "Invalid mask: it must be a PNG of the same size as the image.",
+                        "invalid_request_error",
+                        "invalid_mask",
+                    )
+        return self._generate(current, request, body=dict(form))
+
+    def _generate(self, current: Step, request: Recorded, body: dict[str, Any] | None = None) -> Reply:
         if current.kind not in ("ok", "b64", "url", "empty", "not_image"):
             return json_reply(418, {"error": {"message": f"fake: unknown step {current.kind!r}"}})
-        body = request.json if isinstance(request.json, dict) else {}
+        if body is None:
+            body = request.json if isinstance(request.json, dict) else {}
         model = str(body.get("model", "dall-e-2"))
         family = _family(model)
         size = str(body.get("size", "1024x1024"))
@@ -221,7 +264,7 @@ class FakeOpenAI(ScriptedVendor):
             return "Missing required parameter: 'prompt'."
         if family == "gpt-image" and "response_format" in body:
             return "Unknown parameter: 'response_format'."
-        if family == "dall-e-3" and body.get("n", 1) != 1:
+        if family == "dall-e-3" and int(body.get("n", 1)) != 1:
             return "You must provide n=1 for this model."
         allowed = _SIZES.get(family)
         if allowed is not None and size not in allowed:
@@ -229,6 +272,22 @@ class FakeOpenAI(ScriptedVendor):
         if family != "other" and "x" not in size and size != "auto":
             return f"Invalid size '{size}'."
         return None
+
+
+def multipart_parts(request: Recorded) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(form fields, files) of a multipart/form-data request."""
+    head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
+    message = BytesParser(policy=default).parsebytes(head + request.body)
+    form: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            files[str(name)] = payload
+        else:
+            form[str(name)] = payload.decode()
+    return form, files
 
 
 def fake_openai_app(*generate_steps: str | Step, **options: Any) -> FakeOpenAI:

@@ -62,6 +62,9 @@ class ClaimedGeneration:
     connection_id: uuid.UUID | None = None  # the connection profile it runs with; None: the server default
     # The enhancement template when the worker enhances the prompt before the provider call.
     enhance_with: str | None = None
+    # An edit's (source, mask) storage keys; None for a plain generation. A key is None when that image
+    # was deleted since the create.
+    edit_inputs: tuple[str | None, str | None] | None = None
     # Its project's `outboundAllowHosts`, read with the claim: no query of its own per job.
     outbound_allow_hosts: tuple[str, ...] = ()
     # Whether `processing` has a webhook to deliver (`shared.webhooks.announced`), read with the claim.
@@ -114,6 +117,15 @@ def _status_change(row: Any) -> StatusChange | None:
     )
 
 
+def _image_key(image_id: Any) -> Any:
+    """The storage key of an edit's input image, if it is still there."""
+    return (
+        select(images.c.storage_key)
+        .where(images.c.id == image_id, images.c.deleted_at.is_(None))
+        .scalar_subquery()
+    )
+
+
 _CLAIMED_COLUMNS = (
     generations.c.id, generations.c.project_id, generations.c.prompt, generations.c.negative_prompt,
     generations.c.aspect_ratio, generations.c.provider, generations.c.model, generations.c.parameters,
@@ -131,6 +143,9 @@ _CLAIMED_COLUMNS = (
     .where(projects.c.id == generations.c.project_id)
     .scalar_subquery()
     .label("outbound_allow_hosts"),
+    generations.c.kind,
+    _image_key(generations.c.source_image_id).label("source_key"),
+    _image_key(generations.c.mask_image_id).label("mask_key"),
     announced(GenerationStatus.PROCESSING.value),
     func.extract(
         "epoch", func.now() - func.coalesce(generations.c.enqueued_at, generations.c.created_at)
@@ -157,6 +172,7 @@ def _claimed(row: Any) -> ClaimedGeneration | None:
         updated_at=row.updated_at,
         connection_id=row.connection_id,
         enhance_with=row.enhance_with,
+        edit_inputs=(row.source_key, row.mask_key) if row.kind == "edit" else None,
         outbound_allow_hosts=tuple(row.outbound_allow_hosts or ()),
         announces_processing=row.announced,
         waited_seconds=float(row.waited_seconds),

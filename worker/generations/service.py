@@ -64,7 +64,7 @@ from shared.providers import ImageProvider, ProviderConnection, ProviderRequest,
 from shared.providers.vendor_http import URL_FORBIDDEN, redact
 from shared.settings import Settings
 from shared.status_changes import publish_changes, status_changes
-from shared.storage import ObjectStorage
+from shared.storage import ObjectMissing, ObjectStorage
 from worker.generations import repository
 from worker.generations.repository import ClaimedGeneration, GenerationState, NewImage
 from worker.generations.slots import ConnectionSlots, SlotLease
@@ -230,6 +230,20 @@ class GenerationPipeline:
                 await self._expire_lease(claim)
             raise
         return await self._finalize(claim, produced, prefix)
+
+    async def _edit_inputs(self, claim: ClaimedGeneration) -> tuple[bytes | None, bytes | None]:
+        """An edit's source and mask bytes (uploads are bounded at upload; outputs by the provider cap)."""
+        if claim.edit_inputs is None:
+            return None, None
+        source_key, mask_key = claim.edit_inputs
+        if source_key is None:
+            raise GenerationFailure("SOURCE_IMAGE_MISSING", "the image to edit was deleted")
+        try:
+            source = await self.deps.storage.get(source_key)
+            mask = await self.deps.storage.get(mask_key) if mask_key is not None else None
+        except ObjectMissing as exc:
+            raise GenerationFailure("SOURCE_IMAGE_MISSING", "the image to edit is gone from storage") from exc
+        return source, mask
 
     async def _enhance(self, claim: ClaimedGeneration, template: str) -> ClaimedGeneration:
         """KILN_ENHANCER_MODE=worker: the API kept the original prompt; enhance it before the provider
@@ -501,6 +515,7 @@ class GenerationPipeline:
             raise GenerationFailure(exc.code, exc.message) from exc
         except (LookupError, ValueError) as exc:
             raise GenerationFailure("PROVIDER_NOT_AVAILABLE", str(exc)) from exc
+        source, mask = await self._edit_inputs(claim)
         request = ProviderRequest(
             prompt=claim.prompt,
             negative_prompt=claim.negative_prompt,
@@ -510,6 +525,8 @@ class GenerationPipeline:
             seed=claim.seed,
             model=claim.model,
             parameters=claim.parameters,
+            source_image=source,
+            mask=mask,
         )
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(ProviderRetryable),
