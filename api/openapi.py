@@ -60,19 +60,25 @@ _ERROR_DESCRIPTIONS = {
     403: "FORBIDDEN: the key may not do this",
     404: "Not found (or another project's id)",
     413: "PAYLOAD_TOO_LARGE",
+    422: "Invalid input (Automatic1111's status for it): `errors` names each bad field",
     429: "RATE_LIMIT_EXCEEDED or CONCURRENCY_LIMIT_EXCEEDED; Retry-After set",
+    502: "GENERATION_FAILED: a generation the route waited on failed or was cancelled",
     503: "SERVICE_UNAVAILABLE: database or Redis unreachable; Retry-After set",
+    504: "GENERATION_TIMEOUT: the generations were not finished within KILN_COMPAT_WAIT_SECONDS",
 }
 # Every authenticated route can answer these.
 AUTHENTICATED_ERRORS = (401, 429, 503)
 
 
-def error_responses(*statuses: int, conflict: str | None = None) -> dict[int, ResponseSpec]:
-    """Document error statuses with the error envelope (instead of Litestar's own error shape), plus a
-    409 INVALID_STATE saying when (`conflict`) for a route that can refuse by state."""
+def error_responses(
+    *statuses: int, conflict: str | None = None, container: Any = ErrorEnvelope
+) -> dict[int, ResponseSpec]:
+    """Document error statuses with the error envelope (instead of Litestar's own error shape), or the
+    `container` of a compatible API's routes, plus a 409 INVALID_STATE saying when (`conflict`) for a
+    route that can refuse by state."""
     responses = {
         status: ResponseSpec(
-            data_container=ErrorEnvelope, description=_ERROR_DESCRIPTIONS[status], generate_examples=False
+            data_container=container, description=_ERROR_DESCRIPTIONS[status], generate_examples=False
         )
         for status in sorted(set(statuses))
     }

@@ -17,15 +17,18 @@ from api.openai_compat.schemas import (
     ImageGenerationRequest,
     ImagesResponse,
     ModelList,
+    OpenAIError,
     SeedImage,
     SeedImageRequest,
 )
-from api.openapi import API_KEY_SECURITY
+from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import JsonBody, read_multipart
 from api.security.guards import GenerationSpend, InjectedPrincipal, InjectedResources, require_api_key
 from shared.errors import PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
+_ERRORS = error_responses(400, 403, 413, 502, 504, *AUTHENTICATED_ERRORS, container=OpenAIError)
+_READ_ERRORS = error_responses(*AUTHENTICATED_ERRORS, container=OpenAIError)
 # The image and its mask, each an upload's size at most.
 EDIT_MAX_BODY_BYTES = 2 * UPLOAD_MAX_BODY_BYTES
 EDIT_TEXT_FIELDS = tuple(field.encode_name for field in msgspec.structs.fields(ImageGenerationRequest))
@@ -50,6 +53,7 @@ class OpenAIController(Controller):
         dto=JsonBody,
         return_dto=None,
         summary="Create images (OpenAI Images API)",
+        responses=_ERRORS,
         description=_DESCRIPTION,
     )
     async def create_images(
@@ -70,6 +74,7 @@ class OpenAIController(Controller):
         status_code=200,
         request_max_body_size=EDIT_MAX_BODY_BYTES,
         summary="Edit an image (OpenAI Images API, multipart)",
+        responses=_ERRORS,
         description="multipart/form-data: `image` (PNG, JPEG or WebP; also `image[]`), optional `mask` (a "
         "PNG of the same size whose transparent pixels mark what to edit), `prompt` and the generation "
         "fields. The image is stored as an upload; each of the `n` generations edits it. " + _DESCRIPTION,
@@ -98,7 +103,7 @@ class OpenAIController(Controller):
             resources, principal, records, edit_request.response_format, edit_request.output_format
         )
 
-    @get("/models", summary="The models this key can use (OpenAI Models API)")
+    @get("/models", summary="The models this key can use (OpenAI Models API)", responses=_READ_ERRORS)
     async def list_models(self, resources: InjectedResources, principal: InjectedPrincipal) -> ModelList:
         return await service.list_models(resources, principal)
 
@@ -118,6 +123,7 @@ class SeedImagesController(Controller):
         dto=JsonBody,
         return_dto=None,
         summary="Create images (seed 001's shape: [{url}])",
+        responses=_ERRORS,
         description=_DESCRIPTION,
     )
     async def create_images(

@@ -58,7 +58,7 @@ class WebhookController(Controller):
         dto=JsonBody,
         return_dto=None,
         summary="Create a webhook endpoint (its signing secret is in this response only)",
-        responses=error_responses(400, 403, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
+        responses=error_responses(400, 403, 404, 413, *AUTHENTICATED_ERRORS, conflict="too many endpoints"),
     )
     async def create_webhook(
         self, data: JSONBody[CreateWebhookRequest], resources: InjectedResources, project_id: ProjectId
@@ -69,7 +69,7 @@ class WebhookController(Controller):
     @get(
         "/",
         summary="List webhook endpoints (no secrets)",
-        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def list_webhooks(
         self,
@@ -84,7 +84,7 @@ class WebhookController(Controller):
     @get(
         "/secret",
         summary="The project's secret for generations' own webhookUrl deliveries",
-        responses=error_responses(403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def generation_webhook_secret(
         self, resources: InjectedResources, project_id: ProjectId
@@ -95,7 +95,7 @@ class WebhookController(Controller):
         "/secret/rotate",
         status_code=200,
         summary="Replace the project's generation-webhook secret (later deliveries use the new one)",
-        responses=error_responses(403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def rotate_generation_webhook_secret(
         self, resources: InjectedResources, project_id: ProjectId
@@ -105,7 +105,7 @@ class WebhookController(Controller):
     @get(
         "/deliveries",
         summary="Deliveries of one generation (every endpoint and its own webhookUrl), newest first",
-        responses=error_responses(400, 403, *AUTHENTICATED_ERRORS),
+        responses=error_responses(400, 403, 404, *AUTHENTICATED_ERRORS),
     )
     async def list_generation_deliveries(
         self,

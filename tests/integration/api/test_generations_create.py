@@ -31,7 +31,7 @@ RECORD_FIELDS = {
     # ext
     "negativePrompt", "enhancementTemplate", "enhancementEngine", "provider", "model", "connectionId",
     "parameters", "seed", "errorCode", "attempts", "startedAt", "completedAt", "deadlineAt", "cancelledAt",
-    "version", "webhookUrl", "queuePosition",
+    "version", "webhookUrl", "queuePosition", "enhancementFallback", "kind", "sourceImageId", "maskImageId",
 }  # fmt: skip
 
 
