@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -42,8 +43,10 @@ from shared.connections import (
     stored_connection,
 )
 from shared.crypto import SecretUnreadable, encrypt_secret
+from shared.enhancer_llm import LlmEnhancer
 from shared.errors import KilnError, NotFound, ProviderPermanent, ProviderRetryable, ValidationFailed
 from shared.jsonlimits import decode_json_text
+from shared.llm import ChatEndpoint
 from shared.logging import get_logger
 from shared.models import new_id
 from shared.netguard import OutboundPolicy, OutboundUrlRefused, check_url_syntax
@@ -498,6 +501,44 @@ async def test_connection(
             ok=False, error_code="PROVIDER_ERROR", error_message="the provider adapter failed unexpectedly"
         )
     return ConnectionTestResult(ok=True)
+
+
+# --- a connection as the prompt engine ----------------------------------------------------------------
+
+# Providers whose connections speak OpenAI's API, chat completions included.
+CHAT_PROVIDERS = ("openai", "nanogpt")
+_ENHANCER_FIELD = "enhancementOptions.connectionId"
+
+
+@asynccontextmanager
+async def connection_enhancer(
+    resources: Resources, project_id: uuid.UUID, connection_id: uuid.UUID, model: str | None
+) -> AsyncIterator[LlmEnhancer]:
+    """The project's own connection as the LLM engine of one create: its URL and key, a chat `model`
+    (default KILN_ENHANCER_LLM_MODEL), calls under the project's outbound policy. 400 naming the field
+    for another project's connection, one that speaks no chat API, or no model."""
+    try:
+        resolved, policy = await _resolved(resources, project_id, connection_id)
+    except ConnectionNotFound:
+        raise ValidationFailed.field(_ENHANCER_FIELD, "connection not found") from None
+    except SecretUnreadable:
+        raise ValidationFailed.field(_ENHANCER_FIELD, "its key cannot be decrypted; set it again") from None
+    if resolved.provider not in CHAT_PROVIDERS:
+        raise ValidationFailed.field(
+            _ENHANCER_FIELD,
+            f"a {resolved.provider} connection has no chat API (use one of: {', '.join(CHAT_PROVIDERS)})",
+        )
+    chat_model = model or resources.settings.enhancer.llm_model
+    if not chat_model:
+        raise ValidationFailed.field("enhancementOptions.model", "required: a chat model of that connection")
+    endpoint = ChatEndpoint(
+        base_url=resolved.connection.api_url or CAPABILITIES[resolved.provider].default_url or "",
+        model=chat_model,
+        api_key=resolved.connection.api_key,
+        timeout_seconds=resources.settings.enhancer.timeout_seconds,
+    )
+    async with outbound_client(resources.settings, endpoint.timeout_seconds, policy=policy) as http:
+        yield LlmEnhancer(endpoint, http, resources.redis)
 
 
 # --- models by name (the compatible APIs) ------------------------------------------------------------

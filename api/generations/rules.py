@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from api.connections.service import resolve_generation_target
+from api.connections.service import connection_enhancer, resolve_generation_target
 from api.generations.schemas import (
     JSON_FIELD_MAX_BYTES,
     MODEL_MAX_LENGTH,
@@ -49,6 +49,9 @@ class ValidGeneration:
     deadline_seconds: int | None = None
     source_image_id: uuid.UUID | None = None  # an edit of this image
     mask_image_id: uuid.UUID | None = None
+    # The project's connection that enhances this prompt (enhancementOptions.connectionId) and its model.
+    enhancement_connection_id: uuid.UUID | None = None
+    enhancement_model: str | None = None
 
 
 def check_webhook_url(value: str, settings: Settings, field: str = "webhookUrl") -> str:
@@ -106,6 +109,10 @@ def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidG
             return None
 
     connection_id = uuid_of(body.connection_id, "connectionId")
+    options = body.enhancement_options
+    enhancement_connection_id = uuid_of(
+        options.connection_id if options else None, "enhancementOptions.connectionId"
+    )
     source_image_id = uuid_of(body.source_image_id, "sourceImageId")
     mask_image_id = uuid_of(body.mask_image_id, "maskImageId")
     if body.mask_image_id is not None and body.source_image_id is None:
@@ -136,6 +143,8 @@ def validate_create(body: CreateGenerationRequest, settings: Settings) -> ValidG
         deadline_seconds=deadline_seconds,
         source_image_id=source_image_id,
         mask_image_id=mask_image_id,
+        enhancement_connection_id=enhancement_connection_id,
+        enhancement_model=options.model if options else None,
     )
 
 
@@ -172,8 +181,15 @@ async def prepare_generation(
     if request.source_image_id is not None:
         await _check_edit(resources, project_id, request, target.provider)
     prompt, engine, fallback = request.prompt, None, None
-    # In worker mode the row keeps the original prompt and no engine: the worker enhances it first.
-    if request.auto_enhance and settings.enhancer.mode == "sync":
+    # In worker mode the row keeps the original prompt and no engine: the worker enhances it first. A
+    # project's own connection enhances here in either mode (the worker knows only the operator's LLM).
+    if request.auto_enhance and request.enhancement_connection_id is not None:
+        async with connection_enhancer(
+            resources, project_id, request.enhancement_connection_id, request.enhancement_model
+        ) as llm:
+            enhancement = await enhance(request.prompt, request.template, llm)
+        prompt, engine, fallback = enhancement.prompt, enhancement.engine, enhancement.fallback
+    elif request.auto_enhance and settings.enhancer.mode == "sync":
         enhancement = await enhance(request.prompt, request.template, resources.enhancer)
         prompt, engine, fallback = enhancement.prompt, enhancement.engine, enhancement.fallback
     now = utcnow()

@@ -31,8 +31,12 @@ AspectRatio = Literal[ASPECT_RATIOS]  # type: ignore[valid-type]
 Template = Literal[TEMPLATES]  # type: ignore[valid-type]
 
 
-class EnhancementOptions(msgspec.Struct, forbid_unknown_fields=True):
+class EnhancementOptions(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     template: Template = DEFAULT_TEMPLATE
+    # The project's own connection (OpenAI or NanoGPT) as the LLM engine for this create, with a chat
+    # model of it (default KILN_ENHANCER_LLM_MODEL).
+    connection_id: str | None = None
+    model: Annotated[str, Meta(min_length=1, max_length=MODEL_MAX_LENGTH)] | None = None
 
 
 class CreateGenerationRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):

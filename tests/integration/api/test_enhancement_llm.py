@@ -107,3 +107,49 @@ async def test_worker_mode_answers_at_once_and_the_worker_enhances(
 async def test_llm_engine_without_an_endpoint_is_a_configuration_error():
     with pytest.raises(ValueError, match="KILN_ENHANCER_LLM_URL"):
         Settings(enhancer={"engine": "llm"})
+
+
+async def test_a_projects_own_connection_enhances_its_prompt(client, tenant, fake_chat):
+    fake, url = fake_chat
+    r = await client.post(
+        "/api/v1/connections",
+        json={"name": "my llm", "provider": "openai", "apiUrl": url, "apiKey": "sk-project-own"},
+        headers=tenant.headers,
+    )
+    assert r.status_code == 201, r.text
+    options = {"template": "comic", "connectionId": r.json()["data"]["id"], "model": "their-chat-model"}
+    record = await create_with(client, tenant, "a robot chef", options)
+    assert record["enhancementEngine"] == "llm:their-chat-model"
+    assert record["prompt"].startswith("a robot chef, cinematic lighting")
+    assert fake.requests[0]["model"] == "their-chat-model"
+    assert fake.headers[0]["authorization"] == "Bearer sk-project-own"
+
+
+@pytest.mark.parametrize(
+    ("connection", "options", "field"),
+    [
+        ({"name": "p", "provider": "placeholder"}, {"model": "m"}, "enhancementOptions.connectionId"),
+        ({"name": "o", "provider": "openai", "apiKey": "sk-x"}, {}, "enhancementOptions.model"),
+        (
+            None,
+            {"connectionId": "0190b0c0-0000-7000-8000-000000000000", "model": "m"},
+            "enhancementOptions.connectionId",
+        ),
+        (None, {"connectionId": "nope"}, "enhancementOptions.connectionId"),
+    ],
+)
+async def test_a_connection_that_cannot_enhance_is_a_400(client, tenant, connection, options, field):
+    if connection is not None:
+        made = await client.post("/api/v1/connections", json=connection, headers=tenant.headers)
+        options = {**options, "connectionId": made.json()["data"]["id"]}
+    r = await client.post(CREATE, json={"prompt": "x", "enhancementOptions": options}, headers=tenant.headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["details"][0]["field"] == field, r.json()
+
+
+async def create_with(client, tenant, prompt: str, options: dict) -> dict:
+    r = await client.post(
+        CREATE, json={"prompt": prompt, "enhancementOptions": options}, headers=tenant.headers
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["data"]
