@@ -13,8 +13,8 @@ answer, connection `/models` and `/test`, webhooks.
 - Environment proxies are ignored: a proxy would connect on our behalf, past the address check.
 - No cookies are kept: the worker's one client serves every project.
 
-Code that calls out (a future LLM prompt engine too) takes its client from `outbound_client()` or is
-handed one; it never makes its own httpx client (tests/unit/test_outbound.py checks).
+Code that calls out (the LLM prompt engine too: shared.enhancer_llm) takes its client from
+`outbound_client()` or is handed one; it never makes its own httpx client (tests/unit/test_outbound.py checks).
 """
 
 from __future__ import annotations

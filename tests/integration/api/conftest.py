@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin.service import create_api_key, create_project
@@ -261,3 +261,14 @@ async def insert_finished_generation(
             .values(status="success", output_image_id=image["id"], processing_time_ms=1234, attempts=1)
         )
     return generation_id, image
+
+
+async def project_generations(engine: AsyncEngine, project_id: uuid.UUID) -> list[Any]:
+    """A project's generation rows, oldest first."""
+    async with engine.connect() as conn:
+        stmt = (
+            select(generations)
+            .where(generations.c.project_id == project_id)
+            .order_by(generations.c.created_at)
+        )
+        return list((await conn.execute(stmt)).mappings())

@@ -8,7 +8,8 @@ import asyncio
 import base64
 import json
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +19,8 @@ from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker.generations.service import PipelineDependencies, PipelineOutcome, run_generation
 from worker.sweeper.service import SweeperDependencies, SweepReport, sweep
+
+T = TypeVar("T")
 
 
 def worker_deps(
@@ -73,3 +76,15 @@ async def sweep_once(
         )
     finally:
         await asyncio.to_thread(producer.close)
+
+
+async def alongside(request: Awaitable[T], deps: PipelineDependencies, redis: aioredis.Redis, jobs: int) -> T:
+    """The answer of `request` (an API call that waits for its generations) while `jobs` queued jobs
+    run through the real pipeline."""
+
+    async def work() -> None:
+        for _ in range(jobs):
+            await run_next_job(deps, redis)
+
+    answer, _ = await asyncio.gather(request, work())
+    return answer

@@ -3,18 +3,15 @@ worker pipeline run in-process on the placeholder provider."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
-from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import select
 
-from tests.integration.api.conftest import generations, make_tenant
-from tests.integration.api.inprocess_worker import run_next_job, worker_deps
+from tests.integration.api.conftest import make_tenant, project_generations
+from tests.integration.api.inprocess_worker import alongside, worker_deps
 
 SD = "/sdapi/v1"
 
@@ -24,28 +21,13 @@ def basic(key: str, user: str = "openwebui") -> dict[str, str]:
 
 
 @pytest.fixture
-def work(api_settings, engine, redis_client, storage):
-    deps = worker_deps(api_settings, engine, redis_client, storage)
-
-    async def run(count: int) -> None:
-        for _ in range(count):
-            await run_next_job(deps, redis_client)
-
-    return run
+def deps(api_settings, engine, redis_client, storage):
+    return worker_deps(api_settings, engine, redis_client, storage)
 
 
-async def answered(request: Any, jobs: Any) -> Any:
-    result, _ = await asyncio.gather(request, jobs)
-    return result
-
-
-async def rows_of(engine, project_id) -> list[Any]:
-    async with engine.connect() as conn:
-        stmt = select(generations).where(generations.c.project_id == project_id)
-        return list((await conn.execute(stmt.order_by(generations.c.created_at))).mappings())
-
-
-async def test_txt2img_answers_base64_images_parameters_and_info(live_api, tenant, work, engine):
+async def test_txt2img_answers_base64_images_parameters_and_info(
+    live_api, tenant, deps, redis_client, engine
+):
     body = {
         "prompt": "a lighthouse",
         "negative_prompt": "blur",
@@ -58,7 +40,9 @@ async def test_txt2img_answers_base64_images_parameters_and_info(live_api, tenan
         "batch_size": 2,
         "loras": ["ignored"],
     }
-    r = await answered(live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), work(2))
+    r = await alongside(
+        live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), deps, redis_client, 2
+    )
     assert r.status_code == 200, r.text
     answer = r.json()
     assert len(answer["images"]) == 2
@@ -68,7 +52,7 @@ async def test_txt2img_answers_base64_images_parameters_and_info(live_api, tenan
     assert answer["parameters"]["prompt"] == "a lighthouse" and answer["parameters"]["batch_size"] == 2
     info = json.loads(answer["info"])
     assert info["all_seeds"] == [41, 42] and info["seed"] == 41  # image i gets seed + i, as A1111 does
-    rows = await rows_of(engine, tenant.project_id)
+    rows = await project_generations(engine, tenant.project_id)
     assert sorted(str(r["id"]) for r in rows) == sorted(info["kiln_generation_ids"])
     assert {r["aspect_ratio"] for r in rows} == {"3:2"} and {r["negative_prompt"] for r in rows} == {"blur"}
     assert all(r["auto_enhance"] is False for r in rows)
@@ -85,7 +69,7 @@ async def test_bearer_works_too_and_a_wrong_key_answers_401_in_a1111_shape(live_
 
 
 async def test_the_open_webui_sequence_chooses_a_checkpoint_and_generates_on_it(
-    live_api, tenant, work, engine
+    live_api, tenant, deps, redis_client, engine
 ):
     """What Open WebUI's automatic1111 engine sends: list models, read options, post them back with the
     chosen checkpoint, then txt2img (with the Basic auth it builds from AUTOMATIC1111_API_AUTH)."""
@@ -105,21 +89,27 @@ async def test_the_open_webui_sequence_chooses_a_checkpoint_and_generates_on_it(
         "sd_model_checkpoint"
     ] == "studio"
     data = {"prompt": "a kiln", "batch_size": 1, "width": 512, "height": 512}
-    r = await answered(live_api.http.post(f"{SD}/txt2img", json=data, headers=headers), work(1))
+    r = await alongside(
+        live_api.http.post(f"{SD}/txt2img", json=data, headers=headers), deps, redis_client, 1
+    )
     assert r.status_code == 200, r.text
     assert r.json()["images"] and json.loads(r.json()["info"])["sd_model_name"] == "studio"
-    [row] = await rows_of(engine, tenant.project_id)
+    [row] = await project_generations(engine, tenant.project_id)
     assert str(row["connection_id"]) == made.json()["data"]["id"]
 
 
-async def test_override_settings_picks_the_checkpoint_for_one_request(live_api, tenant, work, engine):
+async def test_override_settings_picks_the_checkpoint_for_one_request(
+    live_api, tenant, deps, redis_client, engine
+):
     made = await live_api.http.post(
         "/api/v1/connections", json={"name": "other", "provider": "placeholder"}, headers=tenant.headers
     )
     body = {"prompt": "a kiln", "override_settings": {"sd_model_checkpoint": "other"}}
-    r = await answered(live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), work(1))
+    r = await alongside(
+        live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), deps, redis_client, 1
+    )
     assert r.status_code == 200, r.text
-    [row] = await rows_of(engine, tenant.project_id)
+    [row] = await project_generations(engine, tenant.project_id)
     assert str(row["connection_id"]) == made.json()["data"]["id"]
 
 
@@ -140,7 +130,7 @@ async def test_bad_requests_answer_422_naming_the_field_and_create_nothing(
     r = await live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key))
     assert r.status_code == 422, r.text
     assert field in r.json()["errors"], r.json()
-    assert await rows_of(engine, tenant.project_id) == []
+    assert await project_generations(engine, tenant.project_id) == []
 
 
 async def test_an_unknown_checkpoint_cannot_be_chosen(live_api, tenant):
@@ -158,17 +148,19 @@ async def test_each_image_spends_a_generation_unit_and_a_refused_batch_creates_n
         f"{SD}/txt2img", json={"prompt": "x", "batch_size": 2}, headers=basic(tenant.key)
     )
     assert r.status_code == 429 and r.headers["retry-after"]
-    assert await rows_of(engine, tenant.project_id) == []
+    assert await project_generations(engine, tenant.project_id) == []
 
 
-async def test_a_failed_generation_answers_502(live_api, tenant, work):
+async def test_a_failed_generation_answers_502(live_api, tenant, deps, redis_client):
     await live_api.http.post(
         "/api/v1/connections",
         json={"name": "broken", "provider": "placeholder", "defaultParameters": {"failPermanently": True}},
         headers=tenant.headers,
     )
     body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": "broken"}}
-    r = await answered(live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), work(1))
+    r = await alongside(
+        live_api.http.post(f"{SD}/txt2img", json=body, headers=basic(tenant.key)), deps, redis_client, 1
+    )
     assert r.status_code == 502 and r.json()["error"] == "GENERATION_FAILED"
 
 

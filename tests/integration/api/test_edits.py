@@ -4,7 +4,6 @@ the official openai package."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from typing import Any
@@ -13,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.api.inprocess_worker import run_next_job, worker_deps
+from tests.integration.api.inprocess_worker import alongside, run_next_job, worker_deps
 
 CREATE = "/api/v1/generations"
 
@@ -114,11 +113,7 @@ async def test_the_openai_package_edits_an_image(live_api, tenant, deps, redis_c
     source = png((80, 40), (200, 200, 200))
     mask = png((80, 40), (0, 0, 0, 0), "RGBA")  # transparent everywhere: edit it all
 
-    async def jobs() -> None:
-        for _ in range(2):
-            await run_next_job(deps, redis_client)
-
-    result, _ = await asyncio.gather(
+    result = await alongside(
         sdk.images.edit(
             image=("photo.png", source, "image/png"),
             mask=("mask.png", mask, "image/png"),
@@ -126,7 +121,9 @@ async def test_the_openai_package_edits_an_image(live_api, tenant, deps, redis_c
             n=2,
             response_format="b64_json",
         ),
-        jobs(),
+        deps,
+        redis_client,
+        2,
     )
     assert len(result.data) == 2
     for image in result.data:

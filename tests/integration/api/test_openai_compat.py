@@ -4,7 +4,6 @@ placeholder provider."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from typing import Any
@@ -13,10 +12,9 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from sqlalchemy import select
 
-from tests.integration.api.conftest import generations, make_tenant
-from tests.integration.api.inprocess_worker import run_next_job, worker_deps
+from tests.integration.api.conftest import make_tenant, project_generations
+from tests.integration.api.inprocess_worker import alongside, worker_deps
 
 LIST = "/api/v1/generations"
 
@@ -37,31 +35,15 @@ def sdk(live_api, tenant) -> openai.AsyncOpenAI:
 
 
 @pytest.fixture
-def work(api_settings, engine, redis_client, storage):
-    """Runs `count` queued jobs through the real pipeline, concurrently with the request waiting."""
-    deps = worker_deps(api_settings, engine, redis_client, storage)
-
-    async def run(count: int) -> None:
-        for _ in range(count):
-            await run_next_job(deps, redis_client)
-
-    return run
+def deps(api_settings, engine, redis_client, storage):
+    return worker_deps(api_settings, engine, redis_client, storage)
 
 
-async def answered(request: Any, jobs: Any) -> Any:
-    result, _ = await asyncio.gather(request, jobs)
-    return result
-
-
-async def rows_of(engine, project_id) -> list[Any]:
-    async with engine.connect() as conn:
-        stmt = select(generations).where(generations.c.project_id == project_id)
-        return list((await conn.execute(stmt.order_by(generations.c.created_at))).mappings())
-
-
-async def test_images_generate_answers_urls_of_n_grouped_generations(sdk, work, live_api, tenant, engine):
-    result = await answered(
-        sdk.images.generate(prompt="a kiln at dusk", n=2, size="1536x1024", user="u-7"), work(2)
+async def test_images_generate_answers_urls_of_n_grouped_generations(
+    sdk, deps, redis_client, live_api, tenant, engine
+):
+    result = await alongside(
+        sdk.images.generate(prompt="a kiln at dusk", n=2, size="1536x1024", user="u-7"), deps, redis_client, 2
     )
     assert len(result.data) == 2 and result.created > 0
     for image in result.data:
@@ -69,19 +51,21 @@ async def test_images_generate_answers_urls_of_n_grouped_generations(sdk, work, 
         fetched = await fetch(live_api, image.url)  # public, no key: as OpenAI's URLs are
         assert fetched.status_code == 200
         assert Image.open(io.BytesIO(fetched.content)).size[0] > 0
-    rows = await rows_of(engine, tenant.project_id)
+    rows = await project_generations(engine, tenant.project_id)
     assert [r["aspect_ratio"] for r in rows] == ["3:2", "3:2"]  # 1536x1024's nearest
     assert all(r["auto_enhance"] is False and r["prompt"] == "a kiln at dusk" for r in rows)
     groups = {r["meta"]["openai"]["group"] for r in rows}
     assert len(groups) == 1 and rows[0]["meta"]["openai"]["user"] == "u-7"
 
 
-async def test_b64_json_in_the_output_format_asked_for(sdk, work):
-    result = await answered(
+async def test_b64_json_in_the_output_format_asked_for(sdk, deps, redis_client):
+    result = await alongside(
         sdk.images.generate(
             prompt="a teapot", response_format="b64_json", output_format="jpeg", size="1024x1792"
         ),
-        work(1),
+        deps,
+        redis_client,
+        1,
     )
     [image] = result.data
     assert image.url is None
@@ -100,12 +84,12 @@ async def test_models_lists_what_the_key_can_use(sdk, live_api, tenant, api_sett
     assert {m.owned_by for m in models.data} == {"placeholder"}
 
 
-async def test_model_names_a_connection(sdk, work, live_api, tenant, engine):
+async def test_model_names_a_connection(sdk, deps, redis_client, live_api, tenant, engine):
     r = await live_api.http.post(
         "/api/v1/connections", json={"name": "studio", "provider": "placeholder"}, headers=tenant.headers
     )
-    await answered(sdk.images.generate(prompt="a kiln", model="studio"), work(1))
-    [row] = await rows_of(engine, tenant.project_id)
+    await alongside(sdk.images.generate(prompt="a kiln", model="studio"), deps, redis_client, 1)
+    [row] = await project_generations(engine, tenant.project_id)
     assert str(row["connection_id"]) == r.json()["data"]["id"]
 
 
@@ -126,7 +110,7 @@ async def test_bad_requests_raise_bad_request_error_naming_the_param(sdk, tenant
     error = refused.value.body
     assert refused.value.status_code == 400
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
-    assert await rows_of(engine, tenant.project_id) == []
+    assert await project_generations(engine, tenant.project_id) == []
 
 
 async def test_a_wrong_key_raises_authentication_error(live_api):
@@ -145,10 +129,10 @@ async def test_over_the_generation_budget_raises_rate_limit_error_and_creates_no
         await sdk.images.generate(prompt="two kilns", n=2)
     assert refused.value.response.headers["retry-after"]
     assert refused.value.body["type"] == "rate_limit_exceeded"
-    assert await rows_of(engine, tenant.project_id) == []  # all or none
+    assert await project_generations(engine, tenant.project_id) == []  # all or none
 
 
-async def test_a_failed_generation_is_a_server_error_not_retried(sdk, work, live_api, tenant):
+async def test_a_failed_generation_is_a_server_error_not_retried(sdk, deps, redis_client, live_api, tenant):
     r = await live_api.http.post(
         "/api/v1/connections",
         json={"name": "broken", "provider": "placeholder", "defaultParameters": {"failPermanently": True}},
@@ -157,7 +141,7 @@ async def test_a_failed_generation_is_a_server_error_not_retried(sdk, work, live
     assert r.status_code == 201, r.text
     retrying = sdk.with_options(max_retries=2)  # the default of the package: it must not send it again
     with pytest.raises(openai.InternalServerError) as refused:
-        await answered(retrying.images.generate(prompt="a kiln", model="broken"), work(1))
+        await alongside(retrying.images.generate(prompt="a kiln", model="broken"), deps, redis_client, 1)
     assert refused.value.status_code == 502 and refused.value.response.headers["x-should-retry"] == "false"
     assert refused.value.body["type"] == "server_error" and "failed" in refused.value.body["message"]
 
@@ -173,18 +157,20 @@ async def test_generations_unfinished_within_the_wait_answer_504_naming_them(
     assert listed[0]["id"] in refused.value.body["message"]
 
 
-async def test_seed_001_route_answers_urls(live_api, work, tenant, engine):
+async def test_seed_001_route_answers_urls(live_api, deps, redis_client, tenant, engine):
     body = {"prompt": "a kiln", "n": 1, "size": "512x512", "steps": 20, "negative_prompt": "blur"}
-    r = await answered(
+    r = await alongside(
         live_api.http.post(
             "/api/images/generations", json=body, headers={"Authorization": f"Bearer {tenant.key}"}
         ),
-        work(1),
+        deps,
+        redis_client,
+        1,
     )
     assert r.status_code == 200, r.text
     [image] = r.json()
     assert set(image) == {"url"} and (await fetch(live_api, image["url"])).status_code == 200
-    [row] = await rows_of(engine, tenant.project_id)
+    [row] = await project_generations(engine, tenant.project_id)
     assert (
         row["negative_prompt"] == "blur" and row["parameters"].get("steps") is None
     )  # placeholder has no steps
