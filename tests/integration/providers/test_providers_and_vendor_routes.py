@@ -30,6 +30,8 @@ async def test_providers_publish_their_capability_schemas(client, tenant: Tenant
         "novelai",
         "nanogpt",
     }
+    # Which providers take sourceImageId (edits): published, so a client can offer it only there.
+    assert {name for name, p in providers.items() if p["capabilities"]["edits"]} == {"placeholder", "openai"}
     for provider in providers.values():
         assert set(provider) == {"id", "name", "capabilities"}
         caps = provider["capabilities"]
@@ -41,6 +43,7 @@ async def test_providers_publish_their_capability_schemas(client, tenant: Tenant
             "defaultUrl",
             "defaultModel",
             "rawRequestOverride",
+            "edits",
         }
         assert caps["modelListStyle"] in ("static", "dynamic", "google")
         assert "rawRequestOverride" in caps["parameters"]  # accepted by every provider
