@@ -14,7 +14,8 @@ answer, connection `/models` and `/test`, webhooks.
 - No cookies are kept: the worker's one client serves every project.
 
 Code that calls out (the LLM prompt engine too: shared.enhancer_llm) takes its client from
-`outbound_client()` or is handed one; it never makes its own httpx client (tests/unit/test_outbound.py checks).
+`outbound_client()` or is handed one; it never makes its own httpx client (tests/unit/test_outbound.py
+checks).
 """
 
 from __future__ import annotations
