@@ -21,7 +21,13 @@ from api.automatic1111_compat.schemas import (
 from api.events.hub import status_hub_of
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import JsonBody
-from api.security.guards import GenerationSpend, InjectedPrincipal, InjectedResources, require_api_key
+from api.security.guards import (
+    GenerationSpend,
+    InjectedPrincipal,
+    InjectedResources,
+    StreamSlot,
+    require_api_key,
+)
 from shared.providers import CAPABILITIES
 
 AnyRequest = Request[Any, Any, Any]
@@ -54,7 +60,9 @@ class Automatic1111Controller(Controller):
         resources: InjectedResources,
         principal: InjectedPrincipal,
     ) -> Txt2ImgResponse:
-        async with GenerationSpend(request) as spend:  # units of a refused request are given back
+        # Units of a refused request are given back; the long wait holds one of the key's stream
+        # slots, as `Prefer: wait` does.
+        async with GenerationSpend(request) as spend, StreamSlot(request):
             return await service.txt2img(resources, status_hub_of(request), principal, data, spend)
 
     @get("/sd-models", summary="The models (checkpoints) this key can use", responses=_READ_ERRORS)

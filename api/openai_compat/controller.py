@@ -23,7 +23,13 @@ from api.openai_compat.schemas import (
 )
 from api.openapi import API_KEY_SECURITY, AUTHENTICATED_ERRORS, error_responses
 from api.parsing import JsonBody, read_multipart
-from api.security.guards import GenerationSpend, InjectedPrincipal, InjectedResources, require_api_key
+from api.security.guards import (
+    GenerationSpend,
+    InjectedPrincipal,
+    InjectedResources,
+    StreamSlot,
+    require_api_key,
+)
 from shared.errors import PayloadTooLarge, ValidationFailed
 
 AnyRequest = Request[Any, Any, Any]
@@ -63,7 +69,9 @@ class OpenAIController(Controller):
         resources: InjectedResources,
         principal: InjectedPrincipal,
     ) -> ImagesResponse:
-        async with GenerationSpend(request) as spend:  # units of a refused request are given back
+        # Units of a refused request are given back; the long wait holds one of the key's stream
+        # slots, as `Prefer: wait` does.
+        async with GenerationSpend(request) as spend, StreamSlot(request):
             records = await service.generate(resources, status_hub_of(request), principal, data, spend)
         return await service.images_response(
             resources, principal, records, data.response_format, data.output_format
@@ -95,7 +103,9 @@ class OpenAIController(Controller):
             raise ValidationFailed.field("image", "required: the image to edit, as a file part")
         edit_request = service.edit_request(form.texts)
         inputs = await service.store_edit_inputs(resources, principal, image, form.files.get("mask"))
-        async with GenerationSpend(request) as spend:
+        # Units of a refused request are given back; the long wait holds one of the key's stream
+        # slots, as `Prefer: wait` does.
+        async with GenerationSpend(request) as spend, StreamSlot(request):
             records = await service.generate(
                 resources, status_hub_of(request), principal, edit_request, spend, edit=inputs
             )
@@ -136,7 +146,9 @@ class SeedImagesController(Controller):
         openai_request = ImageGenerationRequest(
             prompt=data.prompt, model=data.model, n=data.n, size=data.size
         )
-        async with GenerationSpend(request) as spend:
+        # Units of a refused request are given back; the long wait holds one of the key's stream
+        # slots, as `Prefer: wait` does.
+        async with GenerationSpend(request) as spend, StreamSlot(request):
             records = await service.generate(
                 resources,
                 status_hub_of(request),

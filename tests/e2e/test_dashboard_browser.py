@@ -5,7 +5,6 @@ Screenshots of each page go to var/screenshots/."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from shared.process import wait_until
 from tests.e2e.harness import Platform, poll_until_terminal
 from tests.fakes.server import serve
+from tests.integration.webhooks.conftest import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -263,20 +264,6 @@ def test_the_webhooks_page_shows_endpoints_and_their_failures(page: Page, platfo
     shot(page, "webhooks")
 
 
-class Receiver:
-    """A webhook receiver that answers 204 and counts what it got."""
-
-    def __init__(self) -> None:
-        self.hits: list[str] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        self.hits.append(dict(scope["headers"]).get(b"webhook-id", b"").decode())
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-
 def test_an_admin_picks_a_project_and_redelivers_from_its_webhooks(page: Page, platform: Platform) -> None:
     admin_key = str(platform.cli_json("keys", "create", "--admin")["key"])
     key = platform.new_project_key("dash-redeliver")
@@ -285,7 +272,7 @@ def test_an_admin_picks_a_project_and_redelivers_from_its_webhooks(page: Page, p
         r = c.post("/api/v1/webhooks", json={"url": f"{url}/hook", "events": ["success"]})
         assert r.status_code == 201, r.text
         poll_until_terminal(c, create(c, "a delivered kiln")["id"])
-        wait_until(lambda: len(receiver.hits) == 1, "the first delivery")
+        wait_until(lambda: len(receiver.requests) == 1, 30, "the first delivery")
 
         sign_in(page, admin_key)
         page.get_by_role("link", name="Webhooks").click()
@@ -303,16 +290,9 @@ def test_an_admin_picks_a_project_and_redelivers_from_its_webhooks(page: Page, p
         delivery.get_by_role("button", name="Redeliver").click()
         page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
         expect(page.get_by_role("status")).to_contain_text("Delivery queued again")
-        wait_until(lambda: len(receiver.hits) == 2, "the redelivery")
-        assert receiver.hits[0] == receiver.hits[1]  # the same delivery (webhook-id), sent again
-
-
-def wait_until(condition: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        wait_until(lambda: len(receiver.requests) == 2, 30, "the redelivery")
+        first, again = (r.headers["webhook-id"] for r in receiver.requests)
+        assert first == again  # the same delivery, sent again
 
 
 def counts_on_page(page: Page) -> dict[str, int]:

@@ -1,102 +1,64 @@
-"""A fake OpenAI-compatible chat-completions server (`POST /v1/chat/completions`), as OpenAI, Ollama,
-vLLM, llama.cpp server and LM Studio answer it, scriptable per test:
+"""A fake OpenAI-compatible chat-completions server (`POST .../v1/chat/completions`), as OpenAI, Ollama,
+vLLM, llama.cpp server and LM Studio answer it, on the scripted-vendor framework (tests/fakes/server.py):
 
     fake = FakeChat()
-    fake.script(("content", "A photo of a cat"), ("status", 500), ("slow", 5.0))
+    fake.script("chat", step("content", text="A photo of a cat"), step("status", status=500))
     with serve(fake) as url:   # the endpoint is f"{url}/v1"
         ...
-    fake.requests[-1]["messages"]
+    fake.received("chat")[-1].json["messages"]
 
-Steps, one per request (an empty script answers `("echo",)`): ("echo",) a rewrite that keeps the user's
-words | ("content", text) | ("refusal", text) OpenAI's structured refusal | ("filtered",) finish_reason
-content_filter | ("status", code) an error in OpenAI's shape | ("slow", seconds) echo after a delay |
-("raw", bytes) any body with status 200 | ("huge",) 1 MB of content.
+Steps (an empty script answers "ok"): ok (a rewrite that keeps the user's words) | content (`text=`) |
+refusal (`text=`: OpenAI's structured refusal) | filtered (finish_reason content_filter) | status
+(`status=`: an error in OpenAI's shape) | slow (`seconds=`, then ok) | huge (1 MB of content), and the
+framework's hang and raw (`body=` / `json=`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections import deque
 from typing import Any
+
+from tests.fakes.server import Hang, Recorded, Reply, ScriptedVendor, Step, json_reply
 
 
 def completion(content: str | None, *, refusal: str | None = None, finish: str = "stop") -> dict[str, Any]:
+    message = {"role": "assistant", "content": content, "refusal": refusal}
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
         "model": "fake",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": refusal},
-                "finish_reason": finish,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
     }
 
 
-class FakeChat:
-    def __init__(self) -> None:
-        self.steps: deque[tuple[Any, ...]] = deque()
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+class FakeChat(ScriptedVendor):
+    def route_of(self, request: Recorded) -> str | None:
+        if request.method == "POST" and request.path.rstrip("/").endswith("/chat/completions"):
+            return "chat"
+        return None
 
-    def script(self, *steps: tuple[Any, ...]) -> None:
-        self.steps.extend(steps)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        if scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
-            await self._send(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
-            return
-        request = json.loads(body)
-        self.requests.append(request)
-        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
-        step = self.steps.popleft() if self.steps else ("echo",)
-        user = next((m["content"] for m in reversed(request["messages"]) if m["role"] == "user"), "")
-        kind = step[0]
-        if kind == "slow":
-            await asyncio.sleep(step[1])
-            kind = "echo"
-        if kind == "echo":
-            await self._send(send, 200, completion(f"{user}, cinematic lighting, rich detail, sharp focus"))
-        elif kind == "content":
-            await self._send(send, 200, completion(step[1]))
-        elif kind == "refusal":
-            await self._send(send, 200, completion(None, refusal=step[1]))
-        elif kind == "filtered":
-            await self._send(send, 200, completion("", finish="content_filter"))
-        elif kind == "status":
+    def answer(self, route: str, current: Step, request: Recorded) -> Reply | Hang:
+        opts = current.options
+        messages = (request.json or {}).get("messages", [])
+        user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        echo = completion(f"{user}, cinematic lighting, rich detail, sharp focus")
+        if current.kind == "ok":
+            return json_reply(200, echo)
+        if current.kind == "slow":
+            reply = json_reply(200, echo)
+            reply.delay = float(opts.get("seconds", 1.0))
+            return reply
+        if current.kind == "content":
+            return json_reply(200, completion(opts["text"]))
+        if current.kind == "refusal":
+            return json_reply(200, completion(None, refusal=opts["text"]))
+        if current.kind == "filtered":
+            return json_reply(200, completion("", finish="content_filter"))
+        if current.kind == "status":
             error = {
                 "error": {"message": "fake failure", "type": "server_error", "param": None, "code": None}
             }
-            await self._send(send, step[1], error)
-        elif kind == "raw":
-            await self._send_bytes(send, 200, step[1])
-        elif kind == "huge":
-            await self._send(send, 200, completion("x" * 1_000_000))
-        else:
-            raise AssertionError(f"unknown step {step!r}")
-
-    async def _send(self, send: Any, status: int, payload: Any) -> None:
-        await self._send_bytes(send, status, json.dumps(payload).encode())
-
-    @staticmethod
-    async def _send_bytes(send: Any, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            return json_reply(int(opts["status"]), error)
+        if current.kind == "huge":
+            return json_reply(200, completion("x" * 1_000_000))
+        return json_reply(418, {"error": {"message": f"fake: unknown step {current.kind!r}"}})

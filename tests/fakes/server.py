@@ -95,6 +95,7 @@ class Reply:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering: a slow vendor that does answer
 
 
 @dataclass
@@ -213,6 +214,8 @@ class ScriptedVendor(ABC):
                 return
             except TimeoutError:
                 reply = json_reply(504, {"error": {"message": "fake vendor hung up"}})
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
         await send({"type": "http.response.start", "status": reply.status, "headers": _headers(reply)})
         await send({"type": "http.response.body", "body": reply.body})
 

@@ -13,7 +13,7 @@ from shared.llm import ChatEndpoint, LlmFailed
 from shared.outbound import outbound_client
 from shared.settings import Settings
 from tests.fakes.chat import FakeChat
-from tests.fakes.server import serve
+from tests.fakes.server import serve, step
 
 
 @pytest.mark.parametrize(
@@ -71,33 +71,33 @@ async def test_the_request_is_a_chat_completion_with_the_templates_system_prompt
         await engine.aclose()
     assert result.engine == "llm:test-model" and result.fallback is None
     assert result.prompt.startswith("a red fox in the snow, cinematic lighting")
-    [request] = fake.requests
+    [request] = (r.json for r in fake.requests)
     assert request["model"] == "test-model" and request["stream"] is False
     assert request["messages"] == [
         {"role": "system", "content": SYSTEM_PROMPTS["photorealistic"]},
         {"role": "user", "content": "a red fox in the snow"},
     ]
-    assert fake.headers[0]["authorization"] == "Bearer sk-local"
+    assert fake.requests[0].headers["authorization"] == "Bearer sk-local"
 
 
 @pytest.mark.parametrize(
     ("step", "reason"),
     [
-        (("status", 500), "HTTP 500"),
-        (("status", 429), "HTTP 429"),
-        (("slow", 3.0), "timeout"),
-        (("raw", b"<html>oops</html>"), "malformed"),
-        (("raw", b'{"choices": []}'), "no choices"),
-        (("refusal", "I can't help with that."), "refused"),
-        (("filtered",), "refused"),
-        (("content", "I'm sorry, I cannot do that."), "refused"),
-        (("content", "A castle at dawn"), "subject"),
-        (("huge",), "larger than"),
+        (step("status", status=500), "HTTP 500"),
+        (step("status", status=429), "HTTP 429"),
+        (step("slow", seconds=3.0), "timeout"),
+        (step("raw", body=b"<html>oops</html>"), "malformed"),
+        (step("raw", body=b'{"choices": []}'), "no choices"),
+        (step("refusal", text="I can't help with that."), "refused"),
+        (step("filtered"), "refused"),
+        (step("content", text="I'm sorry, I cannot do that."), "refused"),
+        (step("content", text="A castle at dawn"), "subject"),
+        (step("huge"), "larger than"),
     ],
 )
 async def test_any_failure_falls_back_to_the_builtin_engine_saying_why(step, reason) -> None:
     fake = FakeChat()
-    fake.script(step)
+    fake.script("chat", step)
     with serve(fake) as url:
         engine = await engine_for(url, timeout=0.5)
         result = await enhance("a red fox in the snow", "general", engine)
@@ -117,7 +117,7 @@ async def test_an_unreachable_endpoint_falls_back() -> None:
 
 async def test_identical_concurrent_requests_share_one_call() -> None:
     fake = FakeChat()
-    fake.script(("slow", 0.3))
+    fake.script("chat", step("slow", seconds=0.3))
     with serve(fake) as url:
         engine = await engine_for(url)
         results = await asyncio.gather(*(enhance("a red fox", "general", engine) for _ in range(5)))

@@ -13,7 +13,7 @@ from shared.enhancer import enhance_builtin
 from shared.enhancer_llm import llm_enhancer
 from shared.settings import Settings
 from tests.fakes.chat import FakeChat
-from tests.fakes.server import serve
+from tests.fakes.server import serve, step
 from tests.integration.api.conftest import api_client
 from tests.integration.api.inprocess_worker import run_next_job, worker_deps
 
@@ -48,16 +48,20 @@ async def test_the_201_carries_the_llms_prompt_and_says_which_engine(api_setting
     assert record["prompt"] == "a lighthouse on a cliff, cinematic lighting, rich detail, sharp focus"
     assert record["originalPrompt"] == "a lighthouse on a cliff"
     assert record["enhancementEngine"] == "llm:test-model" and record["enhancementFallback"] is None
-    assert fake.requests[0]["messages"][1]["content"] == "a lighthouse on a cliff"
+    assert fake.requests[0].json["messages"][1]["content"] == "a lighthouse on a cliff"
 
 
 @pytest.mark.parametrize(
     ("step", "reason"),
-    [(("slow", 2.0), "timeout"), (("status", 503), "HTTP 503"), (("content", "Sure! Here you go."), "")],
+    [
+        (step("slow", seconds=2.0), "timeout"),
+        (step("status", status=503), "HTTP 503"),
+        (step("content", text="Sure! Here you go."), ""),
+    ],
 )
 async def test_a_failing_llm_never_fails_the_create(api_settings, tenant, fake_chat, step, reason):
     fake, url = fake_chat
-    fake.script(step)
+    fake.script("chat", step)
     async with api_client(with_llm(api_settings, url)) as client:
         record = await create(client, tenant, "a lighthouse on a cliff")
     assert record["prompt"] == enhance_builtin("a lighthouse on a cliff", "general")
@@ -121,8 +125,8 @@ async def test_a_projects_own_connection_enhances_its_prompt(client, tenant, fak
     record = await create_with(client, tenant, "a robot chef", options)
     assert record["enhancementEngine"] == "llm:their-chat-model"
     assert record["prompt"].startswith("a robot chef, cinematic lighting")
-    assert fake.requests[0]["model"] == "their-chat-model"
-    assert fake.headers[0]["authorization"] == "Bearer sk-project-own"
+    assert fake.requests[0].json["model"] == "their-chat-model"
+    assert fake.requests[0].headers["authorization"] == "Bearer sk-project-own"
 
 
 @pytest.mark.parametrize(

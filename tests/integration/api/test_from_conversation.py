@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.fakes.chat import FakeChat
-from tests.fakes.server import serve
+from tests.fakes.server import serve, step
 from tests.integration.api.conftest import api_client, generations, make_tenant
 
 ROUTE = "/api/v1/generations/from-conversation"
@@ -89,7 +89,12 @@ async def test_an_admin_key_cannot_create(client, admin_headers):
 async def test_with_an_llm_the_model_decides_and_a_bad_answer_falls_back(api_settings, tenant):
     fake = FakeChat()
     decided = {"detected": True, "imagePrompt": "a lighthouse in a storm, at night", "reason": "agreed"}
-    fake.script(("content", json.dumps(decided)), ("content", "I think so"), ("status", 500))
+    fake.script(
+        "chat",
+        step("content", text=json.dumps(decided)),
+        step("content", text="I think so"),
+        step("status", status=500),
+    )
     with serve(fake) as url:
         enhancer = api_settings.enhancer.model_copy(
             update={"engine": "llm", "llm_url": f"{url}/v1", "llm_model": "m", "timeout_seconds": 1}
@@ -100,6 +105,6 @@ async def test_with_an_llm_the_model_decides_and_a_bad_answer_falls_back(api_set
             second = (await client.post(ROUTE, json=body, headers=tenant.headers)).json()["data"]
             third = (await client.post(ROUTE, json=body, headers=tenant.headers)).json()["data"]
     assert first["imagePrompt"] == "a lighthouse in a storm, at night" and first["reason"] == "llm: agreed"
-    assert fake.requests[0]["response_format"] == {"type": "json_object"}
+    assert fake.requests[0].json["response_format"] == {"type": "json_object"}
     assert second["detected"] and second["reason"].startswith("builtin (llm: the answer is not JSON)")
     assert third["detected"] and third["reason"].startswith("builtin (llm: HTTP 500)")
